@@ -1,0 +1,225 @@
+"""One typed settings object with secure defaults, from flags, a TOML file and CHAT_* variables.
+
+Precedence, lowest to highest: built-in defaults, the TOML file (`--config FILE` or
+`CHAT_CONFIG`), `CHAT_<NAME>` environment variables, command-line flags. Every setting has
+all three spellings: `--bcrypt-rounds`, `CHAT_BCRYPT_ROUNDS`, `bcrypt_rounds`.
+`python -m chat.config` prints the table that docs/configuration.md holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "chat"
+
+
+def _setting(default: Any, doc: str, *, type_: type | None = None) -> Any:
+    meta = {"doc": doc, "type": type_ or type(default)}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- network ---
+    host: str = _setting("127.0.0.1", "Address to listen on; loopback unless you say otherwise.")
+    port: int = _setting(7072, "TCP port; 0 takes a free port.")
+    # --- TLS ---
+    certfile: str = _setting(
+        "", "Server certificate (PEM). Empty: DATA_DIR/certs/server.crt, made if missing."
+    )
+    keyfile: str = _setting("", "Server private key (PEM). Empty: DATA_DIR/certs/server.key.")
+    tls_profile: str = _setting(
+        "intermediate", "Mozilla TLS profile: 'intermediate' (TLS 1.2+) or 'modern' (1.3 only)."
+    )
+    client_cafile: str = _setting(
+        "", "If set, clients must present a certificate signed by this CA (mutual TLS)."
+    )
+    # --- storage and secrets ---
+    data_dir: str = _setting(
+        str(_default_data_dir()), "Where the database, pepper and dev certificates live."
+    )
+    db: str = _setting("", "SQLAlchemy database URL. Empty: sqlite:///DATA_DIR/chat.db.")
+    pepper_file: str = _setting(
+        "", "File holding the password pepper. Empty: DATA_DIR/pepper, made on first start."
+    )
+    # --- passwords ---
+    bcrypt_rounds: int = _setting(
+        12, "bcrypt cost factor (4 to 31). OWASP: 10 at least; each +1 doubles the work."
+    )
+    min_password_length: int = _setting(
+        15, "Shortest password accepted (NIST SP 800-63B-4: 15 for a password used alone)."
+    )
+    auth_workers: int = _setting(
+        0, "Threads hashing passwords; 0 = one per CPU, since bcrypt is CPU bound."
+    )
+    auth_queue: int = _setting(
+        64, "Password checks waiting for a worker before new ones get server_busy."
+    )
+    # --- protocol limits ---
+    max_frame_bytes: int = _setting(16384, "Longest frame a client may send, newline included.")
+    max_errors_in_row: int = _setting(
+        10, "Protocol errors in a row before the server says bye and closes."
+    )
+    # --- timeouts (seconds) ---
+    handshake_timeout: float = _setting(10.0, "Time to complete the TLS handshake.")
+    login_timeout: float = _setting(30.0, "Time from connect to a successful login (absolute).")
+    idle_timeout: float = _setting(
+        120.0, "Silence before bye idle; the server pings after half of it."
+    )
+    shutdown_grace: float = _setting(5.0, "Time given to flush bye frames on shutdown.")
+    # --- resources ---
+    max_connections: int = _setting(20000, "Connections held at once; more are closed at once.")
+    max_outbound_bytes: int = _setting(
+        2 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
+    )
+    io_threads: int = _setting(
+        2, "Selector threads doing TLS I/O; each holds many connections."
+    )
+    # --- operations ---
+    log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    config: str = _setting("", "TOML file to read settings from (flat keys as in this table).")
+
+    # Derived paths: the settings above leave them empty to mean "inside data_dir".
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{self.data_path / 'chat.db'}"
+
+    @property
+    def cert_paths(self) -> tuple[Path, Path, bool]:
+        """(certfile, keyfile, whether they are the auto-made development pair)."""
+        if self.certfile or self.keyfile:
+            return Path(self.certfile), Path(self.keyfile), False
+        certs = self.data_path / "certs"
+        return certs / "server.crt", certs / "server.key", True
+
+    @property
+    def pepper_path(self) -> Path:
+        return Path(self.pepper_file) if self.pepper_file else self.data_path / "pepper"
+
+    def validate(self) -> None:
+        if not 4 <= self.bcrypt_rounds <= 31:
+            raise ValueError("bcrypt_rounds must be between 4 and 31")
+        if self.min_password_length < 8:
+            raise ValueError("min_password_length may not be below 8 (the protocol's floor)")
+        if self.max_frame_bytes < 1024:
+            raise ValueError("max_frame_bytes must be at least 1024")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("certfile and keyfile go together")
+        if self.tls_profile not in ("intermediate", "modern"):
+            raise ValueError("tls_profile must be 'intermediate' or 'modern'")
+        for name in ("handshake_timeout", "login_timeout", "idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
+            raise ValueError("io_threads, auth_queue and max_connections must be at least 1")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+SETTING_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    kind = SETTING_FIELDS[name].metadata["type"]
+    if kind is bool and isinstance(raw, str):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}: expected true or false, got {raw!r}")
+    if kind is float and isinstance(raw, int | float | str) and not isinstance(raw, bool):
+        return float(raw)
+    if kind is int and isinstance(raw, str | int) and not isinstance(raw, bool):
+        return int(raw)
+    if kind is str and isinstance(raw, str | int | float):
+        return str(raw)
+    raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}")
+
+
+def _from_mapping(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for key, raw in values.items():
+        if key not in SETTING_FIELDS or key == "config":
+            raise ValueError(f"{source}: unknown setting {key!r}")
+        out[key] = _convert(key, raw)
+    return out
+
+
+def env_name(name: str) -> str:
+    return "CHAT_" + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "chat-server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="The chat server: TLS, authenticated, protocol v1."
+    )
+    for f in fields(Settings):
+        # default=SUPPRESS keeps flags that were not given out of the namespace, so they
+        # do not override the file or the environment.
+        parser.add_argument(
+            flag_name(f.name), dest=f.name, default=argparse.SUPPRESS,
+            metavar=f.name.upper(), help=f"{f.metadata['doc']} (default: {f.default!r})",
+        )
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from defaults < TOML file < CHAT_* environment < flags; validated."""
+    environ = os.environ if environ is None else environ
+    flags = vars(build_parser().parse_args(argv))
+    env = {
+        name: environ[env_name(name)] for name in SETTING_FIELDS if env_name(name) in environ
+    }
+    config_file = flags.get("config") or env.get("config")
+    values: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, "rb") as fh:
+            values.update(_from_mapping(tomllib.load(fh), config_file))
+        values["config"] = config_file
+    values.update(_from_mapping({k: v for k, v in env.items() if k != "config"}, "environment"))
+    values.update(_from_mapping({k: v for k, v in flags.items() if k != "config"}, "flags"))
+    settings = Settings(**values)
+    settings.validate()
+    return settings
+
+
+def markdown_table() -> str:
+    lines = [
+        "| flag | environment | TOML key | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f in fields(Settings):
+        default = "(see meaning)" if f.name == "data_dir" else repr(f.default)
+        lines.append(
+            f"| `{flag_name(f.name)}` | `{env_name(f.name)}` | `{f.name}` | `{default}` "
+            f"| {f.metadata['doc']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())

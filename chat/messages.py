@@ -1,0 +1,264 @@
+"""Client requests as frozen, self-validating types: an invalid request cannot exist.
+
+`parse_request(frame)` turns a decoded frame dict into one of the request classes below,
+or raises `UnknownType` / `InvalidField`. Field rules from the protocol live here; rules
+that need server state or settings (password strength, whether a user exists) live in
+`chat.auth` and the connection's handlers.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from chat.errors import InvalidField, UnknownType
+
+MAX_ID_CHARS = 64
+# Integers outside JavaScript's safe range would not survive a round trip through many
+# JSON parsers, so an integer id must fit in 53 bits.
+MAX_SAFE_INT = 2**53 - 1
+MAX_MESSAGE_CHARS = 4000
+MAX_PASSWORD_CHARS = 256
+DEFAULT_HISTORY_LIMIT = 50
+MAX_HISTORY_LIMIT = 200
+
+USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}\Z")
+ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+# C0 controls except \t and \n, DEL, and C1 controls: these could drive a peer's terminal.
+_FORBIDDEN_IN_MESSAGE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+RequestId = str | int | None
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int in Python, but true/false are not integers on the wire.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _encodable(text: str) -> bool:
+    # json.loads happily produces lone surrogates from "\ud800"; they cannot be stored
+    # or sent on as UTF-8, so they are refused at the door.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def request_id(frame: dict[str, Any]) -> RequestId:
+    """The frame's `id`, validated. An invalid id is reported without `re`."""
+    rid = frame.get("id")
+    if rid is None:
+        return None
+    if _is_int(rid):
+        if -MAX_SAFE_INT <= rid <= MAX_SAFE_INT:
+            return rid
+        raise InvalidField("id: integers must fit in 53 bits")
+    if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS and _encodable(rid):
+        return rid
+    raise InvalidField(f"id: a string of at most {MAX_ID_CHARS} characters, or an integer")
+
+
+def _string(frame: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = frame.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not _encodable(value):
+        raise InvalidField(f"{name}: a string is required")
+    return value
+
+
+def room_name(value: Any, field: str = "room") -> str:
+    """Validate a room name and return its canonical (lower-case) form."""
+    if not isinstance(value, str) or not ROOM_RE.match(value):
+        raise InvalidField(f"{field}: 1 to 32 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return value.lower()
+
+
+def valid_username(value: str) -> bool:
+    return bool(USERNAME_RE.match(value))
+
+
+def message_text(value: Any) -> str:
+    if not isinstance(value, str) or not _encodable(value):
+        raise InvalidField("message: a string is required")
+    if not 1 <= len(value) <= MAX_MESSAGE_CHARS:
+        raise InvalidField(f"message: 1 to {MAX_MESSAGE_CHARS} characters")
+    if _FORBIDDEN_IN_MESSAGE.search(value):
+        raise InvalidField("message: control characters other than newline and tab")
+    if not value.strip():
+        raise InvalidField("message: must not be only white space")
+    return value
+
+
+def normalize_password(password: str) -> str:
+    return unicodedata.normalize("NFKC", password)
+
+
+def _optional_int(frame: dict[str, Any], name: str) -> int | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value <= MAX_SAFE_INT:
+        raise InvalidField(f"{name}: a non-negative integer is required")
+    return value
+
+
+class _Secret(str):
+    """A str whose repr never shows its value, so passwords stay out of logs and tracebacks."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Request):
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Login(Request):
+    username: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Request):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Request):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Quit(Request):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Send(Request):
+    room: str | None  # canonical room name, or None for a direct message
+    to: str | None  # recipient username as typed, or None for a room message
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join(Request):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave(Request):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Who(Request):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class History(Request):
+    room: str | None
+    with_: str | None
+    before: int | None
+    after: int | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Passwd(Request):
+    old: str
+    new: str
+    logout_others: bool
+
+
+def _credentials(frame: dict[str, Any]) -> tuple[str, str]:
+    username = _string(frame, "username")
+    password = _string(frame, "password")
+    assert username is not None and password is not None
+    # Bound the work bcrypt's pre-hash and NFKC do; the strength rules come later.
+    if len(password) > 4 * MAX_PASSWORD_CHARS:
+        raise InvalidField("password: too long")
+    return username, _Secret(password)
+
+
+def _parse_register(rid: RequestId, frame: dict[str, Any]) -> Request:
+    return Register(rid, *_credentials(frame))
+
+
+def _parse_login(rid: RequestId, frame: dict[str, Any]) -> Request:
+    return Login(rid, *_credentials(frame))
+
+
+def _parse_send(rid: RequestId, frame: dict[str, Any]) -> Request:
+    has_room, has_to = frame.get("room") is not None, frame.get("to") is not None
+    if has_room == has_to:
+        raise InvalidField("send: exactly one of 'room' or 'to' is required")
+    text = message_text(frame.get("message"))
+    if has_room:
+        return Send(rid, room_name(frame["room"]), None, text)
+    to = _string(frame, "to")
+    return Send(rid, None, to, text)
+
+
+def _parse_history(rid: RequestId, frame: dict[str, Any]) -> Request:
+    has_room, has_with = frame.get("room") is not None, frame.get("with") is not None
+    if has_room == has_with:
+        raise InvalidField("history: exactly one of 'room' or 'with' is required")
+    before, after = _optional_int(frame, "before"), _optional_int(frame, "after")
+    if before is not None and after is not None:
+        raise InvalidField("history: 'before' and 'after' cannot be combined")
+    limit = frame.get("limit", DEFAULT_HISTORY_LIMIT)
+    if not _is_int(limit) or limit < 1:
+        raise InvalidField("limit: a positive integer is required")
+    limit = min(limit, MAX_HISTORY_LIMIT)
+    room = room_name(frame["room"]) if has_room else None
+    with_ = None if has_room else _string(frame, "with")
+    return History(rid, room, with_, before, after, limit)
+
+
+def _parse_passwd(rid: RequestId, frame: dict[str, Any]) -> Request:
+    old, new = _string(frame, "old"), _string(frame, "new")
+    assert old is not None and new is not None
+    if len(old) > 4 * MAX_PASSWORD_CHARS or len(new) > 4 * MAX_PASSWORD_CHARS:
+        raise InvalidField("password: too long")
+    logout_others = frame.get("logout_others", False)
+    if not isinstance(logout_others, bool):
+        raise InvalidField("logout_others: true or false")
+    return Passwd(rid, _Secret(old), _Secret(new), logout_others)
+
+
+_PARSERS = {
+    "register": _parse_register,
+    "login": _parse_login,
+    "ping": lambda rid, frame: Ping(rid),
+    "pong": lambda rid, frame: Pong(rid),
+    "quit": lambda rid, frame: Quit(rid),
+    "send": _parse_send,
+    "join": lambda rid, frame: Join(rid, room_name(frame.get("room"))),
+    "leave": lambda rid, frame: Leave(rid, room_name(frame.get("room"))),
+    "who": lambda rid, frame: Who(rid, room_name(frame.get("room"))),
+    "history": _parse_history,
+    "passwd": _parse_passwd,
+}
+
+
+def parse_request(frame: dict[str, Any], rid: RequestId = None) -> Request:
+    """Build the typed request for a decoded frame (whose `id` was checked by request_id)."""
+    parser = _PARSERS.get(frame["type"])
+    if parser is None:
+        raise UnknownType(f"unknown frame type {frame['type'][:40]!r}")
+    return parser(rid, frame)
