@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     expires = certificate_expiry(paths.server_cert)
     print(f"server certificate: {paths.server_cert}  (expires {expires:%Y-%m-%d %H:%M} UTC)")
     print(f"server key:         {paths.server_key}  (keep private)")
+    print(f"server:  chat-server --certfile {paths.server_cert} --keyfile {paths.server_key}")
     print(
         "clients: chat-client login --server localhost:7072 "
         f"--cafile {paths.ca_cert} --username NAME"

@@ -1,0 +1,685 @@
+"""One client connection's life: TLS handshake, frames in, requests dispatched, bytes out.
+
+Theory of operation
+-------------------
+A `Connection` lives on one `IOLoop` thread. Only that thread calls into its SSLSocket
+and only that thread changes `state`, the decoder or the inbox.
+
+Other threads talk to it in two ways only:
+- `deliver(bytes)` (the hub, the store writer, the auth workers): appends to the
+  outbound queue under `_olock` and asks the loop to flush. It never blocks. When the
+  queue holds more than `max_outbound_bytes`, the client is not reading: the loop drops
+  what is queued, sends `bye slow_consumer` and closes, and no one else waits for it.
+- `loop.call_soon(...)` continuations, e.g. when a login has been checked.
+
+The loop writes everything queued in one `send` (one TLS write of many frames), and
+retries a write that would block with the very same bytes, as OpenSSL requires.
+
+Requests that need a password check (register, login, passwd) pause the connection: no
+further frame is handled until the answer is out, so replies keep request order and a
+client may pipeline. Everything that touches the database or fans out goes through the
+store's writer queue, in order, so a `send` after a `join` always sees the join.
+
+Errors become `error` frames in exactly one place: `_handle`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import secrets
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from chat import messages as m
+from chat.auth import check_new_password
+from chat.errors import (
+    AlreadyAuthenticated,
+    AuthRequired,
+    ChatError,
+    InvalidCredentials,
+    InvalidUsername,
+    NoSuchUser,
+    NotInRoom,
+    ProtocolError,
+)
+from chat.hub import Session
+from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
+from chat.store import Job, MessageJob, dm_pair
+
+if TYPE_CHECKING:
+    from chat.ioloop import IOLoop
+    from chat.server import Server
+
+log = logging.getLogger(__name__)
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+RECV_SIZE = 65536
+# Reads per readiness event before other connections get a turn.
+READS_PER_WAKE = 8
+# One TLS write holds at most this much; the rest follows when it is done.
+MAX_WRITE = 256 * 1024
+# Session ids: 192 random bits (ASVS asks at least 128).
+SESSION_ID_BYTES = 24
+
+
+class State(enum.IntEnum):
+    HANDSHAKE = 0
+    OPEN = 1  # TLS up, not logged in
+    READY = 2  # logged in
+    CLOSING = 3  # flushing the last frames
+    DRAINING = 4  # our side shut, reading until the peer closes
+    CLOSED = 5
+
+
+class Connection:
+    def __init__(self, server: Server, loop: IOLoop, raw: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.loop = loop
+        self.settings = settings = server.settings
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        raw.setblocking(False)
+        self.sock: ssl.SSLSocket = server.ssl_context.wrap_socket(
+            raw, server_side=True, do_handshake_on_connect=False
+        )
+        now = time.monotonic()
+        self.state = State.HANDSHAKE
+        self.handshake_deadline = now + settings.handshake_timeout
+        # Absolute from connect: trickling bytes cannot extend it.
+        self.login_deadline = now + settings.login_timeout
+        self.close_deadline = 0.0
+        self.last_recv = now
+        self.ping_sent = False
+        self.decoder = FrameDecoder(settings.max_frame_bytes)
+        self.inbox: collections.deque[Any] = collections.deque()
+        self.paused = False
+        self.accepting = True
+        self.errors_in_row = 0
+        self.session: Session | None = None
+        self.close_reason = ""
+        # Outbound state, shared with other threads under _olock.
+        self._olock = threading.Lock()
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._out_closed = False
+        self._overflow_reported = False
+        # Loop-thread-only write state.
+        self._wbuf: bytes | None = None
+        self._want = 0
+        self._handshake_wants = READ
+        self._registered = 0  # the selector events currently registered
+        self._update_interest()
+        loop.handlers.add(self)
+
+    def __repr__(self) -> str:
+        who = self.session.name if self.session else "-"
+        return f"<Connection {self.peer} {self.state.name} user={who}>"
+
+    # --- from any thread ------------------------------------------------------------
+    def deliver(self, data: bytes) -> None:
+        with self._olock:
+            if self._out_closed:
+                return
+            self._out.append(data)
+            self._out_bytes += len(data)
+            overflow = self._out_bytes > self.settings.max_outbound_bytes
+            if overflow and not self._overflow_reported:
+                self._overflow_reported = True
+                self.loop.call_soon(self._slow_consumer)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self.loop.call_soon(self._flush)
+
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        self.deliver(encode(frame))
+
+    def reply(self, rid: m.RequestId, frame: dict[str, Any]) -> None:
+        if rid is not None:
+            frame["re"] = rid
+        self.deliver(encode(frame))
+
+    def send_error(self, exc: ChatError, rid: m.RequestId = None) -> None:
+        self.deliver(encode(exc.to_frame(rid)))
+
+    # --- selector events (loop thread) ----------------------------------------------
+    def on_io(self, mask: int) -> None:
+        if self.state == State.HANDSHAKE:
+            self._handshake()
+            return
+        if mask & WRITE:
+            self._write()
+        if mask & READ and self.state != State.CLOSED:
+            if self.state == State.DRAINING:
+                self._drain()
+            else:
+                self._read()
+
+    def tick(self, now: float) -> None:
+        state = self.state
+        if state == State.HANDSHAKE:
+            if now > self.handshake_deadline:
+                log.info("%s: TLS handshake timed out", self.peer)
+                self._abort()
+        elif state in (State.CLOSING, State.DRAINING):
+            if now > self.close_deadline:
+                self._abort()
+        elif state == State.OPEN and now > self.login_deadline:
+            self.close("login_timeout")
+        else:
+            silent = now - self.last_recv
+            if silent > self.settings.idle_timeout:
+                self.close("idle")
+            elif silent > self.settings.idle_timeout / 2 and not self.ping_sent:
+                self.ping_sent = True
+                self.send_frame({"type": "ping"})
+
+    # --- handshake ------------------------------------------------------------------
+    def _handshake(self) -> None:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._handshake_wants = READ
+        except ssl.SSLWantWriteError:
+            self._handshake_wants = WRITE
+        except (ssl.SSLError, OSError) as exc:
+            # Plaintext, a wrong protocol version or a client that hung up: no JSON answer.
+            log.info("%s: TLS handshake failed: %s", self.peer, exc)
+            self._abort()
+            return
+        else:
+            self.state = State.OPEN
+            log.info("%s: connected (%s, %s)", self.peer, self.sock.version(),
+                     (self.sock.cipher() or ("?",))[0])
+            self.send_frame({
+                "type": "hello", "protocol": PROTOCOL_VERSION,
+                "server": self.server.server_id,
+                "max_frame_bytes": self.settings.max_frame_bytes,
+                "min_password_length": self.settings.min_password_length,
+            })
+            self._read()
+        self._update_interest()
+
+    # --- reading --------------------------------------------------------------------
+    def _read(self) -> None:
+        for _ in range(READS_PER_WAKE):
+            if self.paused or self.state not in (State.OPEN, State.READY):
+                return
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s: connection error: %s", self.peer, exc)
+                self._abort()
+                return
+            if not data:
+                self.close(None, "client closed the connection")
+                return
+            self.last_recv = time.monotonic()
+            self.ping_sent = False
+            self.inbox.extend(self.decoder.feed(data))
+            self._process_inbox()
+        # Not finished: let the other connections of this loop have a turn first.
+        self.loop.call_soon(self._read)
+
+    def _process_inbox(self) -> None:
+        while self.inbox and not self.paused and self.state in (State.OPEN, State.READY):
+            self._handle(self.inbox.popleft())
+
+    def _pause(self) -> None:
+        self.paused = True
+        self._update_interest()
+
+    def stop_reading(self) -> None:
+        """Shutdown, step one: take no more requests (what is queued still goes out)."""
+        self.accepting = False
+        self._pause()
+
+    def _resume(self) -> None:
+        if not self.accepting:
+            return
+        self.paused = False
+        self._process_inbox()
+        if not self.paused and self.state in (State.OPEN, State.READY):
+            self._update_interest()
+            # The TLS layer may already hold bytes the selector will not report again.
+            self._read()
+
+    def _handle(self, event: Any) -> None:
+        rid: m.RequestId = None
+        try:
+            if isinstance(event, ProtocolError):
+                raise event
+            rid = m.request_id(event)
+            request = m.parse_request(event, rid)
+            handler = _HANDLERS[type(request)]
+            if self.session is None and not handler.before_login:
+                raise AuthRequired()
+            self.errors_in_row = 0
+            handler.fn(self, request)
+        except ProtocolError as exc:
+            self.send_error(exc, rid)
+            self.errors_in_row += 1
+            if self.errors_in_row >= self.settings.max_errors_in_row:
+                self.close("too_many_errors")
+        except ChatError as exc:
+            self.send_error(exc, rid)
+
+    # --- request handlers (loop thread) ---------------------------------------------
+    def _on_ping(self, req: m.Ping) -> None:
+        self.reply(req.id, {"type": "pong"})
+
+    def _on_pong(self, req: m.Pong) -> None:
+        pass  # receiving it already reset the idle clock
+
+    def _on_quit(self, req: m.Quit) -> None:
+        self.close("quit")
+
+    def _on_register(self, req: m.Register) -> None:
+        if self.session is not None:
+            raise AlreadyAuthenticated()
+        if not m.valid_username(req.username):
+            raise InvalidUsername()
+        password = check_new_password(
+            req.password, req.username, min_length=self.settings.min_password_length,
+            service_name=self.server.name,
+        )
+        server, rid = self.server, req.id
+
+        def work() -> None:
+            password_hash = server.hasher.hash(password)
+
+            def run(conn: Any) -> Callable[[], None]:
+                rec = server.store.create_user(conn, req.username, password_hash)
+                log.info("%s: registered %s", self.peer, rec.name)
+                return lambda: self._finish_auth(
+                    rid, {"type": "ok", "op": "register", "username": rec.name}
+                )
+
+            server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
+
+        self._submit_auth(work)
+
+    def _on_login(self, req: m.Login) -> None:
+        if self.session is not None:
+            raise AlreadyAuthenticated()
+        server, rid = self.server, req.id
+
+        def work() -> None:
+            key = req.username.lower()
+            rec = server.store.find_user(key) if m.valid_username(req.username) else None
+            if not server.hasher.verify(req.password, rec.password_hash if rec else None):
+                log.info("%s: failed login for %r", self.peer, req.username[:40])
+                self._finish_auth(rid, InvalidCredentials())
+                return
+            assert rec is not None
+            new_hash = None
+            if server.hasher.needs_rehash(rec.password_hash):
+                new_hash = server.hasher.hash(req.password)
+            session = Session(rec.id, rec.key, rec.name, secrets.token_urlsafe(SESSION_ID_BYTES),
+                              out=self)
+
+            def run(conn: Any) -> Callable[[], None]:
+                if new_hash is not None:
+                    server.store.set_password_hash(conn, rec.id, new_hash)
+                rooms = server.store.rooms_of(conn, rec.id)
+                backlog = server.store.take_undelivered(conn, rec.id)
+
+                def after() -> None:
+                    welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
+                               "session": session.session_id}
+                    if rid is not None:
+                        welcome["re"] = rid
+                    first = [encode(welcome)] + [encode(f) for f in backlog]
+                    attached = server.hub.attach(session, rooms, first)
+                    if not attached and backlog:
+                        server.store.submit(server.store.undeliver_job(
+                            [f["msg_id"] for f in backlog]))
+                    self.loop.call_soon(self._logged_in, session, attached)
+
+                return after
+
+            server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
+
+        self._submit_auth(work)
+
+    def _on_passwd(self, req: m.Passwd) -> None:
+        session = self._require_session()
+        password = check_new_password(
+            req.new, session.name, min_length=self.settings.min_password_length,
+            service_name=self.server.name,
+        )
+        server, rid = self.server, req.id
+
+        def work() -> None:
+            rec = server.store.find_user(session.key)
+            if rec is None or not server.hasher.verify(req.old, rec.password_hash):
+                self._finish_auth(rid, InvalidCredentials())
+                return
+            password_hash = server.hasher.hash(password)
+
+            def run(conn: Any) -> Callable[[], None]:
+                server.store.set_password_hash(conn, rec.id, password_hash)
+                log.info("%s: %s changed their password", self.peer, rec.name)
+                return lambda: self._finish_auth(rid, {"type": "ok", "op": "passwd"})
+
+            server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
+
+        self._submit_auth(work)
+
+    def _on_send(self, req: m.Send) -> None:
+        session = self._require_session()
+        if req.room is not None:
+            assert session.user is not None
+            if req.room not in session.user.rooms:
+                raise NotInRoom(f"join {req.room} first")
+        elif req.to is not None and not m.valid_username(req.to):
+            raise NoSuchUser()
+        rid = req.id
+        self.server.store.submit(MessageJob(
+            session, rid, req.room, req.to, req.message,
+            fail=lambda exc: self.send_error(exc, rid),
+        ))
+
+    def _on_join(self, req: m.Join) -> None:
+        session = self._require_session()
+        user, hub, store, rid = session.user, self.server.hub, self.server.store, req.id
+        assert user is not None
+        if not hub.mark_joined(user, req.room):
+            self._in_order(lambda: self.reply(rid, {"type": "ok", "op": "join", "room": req.room}))
+            return
+
+        def run(conn: Any) -> Callable[[], None]:
+            store.add_member(conn, session.user_id, req.room)
+
+            def after() -> None:
+                self.reply(rid, {"type": "ok", "op": "join", "room": req.room})
+                hub.joined(user, req.room)
+
+            return after
+
+        def fail(exc: ChatError) -> None:
+            hub.mark_left(user, req.room)
+            self.send_error(exc, rid)
+
+        store.submit(Job(run, fail))
+
+    def _on_leave(self, req: m.Leave) -> None:
+        session = self._require_session()
+        user, hub, store, rid = session.user, self.server.hub, self.server.store, req.id
+        assert user is not None
+        if not hub.mark_left(user, req.room):
+            raise NotInRoom()
+
+        def run(conn: Any) -> Callable[[], None]:
+            store.remove_member(conn, session.user_id, req.room)
+
+            def after() -> None:
+                self.reply(rid, {"type": "ok", "op": "leave", "room": req.room})
+                hub.left(user, req.room)
+
+            return after
+
+        def fail(exc: ChatError) -> None:
+            hub.mark_joined(user, req.room)
+            self.send_error(exc, rid)
+
+        store.submit(Job(run, fail))
+
+    def _on_who(self, req: m.Who) -> None:
+        session = self._require_session()
+        assert session.user is not None
+        if req.room not in session.user.rooms:
+            raise NotInRoom()
+        hub, rid = self.server.hub, req.id
+        self._in_order(
+            lambda: self.reply(rid, {"type": "who", "room": req.room, "users": hub.who(req.room)})
+        )
+
+    def _on_history(self, req: m.History) -> None:
+        session = self._require_session()
+        assert session.user is not None
+        store, rid = self.server.store, req.id
+        if req.room is not None and req.room not in session.user.rooms:
+            raise NotInRoom()
+        if req.with_ is not None and not m.valid_username(req.with_):
+            raise NoSuchUser()
+
+        def run(conn: Any) -> Callable[[], None]:
+            reply: dict[str, Any] = {"type": "history"}
+            if req.room is not None:
+                reply["room"] = req.room
+                msgs = store.history(conn, room=req.room, before=req.before, after=req.after,
+                                     limit=req.limit)
+            else:
+                assert req.with_ is not None
+                other = store.user(conn, req.with_.lower())
+                if other is None:
+                    raise NoSuchUser()
+                reply["with"] = other.name
+                msgs = store.history(conn, pair=dm_pair(session.user_id, other.id),
+                                     before=req.before, after=req.after, limit=req.limit)
+            reply["messages"] = msgs
+            return lambda: self.reply(rid, reply)
+
+        store.submit(Job(run, lambda exc: self.send_error(exc, rid)))
+
+    # --- helpers --------------------------------------------------------------------
+    def _require_session(self) -> Session:
+        if self.session is None:
+            raise AuthRequired()
+        return self.session
+
+    def _in_order(self, fn: Callable[[], None]) -> None:
+        """Run fn on the writer thread after everything this connection queued before."""
+        self.server.store.submit(Job(lambda conn: fn, lambda exc: None))
+
+    def _submit_auth(self, work: Callable[[], None]) -> None:
+        # ServerBusy propagates to _handle and is answered at once; nothing is paused.
+        self.server.auth_pool.submit(work)
+        self._pause()
+
+    def _finish_auth(self, rid: m.RequestId, result: dict[str, Any] | ChatError) -> None:
+        """From any thread: answer a paused auth request and resume reading."""
+        if isinstance(result, ChatError):
+            self.send_error(result, rid)
+        else:
+            self.reply(rid, result)
+        self.loop.call_soon(self._resume)
+
+    def _logged_in(self, session: Session, attached: bool) -> None:
+        if not attached or self.state not in (State.OPEN, State.READY):
+            self.server.hub.detach(session)
+            return
+        self.session = session
+        self.state = State.READY
+        log.info("%s: %s logged in", self.peer, session.name)
+        self._resume()
+
+    # --- writing (loop thread) ------------------------------------------------------
+    def _flush(self) -> None:
+        with self._olock:
+            self._flush_scheduled = False
+        self._write()
+
+    def _write(self) -> None:
+        if self.state in (State.HANDSHAKE, State.DRAINING, State.CLOSED):
+            return
+        while True:
+            if self._wbuf is None:
+                with self._olock:
+                    if not self._out:
+                        break
+                    out = self._out
+                    if self._out_bytes <= MAX_WRITE:
+                        chunk = b"".join(out)
+                        out.clear()
+                    else:
+                        parts, size = [], 0
+                        while out and size < MAX_WRITE:
+                            part = out.popleft()
+                            parts.append(part)
+                            size += len(part)
+                        chunk = b"".join(parts)
+                self._wbuf = chunk
+            try:
+                sent = self.sock.send(self._wbuf)
+            except ssl.SSLWantWriteError:
+                self._want_write(True)
+                return
+            except ssl.SSLWantReadError:
+                return  # TLS wants the peer first (a key update); reading resumes it
+            except (ssl.SSLError, OSError) as exc:
+                log.info("%s: write failed: %s", self.peer, exc)
+                self._abort()
+                return
+            with self._olock:
+                self._out_bytes -= sent
+            self._wbuf = self._wbuf[sent:] or None
+        self._want_write(False)
+        if self.state == State.CLOSING:
+            self._shut_down()
+
+    def _want_write(self, want: bool) -> None:
+        flag = WRITE if want else 0
+        if (self._want & WRITE) != flag:
+            self._want = (self._want & ~WRITE) | flag
+            self._update_interest()
+
+    def _slow_consumer(self) -> None:
+        if self.state >= State.CLOSING:
+            return
+        with self._olock:
+            dropped = self._out_bytes - (len(self._wbuf) if self._wbuf else 0)
+            self._out.clear()
+            self._out_bytes -= dropped
+        log.warning("%s: not reading; dropped %d queued bytes", self.peer, dropped)
+        self.close("slow_consumer")
+
+    # --- closing (loop thread) ------------------------------------------------------
+    def close(self, reason: str | None, detail: str = "") -> None:
+        """Say bye (if reason), flush, shut down our side, then close. Idempotent."""
+        if self.state >= State.CLOSING:
+            return
+        if self.state == State.HANDSHAKE:
+            self._abort()
+            return
+        self.state = State.CLOSING
+        self.close_reason = reason or detail
+        self.close_deadline = time.monotonic() + self.settings.shutdown_grace
+        if self.session is not None:
+            self.server.hub.detach(self.session)
+        with self._olock:
+            if reason is not None:
+                bye = encode({"type": "bye", "reason": reason})
+                self._out.append(bye)
+                self._out_bytes += len(bye)
+            self._out_closed = True
+        log.info("%s: closing (%s)", self.peer, self.close_reason or "closed")
+        self._update_interest()
+        self._write()
+
+    def _shut_down(self) -> None:
+        """Everything is written: send close_notify and FIN, then wait for the peer's close.
+
+        Closing with unread bytes from the peer would make the kernel send a reset, which
+        can destroy our last frames (the bye) before the client reads them.
+        """
+        try:
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # close_notify is out, or the peer is gone: either way we are done
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._abort()
+            return
+        self.state = State.DRAINING
+        self._want = 0
+        self._update_interest()
+
+    def _drain(self) -> None:
+        try:
+            while self.sock.recv(RECV_SIZE):
+                pass
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._abort()
+
+    def _abort(self) -> None:
+        """Close the socket now, without a goodbye."""
+        if self.state == State.CLOSED:
+            return
+        prev, self.state = self.state, State.CLOSED
+        if self.session is not None:
+            self.server.hub.detach(self.session)
+        with self._olock:
+            self._out_closed = True
+            self._out.clear()
+        if self._registered:
+            self.loop.selector.unregister(self.sock)
+            self._registered = 0
+        self.loop.handlers.discard(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.connection_closed(self)
+        if prev >= State.OPEN and prev < State.CLOSING:
+            log.info("%s: disconnected", self.peer)
+
+    def _update_interest(self) -> None:
+        state = self.state
+        if state == State.CLOSED:
+            return
+        if state == State.HANDSHAKE:
+            events = self._handshake_wants
+        elif state == State.DRAINING:
+            events = READ
+        else:
+            reading = state in (State.OPEN, State.READY) and not self.paused
+            events = (READ if reading else 0) | (self._want & WRITE)
+        if events == self._registered:
+            return
+        if not self._registered:
+            self.loop.selector.register(self.sock, events, self)
+        elif events:
+            self.loop.selector.modify(self.sock, events, self)
+        else:
+            self.loop.selector.unregister(self.sock)
+        self._registered = events
+
+
+class _Handler:
+    __slots__ = ("before_login", "fn")
+
+    def __init__(self, fn: Callable[[Connection, Any], None], before_login: bool) -> None:
+        self.fn = fn
+        self.before_login = before_login
+
+
+# An explicit table from request type to handler: nothing is looked up by a name the
+# client sent.
+_HANDLERS: dict[type, _Handler] = {
+    m.Register: _Handler(Connection._on_register, True),
+    m.Login: _Handler(Connection._on_login, True),
+    m.Ping: _Handler(Connection._on_ping, True),
+    m.Pong: _Handler(Connection._on_pong, True),
+    m.Quit: _Handler(Connection._on_quit, True),
+    m.Send: _Handler(Connection._on_send, False),
+    m.Join: _Handler(Connection._on_join, False),
+    m.Leave: _Handler(Connection._on_leave, False),
+    m.Who: _Handler(Connection._on_who, False),
+    m.History: _Handler(Connection._on_history, False),
+    m.Passwd: _Handler(Connection._on_passwd, False),
+}

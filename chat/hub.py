@@ -1,0 +1,200 @@
+"""Who is online and in which room; fan-out of encoded frames to sessions' outbound queues.
+
+Theory of operation
+-------------------
+The hub is the one fan-out interface: connection code never iterates over other
+connections. A broker that spans several servers can replace `LocalHub` by implementing
+the same methods (publishing to the broker and delivering what it receives locally).
+
+All state sits behind one lock. Callers hand the hub bytes that were serialised once;
+delivering them is one `Outbound.deliver(bytes)` per recipient session, which only
+appends to that session's queue and never blocks, so one slow client cannot delay the
+others. Per-message work is proportional to the recipients, never to all users.
+
+Every `message` fan-out runs on the store's writer thread (after the message is
+committed), so all sessions see messages in one order. `attach` also runs there, which is
+what lets a new session get `welcome`, then its stored direct messages, then live traffic,
+with nothing in between.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from chat.protocol import encode
+
+
+class Outbound(Protocol):
+    def deliver(self, data: bytes) -> None: ...
+
+
+@dataclass(eq=False)
+class UserState:
+    """What the hub knows about one online user; shared by all the user's sessions."""
+
+    key: str
+    name: str
+    user_id: int
+    # The user's rooms. Connections read it to validate requests; it changes under the
+    # hub lock only.
+    rooms: set[str] = field(default_factory=set)
+    sessions: list[Session] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Session:
+    """One logged-in connection."""
+
+    user_id: int
+    key: str
+    name: str
+    session_id: str
+    out: Outbound
+    user: UserState | None = None
+    closed: bool = False
+
+
+def with_re(data: bytes, re: object) -> bytes:
+    """The same encoded frame with `re` added: the sender's copy costs no re-serialising."""
+    return data[:-2] + b',"re":' + encode(re)[:-1] + b"}\n"
+
+
+class LocalHub:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[str, UserState] = {}
+        self._rooms: dict[str, set[Session]] = {}
+
+    # --- sessions -------------------------------------------------------------------
+    def attach(self, session: Session, rooms: list[str], first: list[bytes]) -> bool:
+        """Register a session, give it `first` frames, tell its rooms if it is the first.
+
+        Returns False (and does nothing) if the session was detached in the meantime,
+        that is, its connection closed while the login was in progress.
+        """
+        with self._lock:
+            if session.closed:
+                return False
+            user = self._users.get(session.key)
+            first_session = user is None
+            if user is None:
+                user = UserState(session.key, session.name, session.user_id, set(rooms))
+                self._users[session.key] = user
+            session.user = user
+            user.sessions.append(session)
+            for data in first:
+                session.out.deliver(data)
+            for room in user.rooms:
+                members = self._rooms.setdefault(room, set())
+                if first_session:
+                    self._presence(members, room, user.name, "join")
+                members.add(session)
+            return True
+
+    def detach(self, session: Session) -> None:
+        with self._lock:
+            session.closed = True
+            user = session.user
+            if user is None or session not in user.sessions:
+                return
+            user.sessions.remove(session)
+            last = not user.sessions
+            if last:
+                del self._users[user.key]
+            for room in user.rooms:
+                members = self._rooms.get(room)
+                if members is None:
+                    continue
+                members.discard(session)
+                if last:
+                    self._presence(members, room, user.name, "leave")
+                if not members:
+                    del self._rooms[room]
+
+    def sessions_of(self, key: str) -> list[Session]:
+        with self._lock:
+            user = self._users.get(key)
+            return list(user.sessions) if user else []
+
+    def is_online(self, key: str) -> bool:
+        with self._lock:
+            return key in self._users
+
+    # --- rooms ----------------------------------------------------------------------
+    def mark_joined(self, user: UserState, room: str) -> bool:
+        """Record the join in the user's room set at once; False if already a member."""
+        with self._lock:
+            if room in user.rooms:
+                return False
+            user.rooms.add(room)
+            return True
+
+    def mark_left(self, user: UserState, room: str) -> bool:
+        with self._lock:
+            if room not in user.rooms:
+                return False
+            user.rooms.discard(room)
+            return True
+
+    def joined(self, user: UserState, room: str) -> None:
+        """After the join is stored: the user's sessions receive the room; members hear it."""
+        with self._lock:
+            if room not in user.rooms or user.key not in self._users:
+                return
+            members = self._rooms.setdefault(room, set())
+            members.update(user.sessions)
+            self._presence(members, room, user.name, "join")
+
+    def left(self, user: UserState, room: str) -> None:
+        with self._lock:
+            members = self._rooms.get(room)
+            if members is None:
+                return
+            # The leaver hears its own leave too, so all its sessions learn of it.
+            self._presence(members, room, user.name, "leave")
+            members.difference_update(user.sessions)
+            if not members:
+                del self._rooms[room]
+
+    def who(self, room: str) -> list[str]:
+        with self._lock:
+            members = self._rooms.get(room, ())
+            names = {s.key: s.name for s in members}
+        return [names[k] for k in sorted(names)]
+
+    # --- fan-out --------------------------------------------------------------------
+    def publish_room(self, room: str, data: bytes, origin: Session | None, echo: bytes) -> None:
+        """Deliver to every session in the room; `origin` gets `echo` (its copy with re)."""
+        with self._lock:
+            for session in self._rooms.get(room, ()):
+                session.out.deliver(echo if session is origin else data)
+
+    def publish_users(
+        self, keys: tuple[str, ...], data: bytes, origin: Session | None, echo: bytes
+    ) -> None:
+        """Deliver to every session of the given users (each session once)."""
+        with self._lock:
+            seen: set[int] = set()
+            for key in keys:
+                user = self._users.get(key)
+                if user is None:
+                    continue
+                for session in user.sessions:
+                    if id(session) not in seen:
+                        seen.add(id(session))
+                        session.out.deliver(echo if session is origin else data)
+
+    def broadcast(self, data: bytes) -> None:
+        with self._lock:
+            for user in self._users.values():
+                for session in user.sessions:
+                    session.out.deliver(data)
+
+    def _presence(self, members: set[Session], room: str, name: str, event: str) -> None:
+        if not members:
+            return
+        data = encode({"type": "presence", "room": room, "username": name, "event": event})
+        for session in members:
+            session.out.deliver(data)

@@ -1,0 +1,274 @@
+"""Listening, accepting, start-up and shutdown; the `chat-server` command.
+
+Theory of operation
+-------------------
+Threads: `io_threads` selector loops (chat.ioloop) hold the connections; loop 0 also
+holds the listening socket. Accepting only takes the TCP connection and hands it to a
+loop round-robin; the TLS handshake then runs non-blocking on that loop, so a silent
+client never holds up accept. Beside the loops run the store's writer thread (all
+database writes and message fan-out) and a bounded pool of bcrypt workers.
+
+Shutdown (SIGTERM, Ctrl-C or `stop()`): stop accepting and stop reading requests; let
+the auth workers finish what they hold; let the writer store and deliver everything it
+was given; then every client gets `bye shutdown`, which is flushed within
+`shutdown_grace`; then the threads end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from chat import SERVER_NAME, __version__, certs, tls
+from chat.auth import PasswordHasher, load_or_create_pepper
+from chat.config import Settings, load_settings
+from chat.connection import Connection
+from chat.db import make_engine, upgrade_to_head
+from chat.hub import LocalHub
+from chat.ioloop import IOLoop
+from chat.pool import BoundedPool
+from chat.store import Store
+
+log = logging.getLogger("chat.server")
+
+CERT_EXPIRY_WARNING = dt.timedelta(days=14)
+
+
+class _Listener:
+    """The listening socket's handler on loop 0."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+
+    def on_io(self, mask: int) -> None:
+        # A bounded batch per wake-up keeps a connection flood from starving I/O.
+        for _ in range(64):
+            try:
+                raw, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept failed: %s", exc)
+                return
+            self.server.adopt(raw, addr)
+
+    def tick(self, now: float) -> None:
+        pass
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = SERVER_NAME
+        self.server_id = f"{SERVER_NAME}/{__version__}"
+        self.address: tuple[str, int] = ("", 0)
+        self.stopping = False
+        self._count = 0
+        self._count_lock = threading.Condition()
+        self._next_loop = 0
+        self._stopped = threading.Event()
+
+    # --- start-up -------------------------------------------------------------------
+    def start(self) -> None:
+        """Prepare storage, TLS and threads, then listen. Returns once listening."""
+        s = self.settings
+        if s.bcrypt_rounds < 10:
+            log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
+                        s.bcrypt_rounds)
+        self.ssl_context = self._make_ssl_context()
+        self.engine = make_engine(s.db_url)
+        upgrade_to_head(self.engine)
+        self.hasher = PasswordHasher(load_or_create_pepper(s.pepper_path), s.bcrypt_rounds)
+        self.hub = LocalHub()
+        self.store = Store(self.engine, self.hub)
+        self.store.start()
+        workers = s.auth_workers or os.cpu_count() or 2
+        self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth")
+        self.auth_pool.start()
+        self.loops = [IOLoop(f"io-{i}") for i in range(s.io_threads)]
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        self.listen_sock = socket.create_server(
+            (s.host, s.port), family=family, backlog=1024, reuse_port=False
+        )
+        self.listen_sock.setblocking(False)
+        self.address = self.listen_sock.getsockname()[:2]
+        listener = _Listener(self, self.listen_sock)
+        self.loops[0].selector.register(self.listen_sock, 1, listener)
+        for loop in self.loops:
+            loop.start()
+        host = f"[{self.address[0]}]" if family == socket.AF_INET6 else self.address[0]
+        log.info("%s listening on %s:%d (TLS %s, db %s)", self.server_id, host,
+                 self.address[1], s.tls_profile, self.engine.url.render_as_string())
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        s = self.settings
+        certfile, keyfile, dev = s.cert_paths
+        if dev and not (certfile.exists() and keyfile.exists()):
+            paths = certs.generate_dev_certs(certfile.parent)
+            log.warning("made development certificates in %s; clients trust them with "
+                        "--cafile %s", certfile.parent, paths.ca_cert)
+        ctx = tls.server_context(
+            certfile, keyfile, profile=s.tls_profile, client_cafile=s.client_cafile or None
+        )
+        self._check_expiry(certfile)
+        return ctx
+
+    def _check_expiry(self, certfile: Any) -> None:
+        expires = certs.certificate_expiry(certfile)
+        left = expires - dt.datetime.now(dt.UTC)
+        if left < CERT_EXPIRY_WARNING:
+            log.warning("the server certificate %s expires %s (in %s)", certfile,
+                        expires.isoformat(), left)
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: new connections use the new certificate; open ones are untouched."""
+        try:
+            self.ssl_context = self._make_ssl_context()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("certificate reload failed, keeping the old one: %s", exc)
+            return
+        log.info("reloaded the TLS certificate")
+
+    # --- connections ----------------------------------------------------------------
+    def adopt(self, raw: socket.socket, addr: Any) -> None:
+        """Called on loop 0 for each accepted socket."""
+        with self._count_lock:
+            if self.stopping or self._count >= self.settings.max_connections:
+                full = True
+            else:
+                full = False
+                self._count += 1
+        if full:
+            log.warning("refusing %s: %d connections already", addr, self._count)
+            raw.close()
+            return
+        # Chat frames are small and latency matters: no Nagle delay.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = self.loops[self._next_loop % len(self.loops)]
+        self._next_loop += 1
+        loop.call_soon(self._start_connection, loop, raw, addr)
+
+    def _start_connection(self, loop: IOLoop, raw: socket.socket, addr: Any) -> None:
+        try:
+            Connection(self, loop, raw, addr)
+        except (OSError, ValueError) as exc:
+            log.info("%s: could not start connection: %s", addr, exc)
+            raw.close()
+            self.connection_closed(None)
+
+    def connection_closed(self, conn: Connection | None) -> None:
+        with self._count_lock:
+            self._count -= 1
+            self._count_lock.notify_all()
+
+    @property
+    def connection_count(self) -> int:
+        return self._count
+
+    # --- shutdown -------------------------------------------------------------------
+    def _on_every_loop(self, fn: Callable[[IOLoop], None], timeout: float = 5.0) -> None:
+        done = []
+        for loop in self.loops:
+            ev = threading.Event()
+
+            def call(loop: IOLoop = loop, ev: threading.Event = ev) -> None:
+                try:
+                    fn(loop)
+                finally:
+                    ev.set()
+
+            loop.call_soon(call)
+            done.append(ev)
+        for ev in done:
+            ev.wait(timeout)
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down")
+
+        def stop_reading(loop: IOLoop) -> None:
+            if loop is self.loops[0]:
+                loop.selector.unregister(self.listen_sock)
+                self.listen_sock.close()
+            for handler in list(loop.handlers):
+                if isinstance(handler, Connection):
+                    handler.stop_reading()
+
+        self._on_every_loop(stop_reading)
+        self.auth_pool.stop()
+        self.store.stop()  # everything submitted is stored and delivered
+
+        def say_bye(loop: IOLoop) -> None:
+            for handler in list(loop.handlers):
+                if isinstance(handler, Connection):
+                    handler.close("shutdown")
+
+        self._on_every_loop(say_bye)
+        deadline = time.monotonic() + self.settings.shutdown_grace + 1
+        with self._count_lock:
+            while self._count > 0 and time.monotonic() < deadline:
+                self._count_lock.wait(max(0.01, deadline - time.monotonic()))
+        for loop in self.loops:
+            loop.stop()
+        for loop in self.loops:
+            loop.join(5)
+        self.engine.dispose()
+        log.info("stopped")
+        self._stopped.set()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except (ValueError, OSError) as exc:
+        print(f"chat-server: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    server = Server(settings)
+    try:
+        server.start()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGHUP:
+            server.reload_certificates()
+        else:
+            stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""Storage: one writer thread with group commit, plus reads any thread may do.
+
+Theory of operation
+-------------------
+Every change to the database, and every fan-out of a `message`, happens on the single
+writer thread, in the order jobs were submitted:
+
+1. The writer takes every job waiting in its queue (up to `MAX_BATCH`) and runs them in
+   one transaction. Consecutive messages become one multi-row INSERT; any other job runs
+   inside its own SAVEPOINT, so a refused job (a taken username, say) changes nothing
+   while the rest of the batch commits.
+2. After COMMIT, it runs each job's continuation in order: fan-out through the hub,
+   replies to the requester. So a message is on disk before anyone sees it, and per
+   sender (indeed globally) messages reach every session in `msg_id` order.
+3. If the COMMIT itself fails, every job in the batch is answered with `internal`.
+
+Reads that need no ordering with writes (looking up a user for a login) go straight to
+the engine from the calling thread; SQLite's WAL mode lets them run beside the writer.
+The user cache is touched by the writer thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from chat.errors import ChatError, Internal, NoSuchUser, ServerBusy, UsernameTaken
+from chat.hub import LocalHub, Session, with_re
+from chat.models import Membership, Message, User
+from chat.protocol import Frame, encode
+
+log = logging.getLogger(__name__)
+
+users_t = User.__table__
+members_t = Membership.__table__
+messages_t = Message.__table__
+
+DEFAULT_ROOM = "general"
+# Bounds one transaction: large enough to amortise a commit over a burst, small enough that
+# the first message of a burst is not held back long.
+MAX_BATCH = 512
+
+After = Callable[[], None] | None
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def format_ts(ms: int) -> str:
+    dt = datetime.fromtimestamp(ms // 1000, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    id: int
+    key: str
+    name: str
+    password_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A unit of work for the writer: `run` inside a savepoint, then its continuation.
+
+    `run` returns the continuation to call after COMMIT; if it raises a ChatError, the
+    savepoint is rolled back and `fail` is called with it after COMMIT instead.
+    """
+
+    run: Callable[[Connection], After]
+    fail: Callable[[ChatError], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageJob:
+    session: Session
+    rid: Any
+    room: str | None
+    to: str | None
+    text: str
+    fail: Callable[[ChatError], None]
+
+
+_STOP = object()
+
+
+def message_frame(row: Any) -> Frame:
+    frame: Frame = {
+        "type": "message", "msg_id": row.id, "ts": format_ts(row.ts_ms),
+        "username": row.sender_name,
+    }
+    if row.room is not None:
+        frame["room"] = row.room
+    else:
+        frame["to"] = row.recipient_name
+    frame["message"] = row.body
+    return frame
+
+
+def dm_pair(a: int, b: int) -> str:
+    return f"{min(a, b)}:{max(a, b)}"
+
+
+class Store:
+    def __init__(self, engine: Engine, hub: LocalHub) -> None:
+        self.engine = engine
+        self.hub = hub
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._stopping = False
+        self._users: dict[str, UserRecord] = {}
+        self._sort_returning = engine.dialect.name != "sqlite"
+
+    # --- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every job already submitted, then stop the writer."""
+        self._stopping = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    # --- submitting (any thread) ----------------------------------------------------
+    def submit(self, job: Job | MessageJob) -> None:
+        if self._stopping:
+            job.fail(ServerBusy("the server is shutting down"))
+            return
+        self._queue.put(job)
+
+    # --- reads (any thread) ---------------------------------------------------------
+    def find_user(self, key: str) -> UserRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(users_t.c.id, users_t.c.username_key, users_t.c.username,
+                       users_t.c.password_hash).where(users_t.c.username_key == key)
+            ).first()
+        return UserRecord(*row) if row else None
+
+    # --- operations for jobs (writer thread, inside a transaction) ------------------
+    def user(self, conn: Connection, key: str) -> UserRecord | None:
+        rec = self._users.get(key)
+        if rec is None:
+            row = conn.execute(
+                select(users_t.c.id, users_t.c.username_key, users_t.c.username,
+                       users_t.c.password_hash).where(users_t.c.username_key == key)
+            ).first()
+            if row is None:
+                return None
+            rec = self._users[key] = UserRecord(*row)
+        return rec
+
+    def create_user(self, conn: Connection, name: str, password_hash: str) -> UserRecord:
+        ms = now_ms()
+        try:
+            uid = conn.execute(
+                insert(users_t).values(
+                    username_key=name.lower(), username=name, password_hash=password_hash,
+                    created_ms=ms, updated_ms=ms,
+                )
+            ).inserted_primary_key[0]
+        except IntegrityError:
+            raise UsernameTaken() from None
+        conn.execute(insert(members_t).values(user_id=uid, room=DEFAULT_ROOM, joined_ms=ms))
+        rec = UserRecord(uid, name.lower(), name, password_hash)
+        self._users[rec.key] = rec
+        return rec
+
+    def set_password_hash(self, conn: Connection, user_id: int, password_hash: str) -> None:
+        conn.execute(
+            update(users_t).where(users_t.c.id == user_id)
+            .values(password_hash=password_hash, updated_ms=now_ms())
+        )
+        for key, rec in list(self._users.items()):
+            if rec.id == user_id:
+                del self._users[key]
+
+    def rooms_of(self, conn: Connection, user_id: int) -> list[str]:
+        rows = conn.execute(
+            select(members_t.c.room).where(members_t.c.user_id == user_id)
+            .order_by(members_t.c.room)
+        )
+        return [r[0] for r in rows]
+
+    def add_member(self, conn: Connection, user_id: int, room: str) -> None:
+        exists = conn.execute(
+            select(members_t.c.room).where(
+                and_(members_t.c.user_id == user_id, members_t.c.room == room)
+            )
+        ).first()
+        if exists is None:
+            conn.execute(insert(members_t).values(user_id=user_id, room=room, joined_ms=now_ms()))
+
+    def remove_member(self, conn: Connection, user_id: int, room: str) -> None:
+        conn.execute(
+            delete(members_t).where(
+                and_(members_t.c.user_id == user_id, members_t.c.room == room)
+            )
+        )
+
+    def take_undelivered(self, conn: Connection, user_id: int) -> list[Frame]:
+        """Direct messages stored while the user had no session, oldest first; now marked."""
+        rows = conn.execute(
+            select(messages_t).where(
+                and_(messages_t.c.recipient_id == user_id, messages_t.c.delivered.is_(False))
+            ).order_by(messages_t.c.id)
+        ).all()
+        if rows:
+            conn.execute(
+                update(messages_t).where(messages_t.c.id.in_([r.id for r in rows]))
+                .values(delivered=True)
+            )
+        return [message_frame(r) for r in rows]
+
+    def undeliver_job(self, msg_ids: list[int]) -> Job:
+        """Put direct messages back as undelivered (their login did not complete)."""
+
+        def run(conn: Connection) -> After:
+            conn.execute(
+                update(messages_t).where(messages_t.c.id.in_(msg_ids)).values(delivered=False)
+            )
+            return None
+
+        return Job(run, lambda exc: log.error("could not re-queue direct messages: %s", exc))
+
+    def history(
+        self, conn: Connection, *, room: str | None = None, pair: str | None = None,
+        before: int | None = None, after: int | None = None, limit: int = 50,
+    ) -> list[Frame]:
+        where = messages_t.c.room == room if room is not None else messages_t.c.dm_pair == pair
+        query = select(messages_t).where(where)
+        if after is not None:
+            query = query.where(messages_t.c.id > after).order_by(messages_t.c.id.asc())
+            rows = conn.execute(query.limit(limit)).all()
+        else:
+            if before is not None:
+                query = query.where(messages_t.c.id < before)
+            rows = conn.execute(query.order_by(messages_t.c.id.desc()).limit(limit)).all()
+            rows.reverse()
+        return [message_frame(r) for r in rows]
+
+    # --- the writer thread ----------------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if _STOP in batch:
+                stop = True
+                batch = [job for job in batch if job is not _STOP]
+            if batch:
+                self._run_batch(batch)
+        # Anything submitted in the instant before `_stopping` was seen.
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                job.fail(ServerBusy("the server is shutting down"))
+
+    def _run_batch(self, batch: list[Job | MessageJob]) -> None:
+        afters: list[After] = []
+        try:
+            with self.engine.begin() as conn:
+                messages: list[MessageJob] = []
+                for job in batch:
+                    if isinstance(job, MessageJob):
+                        messages.append(job)
+                        continue
+                    if messages:
+                        afters.extend(self._insert_messages(conn, messages))
+                        messages = []
+                    afters.append(self._run_job(conn, job))
+                if messages:
+                    afters.extend(self._insert_messages(conn, messages))
+        except Exception:
+            log.exception("store: a batch of %d jobs could not be committed", len(batch))
+            self._users.clear()
+            for job in batch:
+                job.fail(Internal())
+            return
+        for after in afters:
+            if after is None:
+                continue
+            try:
+                after()
+            except Exception:
+                log.exception("store: a continuation failed")
+
+    def _run_job(self, conn: Connection, job: Job) -> After:
+        try:
+            with conn.begin_nested():
+                return job.run(conn)
+        except ChatError as exc:
+            return _failing(job.fail, exc)
+        except Exception:
+            log.exception("store: a job failed")
+            return _failing(job.fail, Internal())
+
+    def _insert_messages(self, conn: Connection, jobs: list[MessageJob]) -> list[After]:
+        ms = now_ms()
+        afters: list[After] = [None] * len(jobs)
+        rows: list[dict[str, Any]] = []
+        placed: list[tuple[int, MessageJob, UserRecord | None]] = []
+        for i, job in enumerate(jobs):
+            sess = job.session
+            row = {
+                "ts_ms": ms, "sender_id": sess.user_id, "sender_name": sess.name,
+                "room": job.room, "recipient_id": None, "recipient_name": None,
+                "dm_pair": None, "body": job.text, "delivered": True,
+            }
+            rec = None
+            if job.to is not None:
+                rec = self.user(conn, job.to.lower())
+                if rec is None:
+                    afters[i] = _failing(job.fail, NoSuchUser(f"no user named {job.to[:40]!r}"))
+                    continue
+                row.update(
+                    recipient_id=rec.id, recipient_name=rec.name,
+                    dm_pair=dm_pair(sess.user_id, rec.id),
+                    delivered=self.hub.is_online(rec.key),
+                )
+            rows.append(row)
+            placed.append((i, job, rec))
+        if not rows:
+            return afters
+        id_col = messages_t.c.id
+        stmt = insert(messages_t).returning(id_col, sort_by_parameter_order=self._sort_returning)
+        # One writer inserts the rows of a multi-row INSERT in order, so the ascending ids
+        # belong to the rows in parameter order.
+        ids = sorted(r[0] for r in conn.execute(stmt, rows))
+        for (i, job, rec), msg_id in zip(placed, ids, strict=True):
+            frame: Frame = {
+                "type": "message", "msg_id": msg_id, "ts": format_ts(ms),
+                "username": job.session.name,
+            }
+            if rec is None:
+                frame["room"] = job.room
+            else:
+                frame["to"] = rec.name
+            frame["message"] = job.text
+            afters[i] = self._fanout_later(job, rec, frame)
+        return afters
+
+    def _fanout_later(self, job: MessageJob, rec: UserRecord | None, frame: Frame) -> After:
+        def fanout() -> None:
+            data = encode(frame)
+            echo = data if job.rid is None else with_re(data, job.rid)
+            if rec is None:
+                assert job.room is not None
+                self.hub.publish_room(job.room, data, job.session, echo)
+            else:
+                self.hub.publish_users((rec.key, job.session.key), data, job.session, echo)
+
+        return fanout
+
+
+def _failing(fail: Callable[[ChatError], None], exc: ChatError) -> After:
+    return lambda: fail(exc)
