@@ -1,0 +1,161 @@
+"""Fixtures: throwaway certificates, an ephemeral in-process TLS server, blocking test clients.
+
+The server listens on 127.0.0.1 port 0 with a temporary SQLite database and bcrypt cost 4;
+`Server.start()` returns only once the socket is listening, so no test sleeps to wait.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chat import certs, tls
+from chat.config import Settings
+from chat.server import Server
+
+PASSWORD = "correct horse battery staple 42"
+# Generous: the suite must pass on a loaded 2-core machine. Only failures wait this long.
+TIMEOUT = 20.0
+
+
+@pytest.fixture(scope="session")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> certs.CertPaths:
+    return certs.generate_dev_certs(tmp_path_factory.mktemp("certs"))
+
+
+class Client:
+    """A blocking test client: one thread only, so one SSL object in one thread."""
+
+    def __init__(self, host: str, port: int, cafile: Path, *, read_hello: bool = True) -> None:
+        ctx = tls.client_context(cafile)
+        raw = socket.create_connection((host, port), timeout=TIMEOUT)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.file = self.sock.makefile("rwb")
+        self.hello = self.recv() if read_hello else None
+        self._next_id = 0
+
+    def send_raw(self, data: bytes) -> None:
+        self.file.write(data)
+        self.file.flush()
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.send_raw(json.dumps(frame, ensure_ascii=False).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise EOFError("server closed the connection")
+        return json.loads(line)
+
+    def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send with a fresh id; return the reply carrying it (other frames are skipped)."""
+        self._next_id += 1
+        rid = self._next_id
+        self.send({**frame, "id": rid})
+        while True:
+            reply = self.recv()
+            if reply.get("re") == rid:
+                return reply
+
+    def recv_until(self, type_: str, **fields: Any) -> dict[str, Any]:
+        while True:
+            frame = self.recv()
+            if frame["type"] == type_ and all(frame.get(k) == v for k, v in fields.items()):
+                return frame
+
+    def login(self, username: str, password: str = PASSWORD) -> dict[str, Any]:
+        return self.request({"type": "login", "username": username, "password": password})
+
+    def at_eof(self) -> bool:
+        try:
+            return self.file.readline() == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        for closer in (self.file.close, self.sock.close):
+            try:
+                closer()
+            except OSError:
+                pass
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    settings: Settings
+    cafile: Path
+    host: str = "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self.server.address[1]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def client(self, **kw: Any) -> Client:
+        return Client(self.host, self.port, self.cafile, **kw)
+
+    def register(self, username: str, password: str = PASSWORD) -> None:
+        c = self.client()
+        try:
+            reply = c.request({"type": "register", "username": username, "password": password})
+            assert reply["type"] == "ok", reply
+        finally:
+            c.close()
+
+    def user(self, username: str, password: str = PASSWORD, register: bool = True) -> Client:
+        """A logged-in client (registering the user first unless told not to)."""
+        if register:
+            self.register(username, password)
+        c = self.client()
+        welcome = c.login(username, password)
+        assert welcome["type"] == "welcome", welcome
+        return c
+
+
+def make_settings(tmp_path: Path, cert_paths: certs.CertPaths, **overrides: Any) -> Settings:
+    base = Settings(
+        host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"),
+        certfile=str(cert_paths.server_cert), keyfile=str(cert_paths.server_key),
+        bcrypt_rounds=4, log_level="DEBUG", shutdown_grace=2.0,
+    )
+    return base.replace(**overrides)
+
+
+@pytest.fixture
+def server_factory(
+    tmp_path: Path, cert_dir: certs.CertPaths
+) -> Iterator[Any]:
+    started: list[Server] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        settings = make_settings(tmp_path, cert_dir, **overrides)
+        server = Server(settings)
+        server.start()
+        started.append(server)
+        return RunningServer(server, settings, cert_dir.ca_cert)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def chat_server(server_factory: Any) -> RunningServer:
+    return server_factory()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests run the CLI as `python -m ...`; make sure it is this interpreter's package.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -1,0 +1,237 @@
+"""Integration tests over real TLS: hello, register, login, sessions, errors and framing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import PASSWORD
+
+from chat.errors import ERROR_CODES
+
+
+def test_hello_announces_limits(chat_server):
+    c = chat_server.client()
+    assert c.hello == {
+        "type": "hello", "protocol": 1, "server": "chat/0.1.0",
+        "max_frame_bytes": 16384, "min_password_length": 15,
+    }
+
+
+def test_register_then_login(chat_server):
+    c = chat_server.client()
+    reply = c.request({"type": "register", "username": "Alice", "password": PASSWORD})
+    assert reply == {"type": "ok", "op": "register", "username": "Alice", "re": 1}
+    # register does not log in
+    assert c.request({"type": "who", "room": "general"})["code"] == "auth_required"
+    welcome = c.login("alice")
+    assert welcome["type"] == "welcome"
+    assert welcome["username"] == "Alice"  # shown as registered
+    assert welcome["rooms"] == ["general"]
+    assert len(welcome["session"]) >= 22  # at least 128 random bits, base64
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "code"),
+    [
+        ("ab", PASSWORD, "invalid_username"),
+        ("-abc", PASSWORD, "invalid_username"),
+        ("a" * 33, PASSWORD, "invalid_username"),
+        ("bad name", PASSWORD, "invalid_username"),
+        ("carol", "short pass", "weak_password"),
+        ("carol", "carol and more words", "weak_password"),
+        ("carol", "x" * 257, "weak_password"),
+    ],
+)
+def test_register_refusals(chat_server, username, password, code):
+    c = chat_server.client()
+    reply = c.request({"type": "register", "username": username, "password": password})
+    assert reply["type"] == "error" and reply["code"] == code
+
+
+def test_username_unique_regardless_of_case(chat_server):
+    chat_server.register("Dave")
+    c = chat_server.client()
+    reply = c.request({"type": "register", "username": "dAVE", "password": PASSWORD})
+    assert reply["code"] == "username_taken"
+
+
+def test_invalid_credentials_same_reply_for_unknown_user(chat_server):
+    chat_server.register("erin")
+    c = chat_server.client()
+    wrong = c.login("erin", "not the right password at all")
+    unknown = c.login("nobody-here", PASSWORD)
+    malformed = c.login("x", PASSWORD)
+    for reply in (wrong, unknown, malformed):
+        assert reply["type"] == "error" and reply["code"] == "invalid_credentials"
+    assert wrong["message"] == unknown["message"] == malformed["message"]
+
+
+def test_password_longer_than_72_bytes_counts_in_full(chat_server):
+    long_pw = "w" * 80 + " tail one"
+    chat_server.register("frank", long_pw)
+    c = chat_server.client()
+    assert c.login("frank", "w" * 80 + " tail two")["code"] == "invalid_credentials"
+    assert c.login("frank", long_pw)["type"] == "welcome"
+
+
+def test_password_nfkc_normalised(chat_server):
+    chat_server.register("gina", "ﬁne ﬁne ﬁne ﬁne passphrase")  # 'ﬁ' ligatures
+    c = chat_server.client()
+    assert c.login("gina", "fine fine fine fine passphrase")["type"] == "welcome"
+
+
+def test_already_authenticated(chat_server):
+    c = chat_server.user("hank")
+    assert c.login("hank")["code"] == "already_authenticated"
+    reply = c.request({"type": "register", "username": "other", "password": PASSWORD})
+    assert reply["code"] == "already_authenticated"
+
+
+def test_before_login_only_some_frames(chat_server):
+    c = chat_server.client()
+    for frame in (
+        {"type": "send", "room": "general", "message": "hi"},
+        {"type": "join", "room": "x"},
+        {"type": "who", "room": "general"},
+        {"type": "history", "room": "general"},
+        {"type": "passwd", "old": "a", "new": "b"},
+    ):
+        assert c.request(frame)["code"] == "auth_required"
+    assert c.request({"type": "ping"}) == {"type": "pong", "re": 5 + 1}
+
+
+def test_quit_any_time(chat_server):
+    c = chat_server.client()
+    c.send({"type": "quit"})
+    assert c.recv() == {"type": "bye", "reason": "quit"}
+    assert c.at_eof()
+
+
+def test_ids_echoed_as_re(chat_server):
+    c = chat_server.user("ivan")
+    for rid in ("abc", 7, "x" * 64, -3):
+        c.send({"type": "ping", "id": rid})
+        assert c.recv() == {"type": "pong", "re": rid}
+    c.send({"type": "send", "room": "general", "message": "hello", "id": "m1"})
+    echo = c.recv()
+    assert echo["type"] == "message" and echo["re"] == "m1"
+
+
+@pytest.mark.parametrize("bad_id", ["x" * 65, 1.5, True, [1], {"a": 1}, 2**60])
+def test_bad_id_is_invalid_field(chat_server, bad_id):
+    c = chat_server.client()
+    c.send({"type": "ping", "id": bad_id})
+    reply = c.recv()
+    assert reply["code"] == "invalid_field" and "re" not in reply
+
+
+def test_client_cannot_speak_as_someone_else(chat_server):
+    alice = chat_server.user("alice")
+    bob = chat_server.user("bob")
+    alice.recv_until("presence", username="bob")
+    bob.send({"type": "send", "room": "general", "message": "hi", "username": "alice"})
+    got = alice.recv_until("message")
+    assert got["username"] == "bob"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"not json\n", "bad_frame"),
+        (b"[1,2]\n", "bad_frame"),
+        (b'"str"\n', "bad_frame"),
+        (b"\xff\xfe{}\n", "bad_frame"),
+        (b'{"type":"ping","x":NaN}\n', "bad_frame"),
+        (b'{"type":"ping","type":"quit"}\n', "bad_frame"),
+        (b"[" * 3000 + b"]" * 3000 + b"\n", "bad_frame"),
+        (b'{"type":"ping","n":' + b"9" * 5000 + b"}\n", "bad_frame"),
+        (b"{}\n", "invalid_field"),
+        (b'{"type":5}\n', "invalid_field"),
+        (b'{"type":"dance"}\n', "unknown_type"),
+        (b'{"type":"ping","id":"\\ud800"}\n', "invalid_field"),
+    ],
+)
+def test_bad_frames_answered_and_connection_stays(chat_server, raw, code):
+    c = chat_server.client()
+    c.send_raw(raw)
+    reply = c.recv()
+    assert reply["type"] == "error" and reply["code"] == code
+    assert c.request({"type": "ping"})["type"] == "pong"
+
+
+def test_frame_too_large_then_connection_usable(chat_server):
+    c = chat_server.client()
+    big = json.dumps({"type": "ping", "pad": "x" * 20000}).encode() + b"\n"
+    c.send_raw(big)
+    assert c.recv()["code"] == "frame_too_large"
+    # Exactly max_frame_bytes, newline included, is accepted.
+    frame = b'{"type":"ping","pad":"'
+    frame += b"y" * (16384 - len(frame) - 3) + b'"}\n'
+    assert len(frame) == 16384
+    c.send_raw(frame)
+    assert c.recv() == {"type": "pong"}
+    c.send_raw(b"\r\n".join([b'{"type":"ping","id":1}', b'{"type":"ping","id":2}', b""]))
+    assert c.recv()["re"] == 1 and c.recv()["re"] == 2
+
+
+def test_ten_protocol_errors_in_a_row_close(chat_server):
+    c = chat_server.client()
+    c.send_raw(b"junk\n" * 12)
+    codes = [c.recv() for _ in range(10)]
+    assert all(f["code"] == "bad_frame" for f in codes)
+    assert c.recv() == {"type": "bye", "reason": "too_many_errors"}
+    assert c.at_eof()
+
+
+def test_errors_not_in_a_row_do_not_close(chat_server):
+    c = chat_server.client()
+    for _ in range(3):
+        c.send_raw(b"junk\n" * 9)
+        for _ in range(9):
+            assert c.recv()["code"] == "bad_frame"
+        assert c.request({"type": "ping"})["type"] == "pong"
+
+
+def test_error_codes_are_the_protocol_list():
+    assert {
+        "bad_frame", "frame_too_large", "unknown_type", "invalid_field", "auth_required",
+        "already_authenticated", "invalid_credentials", "invalid_username", "weak_password",
+        "username_taken", "rate_limited", "no_such_user", "not_in_room", "server_busy",
+        "internal",
+    } == ERROR_CODES
+
+
+def test_passwd(chat_server):
+    c = chat_server.user("judy")
+    other = chat_server.client()
+    assert other.login("judy")["type"] == "welcome"
+    new = "a completely new passphrase 7"
+    bad = c.request({"type": "passwd", "old": "wrong wrong wrong wrong", "new": new})
+    assert bad["code"] == "invalid_credentials"
+    weak = c.request({"type": "passwd", "old": PASSWORD, "new": "short"})
+    assert weak["code"] == "weak_password"
+    ok = c.request({"type": "passwd", "old": PASSWORD, "new": new})
+    assert ok["type"] == "ok"
+    # Other sessions stay open.
+    assert other.request({"type": "ping"})["type"] == "pong"
+    fresh = chat_server.client()
+    assert fresh.login("judy", PASSWORD)["code"] == "invalid_credentials"
+    assert fresh.login("judy", new)["type"] == "welcome"
+
+
+def test_pipelined_requests_keep_order(chat_server):
+    chat_server.register("kim")
+    c = chat_server.client()
+    frames = [
+        {"type": "login", "username": "kim", "password": PASSWORD, "id": 1},
+        {"type": "join", "room": "Pipes", "id": 2},
+        {"type": "send", "room": "pipes", "message": "first", "id": 3},
+        {"type": "history", "room": "pipes", "id": 4},
+    ]
+    c.send_raw(b"".join(json.dumps(f).encode() + b"\n" for f in frames))
+    replies = [f for f in (c.recv() for _ in range(5)) if "re" in f]
+    assert [r["re"] for r in replies] == [1, 2, 3, 4]
+    assert replies[0]["type"] == "welcome"
+    assert replies[2]["type"] == "message"
+    assert [m["message"] for m in replies[3]["messages"]] == ["first"]
