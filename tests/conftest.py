@@ -34,9 +34,17 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> certs.CertPaths:
 class Client:
     """A blocking test client: one thread only, so one SSL object in one thread."""
 
-    def __init__(self, host: str, port: int, cafile: Path, *, read_hello: bool = True) -> None:
+    def __init__(
+        self, host: str, port: int, cafile: Path, *, read_hello: bool = True,
+        rcvbuf: int | None = None,
+    ) -> None:
         ctx = tls.client_context(cafile)
-        raw = socket.create_connection((host, port), timeout=TIMEOUT)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            # Before connect, so the advertised window really is small.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(TIMEOUT)
+        raw.connect((host, port))
         self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
         self.file = self.sock.makefile("rwb")
         self.hello = self.recv() if read_hello else None
@@ -114,11 +122,13 @@ class RunningServer:
         finally:
             c.close()
 
-    def user(self, username: str, password: str = PASSWORD, register: bool = True) -> Client:
+    def user(
+        self, username: str, password: str = PASSWORD, register: bool = True, **kw: Any
+    ) -> Client:
         """A logged-in client (registering the user first unless told not to)."""
         if register:
             self.register(username, password)
-        c = self.client()
+        c = self.client(**kw)
         welcome = c.login(username, password)
         assert welcome["type"] == "welcome", welcome
         return c

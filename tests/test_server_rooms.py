@@ -57,7 +57,7 @@ def test_join_leave_presence_and_who(chat_server):
     alice = chat_server.user("alice")
     bob = chat_server.user("Bob")
     joined = alice.request({"type": "join", "room": "Dev"})
-    assert {k: joined[k] for k in ("type", "op", "room")} == {"type": "ok", "op": "join", "room": "dev"}
+    assert (joined["type"], joined["op"], joined["room"]) == ("ok", "join", "dev")
     alice.recv_until("presence", room="dev", username="alice", event="join")
     assert bob.request({"type": "join", "room": "dev"})["type"] == "ok"
     alice.recv_until("presence", room="dev", username="Bob", event="join")
