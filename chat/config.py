@@ -83,7 +83,10 @@ class Settings:
     # --- resources ---
     max_connections: int = _setting(20000, "Connections held at once; more are closed at once.")
     max_outbound_bytes: int = _setting(
-        2 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
+        4 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
+    )
+    max_history_bytes: int = _setting(
+        1024 * 1024, "Largest history reply; older messages are left for the next page."
     )
     io_threads: int = _setting(
         2, "Selector threads doing TLS I/O; each holds many connections."
@@ -127,6 +130,8 @@ class Settings:
         for name in ("handshake_timeout", "login_timeout", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_history_bytes * 2 > self.max_outbound_bytes:
+            raise ValueError("max_outbound_bytes must hold two maximal history replies")
         if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
             raise ValueError("io_threads, auth_queue and max_connections must be at least 1")
 

@@ -448,6 +448,7 @@ class Connection:
         session = self._require_session()
         assert session.user is not None
         store, rid = self.server.store, req.id
+        max_bytes = self.settings.max_history_bytes
         if req.room is not None and req.room not in session.user.rooms:
             raise NotInRoom()
         if req.with_ is not None and not m.valid_username(req.with_):
@@ -458,7 +459,7 @@ class Connection:
             if req.room is not None:
                 reply["room"] = req.room
                 msgs = store.history(conn, room=req.room, before=req.before, after=req.after,
-                                     limit=req.limit)
+                                     limit=req.limit, max_bytes=max_bytes)
             else:
                 assert req.with_ is not None
                 other = store.user(conn, req.with_.lower())
@@ -466,7 +467,8 @@ class Connection:
                     raise NoSuchUser()
                 reply["with"] = other.name
                 msgs = store.history(conn, pair=dm_pair(session.user_id, other.id),
-                                     before=req.before, after=req.after, limit=req.limit)
+                                     before=req.before, after=req.after, limit=req.limit,
+                                     max_bytes=max_bytes)
             reply["messages"] = msgs
             return lambda: self.reply(rid, reply)
 

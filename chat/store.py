@@ -236,7 +236,13 @@ class Store:
     def history(
         self, conn: Connection, *, room: str | None = None, pair: str | None = None,
         before: int | None = None, after: int | None = None, limit: int = 50,
+        max_bytes: int = 1 << 20,
     ) -> list[Frame]:
+        """Stored messages, oldest first; fewer than `limit` if they would pass `max_bytes`.
+
+        Trimming keeps the messages nearest the anchor (the newest ones, or with `after`
+        the oldest ones), so paging on with `before`/`after` still sees every message.
+        """
         where = messages_t.c.room == room if room is not None else messages_t.c.dm_pair == pair
         query = select(messages_t).where(where)
         if after is not None:
@@ -246,8 +252,16 @@ class Store:
             if before is not None:
                 query = query.where(messages_t.c.id < before)
             rows = conn.execute(query.order_by(messages_t.c.id.desc()).limit(limit)).all()
-            rows.reverse()
-        return [message_frame(r) for r in rows]
+        frames, size = [], 0
+        for row in rows:  # nearest the anchor first
+            # Worst-case UTF-8 size plus the frame's other fields.
+            size += 4 * len(row.body) + 160
+            if frames and size > max_bytes:
+                break
+            frames.append(message_frame(row))
+        if after is None:
+            frames.reverse()
+        return frames
 
     # --- the writer thread ----------------------------------------------------------
     def _run(self) -> None:

@@ -1,8 +1,9 @@
 # shellcheck shell=bash
 # Shared bootstrap for scripts/*: source this file, then `py=$(ensure_venv [EXTRA])`.
 #
-# ensure_venv makes sure $REPO/.venv exists and has this project installed (with the
-# optional-dependency group EXTRA, e.g. "test"), then prints the venv's python on stdout.
+# ensure_venv makes sure $REPO/.venv exists and has this project installed in editable mode
+# (so the tests and the server run the code in this checkout), with the optional-dependency
+# group EXTRA, e.g. "test"; then it prints the venv's python on stdout.
 # Everything else it says goes to stderr, so the command substitution captures only the path.
 # It reinstalls only when pyproject.toml is newer than a stamp file inside the venv, so
 # calling it on every run costs a stat, not a pip run.
@@ -32,7 +33,7 @@ ensure_venv() {
         echo "installing $_VENV_REPO${extra:+ with [$extra]} into $venv ..." >&2
         # `python -m pip` rather than bin/pip: it still works if the checkout was moved,
         # which breaks the absolute shebang line in bin/pip.
-        "$venv/bin/python" -m pip install -q "$target" >&2 || return 1
+        "$venv/bin/python" -m pip install -q -e "$target" >&2 || return 1
         touch "$stamp" || return 1
     fi
     printf '%s\n' "$venv/bin/python"

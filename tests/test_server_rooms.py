@@ -173,3 +173,18 @@ def test_msg_ids_grow(chat_server):
     ids = [c.request({"type": "send", "room": "general", "message": "x"})["msg_id"]
            for _ in range(5)]
     assert ids == sorted(ids) and len(set(ids)) == 5
+
+
+def test_history_reply_bounded_in_bytes(server_factory):
+    server = server_factory(max_history_bytes=64 * 1024)
+    c = server.user("alice")
+    text = "ü" * 4000
+    ids = [c.request({"type": "send", "room": "general", "message": text})["msg_id"]
+           for _ in range(12)]
+    page = c.request({"type": "history", "room": "general", "limit": 200})["messages"]
+    assert 0 < len(page) < 12
+    assert [m["msg_id"] for m in page] == ids[-len(page):]  # the newest, oldest first
+    older = c.request({"type": "history", "room": "general", "before": page[0]["msg_id"]})
+    assert [m["msg_id"] for m in older["messages"]][-1] == ids[-len(page) - 1]
+    first = c.request({"type": "history", "room": "general", "after": 0})["messages"]
+    assert [m["msg_id"] for m in first] == ids[: len(first)]
