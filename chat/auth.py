@@ -126,6 +126,6 @@ def check_new_password(
     if lowered in common_passwords() or lowered.strip() in common_passwords():
         raise WeakPassword("that password is on the list of common passwords")
     # The service's own name padded with digits or repeated is a classic first guess.
-    if lowered.replace(service_name, "").strip("0123456789!. ") == "":
+    if lowered.replace(service_name.casefold(), "").strip("0123456789!. ") == "":
         raise WeakPassword("the password must not be built from the service's name")
     return normal

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import tomllib
@@ -127,9 +128,13 @@ class Settings:
             raise ValueError("certfile and keyfile go together")
         if self.tls_profile not in ("intermediate", "modern"):
             raise ValueError("tls_profile must be 'intermediate' or 'modern'")
-        for name in ("handshake_timeout", "login_timeout", "idle_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+        for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace"):
+            value = getattr(self, name)
+            # `not value > 0` also refuses NaN, which would silently disable a deadline.
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
         if self.max_history_bytes * 2 > self.max_outbound_bytes:
             raise ValueError("max_outbound_bytes must hold two maximal history replies")
         if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
@@ -154,8 +159,8 @@ def _convert(name: str, raw: Any) -> Any:
         return float(raw)
     if kind is int and isinstance(raw, str | int) and not isinstance(raw, bool):
         return int(raw)
-    if kind is str and isinstance(raw, str | int | float):
-        return str(raw)
+    if kind is str and isinstance(raw, str):
+        return raw
     raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}")
 
 

@@ -125,11 +125,17 @@ class Register(Request):
     username: str
     password: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "password", _Secret(self.password))
+
 
 @dataclass(frozen=True, slots=True)
 class Login(Request):
     username: str
     password: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "password", _Secret(self.password))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +189,10 @@ class Passwd(Request):
     old: str
     new: str
     logout_others: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "old", _Secret(self.old))
+        object.__setattr__(self, "new", _Secret(self.new))
 
 
 def _credentials(frame: dict[str, Any]) -> tuple[str, str]:

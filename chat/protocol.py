@@ -10,6 +10,7 @@ cannot fit, it reports `FrameTooLarge` at once and discards bytes up to the next
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from chat.errors import BadFrame, FrameTooLarge, InvalidField, ProtocolError
@@ -25,6 +26,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON text but becomes inf, which JSON cannot carry back out.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # A duplicated key is ambiguous (which one wins differs between parsers), so refuse it
     # rather than let two readers of the same frame disagree.
@@ -35,7 +44,9 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _decoder = json.JSONDecoder(
-    parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    object_pairs_hook=_object_without_duplicates,
 )
 
 
