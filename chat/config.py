@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from chat.throttle import Limits
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -69,6 +71,19 @@ class Settings:
     auth_queue: int = _setting(
         64, "Password checks waiting for a worker before new ones get server_busy."
     )
+    # --- throttling (OWASP Authentication Cheat Sheet, NIST SP 800-63B-4 3.2.2) ---
+    login_window: float = _setting(900.0, "Window in which failed logins are counted.")
+    login_account_failures: int = _setting(
+        5, "Failed logins on one account in the window before delays start."
+    )
+    login_ip_failures: int = _setting(
+        50, "Failed logins from one IP in the window before it must wait (password spraying)."
+    )
+    login_max_delay: float = _setting(
+        900.0, "Longest delay between attempts on a throttled account; doubles up to it."
+    )
+    registrations_per_ip: int = _setting(5, "Registrations one IP may make per window.")
+    registration_window: float = _setting(3600.0, "Window for counting registrations.")
     # --- protocol limits ---
     max_frame_bytes: int = _setting(16384, "Longest frame a client may send, newline included.")
     max_errors_in_row: int = _setting(
@@ -117,6 +132,14 @@ class Settings:
     def pepper_path(self) -> Path:
         return Path(self.pepper_file) if self.pepper_file else self.data_path / "pepper"
 
+    def throttle_limits(self) -> Limits:
+        return Limits(
+            window=self.login_window, account_failures=self.login_account_failures,
+            ip_failures=self.login_ip_failures, max_delay=self.login_max_delay,
+            registrations_per_ip=self.registrations_per_ip,
+            registration_window=self.registration_window,
+        )
+
     def validate(self) -> None:
         if not 4 <= self.bcrypt_rounds <= 31:
             raise ValueError("bcrypt_rounds must be between 4 and 31")
@@ -128,7 +151,8 @@ class Settings:
             raise ValueError("certfile and keyfile go together")
         if self.tls_profile not in ("intermediate", "modern"):
             raise ValueError("tls_profile must be 'intermediate' or 'modern'")
-        for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace"):
+        for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
+                     "login_window", "login_max_delay", "registration_window"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
             if not (value > 0 and math.isfinite(value)):
@@ -137,6 +161,9 @@ class Settings:
             raise ValueError("port must be between 0 and 65535")
         if self.max_history_bytes * 2 > self.max_outbound_bytes:
             raise ValueError("max_outbound_bytes must hold two maximal history replies")
+        if min(self.login_account_failures, self.login_ip_failures,
+               self.registrations_per_ip) < 1:
+            raise ValueError("throttling counts must be at least 1")
         if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
             raise ValueError("io_threads, auth_queue and max_connections must be at least 1")
 

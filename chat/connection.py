@@ -84,6 +84,7 @@ class Connection:
         self.loop = loop
         self.settings = settings = server.settings
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
         raw.setblocking(False)
         self.sock: ssl.SSLSocket = server.ssl_context.wrap_socket(
             raw, server_side=True, do_handshake_on_connect=False
@@ -292,6 +293,7 @@ class Connection:
             req.password, req.username, min_length=self.settings.min_password_length,
             service_name=self.server.name,
         )
+        self.server.throttle.register_attempt(self.ip)
         server, rid = self.server, req.id
 
         def work() -> None:
@@ -311,16 +313,19 @@ class Connection:
     def _on_login(self, req: m.Login) -> None:
         if self.session is not None:
             raise AlreadyAuthenticated()
-        server, rid = self.server, req.id
+        server, rid, ip = self.server, req.id, self.ip
+        key = req.username.lower()
+        server.throttle.check_login(ip, key)
 
         def work() -> None:
-            key = req.username.lower()
             rec = server.store.find_user(key) if m.valid_username(req.username) else None
             if not server.hasher.verify(req.password, rec.password_hash if rec else None):
                 log.info("%s: failed login for %r", self.peer, req.username[:40])
+                server.throttle.login_failed(ip, key)
                 self._finish_auth(rid, InvalidCredentials())
                 return
             assert rec is not None
+            server.throttle.login_succeeded(key)
             new_hash = None
             if server.hasher.needs_rehash(rec.password_hash):
                 new_hash = server.hasher.hash(req.password)
@@ -357,11 +362,14 @@ class Connection:
             req.new, session.name, min_length=self.settings.min_password_length,
             service_name=self.server.name,
         )
-        server, rid = self.server, req.id
+        server, rid, ip = self.server, req.id, self.ip
+        # Guessing the old password from a stolen session is guessing all the same.
+        server.throttle.check_login(ip, session.key)
 
         def work() -> None:
             rec = server.store.find_user(session.key)
             if rec is None or not server.hasher.verify(req.old, rec.password_hash):
+                server.throttle.login_failed(ip, session.key)
                 self._finish_auth(rid, InvalidCredentials())
                 return
             password_hash = server.hasher.hash(password)

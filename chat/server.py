@@ -37,6 +37,7 @@ from chat.hub import LocalHub
 from chat.ioloop import IOLoop
 from chat.pool import BoundedPool
 from chat.store import Store
+from chat.throttle import Throttle
 
 log = logging.getLogger("chat.server")
 
@@ -89,6 +90,7 @@ class Server:
         self.engine = make_engine(s.db_url)
         upgrade_to_head(self.engine)
         self.hasher = PasswordHasher(load_or_create_pepper(s.pepper_path), s.bcrypt_rounds)
+        self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub()
         self.store = Store(self.engine, self.hub)
         self.store.start()

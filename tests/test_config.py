@@ -156,6 +156,8 @@ SAMPLES = {
     "handshake_timeout": "2.5", "login_timeout": "7", "idle_timeout": "60",
     "shutdown_grace": "1", "max_connections": "100", "max_outbound_bytes": "8388608",
     "max_history_bytes": "65536", "io_threads": "4", "log_level": "DEBUG",
+    "login_window": "60", "login_account_failures": "3", "login_ip_failures": "9",
+    "login_max_delay": "30", "registrations_per_ip": "2", "registration_window": "120",
 }
 
 

@@ -1,0 +1,274 @@
+"""`chat-client`: arguments, the password, and the mapping of failures to exit codes.
+
+    0    done                        2    usage error (argparse's included)
+    1    refused by the server       3    connection or TLS failure, server went away
+    130  interrupted (Ctrl-C)
+
+Every ClientError becomes an exit code and a clear line on stderr in `_report`, and nowhere
+else. There is no option to skip certificate verification, by design: without --cafile the
+system trust store is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import ssl
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from chat import __version__
+from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
+from chat.client.errors import CertificateNotTrusted, ClientError, ServerError
+from chat.client.format import sanitize, should_color
+from chat.tls import client_context
+
+PROG = "chat-client"
+DEFAULT_PORT = 7072  # the protocol's default port
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECTION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """The command line cannot be carried out as given (exit code 2)."""
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: want a number from 1 to 65535")
+    return int(text)
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPV6]:PORT, [IPV6], a bare HOST or a bare IPv6 address -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or not host or (rest and not rest.startswith(":")):
+            raise argparse.ArgumentTypeError(f"bad server address {text!r}")
+        return host, _port(rest[1:]) if rest else DEFAULT_PORT
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not host:
+            raise argparse.ArgumentTypeError(f"bad server address {text!r}: no host")
+        return host, _port(port)
+    if not text:
+        raise argparse.ArgumentTypeError("empty server address")
+    return text, DEFAULT_PORT  # a host name, or an IPv6 address without a port
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"want a positive number of seconds, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server", required=True, type=parse_server, metavar="HOST[:PORT]",
+        help=f"the server; [::1]:PORT for IPv6; port {DEFAULT_PORT} if left out",
+    )
+    common.add_argument(
+        "--cafile", type=Path, metavar="FILE",
+        help="CA certificate to verify the server with (default: the system trust store)",
+    )
+    common.add_argument("--username", required=True, metavar="NAME")
+    common.add_argument(
+        "--password-file", type=Path, metavar="FILE",
+        help="read the password from FILE's first line (else $CHAT_PASSWORD, else a prompt)",
+    )
+    common.add_argument(
+        "--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help=f"for connecting and for each reply (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Terminal client for the chat service (protocol v1, over TLS)."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("register", parents=[common], help="create an account")
+    login = commands.add_parser(
+        "login", parents=[common], help="log in and chat",
+        description="Log in and chat: an interactive prompt on a terminal; otherwise "
+        "commands are read from stdin, one a line, and every event is printed.",
+    )
+    login.add_argument("--json", action="store_true", help="print each frame as a JSON line")
+    login.add_argument("--room", default="general", help="the room to start in (joined if need be)")
+    return parser
+
+
+def read_password(
+    path: Path | None,
+    *,
+    username: str,
+    environ: Mapping[str, str],
+    stdin: TextIO,
+    confirm: bool = False,
+) -> str:
+    """--password-file, else $CHAT_PASSWORD, else a no-echo prompt if stdin is a terminal."""
+    if path is not None:
+        try:
+            with path.open(encoding="utf-8") as file:
+                line = file.readline()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the password file {path}: {exc}") from None
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise UsageError(f"the password file {path} has an empty first line")
+        return password
+    if environ.get("CHAT_PASSWORD"):
+        return environ["CHAT_PASSWORD"]
+    if not stdin.isatty():
+        raise UsageError(
+            "no password: give --password-file FILE or set CHAT_PASSWORD "
+            "(stdin is not a terminal, so the password cannot be asked for)"
+        )
+    password = getpass.getpass(f"password for {username}: ")
+    if not password:
+        raise UsageError("empty password")
+    if confirm and getpass.getpass("the same password again: ") != password:
+        raise UsageError("the two passwords differ")
+    return password
+
+
+def _err(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _report(exc: ClientError, cafile: Path | None) -> int:
+    """The one place a ClientError becomes a message and an exit code."""
+    if isinstance(exc, CertificateNotTrusted):
+        trusted = f"the CA file {cafile}" if cafile else "the system trust store"
+        _err(
+            f"the server's certificate was not trusted ({sanitize(exc.verify_message)}); "
+            f"checked against {trusted}."
+        )
+        if "mismatch" in exc.verify_message:  # OpenSSL's "Hostname/IP address mismatch"
+            _err("hint: connect by a name the certificate was issued for (e.g. localhost)")
+        else:
+            _err("hint: pass --cafile pointing at the server's ca.crt")
+        return EXIT_CONNECTION
+    if isinstance(exc, ServerError):
+        return report_refusal("refused", exc.frame or {"code": exc.code, "message": exc.message})
+    _err(sanitize(str(exc), multiline=False))
+    return EXIT_CONNECTION
+
+
+def report_refusal(what: str, reply: Mapping[str, object]) -> int:
+    """Say on stderr why the server refused (code, text, when to retry); exit code 1."""
+    code = sanitize(str(reply.get("code", "unknown")), multiline=False)
+    message = sanitize(str(reply.get("message", "")), multiline=False)
+    text = f"{what}: {code}: {message}"
+    retry_after = reply.get("retry_after")
+    if isinstance(retry_after, int | float):
+        text += f" (try again in {retry_after:g} s)"
+    _err(text)
+    return EXIT_REFUSED
+
+
+def _register(client: ChatClient, args: argparse.Namespace, password: str) -> int:
+    reply = client.register(args.username, password, args.timeout)
+    if reply.get("type") == "error":
+        client.quit(args.timeout)
+        return report_refusal("registration refused", reply)
+    name = sanitize(str(reply.get("username", args.username)), multiline=False)
+    print(f"registered {name}; now log in with: {PROG} login --username {name} ...", flush=True)
+    client.quit(args.timeout)
+    return EXIT_OK
+
+
+def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
+    reply = client.login(args.username, password, args.timeout)
+    if reply.get("type") == "error":
+        client.quit(args.timeout)
+        return report_refusal("login refused", reply)
+    room = args.room.lower()
+    if room not in [str(r).lower() for r in reply.get("rooms") or []]:
+        joined = client.join(room, args.timeout)
+        if joined.get("type") == "error":
+            client.quit(args.timeout)
+            return report_refusal(f"cannot join {room}", joined)
+    if not args.json and sys.stdin.isatty() and sys.stdout.isatty():
+        from chat.client.ui import run_interactive  # prompt_toolkit only when needed
+
+        return run_interactive(
+            client, room=room, color=should_color(sys.stdout), timeout=args.timeout
+        )
+    from chat.client.linemode import run_line_mode
+
+    return run_line_mode(
+        client,
+        stdin=sys.stdin,
+        stdout=sys.stdout,
+        stderr=sys.stderr,
+        room=room,
+        as_json=args.json,
+        color=not args.json and should_color(sys.stdout),
+        timeout=args.timeout,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        password = read_password(
+            args.password_file,
+            username=args.username,
+            environ=os.environ,
+            stdin=sys.stdin,
+            confirm=args.command == "register",
+        )
+        try:
+            context = client_context(args.cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot load the CA file {args.cafile}: {exc}") from None
+    except UsageError as exc:
+        _err(f"error: {exc}")
+        return EXIT_USAGE
+    host, port = args.server
+    client: ChatClient | None = None
+    try:
+        client = ChatClient.connect(host, port, ssl_context=context, timeout=args.timeout)
+        if args.command == "register":
+            return _register(client, args, password)
+        return _login(client, args, password)
+    except ClientError as exc:
+        return _report(exc, args.cafile)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _tolerant_streams() -> None:
+    # A peer's text that this terminal's encoding cannot show is escaped, not a crash; a
+    # script's stdin that is not UTF-8 is read with replacement characters.
+    for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stderr, "backslashreplace"),
+                           (sys.stdin, "replace")):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors=errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `chat-client` console script; returns the exit code."""
+    _tolerant_streams()
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""Frames to terminal text: pure functions, no I/O.
+
+Everything a peer (or the server) chose goes through `sanitize` before it reaches the
+terminal, so no one can move the cursor, recolour the screen or reorder text with bidi
+controls. The only escape sequences in the output are our own colours, and only when the
+caller asks for colour (`should_color` says when: stdout is a terminal and NO_COLOR unset).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from typing import Any, TextIO
+
+# C0 controls but tab and newline, DEL, C1 controls; the bidi embeddings, overrides and
+# isolates (the "Trojan Source" characters); the line and paragraph separators (some
+# renderers break lines on them); lone surrogates (JSON can carry them, a UTF-8 terminal
+# cannot print them).
+_UNSAFE = (
+    r"\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff"
+)
+_UNSAFE_IN_TEXT = re.compile(f"[{_UNSAFE}]")
+_UNSAFE_IN_LINE = re.compile(f"[\\t\\n{_UNSAFE}]")  # one-line fields: names, codes
+
+INDENT = " " * len("[HH:MM] ")  # continuation lines of a message start under its text
+
+# Readable on dark and light backgrounds alike: the six normal and six bright colours.
+_PALETTE = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+_DIM, _BOLD, _RED = "2", "1", "1;31"
+
+_BYE_REASONS = {
+    "quit": "bye",
+    "idle": "disconnected: idle for too long",
+    "login_timeout": "disconnected: did not log in in time",
+    "too_many_errors": "disconnected: too many protocol errors",
+    "slow_consumer": "disconnected: not reading fast enough",
+    "shutdown": "disconnected: the server is shutting down",
+}
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def sanitize(text: str, *, multiline: bool = True) -> str:
+    """Make `text` safe to print: every control character becomes a visible \\xNN escape.
+
+    Tab and newline are kept when `multiline` (they cannot move the cursor anywhere a line
+    of text could not), else escaped as well.
+    """
+    pattern = _UNSAFE_IN_TEXT if multiline else _UNSAFE_IN_LINE
+    return pattern.sub(_escape, text)
+
+
+def name_color(name: str) -> int:
+    """The ANSI colour of a user name: stable across runs and machines (CRC-32, not hash())."""
+    return _PALETTE[zlib.crc32(name.casefold().encode("utf-8")) % len(_PALETTE)]
+
+
+def should_color(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not environ.get("NO_COLOR")
+
+
+def parse_ts(ts: object) -> datetime | None:
+    """The server's RFC 3339 UTC time stamp as an aware datetime, or None if unreadable."""
+    if not isinstance(ts, str):
+        return None
+    try:
+        when = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class _Style:
+    me: str | None
+    color: bool
+    tz: tzinfo | None
+    now: datetime | None
+
+    def paint(self, text: str, sgr: str) -> str:
+        return f"\x1b[{sgr}m{text}\x1b[0m" if self.color else text
+
+    def clock(self, ts: object) -> str:
+        when = parse_ts(ts) or self.now or datetime.now(UTC)
+        # astimezone(None) converts to the machine's local time zone.
+        return self.paint(when.astimezone(self.tz).strftime("[%H:%M]"), _DIM)
+
+    def name(self, value: object) -> str:
+        name = _field(value)
+        sgr = str(name_color(name))
+        if self.me is not None and name.casefold() == self.me.casefold():
+            sgr = f"{_BOLD};{sgr}"
+        return self.paint(name, sgr)
+
+    def room(self, value: object) -> str:
+        return self.paint(f"#{_field(value)}", _DIM)
+
+    def note(self, text: str) -> str:
+        return self.paint(f"-- {text}", _DIM)
+
+
+def _field(value: object) -> str:
+    return sanitize(str(value), multiline=False)
+
+
+def _message(frame: Mapping[str, Any], style: _Style) -> str:
+    sender = style.name(frame.get("username", "?"))
+    if "to" in frame:
+        where = f"{style.paint('(dm)', _DIM)} {sender} -> {style.name(frame['to'])}"
+    else:
+        where = f"{style.room(frame.get('room', '?'))} {sender}"
+    lines = sanitize(str(frame.get("message", ""))).split("\n")
+    return f"{style.clock(frame.get('ts'))} {where}: " + f"\n{INDENT}".join(lines)
+
+
+def _presence(frame: Mapping[str, Any], style: _Style) -> str:
+    verb = {"join": "joined", "leave": "left"}.get(str(frame.get("event")), "is in")
+    who = style.name(frame.get("username", "?"))
+    return f"{style.clock(frame.get('ts'))} -- {who} {verb} {style.room(frame.get('room', '?'))}"
+
+
+def _error(frame: Mapping[str, Any], style: _Style) -> str:
+    text = f"! error {_field(frame.get('code', 'unknown'))}: {_field(frame.get('message', ''))}"
+    retry_after = frame.get("retry_after")
+    if isinstance(retry_after, int | float):
+        text += f" (retry after {retry_after:g} s)"
+    return style.paint(text, _RED)
+
+
+def _bye(frame: Mapping[str, Any], style: _Style) -> str:
+    reason = _field(frame.get("reason", ""))
+    return style.note(_BYE_REASONS.get(reason, f"disconnected: {reason}"))
+
+
+def _who(frame: Mapping[str, Any], style: _Style) -> str:
+    users = frame.get("users") or []
+    room = style.room(frame.get("room", "?"))
+    if not users:
+        return style.note(f"nobody online in {room}")
+    return style.note(f"online in {room}: ") + ", ".join(style.name(u) for u in users)
+
+
+def _history(frame: Mapping[str, Any], style: _Style) -> str:
+    if "with" in frame:
+        what = f"with {style.name(frame['with'])}"
+    else:
+        what = style.room(frame.get("room", "?"))
+    messages = [m for m in frame.get("messages") or [] if isinstance(m, Mapping)]
+    count = f"{len(messages)} message{'' if len(messages) == 1 else 's'}"
+    header = style.note(f"history {what}: {count}")
+    return "\n".join([header, *(_message(m, style) for m in messages)])
+
+
+def _welcome(frame: Mapping[str, Any], style: _Style) -> str:
+    rooms = ", ".join(style.room(r) for r in frame.get("rooms") or [])
+    return style.note(f"logged in as {style.name(frame.get('username', '?'))}; rooms: {rooms}")
+
+
+def _hello(frame: Mapping[str, Any], style: _Style) -> str:
+    server = _field(frame.get("server", "?"))
+    return style.note(f"connected to {server} (protocol {_field(frame.get('protocol'))})")
+
+
+def _ok(frame: Mapping[str, Any], style: _Style) -> str:
+    parts = [_field(frame.get("op", "done"))]
+    if "room" in frame:
+        parts.append(style.room(frame["room"]))
+    elif "username" in frame:
+        parts.append(style.name(frame["username"]))
+    return style.note("ok: " + " ".join(parts))
+
+
+def _pong(frame: Mapping[str, Any], style: _Style) -> str:
+    return style.note("pong")
+
+
+_RENDERERS: dict[str, Callable[[Mapping[str, Any], _Style], str]] = {
+    "message": _message,
+    "presence": _presence,
+    "error": _error,
+    "bye": _bye,
+    "who": _who,
+    "history": _history,
+    "welcome": _welcome,
+    "hello": _hello,
+    "ok": _ok,
+    "pong": _pong,
+}
+
+
+def format_event(
+    frame: Mapping[str, Any],
+    *,
+    me: str | None = None,
+    color: bool = False,
+    tz: tzinfo | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """One received frame as terminal text (maybe several lines), or None if not worth showing.
+
+    Times are shown in `tz` (None: the machine's local zone); frames without a `ts` are
+    stamped with `now` (default: the current time). `me` is drawn in bold when colouring.
+    A server `ping` gives None: the client answers it, there is nothing to show.
+    """
+    kind = str(frame.get("type"))
+    if kind == "ping":
+        return None
+    style = _Style(me=me, color=color, tz=tz, now=now)
+    render = _RENDERERS.get(kind)
+    if render is None:
+        return style.note(_field(f"{kind}: {json.dumps(dict(frame))}"))
+    return render(frame, style)

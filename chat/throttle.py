@@ -1,0 +1,124 @@
+"""Throttling of password guessing and registration spam; sans-IO, with an injected clock.
+
+Theory of operation
+-------------------
+Login failures are counted per account and per client IP in a sliding window. Once an
+account has `account_failures` failures inside the window, each further attempt must wait
+a delay that doubles with every consecutive failure (1 s, 2 s, 4 s, ... up to
+`max_delay`), counted from the last failure; the right password is refused too while the
+delay runs, or the limit would tell the attacker when a guess was right. A success resets
+the account. The per-IP count slows one address spraying one password over many
+accounts. Registrations are counted per IP.
+
+Checks happen before any bcrypt work. One lock guards the tables; every operation is a
+few dictionary steps. Idle entries are pruned as the tables grow, so memory stays bounded
+by the number of addresses and accounts active within one window.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from chat.errors import RateLimited
+
+# Prune idle entries each time a table has grown by this many since the last prune.
+_PRUNE_EVERY = 1024
+
+
+@dataclass
+class _Record:
+    times: deque[float] = field(default_factory=deque)
+    consecutive: int = 0
+    last: float = 0.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    window: float = 900.0
+    account_failures: int = 5
+    ip_failures: int = 50
+    max_delay: float = 900.0
+    registrations_per_ip: int = 5
+    registration_window: float = 3600.0
+
+
+class Throttle:
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._accounts: dict[str, _Record] = {}
+        self._ips: dict[str, _Record] = {}
+        self._registrations: dict[str, _Record] = {}
+        self._grown = 0
+
+    # --- logins ---------------------------------------------------------------------
+    def check_login(self, ip: str, account: str) -> None:
+        """Raise RateLimited if this attempt must wait; call before any bcrypt work."""
+        now = self._clock()
+        lim = self.limits
+        with self._lock:
+            wait = 0.0
+            rec = self._accounts.get(account)
+            if rec is not None and self._recent(rec, now, lim.window) >= lim.account_failures:
+                over = rec.consecutive - lim.account_failures
+                delay = min(lim.max_delay, 2.0 ** max(0, over))
+                wait = max(wait, rec.last + delay - now)
+            ip_rec = self._ips.get(ip)
+            if ip_rec is not None and self._recent(ip_rec, now, lim.window) >= lim.ip_failures:
+                wait = max(wait, ip_rec.times[0] + lim.window - now)
+        if wait > 0:
+            raise RateLimited(wait, "too many failed logins; wait before trying again")
+
+    def login_failed(self, ip: str, account: str) -> None:
+        now = self._clock()
+        with self._lock:
+            for table, key in ((self._accounts, account), (self._ips, ip)):
+                rec = self._record(table, key)
+                rec.times.append(now)
+                rec.consecutive += 1
+                rec.last = now
+
+    def login_succeeded(self, account: str) -> None:
+        with self._lock:
+            self._accounts.pop(account, None)
+
+    # --- registrations --------------------------------------------------------------
+    def register_attempt(self, ip: str) -> None:
+        """Count one registration from ip, or raise RateLimited if it is over its limit."""
+        now = self._clock()
+        lim = self.limits
+        with self._lock:
+            rec = self._record(self._registrations, ip)
+            if self._recent(rec, now, lim.registration_window) >= lim.registrations_per_ip:
+                wait = rec.times[0] + lim.registration_window - now
+                raise RateLimited(wait, "too many registrations from this address")
+            rec.times.append(now)
+            rec.last = now
+
+    # --- bookkeeping (lock held) ----------------------------------------------------
+    @staticmethod
+    def _recent(rec: _Record, now: float, window: float) -> int:
+        while rec.times and rec.times[0] <= now - window:
+            rec.times.popleft()
+        return len(rec.times)
+
+    def _record(self, table: dict[str, _Record], key: str) -> _Record:
+        rec = table.get(key)
+        if rec is None:
+            rec = table[key] = _Record()
+            self._grown += 1
+            if self._grown >= _PRUNE_EVERY:
+                self._grown = 0
+                self._prune(self._clock())
+        return rec
+
+    def _prune(self, now: float) -> None:
+        horizon = max(self.limits.window, self.limits.registration_window, self.limits.max_delay)
+        for table in (self._accounts, self._ips, self._registrations):
+            for key in [k for k, r in table.items() if r.last < now - horizon]:
+                del table[key]

@@ -1,0 +1,360 @@
+"""`chat-client`: argument and password handling, exit codes, line mode and the terminal UI.
+
+The CLI runs as a real subprocess (`python -m chat.client.cli`) with stdin given and a
+timeout; the end-to-end tests use the `chat_server` fixture from tests/conftest.py. Nothing
+here sleeps: line mode waits for each reply, so its transcript is deterministic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chat import certs
+from chat.client import ChatClient, raise_for_error
+from chat.client.cli import (
+    DEFAULT_PORT,
+    UsageError,
+    main,
+    parse_server,
+    read_password,
+    report_refusal,
+)
+from chat.client.commands import Help, Invalid, Quit, Request, parse_command
+from chat.tls import client_context
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "correct horse battery staple 42"
+WAIT = 60.0  # seconds for one CLI run: Python start-up on a loaded 2-core machine included
+
+
+def run_cli(
+    *args: str, input: str = "", password: str | None = PASSWORD, **env: str
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "CHAT_PASSWORD"}
+    if password is not None:
+        environ["CHAT_PASSWORD"] = password
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "chat.client.cli", *args],
+        input=input, capture_output=True, text=True, timeout=WAIT, env=environ, cwd=ROOT,
+    )
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def new_name() -> str:
+    return "u" + uuid.uuid4().hex[:12]
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("chat.example:7000", ("chat.example", 7000)),
+        ("127.0.0.1:9", ("127.0.0.1", 9)),
+        ("[::1]:7000", ("::1", 7000)),
+        ("[::1]", ("::1", DEFAULT_PORT)),
+        ("chat.example", ("chat.example", DEFAULT_PORT)),
+        ("::1", ("::1", DEFAULT_PORT)),
+    ],
+)
+def test_server_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert parse_server(text) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["chat"],
+        ["login", "--username", "alice"],  # no --server
+        ["login", "--server", "localhost"],  # no --username
+        ["login", "--server", "localhost:0", "--username", "alice"],
+        ["login", "--server", "localhost:70000", "--username", "alice"],
+        ["login", "--server", "localhost:http", "--username", "alice"],
+        ["login", "--server", "[::1", "--username", "alice"],
+        ["login", "--server", ":7072", "--username", "alice"],
+        ["register", "--server", "localhost", "--username", "alice", "--json"],
+        ["login", "--server", "localhost", "--username", "alice", "--timeout", "0"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["login", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--cafile" in out and "--password-file" in out
+    assert "insecure" not in out.lower()
+
+
+def test_a_missing_password_without_a_terminal_is_a_usage_error() -> None:
+    result = run_cli(
+        "login", "--server", f"127.0.0.1:{closed_port()}", "--username", "alice",
+        password=None,
+    )
+    assert result.returncode == 2
+    assert "CHAT_PASSWORD" in result.stderr and "--password-file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_password_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_cli(
+        "login", "--server", f"127.0.0.1:{closed_port()}", "--username", "alice",
+        "--password-file", str(tmp_path / "missing"),
+    )
+    assert result.returncode == 2
+    assert "password file" in result.stderr
+
+
+def test_a_missing_ca_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_cli(
+        "login", "--server", f"127.0.0.1:{closed_port()}", "--username", "alice",
+        "--cafile", str(tmp_path / "nope.crt"),
+    )
+    assert result.returncode == 2
+    assert "nope.crt" in result.stderr
+
+
+def test_an_unreachable_server_exits_3() -> None:
+    port = closed_port()
+    result = run_cli("login", "--server", f"127.0.0.1:{port}", "--username", "alice")
+    assert result.returncode == 3
+    assert f"127.0.0.1:{port}" in result.stderr and "cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+class _Stdin(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_password_sources_in_order(tmp_path: Path) -> None:
+    file = tmp_path / "pw"
+    file.write_text("from the file\r\nsecond line\n", encoding="utf-8")
+    env = {"CHAT_PASSWORD": "from the environment"}
+    pipe = _Stdin(tty=False)
+    assert read_password(file, username="a", environ=env, stdin=pipe) == "from the file"
+    assert read_password(None, username="a", environ=env, stdin=pipe) == "from the environment"
+    with pytest.raises(UsageError):
+        read_password(None, username="a", environ={}, stdin=pipe)
+    file.write_text("\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="empty"):
+        read_password(file, username="a", environ=env, stdin=pipe)
+
+
+def test_a_refusal_names_the_code_and_when_to_retry(capsys: pytest.CaptureFixture[str]) -> None:
+    reply = {
+        "type": "error", "code": "rate_limited", "message": "too many\x1b[2J", "retry_after": 9,
+    }
+    assert report_refusal("login refused", reply) == 1
+    err = capsys.readouterr().err
+    assert "login refused: rate_limited: too many" in err and "try again in 9 s" in err
+    assert "\x1b" not in err
+
+
+# -- slash commands -----------------------------------------------------------------------------
+
+
+def test_plain_lines_go_to_the_current_room() -> None:
+    assert parse_command("hello there\n", "dev") == Request(
+        {"type": "send", "room": "dev", "message": "hello there"}
+    )
+    assert parse_command("//not a command", "dev") == Request(
+        {"type": "send", "room": "dev", "message": "/not a command"}
+    )
+    assert parse_command("   \n", "dev") is None
+
+
+def test_commands_become_requests() -> None:
+    assert parse_command("/join Dev", "general") == Request(
+        {"type": "join", "room": "Dev"}, room_after="dev"
+    )
+    assert parse_command("/leave dev", "dev") == Request(
+        {"type": "leave", "room": "dev"}, room_after="general"
+    )
+    assert parse_command("/leave other", "dev") == Request({"type": "leave", "room": "other"})
+    assert parse_command("/msg bob hi  there", "dev") == Request(
+        {"type": "send", "to": "bob", "message": "hi  there"}
+    )
+    assert parse_command("/who", "dev") == Request({"type": "who", "room": "dev"})
+    assert parse_command("/who x", "dev") == Request({"type": "who", "room": "x"})
+    assert parse_command("/history 5", "dev") == Request(
+        {"type": "history", "room": "dev", "limit": 5}
+    )
+    assert parse_command("/help", "dev") == Help()
+    assert parse_command("/QUIT", "dev") == Quit()
+
+
+@pytest.mark.parametrize(
+    "line", ["/join", "/join a b", "/msg bob", "/msg", "/history x", "/history 0", "/nope"]
+)
+def test_bad_commands_say_how(line: str) -> None:
+    assert isinstance(parse_command(line, "general"), Invalid)
+
+
+# -- against the real server --------------------------------------------------------------------
+
+
+def server_args(server: Any, username: str, *extra: str) -> list[str]:
+    return ["--server", server.address, "--cafile", str(server.cafile), "--username", username,
+            *extra]
+
+
+def test_register_then_register_again(chat_server: Any) -> None:
+    name = new_name()
+    first = run_cli("register", *server_args(chat_server, name))
+    assert first.returncode == 0, first.stderr
+    assert f"registered {name}" in first.stdout
+    again = run_cli("register", *server_args(chat_server, name))
+    assert again.returncode == 1
+    assert "username_taken" in again.stderr
+
+
+def test_register_with_a_weak_password_is_refused(chat_server: Any) -> None:
+    result = run_cli("register", *server_args(chat_server, new_name()), password="short")
+    assert result.returncode == 1
+    assert "weak_password" in result.stderr
+
+
+def test_login_with_a_wrong_password_is_refused(chat_server: Any) -> None:
+    name = new_name()
+    chat_server.register(name, PASSWORD)
+    result = run_cli("login", *server_args(chat_server, name), password=PASSWORD + "!")
+    assert result.returncode == 1
+    assert "invalid_credentials" in result.stderr
+
+
+def test_line_mode_transcript(chat_server: Any, tmp_path: Path) -> None:
+    name, other = new_name(), new_name()
+    chat_server.register(name, PASSWORD)
+    chat_server.register(other, PASSWORD)
+    password_file = tmp_path / "pw"
+    password_file.write_text(PASSWORD + "\n", encoding="utf-8")
+    script = "\n".join([
+        "hello everyone",
+        "/join dev",
+        "in dev now",
+        "/who",
+        f"/msg {other} psst",
+        "/leave nowhere",
+        "/bogus",
+        "/history 1",
+        "",
+    ])
+    result = run_cli(
+        "login", *server_args(chat_server, name, "--password-file", str(password_file)),
+        input=script, password=None,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"-- logged in as {name}; rooms: #general"
+    assert any(line.endswith(f"#general {name}: hello everyone") for line in lines)
+    assert any(line.endswith(f"#dev {name}: in dev now") for line in lines)
+    assert f"-- online in #dev: {name}" in lines
+    assert any(line.endswith(f"(dm) {name} -> {other}: psst") for line in lines)
+    assert any(line.startswith("! error not_in_room") for line in lines)
+    assert "unknown command /bogus" in result.stderr
+    history = lines.index("-- history #dev: 1 message")
+    assert lines[history + 1].endswith(f"#dev {name}: in dev now")
+    assert lines[-1] == "-- bye"
+    # The transcript is in command order: each reply came before the next command went.
+    order = [lines.index(x) for x in (f"-- online in #dev: {name}", "-- history #dev: 1 message")]
+    assert order == sorted(order)
+
+
+def test_json_mode_prints_every_frame(chat_server: Any) -> None:
+    name = new_name()
+    chat_server.register(name, PASSWORD)
+    result = run_cli(
+        "login", *server_args(chat_server, name, "--json", "--room", "lobby"),
+        input="hi \x1b[31m\n",
+    )
+    assert result.returncode == 0, result.stderr
+    frames = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [f["type"] for f in frames]
+    assert kinds[0] == "hello" and kinds[1] == "welcome" and kinds[-1] == "bye"
+    assert any(f.get("type") == "ok" and f.get("room") == "lobby" for f in frames)
+    # A control character is refused by the server, and the refusal is in the transcript.
+    assert any(f["type"] == "error" and f["code"] == "invalid_field" for f in frames)
+
+
+def test_a_message_sent_from_the_cli_reaches_another_client(chat_server: Any) -> None:
+    sender, listener = new_name(), new_name()
+    chat_server.register(sender, PASSWORD)
+    chat_server.register(listener, PASSWORD)
+    with ChatClient.connect(
+        chat_server.host, chat_server.port, ssl_context=client_context(chat_server.cafile),
+        timeout=20,
+    ) as bob:
+        raise_for_error(bob.login(listener, PASSWORD, timeout=20))
+        result = run_cli("login", *server_args(chat_server, sender), input="ping from cli\n")
+        assert result.returncode == 0, result.stderr
+        for frame in bob.events(timeout=20):
+            if frame.get("type") == "message" and frame.get("username") == sender:
+                assert frame["message"] == "ping from cli"
+                break
+
+
+def test_an_untrusted_certificate_exits_3_and_says_what_to_do(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    other_ca = certs.generate_dev_certs(tmp_path / "other").ca_cert
+    args = ["login", "--server", chat_server.address, "--username", "alice"]
+    result = run_cli(*args, "--cafile", str(other_ca))
+    assert result.returncode == 3
+    assert "not trusted" in result.stderr and str(other_ca) in result.stderr
+    assert "--cafile" in result.stderr and "ca.crt" in result.stderr
+    assert "Traceback" not in result.stderr
+    system = run_cli(*args)  # no --cafile: the system trust store knows no development CA
+    assert system.returncode == 3
+    assert "system trust store" in system.stderr
+
+
+def test_interactive_session_in_a_terminal(chat_server: Any) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    name = new_name()
+    chat_server.register(name, PASSWORD)
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env.update(
+        CHAT_PASSWORD=PASSWORD, TERM="xterm", NO_COLOR="1",
+        PROMPT_TOOLKIT_NO_CPR="1",  # the pty answers no cursor-position requests
+    )
+    child = pexpect.spawn(
+        sys.executable, ["-m", "chat.client.cli", "login", *server_args(chat_server, name)],
+        env=env, cwd=str(ROOT), timeout=30, encoding="utf-8", dimensions=(24, 120),
+    )
+    try:
+        child.expect_exact("[general]>")  # the renderer moves the cursor, not a space
+        child.sendline("hello from a terminal")
+        child.expect_exact(f"{name}: hello from a terminal")
+        child.sendline("/join dev")
+        child.expect_exact("[dev]>")
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

@@ -1,0 +1,124 @@
+"""Throttling: unit tests with a fake clock, and the limits seen over real TLS."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import PASSWORD
+
+from chat.errors import RateLimited
+from chat.throttle import Limits, Throttle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def fail(t: Throttle, n: int, ip: str = "1.1.1.1", account: str = "alice") -> None:
+    for _ in range(n):
+        t.login_failed(ip, account)
+
+
+def test_account_delays_start_at_threshold_and_double(clock):
+    t = Throttle(Limits(account_failures=5, ip_failures=1000, max_delay=60), clock)
+    fail(t, 4)
+    t.check_login("1.1.1.1", "alice")  # four failures: still free
+    t.login_failed("1.1.1.1", "alice")
+    waits = []
+    for _ in range(8):
+        with pytest.raises(RateLimited) as exc:
+            t.check_login("1.1.1.1", "alice")
+        waits.append(exc.value.retry_after)
+        clock.now += exc.value.retry_after
+        t.check_login("1.1.1.1", "alice")
+        t.login_failed("1.1.1.1", "alice")
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60]  # doubling, capped at max_delay
+
+
+def test_limited_account_refuses_every_attempt_until_the_delay_passes(clock):
+    t = Throttle(Limits(account_failures=5, max_delay=900), clock)
+    fail(t, 8)
+    for ip in ("1.1.1.1", "2.2.2.2"):  # another address does not escape the account limit
+        with pytest.raises(RateLimited):
+            t.check_login(ip, "alice")
+    t.check_login("1.1.1.1", "bob")  # other accounts are unaffected
+
+
+def test_success_resets_the_account(clock):
+    t = Throttle(Limits(account_failures=5), clock)
+    fail(t, 5)
+    clock.now += 1
+    t.check_login("1.1.1.1", "alice")
+    t.login_succeeded("alice")
+    fail(t, 4)
+    t.check_login("1.1.1.1", "alice")
+
+
+def test_failures_leave_the_window(clock):
+    t = Throttle(Limits(window=900, account_failures=5), clock)
+    fail(t, 5)
+    with pytest.raises(RateLimited):
+        t.check_login("1.1.1.1", "alice")
+    clock.now += 901
+    t.check_login("1.1.1.1", "alice")
+
+
+def test_password_spraying_is_limited_per_ip(clock):
+    t = Throttle(Limits(account_failures=5, ip_failures=20, window=900), clock)
+    for i in range(20):
+        fail(t, 1, ip="6.6.6.6", account=f"user{i}")
+    with pytest.raises(RateLimited) as exc:
+        t.check_login("6.6.6.6", "user999")
+    assert 0 < exc.value.retry_after <= 900
+    t.check_login("7.7.7.7", "user999")
+
+
+def test_registrations_per_ip(clock):
+    t = Throttle(Limits(registrations_per_ip=5, registration_window=3600), clock)
+    for _ in range(5):
+        t.register_attempt("3.3.3.3")
+    with pytest.raises(RateLimited) as exc:
+        t.register_attempt("3.3.3.3")
+    assert exc.value.retry_after == 3600
+    t.register_attempt("4.4.4.4")
+    clock.now += 3600
+    t.register_attempt("3.3.3.3")
+
+
+def test_idle_entries_are_pruned(clock):
+    t = Throttle(Limits(), clock)
+    for i in range(3000):
+        t.login_failed(f"10.0.{i // 256}.{i % 256}", f"u{i}")
+        clock.now += 10
+    assert len(t._accounts) < 1200 and len(t._ips) < 1200
+
+
+def test_registration_limit_over_tls(server_factory):
+    server = server_factory(registrations_per_ip=2)
+    c = server.client()
+    for name in ("one", "two"):
+        assert c.request({"type": "register", "username": name, "password": PASSWORD})[
+            "type"] == "ok"
+    reply = c.request({"type": "register", "username": "three", "password": PASSWORD})
+    assert reply["code"] == "rate_limited" and reply["retry_after"] >= 1
+
+
+def test_login_throttled_even_with_right_password(server_factory):
+    server = server_factory(login_account_failures=3, login_max_delay=600)
+    server.register("victim")
+    c = server.client()
+    for _ in range(3):
+        assert c.login("victim", "wrong guess number one")["code"] == "invalid_credentials"
+    limited = c.login("victim")
+    assert limited["code"] == "rate_limited" and limited["retry_after"] >= 1
+    # Other accounts log in as usual.
+    server.register("bystander")
+    assert server.client().login("bystander")["type"] == "welcome"
