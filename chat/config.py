@@ -98,6 +98,13 @@ class Settings:
     shutdown_grace: float = _setting(5.0, "Time given to flush bye frames on shutdown.")
     # --- resources ---
     max_connections: int = _setting(20000, "Connections held at once; more are closed at once.")
+    max_connections_per_ip: int = _setting(
+        16, "Connections from one IP address at once: a few clients per person behind a NAT."
+    )
+    frames_per_second: float = _setting(
+        10.0, "Sustained frames per second per connection (token bucket); more: rate_limited."
+    )
+    frame_burst: int = _setting(30, "Frames a connection may send at once before the rate applies.")
     max_outbound_bytes: int = _setting(
         4 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
     )
@@ -164,6 +171,10 @@ class Settings:
         if min(self.login_account_failures, self.login_ip_failures,
                self.registrations_per_ip) < 1:
             raise ValueError("throttling counts must be at least 1")
+        if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
+            raise ValueError("frames_per_second must be a positive number")
+        if self.frame_burst < 1 or self.max_connections_per_ip < 1:
+            raise ValueError("frame_burst and max_connections_per_ip must be at least 1")
         if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
             raise ValueError("io_threads, auth_queue and max_connections must be at least 1")
 

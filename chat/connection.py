@@ -48,10 +48,12 @@ from chat.errors import (
     NoSuchUser,
     NotInRoom,
     ProtocolError,
+    RateLimited,
 )
 from chat.hub import Session
 from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
 from chat.store import Job, MessageJob, dm_pair
+from chat.throttle import TokenBucket
 
 if TYPE_CHECKING:
     from chat.ioloop import IOLoop
@@ -98,6 +100,7 @@ class Connection:
         self.last_recv = now
         self.ping_sent = False
         self.decoder = FrameDecoder(settings.max_frame_bytes)
+        self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.inbox: collections.deque[Any] = collections.deque()
         self.paused = False
         self.accepting = True
@@ -257,6 +260,15 @@ class Connection:
     def _handle(self, event: Any) -> None:
         rid: m.RequestId = None
         try:
+            wait = self.bucket.take()
+            if wait:
+                # Not delivered and not a protocol error; the id is echoed when it is valid.
+                if isinstance(event, dict):
+                    try:
+                        rid = m.request_id(event)
+                    except ProtocolError:
+                        rid = None
+                raise RateLimited(wait, "too many frames; slow down")
             if isinstance(event, ProtocolError):
                 raise event
             rid = m.request_id(event)
@@ -644,7 +656,7 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
-        self.server.connection_closed(self)
+        self.server.connection_closed(self.ip)
         if prev >= State.OPEN and prev < State.CLOSING:
             log.info("%s: disconnected", self.peer)
 

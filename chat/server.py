@@ -75,6 +75,7 @@ class Server:
         self.address: tuple[str, int] = ("", 0)
         self.stopping = False
         self._count = 0
+        self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
         self._next_loop = 0
         self._stopped = threading.Event()
@@ -144,14 +145,22 @@ class Server:
     # --- connections ----------------------------------------------------------------
     def adopt(self, raw: socket.socket, addr: Any) -> None:
         """Called on loop 0 for each accepted socket."""
+        ip = str(addr[0])
         with self._count_lock:
-            if self.stopping or self._count >= self.settings.max_connections:
-                full = True
+            per_ip = self._per_ip.get(ip, 0)
+            if self.stopping:
+                refusal = "shutting down"
+            elif self._count >= self.settings.max_connections:
+                refusal = f"{self._count} connections already"
+            elif per_ip >= self.settings.max_connections_per_ip:
+                refusal = f"{per_ip} connections from {ip} already"
             else:
-                full = False
+                refusal = ""
                 self._count += 1
-        if full:
-            log.warning("refusing %s: %d connections already", addr, self._count)
+                self._per_ip[ip] = per_ip + 1
+        if refusal:
+            # Before TLS there is no way to say why; the client sees the connection close.
+            log.warning("refusing %s: %s", addr, refusal)
             raw.close()
             return
         # Chat frames are small and latency matters: no Nagle delay.
@@ -166,11 +175,16 @@ class Server:
         except (OSError, ValueError) as exc:
             log.info("%s: could not start connection: %s", addr, exc)
             raw.close()
-            self.connection_closed(None)
+            self.connection_closed(str(addr[0]))
 
-    def connection_closed(self, conn: Connection | None) -> None:
+    def connection_closed(self, ip: str) -> None:
         with self._count_lock:
             self._count -= 1
+            left = self._per_ip.get(ip, 1) - 1
+            if left > 0:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
             self._count_lock.notify_all()
 
     @property

@@ -122,3 +122,31 @@ class Throttle:
         for table in (self._accounts, self._ips, self._registrations):
             for key in [k for k, r in table.items() if r.last < now - horizon]:
                 del table[key]
+
+
+class TokenBucket:
+    """Frames per second for one connection: `rate` sustained, `burst` at once.
+
+    Used by one connection's loop thread only, so it needs no lock.
+    """
+
+    __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock()
+
+    def take(self) -> float:
+        """Spend one token; return 0.0, or the seconds until one is available."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate

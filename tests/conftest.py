@@ -139,8 +139,10 @@ def make_settings(tmp_path: Path, cert_paths: certs.CertPaths, **overrides: Any)
         host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"),
         certfile=str(cert_paths.server_cert), keyfile=str(cert_paths.server_key),
         bcrypt_rounds=4, log_level="DEBUG", shutdown_grace=2.0,
-        # Every test registers from 127.0.0.1; the throttling tests set their own limits.
-        registrations_per_ip=100000,
+        # Every test connects and registers from 127.0.0.1 and sends as fast as it can;
+        # the throttling tests set their own limits.
+        registrations_per_ip=100000, max_connections_per_ip=1000,
+        frames_per_second=1e6, frame_burst=1000000,
     )
     return base.replace(**overrides)
 

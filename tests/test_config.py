@@ -158,6 +158,7 @@ SAMPLES = {
     "max_history_bytes": "65536", "io_threads": "4", "log_level": "DEBUG",
     "login_window": "60", "login_account_failures": "3", "login_ip_failures": "9",
     "login_max_delay": "30", "registrations_per_ip": "2", "registration_window": "120",
+    "max_connections_per_ip": "4", "frames_per_second": "2.5", "frame_burst": "7",
 }
 
 
