@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -51,19 +52,41 @@ def load_or_create_pepper(path: Path) -> bytes:
             fh.write(raw + "\n")
         log.warning("created a new password pepper in %s: back it up; without it no "
                     "stored password can be checked", path)
-    pepper = bytes.fromhex(raw)
+    return _parse_pepper(raw, path)
+
+
+def read_pepper(path: Path) -> bytes:
+    """Read an existing pepper file (a retired one, say); never creates one."""
+    return _parse_pepper(path.read_text().strip(), path)
+
+
+def _parse_pepper(raw: str, path: Path) -> bytes:
+    try:
+        pepper = bytes.fromhex(raw)
+    except ValueError:
+        raise ValueError(f"{path}: a pepper file holds hex digits only") from None
     if len(pepper) < 16:
         raise ValueError(f"{path}: the pepper must hold at least 16 random bytes, hex-encoded")
     return pepper
 
 
-class PasswordHasher:
-    """Hashes and checks passwords; safe to share between threads (it holds no state)."""
+def pepper_id(pepper: bytes) -> str:
+    # A fingerprint, not the secret: it only tells which pepper made a hash.
+    return hashlib.sha256(b"chat pepper id:" + pepper).hexdigest()[:12]
 
-    def __init__(self, pepper: bytes, rounds: int = 12) -> None:
-        self._pepper = pepper
+
+class PasswordHasher:
+    """Hashes and checks passwords; safe to share between threads (it holds no state).
+
+    `previous` peppers still check old hashes after a rotation; `needs_rehash` then says
+    the hash should be remade with the current pepper at the user's next login.
+    """
+
+    def __init__(self, pepper: bytes, rounds: int = 12, previous: Sequence[bytes] = ()) -> None:
         self.rounds = rounds
-        self.pepper_id = hashlib.sha256(b"chat pepper id:" + pepper).hexdigest()[:12]
+        self.pepper_id = pepper_id(pepper)
+        self._peppers = {pepper_id(p): p for p in previous}
+        self._peppers[self.pepper_id] = pepper
         # A real hash of a random secret: checking a login for an unknown user against it
         # costs exactly the bcrypt work of a real check, so timing reveals nothing.
         self._dummy = self.hash(secrets.token_urlsafe(24))
@@ -71,26 +94,32 @@ class PasswordHasher:
     def __repr__(self) -> str:
         return f"PasswordHasher(rounds={self.rounds}, pepper_id={self.pepper_id!r})"
 
-    def _prehash(self, password: str) -> bytes:
-        mac = hmac.new(self._pepper, normalize_password(password).encode("utf-8"), "sha256")
+    def _prehash(self, password: str, pepper: bytes) -> bytes:
+        mac = hmac.new(pepper, normalize_password(password).encode("utf-8"), "sha256")
         return base64.b64encode(mac.digest())
 
     def hash(self, password: str) -> str:
-        digest = bcrypt.hashpw(self._prehash(password), bcrypt.gensalt(self.rounds))
+        prehash = self._prehash(password, self._peppers[self.pepper_id])
+        digest = bcrypt.hashpw(prehash, bcrypt.gensalt(self.rounds))
         return f"{SCHEME}${self.pepper_id}${digest.decode('ascii')}"
 
     def verify(self, password: str, stored: str | None) -> bool:
         """True if the password matches; an absent or foreign hash costs a dummy check."""
-        target = self._dummy if stored is None else stored
-        scheme, _, rest = target.partition("$")
-        pepper_id, _, digest = rest.partition("$")
-        if scheme != SCHEME or pepper_id != self.pepper_id:
-            # Unknown pepper (a rotation without the old one): still spend the same work.
-            scheme, _, rest = self._dummy.partition("$")
-            _, _, digest = rest.partition("$")
-            stored = None
-        ok = bcrypt.checkpw(self._prehash(password), digest.encode("ascii"))
-        return ok and stored is not None
+        scheme, _, rest = (stored or "").partition("$")
+        pid, _, digest = rest.partition("$")
+        pepper = self._peppers.get(pid) if scheme == SCHEME else None
+        real = pepper is not None and digest.startswith("$2")
+        if not real:
+            # Unknown user, or a pepper we no longer have: spend the same work anyway.
+            _, _, rest = self._dummy.partition("$")
+            pid, _, digest = rest.partition("$")
+            pepper = self._peppers[pid]
+        assert pepper is not None
+        try:
+            ok = bcrypt.checkpw(self._prehash(password, pepper), digest.encode("ascii"))
+        except ValueError:  # a corrupt stored hash
+            return False
+        return ok and real
 
     def needs_rehash(self, stored: str) -> bool:
         parts = stored.split("$", 2)

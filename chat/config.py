@@ -58,6 +58,10 @@ class Settings:
     pepper_file: str = _setting(
         "", "File holding the password pepper. Empty: DATA_DIR/pepper, made on first start."
     )
+    previous_pepper_files: str = _setting(
+        "", "Comma-separated files of retired peppers: their hashes still work and are "
+        "upgraded at each user's next login."
+    )
     # --- passwords ---
     bcrypt_rounds: int = _setting(
         12, "bcrypt cost factor (4 to 31). OWASP: 10 at least; each +1 doubles the work."
@@ -138,6 +142,10 @@ class Settings:
     @property
     def pepper_path(self) -> Path:
         return Path(self.pepper_file) if self.pepper_file else self.data_path / "pepper"
+
+    @property
+    def previous_pepper_paths(self) -> list[Path]:
+        return [Path(p.strip()) for p in self.previous_pepper_files.split(",") if p.strip()]
 
     def throttle_limits(self) -> Limits:
         return Limits(

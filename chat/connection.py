@@ -142,6 +142,10 @@ class Connection:
             self._flush_scheduled = True
         self.loop.call_soon(self._flush)
 
+    def end(self, reason: str) -> None:
+        """Close this connection with `bye reason`; from any thread."""
+        self.loop.call_soon(self.close, reason)
+
     def send_frame(self, frame: dict[str, Any]) -> None:
         self.deliver(encode(frame))
 
@@ -389,7 +393,16 @@ class Connection:
             def run(conn: Any) -> Callable[[], None]:
                 server.store.set_password_hash(conn, rec.id, password_hash)
                 log.info("%s: %s changed their password", self.peer, rec.name)
-                return lambda: self._finish_auth(rid, {"type": "ok", "op": "passwd"})
+
+                def after() -> None:
+                    if req.logout_others:
+                        # `quit`: the user asked for these sessions to end, from another.
+                        for other in server.hub.sessions_of(session.key):
+                            if other is not session:
+                                other.out.end("quit")
+                    self._finish_auth(rid, {"type": "ok", "op": "passwd"})
+
+                return after
 
             server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
 

@@ -28,6 +28,7 @@ from chat.protocol import encode
 
 class Outbound(Protocol):
     def deliver(self, data: bytes) -> None: ...
+    def end(self, reason: str) -> None: ...
 
 
 @dataclass(eq=False)

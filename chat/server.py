@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from chat import SERVER_NAME, __version__, certs, tls
-from chat.auth import PasswordHasher, load_or_create_pepper
+from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
 from chat.config import Settings, load_settings
 from chat.connection import Connection
 from chat.db import make_engine, upgrade_to_head
@@ -90,7 +90,10 @@ class Server:
         self.ssl_context = self._make_ssl_context()
         self.engine = make_engine(s.db_url)
         upgrade_to_head(self.engine)
-        self.hasher = PasswordHasher(load_or_create_pepper(s.pepper_path), s.bcrypt_rounds)
+        self.hasher = PasswordHasher(
+            load_or_create_pepper(s.pepper_path), s.bcrypt_rounds,
+            previous=[read_pepper(p) for p in s.previous_pepper_paths],
+        )
         self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub()
         self.store = Store(self.engine, self.hub)

@@ -235,3 +235,54 @@ def test_pipelined_requests_keep_order(chat_server):
     assert replies[0]["type"] == "welcome"
     assert replies[2]["type"] == "message"
     assert [m["message"] for m in replies[3]["messages"]] == ["first"]
+
+
+def test_passwd_can_end_other_sessions(chat_server):
+    c = chat_server.user("lena")
+    others = [chat_server.client() for _ in range(2)]
+    for o in others:
+        assert o.login("lena")["type"] == "welcome"
+    new = "another fresh passphrase 99"
+    reply = c.request({"type": "passwd", "old": PASSWORD, "new": new, "logout_others": True})
+    assert reply["type"] == "ok"
+    for o in others:
+        assert o.recv_until("bye") == {"type": "bye", "reason": "quit"}
+    assert c.request({"type": "ping"})["type"] == "pong"
+
+
+def test_pepper_rotation_upgrades_hash_at_login(server_factory, tmp_path):
+    from chat.auth import SCHEME
+
+    old = server_factory()
+    old.register("mona")
+    old.server.stop()
+    data = tmp_path / "data"
+    (data / "pepper").rename(data / "pepper.old")
+    rotated = server_factory(previous_pepper_files=str(data / "pepper.old"))
+    new_id = rotated.server.hasher.pepper_id
+
+    def stored() -> str:
+        rec = rotated.server.store.find_user("mona")
+        assert rec is not None
+        return rec.password_hash
+
+    assert not stored().startswith(f"{SCHEME}${new_id}$")
+    c = rotated.client()
+    assert c.login("mona")["type"] == "welcome"
+    assert stored().startswith(f"{SCHEME}${new_id}$")
+    c.close()
+    # Without the old pepper the upgraded hash still works.
+    rotated.server.stop()
+    (data / "pepper.old").unlink()
+    after = server_factory()
+    assert after.client().login("mona")["type"] == "welcome"
+
+
+def test_raised_bcrypt_cost_upgrades_hash_at_login(server_factory):
+    cheap = server_factory(bcrypt_rounds=4)
+    cheap.register("nina")
+    cheap.server.stop()
+    dearer = server_factory(bcrypt_rounds=5)
+    assert dearer.client().login("nina")["type"] == "welcome"
+    rec = dearer.server.store.find_user("nina")
+    assert rec is not None and "$2b$05$" in rec.password_hash

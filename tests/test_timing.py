@@ -1,0 +1,65 @@
+"""Unknown users and wrong passwords cost the same: medians within 1.5x (issue: timing)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from conftest import PASSWORD
+
+SAMPLES = 15
+
+
+def _median_seconds(fn) -> float:
+    times = []
+    for _ in range(SAMPLES):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _ratio(a: float, b: float) -> float:
+    return max(a, b) / min(a, b)
+
+
+def test_login_unknown_user_costs_what_a_wrong_password_costs(server_factory):
+    # Cost 8 makes bcrypt (~15 ms) dominate the round trip, as cost 12 does in production.
+    server = server_factory(bcrypt_rounds=8, login_account_failures=10**6,
+                            login_ip_failures=10**6)
+    server.register("target")
+    c = server.client()
+
+    def wrong() -> None:
+        assert c.login("target", "wrong password number 1")["code"] == "invalid_credentials"
+
+    def unknown() -> None:
+        assert c.login("nosuchuser", "wrong password number 1")["code"] == (
+            "invalid_credentials"
+        )
+
+    wrong()
+    unknown()  # warm-up
+    ratio = _ratio(_median_seconds(wrong), _median_seconds(unknown))
+    assert ratio < 1.5, ratio
+
+
+def test_register_taken_name_costs_what_a_new_one_costs(server_factory):
+    server = server_factory(bcrypt_rounds=8)
+    server.register("taken")
+    c = server.client()
+    counter = iter(range(10**6))
+
+    def taken() -> None:
+        reply = c.request({"type": "register", "username": "taken", "password": PASSWORD})
+        assert reply["code"] == "username_taken"
+
+    def fresh() -> None:
+        name = f"new{next(counter)}"
+        reply = c.request({"type": "register", "username": name, "password": PASSWORD})
+        assert reply["type"] == "ok"
+
+    taken()
+    fresh()
+    ratio = _ratio(_median_seconds(taken), _median_seconds(fresh))
+    assert ratio < 1.5, ratio
