@@ -171,3 +171,20 @@ def test_connections_per_ip(server_factory):
     with pytest.raises((OSError, EOFError)):
         Client(server.host, server.port, server.cafile)
     assert clients[0].request({"type": "ping"})["type"] == "pong"
+
+
+def test_login_storm_gets_server_busy_and_chat_still_flows(server_factory):
+    # One worker, one queue slot, a slow hash: the third concurrent login is refused at once.
+    server = server_factory(auth_workers=1, auth_queue=1, bcrypt_rounds=13,
+                            login_ip_failures=10**6, login_account_failures=10**6)
+    chatter = server.user("chatter")  # registered and logged in before the storm (cost 13)
+    clients = [server.client() for _ in range(6)]
+    for c in clients:
+        c.send({"type": "login", "username": "chatter", "password": "wrong guess wrong guess",
+                "id": 1})
+    # While the pool is saturated, a logged-in user's messages still go through.
+    echo = chatter.request({"type": "send", "room": "general", "message": "still here"})
+    assert echo["type"] == "message"
+    codes = [c.recv_until("error")["code"] for c in clients]
+    assert codes.count("server_busy") >= 1
+    assert set(codes) <= {"server_busy", "invalid_credentials"}
