@@ -86,6 +86,12 @@ class Settings:
     login_max_delay: float = _setting(
         900.0, "Longest delay between attempts on a throttled account; doubles up to it."
     )
+    login_max_consecutive: int = _setting(
+        100, "Consecutive failures on one account before it is locked (NIST SP 800-63B-4)."
+    )
+    login_lockout: float = _setting(
+        86400.0, "While locked, one login attempt per this many seconds; a success unlocks."
+    )
     registrations_per_ip: int = _setting(5, "Registrations one IP may make per window.")
     registration_window: float = _setting(3600.0, "Window for counting registrations.")
     # --- protocol limits ---
@@ -153,6 +159,7 @@ class Settings:
             ip_failures=self.login_ip_failures, max_delay=self.login_max_delay,
             registrations_per_ip=self.registrations_per_ip,
             registration_window=self.registration_window,
+            max_consecutive=self.login_max_consecutive, lockout=self.login_lockout,
         )
 
     def validate(self) -> None:
@@ -167,7 +174,7 @@ class Settings:
         if self.tls_profile not in ("intermediate", "modern"):
             raise ValueError("tls_profile must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
-                     "login_window", "login_max_delay", "registration_window"):
+                     "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
             if not (value > 0 and math.isfinite(value)):
@@ -177,7 +184,7 @@ class Settings:
         if self.max_history_bytes * 2 > self.max_outbound_bytes:
             raise ValueError("max_outbound_bytes must hold two maximal history replies")
         if min(self.login_account_failures, self.login_ip_failures,
-               self.registrations_per_ip) < 1:
+               self.registrations_per_ip, self.login_max_consecutive) < 1:
             raise ValueError("throttling counts must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
             raise ValueError("frames_per_second must be a positive number")

@@ -44,6 +44,13 @@ class Limits:
     max_delay: float = 900.0
     registrations_per_ip: int = 5
     registration_window: float = 3600.0
+    max_consecutive: int = 100
+    lockout: float = 86400.0
+
+    def account_delay(self, consecutive: int) -> float:
+        if consecutive >= self.max_consecutive:
+            return self.lockout
+        return min(self.max_delay, 2.0 ** max(0, consecutive - self.account_failures))
 
 
 class Throttle:
@@ -64,10 +71,11 @@ class Throttle:
         with self._lock:
             wait = 0.0
             rec = self._accounts.get(account)
-            if rec is not None and self._recent(rec, now, lim.window) >= lim.account_failures:
-                over = rec.consecutive - lim.account_failures
-                delay = min(lim.max_delay, 2.0 ** max(0, over))
-                wait = max(wait, rec.last + delay - now)
+            if rec is not None and (
+                self._recent(rec, now, lim.window) >= lim.account_failures
+                or rec.consecutive >= lim.max_consecutive
+            ):
+                wait = max(wait, rec.last + lim.account_delay(rec.consecutive) - now)
             ip_rec = self._ips.get(ip)
             if ip_rec is not None and self._recent(ip_rec, now, lim.window) >= lim.ip_failures:
                 wait = max(wait, ip_rec.times[0] + lim.window - now)
@@ -118,10 +126,15 @@ class Throttle:
         return rec
 
     def _prune(self, now: float) -> None:
-        horizon = max(self.limits.window, self.limits.registration_window, self.limits.max_delay)
-        for table in (self._accounts, self._ips, self._registrations):
+        lim = self.limits
+        horizon = max(lim.window, lim.registration_window, lim.max_delay)
+        for table in (self._ips, self._registrations):
             for key in [k for k, r in table.items() if r.last < now - horizon]:
                 del table[key]
+        # An account is forgotten only once its own delay has long run out.
+        for key in [k for k, r in self._accounts.items()
+                    if r.last < now - max(horizon, lim.account_delay(r.consecutive))]:
+            del self._accounts[key]
 
 
 class TokenBucket:

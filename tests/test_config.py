@@ -159,6 +159,8 @@ SAMPLES = {
     "login_window": "60", "login_account_failures": "3", "login_ip_failures": "9",
     "login_max_delay": "30", "registrations_per_ip": "2", "registration_window": "120",
     "max_connections_per_ip": "4", "frames_per_second": "2.5", "frame_burst": "7",
+    "login_max_consecutive": "50", "login_lockout": "3600",
+    "previous_pepper_files": "/srv/old1,/srv/old2",
 }
 
 

@@ -188,3 +188,21 @@ def test_login_storm_gets_server_busy_and_chat_still_flows(server_factory):
     codes = [c.recv_until("error")["code"] for c in clients]
     assert codes.count("server_busy") >= 1
     assert set(codes) <= {"server_busy", "invalid_credentials"}
+
+
+def test_at_most_one_attempt_per_lockout_after_100_consecutive_failures(clock):
+    t = Throttle(Limits(account_failures=5, max_delay=900, max_consecutive=100,
+                        lockout=86400, window=900), clock)
+    attempts = 0
+    # An attacker who waits out every delay for a week.
+    end = clock.now + 7 * 86400
+    while clock.now < end:
+        try:
+            t.check_login("9.9.9.9", "victim")
+        except RateLimited as exc:
+            clock.now += exc.retry_after
+            continue
+        t.login_failed("9.9.9.9", "victim")
+        attempts += 1
+    assert 100 <= attempts <= 100 + 7  # the cap, then one a day
+    assert t.limits.account_delay(100) == 86400
