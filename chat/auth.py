@@ -17,9 +17,12 @@ import base64
 import gzip
 import hashlib
 import hmac
+import itertools
 import logging
 import os
+import re
 import secrets
+import string
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
@@ -140,10 +143,122 @@ def common_passwords() -> frozenset[str]:
     return frozenset(line.strip() for line in gzip.decompress(data).decode().splitlines())
 
 
+# Keyboard walks: a password that is one stretch of one of these (forwards or backwards,
+# possibly going round again) is typed by sliding a finger along the keys.
+_KEYBOARD_WALKS = (
+    "1234567890",
+    "!@#$%^&*()",
+    "qwertyuiop",
+    "asdfghjkl",
+    "zxcvbnm",
+    "qwertyuiopasdfghjklzxcvbnm",
+    "1234567890qwertyuiopasdfghjklzxcvbnm",
+    "1qaz2wsx3edc4rfv5tgb6yhn7ujm8ik,9ol.0p;/",
+    "qazwsxedcrfvtgbyhnujmikolp",
+)
+_MIN_DISTINCT = 5
+_MIN_LIST_WORD = 4  # shorter list entries ('a', '12', 'abc') would split anything
+_MAX_LIST_WORDS = 3
+_EDGES = re.compile(r"^[\W\d_]+|[\W\d_]+$")  # digits, punctuation and spaces at the ends
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+@cache
+def _list_words() -> tuple[frozenset[str], int]:
+    """The common-password entries long enough to count as words, and the longest's length."""
+    words = frozenset(w for w in common_passwords() if len(w) >= _MIN_LIST_WORD)
+    return words, max(map(len, words))
+
+
+def _period(text: str) -> int | None:
+    """The length of the unit if `text` is a shorter piece said twice or more (the last
+    copy may be cut short: 'abcabcab'), else None."""
+    for size in range(1, len(text) // 2 + 1):
+        if text[size:] == text[:-size]:
+            return size
+    return None
+
+
+def _step(a: str, b: str) -> int:
+    # Digits and letters wrap round, so '8901' and 'yzab' keep the same step.
+    if a in string.digits and b in string.digits:
+        return (ord(b) - ord(a)) % 10
+    if a in string.ascii_lowercase and b in string.ascii_lowercase:
+        return (ord(b) - ord(a)) % 26
+    return ord(b) - ord(a)
+
+
+def _is_one_or_two_runs(text: str) -> bool:
+    """True if `text` is at most two runs of characters with a constant step ('abcdef',
+    '97531', 'zyxw', '1234abcd', 'aaaabcde')."""
+    n = len(text)
+    if n < 3:
+        return False
+    steps = [_step(a, b) for a, b in itertools.pairwise(text)]
+    # run[i]: how many characters from i on form one constant-step run.
+    run = [1] * n
+    run[n - 2] = 2
+    for i in range(n - 3, -1, -1):
+        run[i] = run[i + 1] + 1 if steps[i] == steps[i + 1] else 2
+    return run[0] >= n or any(run[k] >= n - k for k in range(1, run[0] + 1))
+
+
+def _is_keyboard_walk(text: str) -> bool:
+    for walk in _KEYBOARD_WALKS:
+        for line in (walk, walk[::-1]):
+            if text in line * (len(text) // len(line) + 2):
+                return True
+    return False
+
+
+def _common_words_needed(text: str) -> int | None:
+    """The fewest common-list words (at most _MAX_LIST_WORDS) that `text` is made of."""
+    words, longest = _list_words()
+    n = len(text)
+    if n < _MIN_LIST_WORD:
+        return None
+    # fewest[i]: fewest words that make text[:i]; a split-point scan with set lookups.
+    fewest: list[int | None] = [0] + [None] * n
+    for start in range(n):
+        before = fewest[start]
+        if before is None or before >= _MAX_LIST_WORDS:
+            continue
+        for end in range(start + _MIN_LIST_WORD, min(n, start + longest) + 1):
+            after = fewest[end]
+            if (after is None or after > before + 1) and text[start:end] in words:
+                fewest[end] = before + 1
+    return fewest[n]
+
+
+def _compound_of_common(lowered: str) -> str | None:
+    """Why the password is common-list words in disguise, or None: once spaces go and
+    digits and symbols are cut from the ends, it is one to three entries joined
+    ('dragonmonkey123'), or one entry said over and over ('password password!')."""
+    spaceless = "".join(lowered.split())
+    for joined in (spaceless, _NOT_ALNUM.sub("", spaceless)):
+        core = _EDGES.sub("", joined)
+        size = _period(core)
+        repeated = size is not None and len(core) % size == 0
+        count = _common_words_needed(core[:size] if repeated else core)
+        if count is None:
+            continue
+        if repeated:
+            return "that password is a common password repeated"
+        if count == 1:
+            return "that password is a common password with only digits or symbols added"
+        return f"that password is {count} common passwords joined together"
+    return None
+
+
 def check_new_password(
     password: str, username: str, *, min_length: int, service_name: str = "chat"
 ) -> str:
-    """Return the normalised password, or raise WeakPassword saying why."""
+    """Return the normalised password, or raise WeakPassword saying why.
+
+    Besides length, the checks follow NIST SP 800-63B-4 section 3.1.1.2's blocklist: the
+    username and the service's name, the common-password list (alone, padded, or two or
+    three entries joined), repetition and sequences. There are no composition rules.
+    """
     normal = normalize_password(password)
     if len(normal) < min_length:
         raise WeakPassword(f"passwords need at least {min_length} characters")
@@ -155,6 +270,22 @@ def check_new_password(
     if lowered in common_passwords() or lowered.strip() in common_passwords():
         raise WeakPassword("that password is on the list of common passwords")
     # The service's own name padded with digits or repeated is a classic first guess.
-    if lowered.replace(service_name.casefold(), "").strip("0123456789!. ") == "":
+    service = service_name.casefold()
+    if service in lowered and lowered.replace(service, "").strip("0123456789!. ") == "":
         raise WeakPassword("the password must not be built from the service's name")
+    spaceless = "".join(lowered.split())
+    if _period(lowered) is not None or _period(spaceless) is not None:
+        raise WeakPassword("the password must not be one short piece repeated")
+    if len(set(spaceless)) < _MIN_DISTINCT:
+        raise WeakPassword(
+            f"the password needs at least {_MIN_DISTINCT} different characters")
+    if _is_one_or_two_runs(spaceless):
+        raise WeakPassword(
+            "the password must not be a run of characters in order, like 'abcd' or '1234'")
+    if _is_keyboard_walk(spaceless):
+        raise WeakPassword(
+            "the password must not be a row of keys on the keyboard, like 'qwerty'")
+    reason = _compound_of_common(lowered)
+    if reason is not None:
+        raise WeakPassword(reason)
     return normal

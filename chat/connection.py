@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-import secrets
 import selectors
 import socket
 import ssl
@@ -37,18 +36,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from chat import login
 from chat import messages as m
-from chat.auth import check_new_password
 from chat.errors import (
-    AlreadyAuthenticated,
     AuthRequired,
     ChatError,
-    InvalidCredentials,
-    InvalidUsername,
+    Internal,
     NoSuchUser,
     NotInRoom,
     ProtocolError,
     RateLimited,
+    ServerBusy,
 )
 from chat.hub import Session
 from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
@@ -67,8 +65,6 @@ RECV_SIZE = 65536
 READS_PER_WAKE = 8
 # One TLS write holds at most this much; the rest follows when it is done.
 MAX_WRITE = 256 * 1024
-# Session ids: 192 random bits (ASVS asks at least 128).
-SESSION_ID_BYTES = 24
 
 
 class State(enum.IntEnum):
@@ -106,6 +102,10 @@ class Connection:
         self.accepting = True
         self.errors_in_row = 0
         self.session: Session | None = None
+        # A login in progress: its session exists (so a close can detach it) but is not
+        # attached to the hub until the writer says so.
+        self.pending_session: Session | None = None
+        self.backlog_more = False  # stored direct messages still to hand over
         self.close_reason = ""
         # Outbound state, shared with other threads under _olock.
         self._olock = threading.Lock()
@@ -113,7 +113,7 @@ class Connection:
         self._out_bytes = 0
         self._flush_scheduled = False
         self._out_closed = False
-        self._overflow_reported = False
+        self._overflowed = False
         # Loop-thread-only write state.
         self._wbuf: bytes | None = None
         self._want = 0
@@ -127,20 +127,22 @@ class Connection:
         return f"<Connection {self.peer} {self.state.name} user={who}>"
 
     # --- from any thread ------------------------------------------------------------
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes) -> bool:
+        """Queue bytes for this client; False if they will never be sent."""
         with self._olock:
-            if self._out_closed:
-                return
+            if self._out_closed or self._overflowed:
+                return False
             self._out.append(data)
             self._out_bytes += len(data)
-            overflow = self._out_bytes > self.settings.max_outbound_bytes
-            if overflow and not self._overflow_reported:
-                self._overflow_reported = True
+            if self._out_bytes > self.settings.max_outbound_bytes:
+                # Take nothing more: the loop drops the queue and says bye.
+                self._overflowed = True
                 self.loop.call_soon(self._slow_consumer)
             if self._flush_scheduled:
-                return
+                return True
             self._flush_scheduled = True
         self.loop.call_soon(self._flush)
+        return True
 
     def end(self, reason: str) -> None:
         """Close this connection with `bye reason`; from any thread."""
@@ -264,7 +266,9 @@ class Connection:
     def _handle(self, event: Any) -> None:
         rid: m.RequestId = None
         try:
-            wait = self.bucket.take()
+            # quit and pong are never refused: one ends the flood, the other answers ours.
+            exempt = isinstance(event, dict) and event.get("type") in ("quit", "pong")
+            wait = 0.0 if exempt else self.bucket.take()
             if wait:
                 # Not delivered and not a protocol error; the id is echoed when it is valid.
                 if isinstance(event, dict):
@@ -289,6 +293,9 @@ class Connection:
                 self.close("too_many_errors")
         except ChatError as exc:
             self.send_error(exc, rid)
+        except Exception:
+            log.exception("%s: unexpected error handling a request", self.peer)
+            self.send_error(Internal(), rid)
 
     # --- request handlers (loop thread) ---------------------------------------------
     def _on_ping(self, req: m.Ping) -> None:
@@ -299,114 +306,6 @@ class Connection:
 
     def _on_quit(self, req: m.Quit) -> None:
         self.close("quit")
-
-    def _on_register(self, req: m.Register) -> None:
-        if self.session is not None:
-            raise AlreadyAuthenticated()
-        if not m.valid_username(req.username):
-            raise InvalidUsername()
-        password = check_new_password(
-            req.password, req.username, min_length=self.settings.min_password_length,
-            service_name=self.server.name,
-        )
-        self.server.throttle.register_attempt(self.ip)
-        server, rid = self.server, req.id
-
-        def work() -> None:
-            password_hash = server.hasher.hash(password)
-
-            def run(conn: Any) -> Callable[[], None]:
-                rec = server.store.create_user(conn, req.username, password_hash)
-                log.info("%s: registered %s", self.peer, rec.name)
-                return lambda: self._finish_auth(
-                    rid, {"type": "ok", "op": "register", "username": rec.name}
-                )
-
-            server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
-
-        self._submit_auth(work)
-
-    def _on_login(self, req: m.Login) -> None:
-        if self.session is not None:
-            raise AlreadyAuthenticated()
-        server, rid, ip = self.server, req.id, self.ip
-        key = req.username.lower()
-        server.throttle.check_login(ip, key)
-
-        def work() -> None:
-            rec = server.store.find_user(key) if m.valid_username(req.username) else None
-            if not server.hasher.verify(req.password, rec.password_hash if rec else None):
-                log.info("%s: failed login for %r", self.peer, req.username[:40])
-                server.throttle.login_failed(ip, key)
-                self._finish_auth(rid, InvalidCredentials())
-                return
-            assert rec is not None
-            server.throttle.login_succeeded(key)
-            new_hash = None
-            if server.hasher.needs_rehash(rec.password_hash):
-                new_hash = server.hasher.hash(req.password)
-            session = Session(rec.id, rec.key, rec.name, secrets.token_urlsafe(SESSION_ID_BYTES),
-                              out=self)
-
-            def run(conn: Any) -> Callable[[], None]:
-                if new_hash is not None:
-                    server.store.set_password_hash(conn, rec.id, new_hash)
-                rooms = server.store.rooms_of(conn, rec.id)
-                backlog = server.store.take_undelivered(conn, rec.id)
-
-                def after() -> None:
-                    welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
-                               "session": session.session_id}
-                    if rid is not None:
-                        welcome["re"] = rid
-                    first = [encode(welcome)] + [encode(f) for f in backlog]
-                    attached = server.hub.attach(session, rooms, first)
-                    if not attached and backlog:
-                        server.store.submit(server.store.undeliver_job(
-                            [f["msg_id"] for f in backlog]))
-                    self.loop.call_soon(self._logged_in, session, attached)
-
-                return after
-
-            server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
-
-        self._submit_auth(work)
-
-    def _on_passwd(self, req: m.Passwd) -> None:
-        session = self._require_session()
-        password = check_new_password(
-            req.new, session.name, min_length=self.settings.min_password_length,
-            service_name=self.server.name,
-        )
-        server, rid, ip = self.server, req.id, self.ip
-        # Guessing the old password from a stolen session is guessing all the same.
-        server.throttle.check_login(ip, session.key)
-
-        def work() -> None:
-            rec = server.store.find_user(session.key)
-            if rec is None or not server.hasher.verify(req.old, rec.password_hash):
-                server.throttle.login_failed(ip, session.key)
-                self._finish_auth(rid, InvalidCredentials())
-                return
-            password_hash = server.hasher.hash(password)
-
-            def run(conn: Any) -> Callable[[], None]:
-                server.store.set_password_hash(conn, rec.id, password_hash)
-                log.info("%s: %s changed their password", self.peer, rec.name)
-
-                def after() -> None:
-                    if req.logout_others:
-                        # `quit`: the user asked for these sessions to end, from another.
-                        for other in server.hub.sessions_of(session.key):
-                            if other is not session:
-                                other.out.end("quit")
-                    self._finish_auth(rid, {"type": "ok", "op": "passwd"})
-
-                return after
-
-            server.store.submit(Job(run, lambda exc: self._finish_auth(rid, exc)))
-
-        self._submit_auth(work)
 
     def _on_send(self, req: m.Send) -> None:
         session = self._require_session()
@@ -427,7 +326,8 @@ class Connection:
         user, hub, store, rid = session.user, self.server.hub, self.server.store, req.id
         assert user is not None
         if not hub.mark_joined(user, req.room):
-            self._in_order(lambda: self.reply(rid, {"type": "ok", "op": "join", "room": req.room}))
+            self._in_order(rid, lambda: self.reply(rid, {"type": "ok", "op": "join",
+                                                         "room": req.room}))
             return
 
         def run(conn: Any) -> Callable[[], None]:
@@ -474,7 +374,8 @@ class Connection:
             raise NotInRoom()
         hub, rid = self.server.hub, req.id
         self._in_order(
-            lambda: self.reply(rid, {"type": "who", "room": req.room, "users": hub.who(req.room)})
+            rid, lambda: self.reply(rid, {"type": "who", "room": req.room,
+                                          "users": hub.who(req.room)})
         )
 
     def _on_history(self, req: m.History) -> None:
@@ -508,36 +409,103 @@ class Connection:
         store.submit(Job(run, lambda exc: self.send_error(exc, rid)))
 
     # --- helpers --------------------------------------------------------------------
-    def _require_session(self) -> Session:
+    def require_session(self) -> Session:
         if self.session is None:
             raise AuthRequired()
         return self.session
 
-    def _in_order(self, fn: Callable[[], None]) -> None:
-        """Run fn on the writer thread after everything this connection queued before."""
-        self.server.store.submit(Job(lambda conn: fn, lambda exc: None))
+    _require_session = require_session
 
-    def _submit_auth(self, work: Callable[[], None]) -> None:
-        # ServerBusy propagates to _handle and is answered at once; nothing is paused.
-        self.server.auth_pool.submit(work)
+    def _in_order(self, rid: m.RequestId, fn: Callable[[], None]) -> None:
+        """Run fn on the writer thread after everything this connection queued before."""
+        self.server.store.submit(Job(lambda db: fn, lambda exc: self.send_error(exc, rid)))
+
+    def submit_auth(
+        self, work: Callable[[], None], on_busy: Callable[[], object] | None = None
+    ) -> None:
+        """Run a password check on the pool and pause until `finish_auth` or `logged_in`."""
+        try:
+            self.server.auth_pool.submit(work)
+        except ServerBusy:
+            if on_busy is not None:
+                on_busy()
+            raise  # answered at once by _handle; nothing is paused
         self._pause()
 
-    def _finish_auth(self, rid: m.RequestId, result: dict[str, Any] | ChatError) -> None:
+    def finish_auth(
+        self, rid: m.RequestId, result: dict[str, Any] | ChatError, *, clear_pending: bool = False
+    ) -> None:
         """From any thread: answer a paused auth request and resume reading."""
         if isinstance(result, ChatError):
             self.send_error(result, rid)
         else:
             self.reply(rid, result)
-        self.loop.call_soon(self._resume)
+        self.loop.call_soon(self._resumed_after_auth, clear_pending)
 
-    def _logged_in(self, session: Session, attached: bool) -> None:
+    def _resumed_after_auth(self, clear_pending: bool) -> None:
+        if clear_pending:
+            self.pending_session = None
+        self._resume()
+
+    def clear_pending(self) -> None:
+        self.pending_session = None
+
+    def logged_in(self, session: Session, attached: bool, more: bool) -> None:
+        """Loop thread: the writer attached (or could not attach) the new session."""
+        self.pending_session = None
         if not attached or self.state not in (State.OPEN, State.READY):
             self.server.hub.detach(session)
             return
         self.session = session
         self.state = State.READY
+        self.backlog_more = more
         log.info("%s: %s logged in", self.peer, session.name)
         self._resume()
+
+    def _next_backlog_page(self) -> None:
+        """The queue has drained: hand over the next page of stored direct messages."""
+        session, store = self.session, self.server.store
+        if session is None:
+            return
+        self.backlog_more = False
+        budget = self.settings.max_outbound_bytes // 4
+
+        def run(db: Any) -> Callable[[], None]:
+            frames, more = store.take_undelivered(db, session.user_id, budget)
+
+            def after() -> None:
+                taken = [f["msg_id"] for f in frames]
+                if not all([session.out.deliver(encode(f)) for f in frames]):
+                    store.submit(store.mark_job(taken, False))
+                elif more:
+                    self.loop.call_soon(self._want_more_backlog)
+
+            return after
+
+        store.submit(Job(run, lambda exc: log.error("%s: backlog: %s", self.peer, exc)))
+
+    def _want_more_backlog(self) -> None:
+        self.backlog_more = True
+        self._write()
+
+    def _detach(self) -> None:
+        """Leave the hub: at once when stopping, else after this user's queued work.
+
+        Going through the writer keeps the order: a `presence leave` never overtakes the
+        user's last messages. A login in progress is detached at once, so that its
+        attach, whenever the writer gets to it, fails and keeps the direct messages.
+        """
+        hub = self.server.hub
+        if self.pending_session is not None:
+            hub.detach(self.pending_session)
+        session = self.session
+        if session is None:
+            return
+        if self.server.stopping:
+            hub.detach(session, quiet=True)
+            return
+        self.server.store.submit(Job(lambda db: (lambda: hub.detach(session)),
+                                     lambda exc: hub.detach(session)))
 
     # --- writing (loop thread) ------------------------------------------------------
     def _flush(self) -> None:
@@ -582,6 +550,8 @@ class Connection:
         self._want_write(False)
         if self.state == State.CLOSING:
             self._shut_down()
+        elif self.backlog_more and self.state == State.READY:
+            self._next_backlog_page()
 
     def _want_write(self, want: bool) -> None:
         flag = WRITE if want else 0
@@ -596,6 +566,7 @@ class Connection:
             dropped = self._out_bytes - (len(self._wbuf) if self._wbuf else 0)
             self._out.clear()
             self._out_bytes -= dropped
+            self._overflowed = False  # so that close() can queue the bye
         log.warning("%s: not reading; dropped %d queued bytes", self.peer, dropped)
         self.close("slow_consumer")
 
@@ -610,8 +581,7 @@ class Connection:
         self.state = State.CLOSING
         self.close_reason = reason or detail
         self.close_deadline = time.monotonic() + self.settings.shutdown_grace
-        if self.session is not None:
-            self.server.hub.detach(self.session)
+        self._detach()
         with self._olock:
             if reason is not None:
                 bye = encode({"type": "bye", "reason": reason})
@@ -656,8 +626,8 @@ class Connection:
         if self.state == State.CLOSED:
             return
         prev, self.state = self.state, State.CLOSED
-        if self.session is not None:
-            self.server.hub.detach(self.session)
+        if prev < State.CLOSING:
+            self._detach()
         with self._olock:
             self._out_closed = True
             self._out.clear()
@@ -706,8 +676,8 @@ class _Handler:
 # An explicit table from request type to handler: nothing is looked up by a name the
 # client sent.
 _HANDLERS: dict[type, _Handler] = {
-    m.Register: _Handler(Connection._on_register, True),
-    m.Login: _Handler(Connection._on_login, True),
+    m.Register: _Handler(login.register, True),
+    m.Login: _Handler(login.login, True),
     m.Ping: _Handler(Connection._on_ping, True),
     m.Pong: _Handler(Connection._on_pong, True),
     m.Quit: _Handler(Connection._on_quit, True),
@@ -716,5 +686,5 @@ _HANDLERS: dict[type, _Handler] = {
     m.Leave: _Handler(Connection._on_leave, False),
     m.Who: _Handler(Connection._on_who, False),
     m.History: _Handler(Connection._on_history, False),
-    m.Passwd: _Handler(Connection._on_passwd, False),
+    m.Passwd: _Handler(login.passwd, False),
 }

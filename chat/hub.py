@@ -27,7 +27,7 @@ from chat.protocol import encode
 
 
 class Outbound(Protocol):
-    def deliver(self, data: bytes) -> None: ...
+    def deliver(self, data: bytes) -> bool: ...
     def end(self, reason: str) -> None: ...
 
 
@@ -46,15 +46,18 @@ class UserState:
 
 @dataclass(eq=False)
 class Session:
-    """One logged-in connection."""
+    """One logged-in connection (or one whose login is in progress)."""
 
     user_id: int
     key: str
     name: str
-    session_id: str
-    out: Outbound
+    session_id: str = field(repr=False)
+    out: Outbound = field(repr=False)
     user: UserState | None = None
     closed: bool = False
+    # The rooms whose member sets hold this session: detach removes it from exactly these,
+    # whatever the user's room set says by then (a leave may be half done).
+    rooms_in: set[str] = field(default_factory=set)
 
 
 def with_re(data: bytes, re: object) -> bytes:
@@ -92,9 +95,11 @@ class LocalHub:
                 if first_session:
                     self._presence(members, room, user.name, "join")
                 members.add(session)
+                session.rooms_in.add(room)
             return True
 
-    def detach(self, session: Session) -> None:
+    def detach(self, session: Session, *, quiet: bool = False) -> None:
+        """Forget a session; with `quiet` (shutdown), tell no one it left."""
         with self._lock:
             session.closed = True
             user = session.user
@@ -104,15 +109,16 @@ class LocalHub:
             last = not user.sessions
             if last:
                 del self._users[user.key]
-            for room in user.rooms:
+            for room in session.rooms_in:
                 members = self._rooms.get(room)
                 if members is None:
                     continue
                 members.discard(session)
-                if last:
+                if last and not quiet:
                     self._presence(members, room, user.name, "leave")
                 if not members:
                     del self._rooms[room]
+            session.rooms_in.clear()
 
     def sessions_of(self, key: str) -> list[Session]:
         with self._lock:
@@ -145,7 +151,9 @@ class LocalHub:
             if room not in user.rooms or user.key not in self._users:
                 return
             members = self._rooms.setdefault(room, set())
-            members.update(user.sessions)
+            for session in user.sessions:
+                members.add(session)
+                session.rooms_in.add(room)
             self._presence(members, room, user.name, "join")
 
     def left(self, user: UserState, room: str) -> None:
@@ -155,7 +163,10 @@ class LocalHub:
                 return
             # The leaver hears its own leave too, so all its sessions learn of it.
             self._presence(members, room, user.name, "leave")
-            members.difference_update(user.sessions)
+            for session in list(members):
+                if session.key == user.key:
+                    members.discard(session)
+                    session.rooms_in.discard(room)
             if not members:
                 del self._rooms[room]
 
@@ -172,20 +183,26 @@ class LocalHub:
             for session in self._rooms.get(room, ()):
                 session.out.deliver(echo if session is origin else data)
 
-    def publish_users(
-        self, keys: tuple[str, ...], data: bytes, origin: Session | None, echo: bytes
-    ) -> None:
-        """Deliver to every session of the given users (each session once)."""
+    def publish_direct(
+        self, to: str, sender: str, data: bytes, origin: Session | None, echo: bytes
+    ) -> bool:
+        """Deliver a direct message to every session of both users (each session once).
+
+        Returns whether at least one session of the recipient took it, so the caller
+        can keep the message for the recipient's next login otherwise.
+        """
         with self._lock:
-            seen: set[int] = set()
-            for key in keys:
-                user = self._users.get(key)
-                if user is None:
-                    continue
-                for session in user.sessions:
-                    if id(session) not in seen:
-                        seen.add(id(session))
-                        session.out.deliver(echo if session is origin else data)
+            delivered = False
+            recipient = self._users.get(to)
+            if recipient is not None:
+                for session in recipient.sessions:
+                    took = session.out.deliver(echo if session is origin else data)
+                    delivered = delivered or took
+            author = self._users.get(sender)
+            if author is not None and author is not recipient:
+                for session in author.sessions:
+                    session.out.deliver(echo if session is origin else data)
+            return delivered
 
     def broadcast(self, data: bytes) -> None:
         with self._lock:

@@ -48,6 +48,8 @@ DEFAULT_ROOM = "general"
 # Bounds one transaction: large enough to amortise a commit over a burst, small enough that
 # the first message of a burst is not held back long.
 MAX_BATCH = 512
+# Stored direct messages handed to a logging-in session per page.
+MAX_BACKLOG_PAGE = 500
 
 After = Callable[[], None] | None
 
@@ -79,6 +81,9 @@ class Job:
 
     run: Callable[[Connection], After]
     fail: Callable[[ChatError], None]
+    # A login job names its user: a direct message later in the same batch must count
+    # the user as online, since the login's continuation attaches the session first.
+    logs_in: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,30 +213,45 @@ class Store:
             )
         )
 
-    def take_undelivered(self, conn: Connection, user_id: int) -> list[Frame]:
-        """Direct messages stored while the user had no session, oldest first; now marked."""
+    def take_undelivered(
+        self, conn: Connection, user_id: int, max_bytes: int = 1 << 20
+    ) -> tuple[list[Frame], bool]:
+        """Direct messages stored while the user had no session, oldest first, now marked
+        delivered; at most about `max_bytes` of them. The flag says whether more wait."""
         rows = conn.execute(
             select(messages_t).where(
                 and_(messages_t.c.recipient_id == user_id, messages_t.c.delivered.is_(False))
-            ).order_by(messages_t.c.id)
+            ).order_by(messages_t.c.id).limit(MAX_BACKLOG_PAGE + 1)
         ).all()
-        if rows:
+        taken, size = [], 0
+        for row in rows[:MAX_BACKLOG_PAGE]:
+            size += _frame_size(row)
+            if taken and size > max_bytes:
+                break
+            taken.append(row)
+        if taken:
             conn.execute(
-                update(messages_t).where(messages_t.c.id.in_([r.id for r in rows]))
+                update(messages_t).where(messages_t.c.id.in_([r.id for r in taken]))
                 .values(delivered=True)
             )
-        return [message_frame(r) for r in rows]
+        return [message_frame(r) for r in taken], len(taken) < len(rows)
 
-    def undeliver_job(self, msg_ids: list[int]) -> Job:
-        """Put direct messages back as undelivered (their login did not complete)."""
+    def password_hash_is(self, conn: Connection, user_id: int, expected: str) -> bool:
+        current = conn.execute(
+            select(users_t.c.password_hash).where(users_t.c.id == user_id)
+        ).scalar()
+        return current == expected
+
+    def mark_job(self, msg_ids: list[int], delivered: bool) -> Job:
+        """Set the delivered mark of direct messages (e.g. their login did not complete)."""
 
         def run(conn: Connection) -> After:
             conn.execute(
-                update(messages_t).where(messages_t.c.id.in_(msg_ids)).values(delivered=False)
+                update(messages_t).where(messages_t.c.id.in_(msg_ids)).values(delivered=delivered)
             )
             return None
 
-        return Job(run, lambda exc: log.error("could not re-queue direct messages: %s", exc))
+        return Job(run, lambda exc: log.error("could not re-mark direct messages: %s", exc))
 
     def history(
         self, conn: Connection, *, room: str | None = None, pair: str | None = None,
@@ -254,8 +274,7 @@ class Store:
             rows = conn.execute(query.order_by(messages_t.c.id.desc()).limit(limit)).all()
         frames, size = [], 0
         for row in rows:  # nearest the anchor first
-            # Worst-case UTF-8 size plus the frame's other fields.
-            size += 4 * len(row.body) + 160
+            size += _frame_size(row)
             if frames and size > max_bytes:
                 break
             frames.append(message_frame(row))
@@ -289,6 +308,7 @@ class Store:
 
     def _run_batch(self, batch: list[Job | MessageJob]) -> None:
         afters: list[After] = []
+        logging_in: set[str] = set()
         try:
             with self.engine.begin() as conn:
                 messages: list[MessageJob] = []
@@ -297,11 +317,14 @@ class Store:
                         messages.append(job)
                         continue
                     if messages:
-                        afters.extend(self._insert_messages(conn, messages))
+                        afters.extend(self._insert_messages(conn, messages, logging_in))
                         messages = []
-                    afters.append(self._run_job(conn, job))
+                    after, ok = self._run_job(conn, job)
+                    afters.append(after)
+                    if ok and job.logs_in is not None:
+                        logging_in.add(job.logs_in)
                 if messages:
-                    afters.extend(self._insert_messages(conn, messages))
+                    afters.extend(self._insert_messages(conn, messages, logging_in))
         except Exception:
             log.exception("store: a batch of %d jobs could not be committed", len(batch))
             self._users.clear()
@@ -316,17 +339,19 @@ class Store:
             except Exception:
                 log.exception("store: a continuation failed")
 
-    def _run_job(self, conn: Connection, job: Job) -> After:
+    def _run_job(self, conn: Connection, job: Job) -> tuple[After, bool]:
         try:
             with conn.begin_nested():
-                return job.run(conn)
+                return job.run(conn), True
         except ChatError as exc:
-            return _failing(job.fail, exc)
+            return _failing(job.fail, exc), False
         except Exception:
             log.exception("store: a job failed")
-            return _failing(job.fail, Internal())
+            return _failing(job.fail, Internal()), False
 
-    def _insert_messages(self, conn: Connection, jobs: list[MessageJob]) -> list[After]:
+    def _insert_messages(
+        self, conn: Connection, jobs: list[MessageJob], logging_in: set[str]
+    ) -> list[After]:
         ms = now_ms()
         afters: list[After] = [None] * len(jobs)
         rows: list[dict[str, Any]] = []
@@ -347,7 +372,7 @@ class Store:
                 row.update(
                     recipient_id=rec.id, recipient_name=rec.name,
                     dm_pair=dm_pair(sess.user_id, rec.id),
-                    delivered=self.hub.is_online(rec.key),
+                    delivered=rec.key in logging_in or self.hub.is_online(rec.key),
                 )
             rows.append(row)
             placed.append((i, job, rec))
@@ -358,7 +383,7 @@ class Store:
         # One writer inserts the rows of a multi-row INSERT in order, so the ascending ids
         # belong to the rows in parameter order.
         ids = sorted(r[0] for r in conn.execute(stmt, rows))
-        for (i, job, rec), msg_id in zip(placed, ids, strict=True):
+        for (i, job, rec), row, msg_id in zip(placed, rows, ids, strict=True):
             frame: Frame = {
                 "type": "message", "msg_id": msg_id, "ts": format_ts(ms),
                 "username": job.session.name,
@@ -368,20 +393,33 @@ class Store:
             else:
                 frame["to"] = rec.name
             frame["message"] = job.text
-            afters[i] = self._fanout_later(job, rec, frame)
+            afters[i] = self._fanout_later(job, rec, frame, bool(row["delivered"]))
         return afters
 
-    def _fanout_later(self, job: MessageJob, rec: UserRecord | None, frame: Frame) -> After:
+    def _fanout_later(
+        self, job: MessageJob, rec: UserRecord | None, frame: Frame, stored_delivered: bool
+    ) -> After:
         def fanout() -> None:
             data = encode(frame)
             echo = data if job.rid is None else with_re(data, job.rid)
             if rec is None:
                 assert job.room is not None
                 self.hub.publish_room(job.room, data, job.session, echo)
-            else:
-                self.hub.publish_users((rec.key, job.session.key), data, job.session, echo)
+                return
+            delivered = self.hub.publish_direct(rec.key, job.session.key, data, job.session, echo)
+            if delivered != stored_delivered:
+                # The recipient's last session went (or a first one came) between the
+                # INSERT and now: correct the mark so the next login gets it exactly once.
+                self.submit(self.mark_job([frame["msg_id"]], delivered))
 
         return fanout
+
+
+def _frame_size(row: Any) -> int:
+    # A cheap upper bound of the encoded frame: ASCII at worst doubles with JSON escapes
+    # (control characters, which would take 6, are refused); other text is UTF-8, <= 4.
+    body = row.body
+    return (2 * len(body) if body.isascii() else 4 * len(body)) + 200
 
 
 def _failing(fail: Callable[[ChatError], None], exc: ChatError) -> After:

@@ -34,6 +34,9 @@ class _Record:
     times: deque[float] = field(default_factory=deque)
     consecutive: int = 0
     last: float = 0.0
+    # Attempts admitted whose bcrypt check has not finished: they count against the
+    # limit already, so parallel connections cannot all slip in before the first fails.
+    pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,35 +68,61 @@ class Throttle:
 
     # --- logins ---------------------------------------------------------------------
     def check_login(self, ip: str, account: str) -> None:
-        """Raise RateLimited if this attempt must wait; call before any bcrypt work."""
+        """Admit one attempt or raise RateLimited; call before any bcrypt work.
+
+        An admitted attempt must be settled by exactly one of `login_failed`,
+        `login_succeeded` or `release`.
+        """
         now = self._clock()
         lim = self.limits
+        account = account[:64]
         with self._lock:
             wait = 0.0
             rec = self._accounts.get(account)
-            if rec is not None and (
-                self._recent(rec, now, lim.window) >= lim.account_failures
-                or rec.consecutive >= lim.max_consecutive
-            ):
-                wait = max(wait, rec.last + lim.account_delay(rec.consecutive) - now)
+            if rec is not None:
+                recent = self._recent(rec, now, lim.window)
+                if recent >= lim.account_failures or rec.consecutive >= lim.max_consecutive:
+                    wait = rec.last + lim.account_delay(rec.consecutive) - now
+                elif recent + rec.pending >= lim.account_failures:
+                    wait = 1.0  # the attempts in flight may use up what is left
             ip_rec = self._ips.get(ip)
-            if ip_rec is not None and self._recent(ip_rec, now, lim.window) >= lim.ip_failures:
-                wait = max(wait, ip_rec.times[0] + lim.window - now)
-        if wait > 0:
-            raise RateLimited(wait, "too many failed logins; wait before trying again")
+            if ip_rec is not None:
+                recent = self._recent(ip_rec, now, lim.window)
+                if recent >= lim.ip_failures:
+                    wait = max(wait, ip_rec.times[0] + lim.window - now)
+                elif recent + ip_rec.pending >= lim.ip_failures:
+                    wait = max(wait, 1.0)
+            if wait > 0:
+                raise RateLimited(wait, "too many failed logins; wait before trying again")
+            self._record(self._accounts, account).pending += 1
+            self._record(self._ips, ip).pending += 1
 
     def login_failed(self, ip: str, account: str) -> None:
         now = self._clock()
+        account = account[:64]
         with self._lock:
             for table, key in ((self._accounts, account), (self._ips, ip)):
                 rec = self._record(table, key)
+                rec.pending = max(0, rec.pending - 1)
                 rec.times.append(now)
                 rec.consecutive += 1
                 rec.last = now
 
-    def login_succeeded(self, account: str) -> None:
+    def login_succeeded(self, ip: str, account: str) -> None:
         with self._lock:
-            self._accounts.pop(account, None)
+            self._accounts.pop(account[:64], None)
+            self._settle(self._ips, ip)
+
+    def release(self, ip: str, account: str) -> None:
+        """Settle an admitted attempt that never got to check a password."""
+        with self._lock:
+            self._settle(self._accounts, account[:64])
+            self._settle(self._ips, ip)
+
+    def _settle(self, table: dict[str, _Record], key: str) -> None:
+        rec = table.get(key)
+        if rec is not None:
+            rec.pending = max(0, rec.pending - 1)
 
     # --- registrations --------------------------------------------------------------
     def register_attempt(self, ip: str) -> None:

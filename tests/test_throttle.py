@@ -57,7 +57,7 @@ def test_success_resets_the_account(clock):
     fail(t, 5)
     clock.now += 1
     t.check_login("1.1.1.1", "alice")
-    t.login_succeeded("alice")
+    t.login_succeeded("1.1.1.1", "alice")
     fail(t, 4)
     t.check_login("1.1.1.1", "alice")
 
@@ -206,3 +206,25 @@ def test_at_most_one_attempt_per_lockout_after_100_consecutive_failures(clock):
         attempts += 1
     assert 100 <= attempts <= 100 + 7  # the cap, then one a day
     assert t.limits.account_delay(100) == 86400
+
+
+def test_attempts_in_flight_count_against_the_limit(clock):
+    t = Throttle(Limits(account_failures=3, ip_failures=1000), clock)
+    for _ in range(3):
+        t.check_login("1.1.1.1", "alice")  # three checks admitted, none finished yet
+    with pytest.raises(RateLimited):
+        t.check_login("2.2.2.2", "alice")
+    t.release("1.1.1.1", "alice")
+    t.check_login("2.2.2.2", "alice")
+
+
+def test_parallel_guesses_over_tls_cannot_pass_the_limit(server_factory):
+    server = server_factory(login_account_failures=3, login_max_delay=600, bcrypt_rounds=10)
+    server.register("target")
+    clients = [server.client() for _ in range(12)]
+    for c in clients:
+        c.send({"type": "login", "username": "target", "password": "a wrong guess, sorry",
+                "id": 1})
+    codes = [c.recv_until("error")["code"] for c in clients]
+    assert codes.count("invalid_credentials") <= 3
+    assert codes.count("rate_limited") >= 9

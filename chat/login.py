@@ -1,0 +1,202 @@
+"""The password-checked requests: register, login and passwd.
+
+Theory of operation
+-------------------
+Each starts on the connection's loop thread, which checks what is cheap (field rules,
+password strength, throttling) and pauses the connection. The bcrypt work then runs on
+the bounded auth pool; what it decides is written by the store's writer thread; the
+writer's continuation answers and resumes the connection (`Connection.finish_auth`).
+
+Every path out of a started request ends in exactly one `finish_auth` (or, for a login,
+`logged_in`), and settles its throttling admission, whatever fails on the way: a refusal,
+a commit that fails, an unexpected exception.
+
+Races the writer settles: a login whose password was checked against a hash that a
+`passwd` has replaced since is refused; a login whose connection closed meanwhile finds
+its session detached, and its stored direct messages are put back for the next login.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from chat import messages as m
+from chat.auth import check_new_password
+from chat.errors import (
+    AlreadyAuthenticated,
+    ChatError,
+    Internal,
+    InvalidCredentials,
+    InvalidUsername,
+)
+from chat.hub import Session
+from chat.protocol import encode
+from chat.store import Job
+
+if TYPE_CHECKING:
+    from chat.connection import Connection
+
+log = logging.getLogger(__name__)
+
+# Session ids: 192 random bits (ASVS 5.0 7.2.3 asks at least 128).
+SESSION_ID_BYTES = 24
+
+
+def _guarded(conn: Connection, rid: m.RequestId, work: Callable[[], None],
+             on_error: Callable[[], None] = lambda: None) -> Callable[[], None]:
+    """Run `work` on the pool; any unexpected exception still answers and resumes."""
+
+    def run() -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("%s: password check failed", conn.peer)
+            on_error()
+            conn.finish_auth(rid, Internal())
+
+    return run
+
+
+def register(conn: Connection, req: m.Register) -> None:
+    if conn.session is not None:
+        raise AlreadyAuthenticated()
+    if not m.valid_username(req.username):
+        raise InvalidUsername()
+    server, rid = conn.server, req.id
+    password = check_new_password(
+        req.password, req.username, min_length=conn.settings.min_password_length,
+        service_name=server.name,
+    )
+    server.throttle.register_attempt(conn.ip)
+
+    def work() -> None:
+        # Hash first, even for a taken name: the reply takes as long either way.
+        password_hash = server.hasher.hash(password)
+
+        def run(db: Any) -> Callable[[], None]:
+            rec = server.store.create_user(db, req.username, password_hash)
+            log.info("%s: registered %s", conn.peer, rec.name)
+            return lambda: conn.finish_auth(
+                rid, {"type": "ok", "op": "register", "username": rec.name}
+            )
+
+        server.store.submit(Job(run, lambda exc: conn.finish_auth(rid, exc)))
+
+    conn.submit_auth(_guarded(conn, rid, work))
+
+
+def login(conn: Connection, req: m.Login) -> None:
+    if conn.session is not None or conn.pending_session is not None:
+        raise AlreadyAuthenticated()
+    server, rid, ip = conn.server, req.id, conn.ip
+    key = req.username.lower()
+    server.throttle.check_login(ip, key)
+    # Made here, on the loop thread, so that a close from now on detaches it.
+    session = Session(0, key, req.username, secrets.token_urlsafe(SESSION_ID_BYTES), out=conn)
+    settled = False
+
+    def settle(outcome: Callable[[str, str], None]) -> None:
+        nonlocal settled
+        if not settled:
+            settled = True
+            outcome(ip, key)
+
+    def refuse(exc: ChatError) -> None:
+        conn.finish_auth(rid, exc, clear_pending=True)
+
+    def work() -> None:
+        rec = server.store.find_user(key) if m.valid_username(req.username) else None
+        if not server.hasher.verify(req.password, rec.password_hash if rec else None):
+            log.info("%s: failed login for %r", conn.peer, req.username[:40])
+            settle(server.throttle.login_failed)
+            refuse(InvalidCredentials())
+            return
+        assert rec is not None
+        settle(server.throttle.login_succeeded)
+        session.user_id, session.name = rec.id, rec.name
+        new_hash = server.hasher.hash(req.password) if server.hasher.needs_rehash(
+            rec.password_hash) else None
+        budget = conn.settings.max_outbound_bytes // 4
+
+        def run(db: Any) -> Callable[[], None]:
+            if not server.store.password_hash_is(db, rec.id, rec.password_hash):
+                raise InvalidCredentials()  # a passwd got in between: check again
+            if new_hash is not None:
+                server.store.set_password_hash(db, rec.id, new_hash)
+            rooms = server.store.rooms_of(db, rec.id)
+            backlog, more = server.store.take_undelivered(db, rec.id, budget)
+
+            def after() -> None:
+                welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
+                           "session": session.session_id}
+                if rid is not None:
+                    welcome["re"] = rid
+                first = [encode(welcome)] + [encode(f) for f in backlog]
+                attached = server.hub.attach(session, rooms, first)
+                if not attached and backlog:
+                    server.store.submit(
+                        server.store.mark_job([f["msg_id"] for f in backlog], False))
+                conn.loop.call_soon(conn.logged_in, session, attached, more)
+
+            return after
+
+        server.store.submit(Job(run, refuse, logs_in=key))
+
+    conn.pending_session = session
+    conn.submit_auth(
+        _guarded(conn, rid, work, on_error=lambda: settle(server.throttle.release)),
+        on_busy=lambda: (settle(server.throttle.release), conn.clear_pending()),
+    )
+
+
+def passwd(conn: Connection, req: m.Passwd) -> None:
+    session = conn.require_session()
+    server, rid, ip = conn.server, req.id, conn.ip
+    password = check_new_password(
+        req.new, session.name, min_length=conn.settings.min_password_length,
+        service_name=server.name,
+    )
+    # Guessing the old password from a stolen session is guessing all the same.
+    server.throttle.check_login(ip, session.key)
+    settled = False
+
+    def settle(outcome: Callable[[str, str], None]) -> None:
+        nonlocal settled
+        if not settled:
+            settled = True
+            outcome(ip, session.key)
+
+    def work() -> None:
+        rec = server.store.find_user(session.key)
+        if rec is None or not server.hasher.verify(req.old, rec.password_hash):
+            settle(server.throttle.login_failed)
+            conn.finish_auth(rid, InvalidCredentials())
+            return
+        settle(server.throttle.login_succeeded)
+        password_hash = server.hasher.hash(password)
+
+        def run(db: Any) -> Callable[[], None]:
+            if not server.store.password_hash_is(db, rec.id, rec.password_hash):
+                raise InvalidCredentials()  # changed by another session meanwhile
+            server.store.set_password_hash(db, rec.id, password_hash)
+            log.info("%s: %s changed their password", conn.peer, rec.name)
+
+            def after() -> None:
+                if req.logout_others:
+                    # `quit`: the user asked for these sessions to end, from another.
+                    for other in server.hub.sessions_of(session.key):
+                        if other is not session:
+                            other.out.end("quit")
+                conn.finish_auth(rid, {"type": "ok", "op": "passwd"})
+
+            return after
+
+        server.store.submit(Job(run, lambda exc: conn.finish_auth(rid, exc)))
+
+    conn.submit_auth(
+        _guarded(conn, rid, work, on_error=lambda: settle(server.throttle.release)),
+        on_busy=lambda: settle(server.throttle.release),
+    )
