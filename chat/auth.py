@@ -152,13 +152,14 @@ _KEYBOARD_WALKS = (
     "asdfghjkl",
     "zxcvbnm",
     "qwertyuiopasdfghjklzxcvbnm",
+    "poiuytrewqlkjhgfdsamnbvcxz",
     "1234567890qwertyuiopasdfghjklzxcvbnm",
     "1qaz2wsx3edc4rfv5tgb6yhn7ujm8ik,9ol.0p;/",
     "qazwsxedcrfvtgbyhnujmikolp",
 )
 _MIN_DISTINCT = 5
 _MIN_LIST_WORD = 4  # shorter list entries ('a', '12', 'abc') would split anything
-_MAX_LIST_WORDS = 3
+_MAX_LIST_WORDS = 2
 _EDGES = re.compile(r"^[\W\d_]+|[\W\d_]+$")  # digits, punctuation and spaces at the ends
 _NOT_ALNUM = re.compile(r"[\W_]+")
 

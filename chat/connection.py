@@ -461,6 +461,8 @@ class Connection:
         self.backlog_more = more
         log.info("%s: %s logged in", self.peer, session.name)
         self._resume()
+        if more:
+            self._write()  # asks for the next page once the first has gone out
 
     def _next_backlog_page(self) -> None:
         """The queue has drained: hand over the next page of stored direct messages."""

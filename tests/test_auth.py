@@ -5,13 +5,19 @@ bcrypt runs at cost 4 (its minimum) so the whole file stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import random
 import stat
+import string
+import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from chat import auth
 from chat.auth import (
@@ -304,10 +310,12 @@ def test_too_short(min_length: int) -> None:
 
 
 def test_length_counts_after_nfkc() -> None:
-    # U+337F (one character) is four characters after NFKC.
-    typed = "\u337f" * 4
+    # Each of these squared words (one character) is four characters after NFKC.
+    typed = "\u3300\u3301\u3302\u337f"
     assert len(typed) == 4
-    assert check_new_password(typed, "alice", min_length=15) == "\u682a\u5f0f\u4f1a\u793e" * 4
+    expected = "\u30a2\u30d1\u30fc\u30c8\u30a2\u30eb\u30d5\u30a1\u30a2\u30f3\u30da\u30a2" \
+        "\u682a\u5f0f\u4f1a\u793e"
+    assert check_new_password(typed, "alice", min_length=15) == expected
     # And the other way: 15 characters that NFKC makes 14 are too short.
     raw = "e\u0301" + "q7#Lx!vR2mZ9w"
     assert len(raw) == 15 and len(unicodedata.normalize("NFKC", raw)) == 14
@@ -316,7 +324,8 @@ def test_length_counts_after_nfkc() -> None:
 
 
 def test_too_long() -> None:
-    ok = ("correct horse battery staple " * 10)[:256]
+    ok = ("correct horse battery staple " + " ".join(map(str, range(100))))[:256]
+    assert len(ok) == 256
     assert check_new_password(ok, "alice", min_length=15) == ok
     with pytest.raises(WeakPassword):
         check_new_password(ok + "x", "alice", min_length=15)
@@ -392,4 +401,181 @@ def test_service_name_compared_case_insensitively() -> None:
 
 def test_service_name_inside_a_real_passphrase_is_fine() -> None:
     text = "we chat about tea at seven"
+    assert check_new_password(text, "alice", min_length=15) == text
+
+
+# --- blocklist: repetition, sequences, common-list compounds (NIST SP 800-63B-4 3.1.1.2) ---
+
+GOOD_PASSPHRASES = [
+    PASSWORD,
+    "correct horse battery staple",
+    "we chat about tea at seven",
+    "\ufb01ne \ufb01ne \ufb01ne \ufb01ne passphrase",  # 'fine ' four times, then a word
+    "fine fine fine fine passphrase",
+    "another fresh passphrase 99",
+    "a completely new passphrase 7",
+    "w" * 80 + " tail one",
+    "fine tea at seven o'clock",
+    "q7#Lx!vR2mZ9wK4pTb8N",
+    "8172635490817263",  # digits alone are no composition problem
+]
+
+
+@pytest.mark.parametrize("password", GOOD_PASSPHRASES)
+def test_good_passphrases_pass_the_blocklist(password: str) -> None:
+    assert check_new_password(password, "alice", min_length=15) == unicodedata.normalize(
+        "NFKC", password)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "passwordpassword",
+        "iloveyouiloveyou",
+        "aaaaaaaaaaaaaaa",
+        "AbCaBcAbCaBcAbC",  # casefolded first
+        "abcabcabcabcabcab",  # the last copy may be cut short
+        "xyz7 xyz7 xyz7 xyz7",  # spaces between the copies do not help
+        "correct horse correct horse ",
+    ],
+)
+def test_repetition_refused(password: str) -> None:
+    with pytest.raises(WeakPassword, match="repeated"):
+        check_new_password(password, "alice", min_length=15)
+
+
+@pytest.mark.parametrize(
+    "password", ["aaaabbbbccccdddd", "abab abba baab abab", "1212 2121 1122 x"]
+)
+def test_too_few_distinct_characters(password: str) -> None:
+    with pytest.raises(WeakPassword, match="different characters"):
+        check_new_password(password, "alice", min_length=15)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "abcdefghijklmnop",
+        "ABCDEFGHIJKLMNOP",
+        "zyxwvutsrqponmlk",
+        "123456789012345",  # digits wrap round
+        "987654321098765",
+        "uvwxyzabcdefghij",  # letters too
+        "acegikmoqsuwyace",  # any constant step
+        "a b c d e f g h i j k l m n o",
+        "1234abcdefghijkl",  # two runs ('1234abcd')
+        "abcdefghijklmnop!",
+    ],
+)
+def test_sequences_refused(password: str) -> None:
+    with pytest.raises(WeakPassword, match="in order"):
+        check_new_password(password, "alice", min_length=15)
+
+
+@pytest.mark.parametrize("password", ["2345bcde", "bcde2345", "13579bdf"])
+def test_short_sequences_refused_at_min_length_8(password: str) -> None:
+    assert password not in common_passwords()  # '1234abcd' itself is on the list
+    with pytest.raises(WeakPassword, match="in order"):
+        check_new_password(password, "alice", min_length=8)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "qwertyuiopasdfgh",
+        "QWERTYUIOPASDFGH",
+        "poiuytrewqlkjhgf",  # right to left
+        "lkjhgfdsapoiuytr",  # backwards
+        "qwertyuiopqwertyui",  # round again
+        "asdfghjklasdfghj",
+        "zxcvbnmzxcvbnmzx",
+        "1qaz2wsx3edc4rfv5tgb",
+        "!@#$%^&*()!@#$%^",
+    ],
+)
+def test_keyboard_walks_refused(password: str) -> None:
+    assert password.casefold() not in common_passwords()
+    with pytest.raises(WeakPassword, match=r"keyboard|repeated"):
+        check_new_password(password, "alice", min_length=15)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "dragonmonkey123",
+        "DragonMonkey123!",
+        "dragon monkey 123",
+        "dragon-monkey-2024",
+        "!!monkey shadow!!",
+        "1985superman!!!!",
+    ],
+)
+def test_common_entries_joined_refused(password: str) -> None:
+    # Two list words joined are refused; three or more are allowed: three random words
+    # from a 20,000-word list already carry about 43 bits.
+    words = common_passwords()
+    assert {"dragon", "monkey", "sunshine", "princess", "football", "shadow", "superman"} <= words
+    assert password.casefold() not in words
+    with pytest.raises(WeakPassword, match="common"):
+        check_new_password(password, "alice", min_length=15)
+
+
+@pytest.mark.parametrize(
+    "password", ["password password!", "dragon dragon dragon dragon 1", "password-password"]
+)
+def test_a_common_entry_repeated_refused(password: str) -> None:
+    with pytest.raises(WeakPassword, match="common password repeated"):
+        check_new_password(password, "alice", min_length=15)
+
+
+def test_four_common_words_are_a_passphrase() -> None:
+    # At most three list entries count as a compound; more is a real passphrase.
+    text = "dragon monkey shadow sunshine"
+    assert check_new_password(text, "alice", min_length=15) == text
+
+
+def test_tiny_list_entries_do_not_split_strings() -> None:
+    # 'a', '12', 'abc'... are on the list; they must not make anything a "compound".
+    assert {"a", "1", "12", "abc"} & common_passwords()
+    text = "zq8x mv3k wj5t rb"
+    assert check_new_password(text, "alice", min_length=15) == text
+
+
+def test_digits_only_are_not_called_the_service_name() -> None:
+    with pytest.raises(WeakPassword, match="in order"):
+        check_new_password("123456789012345", "alice", min_length=15)
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        "password" * 32,
+        "dragonmonkeyshadow" * 14,
+        "".join(sorted(common_passwords(), key=len, reverse=True))[:256],
+        "a" * 255 + "b",
+        "ab" * 127 + "xy",
+    ],
+)
+def test_worst_cases_stay_fast(password: str) -> None:
+    start = time.perf_counter()
+    with contextlib.suppress(WeakPassword):
+        check_new_password(password, "alice", min_length=15)
+    assert time.perf_counter() - start < 0.5
+
+
+ALNUM = string.ascii_letters + string.digits
+
+
+@given(st.text(alphabet=ALNUM, min_size=20, max_size=60).filter(lambda s: len(set(s)) >= 12))
+@settings(suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+def test_random_alphanumeric_strings_accepted(text: str) -> None:
+    assert check_new_password(text, "alice", min_length=15) == text
+
+
+@given(seed=st.integers(min_value=0, max_value=2**64), size=st.integers(min_value=15, max_value=60))
+def test_random_printable_strings_accepted(seed: int, size: int) -> None:
+    # High entropy whatever hypothesis draws: the characters come from a seeded generator.
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " "
+    text = "".join(random.Random(seed).choices(alphabet, k=size))
+    assume(len(set(text)) >= 8 and text.casefold() not in common_passwords())
     assert check_new_password(text, "alice", min_length=15) == text

@@ -1,0 +1,184 @@
+"""Regression tests for races found in review: each holds the writer or a worker still to
+force the interleaving, instead of hoping a timing window opens."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from conftest import PASSWORD, TIMEOUT
+
+from chat.store import Job
+
+
+class HeldWriter:
+    """Blocks the store's writer thread until released: later jobs queue up behind it."""
+
+    def __init__(self, server) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+        def run(db):
+            self.entered.set()
+            self.release.wait(TIMEOUT)
+            return None
+
+        server.server.store.submit(Job(run, lambda exc: None))
+        assert self.entered.wait(TIMEOUT)
+
+    def __enter__(self) -> HeldWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+
+
+def _lines(*frames) -> bytes:
+    return b"".join(json.dumps(f).encode() + b"\n" for f in frames)
+
+
+def test_leave_then_quit_leaves_no_ghost(chat_server):
+    alice = chat_server.user("alice")
+    assert alice.request({"type": "join", "room": "x"})["type"] == "ok"
+    bob = chat_server.user("bob")
+    assert bob.request({"type": "join", "room": "x"})["type"] == "ok"
+    bob.send_raw(_lines({"type": "leave", "room": "x"}, {"type": "quit"}))
+    bob.recv_until("bye")
+    alice.recv_until("presence", room="x", username="bob", event="leave")
+    assert alice.request({"type": "who", "room": "x"})["users"] == ["alice"]
+    assert chat_server.server.hub.sessions_of("bob") == []
+
+
+def _wait_queue(server, n: int) -> None:
+    for _ in range(400):
+        if server.server.store._queue.qsize() >= n:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"the writer queue never reached {n} jobs")
+
+
+def test_server_close_during_login_keeps_stored_direct_messages(server_factory):
+    server = server_factory(login_timeout=1.0)
+    server.register("bob")
+    alice = server.user("alice")
+    assert alice.request({"type": "send", "to": "bob", "message": "kept"})["type"] == "message"
+    c = server.client()
+    with HeldWriter(server):
+        c.send({"type": "login", "username": "bob", "password": PASSWORD})
+        _wait_queue(server, 1)  # the password is checked; the login waits for the writer
+        assert c.recv() == {"type": "bye", "reason": "login_timeout"}
+    again = server.client()
+    assert again.login("bob")["type"] == "welcome"
+    assert again.recv()["message"] == "kept"
+
+
+def test_direct_message_batched_after_login_arrives_once(chat_server):
+    chat_server.register("bob")
+    alice = chat_server.user("alice")
+    bob = chat_server.client()
+    with HeldWriter(chat_server):
+        # Both jobs land in the same batch: the login first, then the message.
+        bob.send({"type": "login", "username": "bob", "password": PASSWORD, "id": "L"})
+        _wait_queue(chat_server, 1)
+        alice.send({"type": "send", "to": "bob", "message": "once", "id": "M"})
+        _wait_queue(chat_server, 2)
+    assert bob.recv()["type"] == "welcome"
+    assert bob.recv_until("message")["message"] == "once"
+    bob.close()
+    again = chat_server.client()
+    again.login("bob")
+    again.send({"type": "ping"})
+    assert again.recv() == {"type": "pong"}  # nothing stored for bob: it was delivered
+
+
+def test_direct_message_to_a_user_leaving_mid_batch_is_kept(chat_server):
+    chat_server.register("bob")
+    alice = chat_server.user("alice")
+    bob = chat_server.client()
+    assert bob.login("bob")["type"] == "welcome"
+    with HeldWriter(chat_server) as held:
+        alice.send({"type": "send", "to": "bob", "message": "do not lose me"})
+        bob.send({"type": "quit"})
+        bob.recv_until("bye")
+        held.release.set()
+    alice.recv_until("message")  # the echo: stored and fanned out
+    again = chat_server.client()
+    again.login("bob")
+    got = again.recv()
+    assert got["type"] == "message" and got["message"] == "do not lose me"
+
+
+def test_presence_leave_follows_the_last_message(chat_server):
+    alice = chat_server.user("alice")
+    for i in range(5):
+        bob = chat_server.user(f"bob{i}")
+        alice.recv_until("presence", username=f"bob{i}", event="join")
+        bob.send_raw(_lines({"type": "send", "room": "general", "message": "bye all"},
+                            {"type": "quit"}))
+        first = alice.recv_until("message")
+        assert first["username"] == f"bob{i}"
+        alice.recv_until("presence", username=f"bob{i}", event="leave")
+
+
+def test_login_refused_if_password_changed_meanwhile(chat_server):
+    chat_server.register("carol")
+    owner = chat_server.client()
+    assert owner.login("carol")["type"] == "welcome"
+    thief = chat_server.client()
+    with HeldWriter(chat_server):
+        owner.send({"type": "passwd", "old": PASSWORD, "new": "an entirely new secret 77"})
+        _wait_queue(chat_server, 1)  # the change is checked and waits to be written
+        thief.send({"type": "login", "username": "carol", "password": PASSWORD})
+        _wait_queue(chat_server, 2)  # the old password checked out against the old hash
+    assert owner.recv_until("ok")["op"] == "passwd"
+    assert thief.recv()["code"] == "invalid_credentials"
+
+
+def test_quit_is_never_rate_limited(server_factory):
+    server = server_factory(frames_per_second=1, frame_burst=3)
+    c = server.client()
+    c.send_raw(_lines(*[{"type": "ping"}] * 10, {"type": "quit"}))
+    frames = []
+    while True:
+        frame = c.recv()
+        frames.append(frame)
+        if frame["type"] == "bye":
+            break
+    assert frames[-1] == {"type": "bye", "reason": "quit"}
+    assert sum(f["type"] == "pong" for f in frames) == 3
+
+
+def test_unexpected_error_in_a_password_check_answers_internal(chat_server, monkeypatch):
+    chat_server.register("dora")
+
+    def broken(key):
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(chat_server.server.store, "find_user", broken)
+    c = chat_server.client()
+    c.send({"type": "login", "username": "dora", "password": PASSWORD, "id": 1})
+    c.send({"type": "ping", "id": 2})
+    assert c.recv() == {"type": "error", "code": "internal", "message": "internal server error",
+                        "re": 1}
+    assert c.recv() == {"type": "pong", "re": 2}  # and the connection goes on
+
+
+def test_large_backlog_is_paged_not_dropped(server_factory):
+    server = server_factory(max_outbound_bytes=256 * 1024, max_history_bytes=64 * 1024)
+    server.register("bob")
+    alice = server.user("alice")
+    text = "d" * 3500
+    for i in range(300):  # about 1 MB waiting for bob: four times his queue limit
+        assert alice.request({"type": "send", "to": "bob", "message": f"{i} {text}"})[
+            "type"] == "message"
+    last = alice.request({"type": "send", "to": "bob", "message": "last"})
+    bob = server.client()
+    assert bob.login("bob")["type"] == "welcome"
+    got = []
+    while len(got) < 301:
+        frame = bob.recv()
+        assert frame["type"] == "message", frame
+        got.append(frame)
+    assert [f["message"] for f in got[:300]] == [f"{i} {text}" for i in range(300)]
+    assert got[-1]["msg_id"] == last["msg_id"]
+    assert bob.request({"type": "ping"})["type"] == "pong"
