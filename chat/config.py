@@ -188,6 +188,8 @@ class Settings:
             raise ValueError("throttling counts must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
             raise ValueError("frames_per_second must be a positive number")
+        if self.max_errors_in_row < 1:
+            raise ValueError("max_errors_in_row must be at least 1")
         if self.frame_burst < 1 or self.max_connections_per_ip < 1:
             raise ValueError("frame_burst and max_connections_per_ip must be at least 1")
         if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:

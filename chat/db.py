@@ -33,16 +33,22 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
     conn.exec_driver_sql("BEGIN")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """An engine whose pool has room for every thread that may hold a connection."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+            path = Path(parsed.database).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The database holds password hashes: readable by the server's user only.
+            path.touch(mode=0o600, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False}, pool_size=pool_size
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size)
 
 
 def alembic_config(url: str) -> Config:

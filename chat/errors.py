@@ -40,6 +40,9 @@ class ChatError(Exception):
 class ProtocolError(ChatError):
     """The peer broke a framing or field rule; several in a row end the connection."""
 
+    # The decoded frame, when there was one (a JSON object without a `type`, say).
+    frame: dict[str, Any] | None = None
+
 
 class BadFrame(ProtocolError):
     code = "bad_frame"

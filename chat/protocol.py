@@ -64,7 +64,9 @@ def parse_frame(line: bytes) -> Frame:
     if not isinstance(obj, dict):
         raise BadFrame("a frame must be a JSON object")
     if not isinstance(obj.get("type"), str):
-        raise InvalidField("every frame needs a string field 'type'")
+        exc = InvalidField("every frame needs a string field 'type'")
+        exc.frame = obj  # so the reply can still carry the frame's id as `re`
+        raise exc
     return obj
 
 

@@ -17,8 +17,11 @@ was given; then every client gets `bye shutdown`, which is flushed within
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
+import resource
+import selectors
 import signal
 import socket
 import ssl
@@ -42,14 +45,22 @@ from chat.throttle import Throttle
 log = logging.getLogger("chat.server")
 
 CERT_EXPIRY_WARNING = dt.timedelta(days=14)
+ACCEPT_PAUSE = 0.5
+# File descriptors the server needs beside its connections: database, pipes, logs.
+FD_HEADROOM = 64
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _Listener:
     """The listening socket's handler on loop 0."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, loop: IOLoop, sock: socket.socket) -> None:
         self.server = server
+        self.loop = loop
         self.sock = sock
+        self.paused_until = 0.0
+        loop.selector.register(sock, selectors.EVENT_READ, self)
+        loop.handlers.add(self)
 
     def on_io(self, mask: int) -> None:
         # A bounded batch per wake-up keeps a connection flood from starving I/O.
@@ -59,12 +70,27 @@ class _Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.error("accept failed: %s", exc)
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # The backlog stays readable, so retrying now would spin: pause
+                    # accepting a moment; those already connected are unaffected.
+                    log.error("accept failed (%s); pausing accept for %.1f s", exc, ACCEPT_PAUSE)
+                    self.loop.selector.unregister(self.sock)
+                    self.paused_until = time.monotonic() + ACCEPT_PAUSE
+                else:
+                    log.error("accept failed: %s", exc)
                 return
             self.server.adopt(raw, addr)
 
     def tick(self, now: float) -> None:
-        pass
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+            self.loop.selector.register(self.sock, selectors.EVENT_READ, self)
+
+    def close(self) -> None:
+        self.loop.handlers.discard(self)
+        if not self.paused_until:
+            self.loop.selector.unregister(self.sock)
+        self.sock.close()
 
 
 class Server:
@@ -88,7 +114,9 @@ class Server:
             log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
                         s.bcrypt_rounds)
         self.ssl_context = self._make_ssl_context()
-        self.engine = make_engine(s.db_url)
+        self.max_connections = _connection_cap(s.max_connections)
+        workers = s.auth_workers or os.cpu_count() or 2
+        self.engine = make_engine(s.db_url, pool_size=workers + READ_WORKERS + 2)
         upgrade_to_head(self.engine)
         self.hasher = PasswordHasher(
             load_or_create_pepper(s.pepper_path), s.bcrypt_rounds,
@@ -98,9 +126,10 @@ class Server:
         self.hub = LocalHub()
         self.store = Store(self.engine, self.hub)
         self.store.start()
-        workers = s.auth_workers or os.cpu_count() or 2
         self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth")
         self.auth_pool.start()
+        self.read_pool = BoundedPool(READ_WORKERS, s.auth_queue * 4, name="read")
+        self.read_pool.start()
         self.loops = [IOLoop(f"io-{i}") for i in range(s.io_threads)]
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
         self.listen_sock = socket.create_server(
@@ -108,8 +137,7 @@ class Server:
         )
         self.listen_sock.setblocking(False)
         self.address = self.listen_sock.getsockname()[:2]
-        listener = _Listener(self, self.listen_sock)
-        self.loops[0].selector.register(self.listen_sock, 1, listener)
+        self.listener = _Listener(self, self.loops[0], self.listen_sock)
         for loop in self.loops:
             loop.start()
         host = f"[{self.address[0]}]" if family == socket.AF_INET6 else self.address[0]
@@ -153,7 +181,7 @@ class Server:
             per_ip = self._per_ip.get(ip, 0)
             if self.stopping:
                 refusal = "shutting down"
-            elif self._count >= self.settings.max_connections:
+            elif self._count >= self.max_connections:
                 refusal = f"{self._count} connections already"
             elif per_ip >= self.settings.max_connections_per_ip:
                 refusal = f"{per_ip} connections from {ip} already"
@@ -166,8 +194,13 @@ class Server:
             log.warning("refusing %s: %s", addr, refusal)
             raw.close()
             return
-        # Chat frames are small and latency matters: no Nagle delay.
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            # Chat frames are small and latency matters: no Nagle delay.
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # reset before we got to it
+            raw.close()
+            self.connection_closed(ip)
+            return
         loop = self.loops[self._next_loop % len(self.loops)]
         self._next_loop += 1
         loop.call_soon(self._start_connection, loop, raw, addr)
@@ -219,14 +252,14 @@ class Server:
 
         def stop_reading(loop: IOLoop) -> None:
             if loop is self.loops[0]:
-                loop.selector.unregister(self.listen_sock)
-                self.listen_sock.close()
+                self.listener.close()
             for handler in list(loop.handlers):
                 if isinstance(handler, Connection):
                     handler.stop_reading()
 
         self._on_every_loop(stop_reading)
         self.auth_pool.stop()
+        self.read_pool.stop()
         self.store.stop()  # everything submitted is stored and delivered
 
         def say_bye(loop: IOLoop) -> None:
@@ -251,12 +284,36 @@ class Server:
         return self._stopped.wait(timeout)
 
 
+READ_WORKERS = 2  # history reads, beside the writer thread
+
+
+def _connection_cap(wanted: int) -> int:
+    """Raise the open-files limit as far as allowed; cap connections to what it permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + FD_HEADROOM:
+        target = wanted + FD_HEADROOM if hard == resource.RLIM_INFINITY else min(
+            hard, wanted + FD_HEADROOM)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted + FD_HEADROOM:
+        cap = max(1, soft - FD_HEADROOM)
+        log.warning("open-files limit is %d: holding at most %d connections, not %d",
+                    soft, cap, wanted)
+        return cap
+    return wanted
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Alembic narrates every start at INFO; only its warnings matter here.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,10 @@ import io
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,17 @@ from chat.client.cli import (
     read_password,
     report_refusal,
 )
-from chat.client.commands import Help, Invalid, Quit, Request, parse_command
-from chat.tls import client_context
+from chat.client.commands import (
+    NO_ROOM,
+    ChatState,
+    Help,
+    Invalid,
+    Notice,
+    Quit,
+    Request,
+    parse_command,
+)
+from chat.tls import client_context, server_context
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple 42"
@@ -107,6 +118,20 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "insecure" not in out.lower()
 
 
+@pytest.mark.parametrize("args", [["--help"], ["login", "--help"], ["register", "--help"]])
+def test_help_lists_every_exit_code(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("exit codes:"):]
+    for code, words in [
+        ("0", "end of stdin"), ("1", "refused by the server"), ("2", "usage error"),
+        ("3", "server ended the session"), ("130", "Ctrl-C"),
+    ]:
+        assert any(line.split()[:1] == [code] for line in table.splitlines()), code
+        assert words in table
+    assert "shutdown" in table and "idle" in table
+
+
 def test_a_missing_password_without_a_terminal_is_a_usage_error() -> None:
     result = run_cli(
         "login", "--server", f"127.0.0.1:{closed_port()}", "--username", "alice",
@@ -176,6 +201,16 @@ def test_a_refusal_names_the_code_and_when_to_retry(capsys: pytest.CaptureFixtur
     assert "\x1b" not in err
 
 
+@pytest.mark.parametrize("retry_after", [10**400, -1, True, "9", float("inf")])
+def test_a_nonsense_retry_after_is_left_out(
+    retry_after: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reply = {"type": "error", "code": "rate_limited", "message": "slow", "retry_after": retry_after}
+    assert report_refusal("login refused", reply) == 1
+    err = capsys.readouterr().err
+    assert "login refused: rate_limited: slow" in err and "try again" not in err
+
+
 # -- slash commands -----------------------------------------------------------------------------
 
 
@@ -190,12 +225,8 @@ def test_plain_lines_go_to_the_current_room() -> None:
 
 
 def test_commands_become_requests() -> None:
-    assert parse_command("/join Dev", "general") == Request(
-        {"type": "join", "room": "Dev"}, room_after="dev"
-    )
-    assert parse_command("/leave dev", "dev") == Request(
-        {"type": "leave", "room": "dev"}, room_after="general"
-    )
+    assert parse_command("/join Dev", "general") == Request({"type": "join", "room": "Dev"})
+    assert parse_command("/leave", "dev") == Request({"type": "leave", "room": "dev"})
     assert parse_command("/leave other", "dev") == Request({"type": "leave", "room": "other"})
     assert parse_command("/msg bob hi  there", "dev") == Request(
         {"type": "send", "to": "bob", "message": "hi  there"}
@@ -214,6 +245,58 @@ def test_commands_become_requests() -> None:
 )
 def test_bad_commands_say_how(line: str) -> None:
     assert isinstance(parse_command(line, "general"), Invalid)
+
+
+@pytest.mark.parametrize("line", ["hello", "//hello", "/leave", "/who", "/history", "/history 3"])
+def test_in_no_room_a_line_that_needs_one_is_not_sent(line: str) -> None:
+    assert parse_command(line, None) == Notice(NO_ROOM)
+
+
+def test_in_no_room_the_commands_that_name_a_room_still_work() -> None:
+    assert parse_command("/join dev", None) == Request({"type": "join", "room": "dev"})
+    assert parse_command("/who dev", None) == Request({"type": "who", "room": "dev"})
+    assert parse_command("/leave dev", None) == Request({"type": "leave", "room": "dev"})
+    assert parse_command("/msg bob hi", None) == Request(
+        {"type": "send", "to": "bob", "message": "hi"}
+    )
+
+
+def ok(op: str, room: str) -> dict[str, Any]:
+    return {"type": "ok", "op": op, "room": room, "re": 1}
+
+
+def test_the_state_follows_joins_and_leaves() -> None:
+    state = ChatState.start("general", ["general", "Dev", 7, None])  # non-names are ignored
+    assert (state.room, state.rooms, state.prompt) == ("general", {"general", "dev"}, "[general]> ")
+    state.follow({"type": "join", "room": "Ops"}, ok("join", "ops"))
+    assert (state.room, state.rooms) == ("ops", {"general", "dev", "ops"})
+    state.follow({"type": "leave", "room": "dev"}, ok("leave", "dev"))  # not the current one
+    assert (state.room, state.rooms) == ("ops", {"general", "ops"})
+    state.follow({"type": "leave", "room": "ops"}, ok("leave", "ops"))  # the current one
+    assert (state.room, state.prompt) == ("general", "[general]> ")  # #general comes first
+    state.follow({"type": "leave", "room": "general"}, ok("leave", "general"))
+    assert (state.room, state.rooms, state.prompt) == (None, set(), "[-]> ")
+    state.follow({"type": "join", "room": "x"}, ok("join", "x"))
+    assert (state.room, state.prompt) == ("x", "[x]> ")
+
+
+def test_after_leaving_the_current_room_another_of_the_users_rooms_becomes_current() -> None:
+    state = ChatState.start("zeta", ["beta", "alpha", "zeta"])
+    state.follow({"type": "leave", "room": "zeta"}, ok("leave", "zeta"))
+    assert state.room == "alpha"
+
+
+def test_refusals_and_odd_replies_change_nothing() -> None:
+    state = ChatState.start("dev", ["general"])
+    refusal = {"type": "error", "code": "not_in_room", "message": "no", "re": 1}
+    state.follow({"type": "leave", "room": "dev"}, refusal)
+    state.follow({"type": "leave", "room": "dev"}, {"type": "ok", "op": "leave", "room": 5})
+    state.follow({"type": "leave", "room": "dev"}, {"type": "ok", "op": "join", "room": "dev"})
+    state.follow({"type": "who", "room": "dev"}, {"type": "who", "room": "dev", "users": []})
+    assert (state.room, state.rooms) == ("dev", {"dev", "general"})
+    # A room name a broken server sends cannot reach the terminal raw through the prompt.
+    state.follow({"type": "join", "room": "x"}, ok("join", "a\x1b[2Jb"))
+    assert "\x1b" not in state.prompt and "\\x1b" in state.prompt
 
 
 # -- against the real server --------------------------------------------------------------------
@@ -347,10 +430,20 @@ def test_interactive_session_in_a_terminal(chat_server: Any) -> None:
         sys.executable, ["-m", "chat.client.cli", "login", *server_args(chat_server, name)],
         env=env, cwd=str(ROOT), timeout=30, encoding="utf-8", dimensions=(24, 120),
     )
+    child.logfile_read = transcript = io.StringIO()
     try:
         child.expect_exact("[general]>")  # the renderer moves the cursor, not a space
         child.sendline("hello from a terminal")
         child.expect_exact(f"{name}: hello from a terminal")
+        child.sendline("/join dev")
+        child.expect_exact("[dev]>")
+        child.sendline("/leave")  # the current room: back to #general, still joined
+        child.expect_exact("-- ok: leave #dev")
+        child.expect_exact("[general]>")
+        child.sendline("/leave")
+        child.expect_exact("[-]>")
+        child.sendline("anyone?")
+        child.expect_exact(f"-- {NO_ROOM}")
         child.sendline("/join dev")
         child.expect_exact("[dev]>")
         child.sendcontrol("d")
@@ -358,3 +451,178 @@ def test_interactive_session_in_a_terminal(chat_server: Any) -> None:
     finally:
         child.close()
     assert child.exitstatus == 0
+    assert "not_in_room" not in transcript.getvalue()
+    assert f"{name}: anyone?" not in transcript.getvalue()  # not sent: there was no room
+
+
+def test_line_mode_follows_the_room_after_leaving_it(chat_server: Any) -> None:
+    name = new_name()
+    chat_server.register(name, PASSWORD)
+    script = "\n".join([
+        "/join dev",
+        "/leave",  # the current room: #general, still joined, becomes current
+        "back in general",
+        "/leave general",  # now in no room at all
+        "nowhere to say this",
+        "/who",
+        "/join Lobby",
+        "in the lobby",
+        "",
+    ])
+    result = run_cli("login", *server_args(chat_server, name), input=script)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "-- ok: leave #dev" in lines and "-- ok: leave #general" in lines
+    assert any(line.endswith(f"#general {name}: back in general") for line in lines)
+    assert lines.count(f"-- {NO_ROOM}") == 2  # the plain line and /who, neither sent
+    assert any(line.endswith(f"#lobby {name}: in the lobby") for line in lines)
+    assert not any("error" in line for line in lines), lines
+    assert lines.index(f"-- {NO_ROOM}") < lines.index("-- ok: join #lobby")
+
+
+# -- a certificate for another name -------------------------------------------------------------
+
+
+def _cert_for(names: list[str], tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate (and key) signed by it for `names` only: no localhost."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=False, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return paths
+
+
+class _HandshakeOnly:
+    """A TLS listener on 127.0.0.1:0 that completes handshakes and says nothing."""
+
+    def __init__(self, certfile: Path, keyfile: Path) -> None:
+        self.context = server_context(certfile, keyfile)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(WAIT)
+        self.port = self.listener.getsockname()[1]
+        self.handshakes = 0  # the ones that completed
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(WAIT)
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    self.handshakes += 1
+                    tls.recv(1)  # until the client hangs up
+            except OSError:
+                pass  # the client refused our certificate, as it should
+            finally:
+                conn.close()
+
+    def __enter__(self) -> _HandshakeOnly:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+
+
+def test_a_host_name_mismatch_names_the_certificates_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, cert, key = _cert_for(["other.example", "chat.other.example"], tmp_path)
+    monkeypatch.setenv("CHAT_PASSWORD", PASSWORD)
+    with _HandshakeOnly(cert, key) as server:
+        code = main([
+            "login", "--server", f"127.0.0.1:{server.port}", "--cafile", str(ca),
+            "--username", "alice",
+        ])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "mismatch" in err and "not trusted" in err
+    assert "hint: the certificate is for other.example, chat.other.example, not 127.0.0.1" in err
+    assert "localhost" not in err and "e.g." not in err
+    assert server.handshakes == 1  # the names' connection; the real one never completed
+
+
+def test_a_mismatch_hint_without_the_names_does_not_guess(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from chat.client import CertificateNotTrusted
+    from chat.client.cli import _report, build_parser
+
+    args = build_parser().parse_args(
+        ["login", "--server", f"127.0.0.1:{closed_port()}", "--username", "alice"]
+    )
+    mismatch = CertificateNotTrusted(
+        "not trusted", verify_message="Hostname mismatch, certificate is not valid for 'x'."
+    )
+    assert _report(mismatch, args) == 3
+    err = capsys.readouterr().err
+    assert "hint: connect by a name the certificate was issued for\n" in err
+    assert "localhost" not in err and "e.g." not in err
+
+
+def test_the_names_are_read_only_over_a_verified_chain(tmp_path: Path) -> None:
+    from chat.client.cli import names_in_certificate
+    from chat.client.transport import certificate_names
+
+    ca, cert, key = _cert_for(["other.example"], tmp_path)
+    stranger = certs.generate_dev_certs(tmp_path / "stranger").ca_cert
+    with _HandshakeOnly(cert, key) as server:
+        assert names_in_certificate("127.0.0.1", server.port, ca, WAIT) == ["other.example"]
+        # Signed by a CA we do not trust: no names, however the server spells them.
+        assert names_in_certificate("127.0.0.1", server.port, stranger, WAIT) == []
+    unverified = client_context(ca)
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    with pytest.raises(ValueError, match="verifies the chain"):
+        certificate_names("127.0.0.1", 1, unverified, timeout=WAIT)

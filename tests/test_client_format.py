@@ -190,6 +190,63 @@ def test_format_event_output_is_always_safe(fields: dict[str, str]) -> None:
         assert ESC not in text
 
 
+# Every shape a frame from a broken or hostile server can take once it parsed as a JSON object.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "type", "username", "room", "to", "with", "message", "messages", "ts", "code", "reason",
+    "retry_after", "users", "rooms", "op", "event", "server", "protocol", "re", "msg_id",
+]
+KINDS = ["message", "presence", "error", "bye", "who", "history", "welcome", "hello", "ok",
+         "pong", "ping", "shiny"]
+TIMES = st.sampled_from([
+    TS, "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2026-02-30T00:00:00Z",
+]) | st.text()
+
+
+@given(
+    st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), JSON, max_size=8),
+    st.sampled_from(KINDS) | JSON,
+    TIMES,
+    st.lists(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6), max_size=3),
+    st.booleans(),
+)
+def test_format_event_takes_any_frame_shape(
+    fields: dict[str, object], kind: object, ts: str, messages: list[object], color: bool
+) -> None:
+    for frame in (
+        {**fields, "type": kind},
+        {**fields, "type": kind, "ts": ts},
+        {**fields, "type": "history", "messages": [*messages, {"type": "message", "ts": ts}]},
+    ):
+        for tz in (UTC, None):
+            text = format_event(frame, tz=tz, me="alice", color=color)
+            assert text is None or isinstance(text, str)
+            if text is not None:
+                without_ours = re.sub(r"\x1b\[[0-9;]*m", "", text)
+                assert not UNSAFE.search(without_ours)
+
+
+def test_format_event_survives_the_shapes_that_used_to_break_it() -> None:
+    now = datetime(2026, 1, 2, 8, 5, tzinfo=UTC)
+    assert format_event({"type": "who", "room": "x", "users": 5}) == "-- nobody online in #x"
+    assert format_event({"type": "history", "room": "x", "messages": 3}) == (
+        "-- history #x: 0 messages"
+    )
+    assert format_event({"type": "welcome", "username": "a", "rooms": 1}) == (
+        "-- logged in as a; rooms: "
+    )
+    for retry_after in (10**400, float("nan"), float("inf"), -3, True, "5"):
+        frame = {"type": "error", "code": "c", "message": "m", "retry_after": retry_after}
+        assert format_event(frame) == "! error c: m"
+    early = room_message(ts="0001-01-01T00:00:00+01:00")  # before year 1 in UTC
+    assert format_event(early, tz=UTC, now=now) == "[08:05] #general alice: hello"
+
+
 # -- colour -------------------------------------------------------------------------------------
 
 

@@ -286,3 +286,9 @@ def test_raised_bcrypt_cost_upgrades_hash_at_login(server_factory):
     assert dearer.client().login("nina")["type"] == "welcome"
     rec = dearer.server.store.find_user("nina")
     assert rec is not None and "$2b$05$" in rec.password_hash
+
+
+def test_missing_type_error_still_carries_re(chat_server):
+    c = chat_server.client()
+    c.send({"id": "no-type"})
+    assert c.recv()["re"] == "no-type"

@@ -1,12 +1,8 @@
 """`chat-client`: arguments, the password, and the mapping of failures to exit codes.
 
-    0    done                        2    usage error (argparse's included)
-    1    refused by the server       3    connection or TLS failure, server went away
-    130  interrupted (Ctrl-C)
-
-Every ClientError becomes an exit code and a clear line on stderr in `_report`, and nowhere
-else. There is no option to skip certificate verification, by design: without --cafile the
-system trust store is used.
+Every ClientError becomes an exit code (listed in EXIT_CODES, which --help shows) and a
+clear line on stderr in `_report`, and nowhere else. There is no option to skip certificate
+verification, by design: without --cafile the system trust store is used.
 """
 
 from __future__ import annotations
@@ -23,13 +19,23 @@ from typing import TextIO
 from chat import __version__
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import CertificateNotTrusted, ClientError, ServerError
-from chat.client.format import sanitize, should_color
+from chat.client.format import sanitize, seconds, should_color
+from chat.client.transport import certificate_names
 from chat.tls import client_context
 
 PROG = "chat-client"
 DEFAULT_PORT = 7072  # the protocol's default port
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECTION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK:<4} done: /quit, Ctrl-D or the end of stdin
+  {EXIT_REFUSED:<4} refused by the server (registration, login, or joining --room)
+  {EXIT_USAGE:<4} usage error
+  {EXIT_CONNECTION:<4} connection or TLS failure, or the server ended the session
+       (bye idle, shutdown, ...; or the connection was lost without one)
+  {EXIT_INTERRUPTED:<4} interrupted by Ctrl-C"""
+MAX_NAMES_SHOWN = 5  # of a certificate's names in a hint; a long list would bury the advice
 
 
 class UsageError(Exception):
@@ -89,16 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
         help=f"for connecting and for each reply (default {DEFAULT_TIMEOUT:g})",
     )
+    # Raw: the exit-code table keeps its lines; the descriptions are wrapped by hand.
+    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Terminal client for the chat service (protocol v1, over TLS)."
+        prog=PROG, description="Terminal client for the chat service (protocol v1, over TLS).",
+        epilog=EXIT_CODES, formatter_class=raw,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("register", parents=[common], help="create an account")
+    commands.add_parser(
+        "register", parents=[common], help="create an account",
+        description="Create an account; it does not log in.",
+        epilog=EXIT_CODES, formatter_class=raw,
+    )
     login = commands.add_parser(
         "login", parents=[common], help="log in and chat",
-        description="Log in and chat: an interactive prompt on a terminal; otherwise "
+        description="Log in and chat: an interactive prompt on a terminal; otherwise\n"
         "commands are read from stdin, one a line, and every event is printed.",
+        epilog=EXIT_CODES, formatter_class=raw,
     )
     login.add_argument("--json", action="store_true", help="print each frame as a JSON line")
     login.add_argument("--room", default="general", help="the room to start in (joined if need be)")
@@ -143,16 +157,47 @@ def _err(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
 
-def _report(exc: ClientError, cafile: Path | None) -> int:
+def names_in_certificate(
+    host: str, port: int, cafile: Path | None, timeout: float
+) -> list[str]:
+    """The names the server's certificate was issued for, read over a second connection.
+
+    For the hint after a host-name mismatch only. That connection still verifies the
+    certificate chain against the same CA; only its host-name check is off, which is the
+    very check that failed. It is closed right after the handshake and nothing is sent.
+    """
+    try:
+        context = client_context(cafile)
+    except (OSError, ssl.SSLError):
+        return []
+    context.check_hostname = False  # this context only reads names, it never carries data
+    return certificate_names(host, port, context, timeout=timeout)
+
+
+def _mismatch_hint(args: argparse.Namespace) -> str:
+    host, port = args.server
+    names = [sanitize(n, multiline=False) for n in
+             names_in_certificate(host, port, args.cafile, args.timeout)]
+    if not names:
+        return "hint: connect by a name the certificate was issued for"
+    shown = ", ".join(names[:MAX_NAMES_SHOWN]) + (", ..." if len(names) > MAX_NAMES_SHOWN else "")
+    return (
+        f"hint: the certificate is for {shown}, not {sanitize(host, multiline=False)}; "
+        "connect by one of those names"
+    )
+
+
+def _report(exc: ClientError, args: argparse.Namespace) -> int:
     """The one place a ClientError becomes a message and an exit code."""
     if isinstance(exc, CertificateNotTrusted):
+        cafile = args.cafile
         trusted = f"the CA file {cafile}" if cafile else "the system trust store"
         _err(
             f"the server's certificate was not trusted ({sanitize(exc.verify_message)}); "
             f"checked against {trusted}."
         )
         if "mismatch" in exc.verify_message:  # OpenSSL's "Hostname/IP address mismatch"
-            _err("hint: connect by a name the certificate was issued for (e.g. localhost)")
+            _err(_mismatch_hint(args))
         else:
             _err("hint: pass --cafile pointing at the server's ca.crt")
         return EXIT_CONNECTION
@@ -167,9 +212,9 @@ def report_refusal(what: str, reply: Mapping[str, object]) -> int:
     code = sanitize(str(reply.get("code", "unknown")), multiline=False)
     message = sanitize(str(reply.get("message", "")), multiline=False)
     text = f"{what}: {code}: {message}"
-    retry_after = reply.get("retry_after")
-    if isinstance(retry_after, int | float):
-        text += f" (try again in {retry_after:g} s)"
+    retry_after = seconds(reply.get("retry_after"))
+    if retry_after is not None:
+        text += f" (try again in {retry_after} s)"
     _err(text)
     return EXIT_REFUSED
 
@@ -191,7 +236,9 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
         client.quit(args.timeout)
         return report_refusal("login refused", reply)
     room = args.room.lower()
-    if room not in [str(r).lower() for r in reply.get("rooms") or []]:
+    listed = reply.get("rooms")  # a broken server may send anything here
+    rooms = [r.lower() for r in listed if isinstance(r, str)] if isinstance(listed, list) else []
+    if room not in rooms:
         joined = client.join(room, args.timeout)
         if joined.get("type") == "error":
             client.quit(args.timeout)
@@ -200,7 +247,8 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
         from chat.client.ui import run_interactive  # prompt_toolkit only when needed
 
         return run_interactive(
-            client, room=room, color=should_color(sys.stdout), timeout=args.timeout
+            client, room=room, rooms=rooms, color=should_color(sys.stdout),
+            timeout=args.timeout,
         )
     from chat.client.linemode import run_line_mode
 
@@ -210,6 +258,7 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
         stdout=sys.stdout,
         stderr=sys.stderr,
         room=room,
+        rooms=rooms,
         as_json=args.json,
         color=not args.json and should_color(sys.stdout),
         timeout=args.timeout,
@@ -240,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
             return _register(client, args, password)
         return _login(client, args, password)
     except ClientError as exc:
-        return _report(exc, args.cafile)
+        return _report(exc, args)
     finally:
         if client is not None:
             client.close()

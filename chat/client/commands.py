@@ -1,26 +1,31 @@
 """Slash commands, shared by line mode and the terminal UI: one typed line, one action.
 
 `parse_command` is pure (a line and the current room in, an action out), so it is tested
-without a server; `perform` is the one place a command's request is sent and the current
-room follows a successful /join or /leave.
+without a server; `perform` is the one place a command's request is sent, and `ChatState`
+follows the rooms the user is in from the replies: the `welcome`'s rooms to start with,
+then every successful /join and /leave. Leaving the current room makes another room the
+user is still in current (#general if possible), or none: then a plain line is not sent,
+the user is told to /join a room instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import Frame
+from chat.client.format import sanitize
 
 DEFAULT_ROOM = "general"  # every user is in it from registration on
 DEFAULT_HISTORY = 50  # the server's own default; said here so /help can name it
+NO_ROOM = "you are in no room; /join one"
 
 HELP = f"""\
 commands:
   TEXT            send TEXT to the current room (start it with // to send a leading /)
   /join ROOM      join ROOM and make it the current room
-  /leave [ROOM]   leave ROOM (default: the current room)
+  /leave [ROOM]   leave ROOM (default: the current room; another of yours becomes current)
   /msg USER TEXT  send USER a direct message
   /who [ROOM]     who is online in ROOM (default: the current room)
   /history [N]    the last N messages of the current room (default {DEFAULT_HISTORY})
@@ -30,10 +35,9 @@ commands:
 
 @dataclass(frozen=True)
 class Request:
-    """A frame to send as a request; `room_after` becomes the current room if it succeeds."""
+    """A frame to send as a request."""
 
     frame: Frame
-    room_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,54 +57,111 @@ class Invalid:
     message: str
 
 
-Action = Request | Quit | Help | Invalid
+@dataclass(frozen=True)
+class Notice:
+    """A line that cannot be carried out now (nothing is sent); `message` says why."""
+
+    message: str
+
+
+Action = Request | Quit | Help | Invalid | Notice
 
 
 @dataclass
 class ChatState:
-    """What the commands need to remember between lines."""
+    """What the commands remember between lines: the rooms the user is in, the current one.
 
-    room: str = DEFAULT_ROOM
+    Room names are kept in lower case, as the server answers with them. `room` is None
+    when the user is in no room (or left the current one and is in no other).
+    """
+
+    room: str | None = DEFAULT_ROOM
+    rooms: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.rooms = {r.lower() for r in self.rooms}
+        if self.room is not None:
+            self.room = self.room.lower()
+            self.rooms.add(self.room)
+
+    @classmethod
+    def start(cls, room: str | None, rooms: Iterable[object] = ()) -> ChatState:
+        """The state after login: the `welcome`'s `rooms` (non-names ignored), `room` current."""
+        return cls(room, {r for r in rooms if isinstance(r, str)})
+
+    @property
+    def prompt(self) -> str:
+        """The interactive prompt: the current room, or `-` for none."""
+        return f"[{sanitize(self.room or '-', multiline=False)}]> "
+
+    def joined(self, room: str) -> None:
+        self.rooms.add(room.lower())
+        self.room = room.lower()
+
+    def left(self, room: str) -> None:
+        room = room.lower()
+        self.rooms.discard(room)
+        if self.room == room:  # talk on in #general if still there, else in another room
+            fallback = DEFAULT_ROOM if DEFAULT_ROOM in self.rooms else min(self.rooms, default=None)
+            self.room = fallback
+
+    def follow(self, frame: Frame, reply: Frame) -> None:
+        """Note what a successful join or leave changed; anything else changes nothing."""
+        op = reply.get("op")
+        if reply.get("type") != "ok" or op != frame.get("type"):
+            return
+        room = reply.get("room", frame.get("room"))  # the server's (lower-case) name
+        if not isinstance(room, str) or not room:
+            return
+        if op == "join":
+            self.joined(room)
+        elif op == "leave":
+            self.left(room)
 
 
-def _join(args: str, room: str) -> Action:
+def _join(args: str, room: str | None) -> Action:
     if not args or " " in args:
         return Invalid("usage: /join ROOM")
-    return Request({"type": "join", "room": args}, room_after=args.lower())
+    return Request({"type": "join", "room": args})
 
 
-def _leave(args: str, room: str) -> Action:
+def _leave(args: str, room: str | None) -> Action:
     if " " in args:
         return Invalid("usage: /leave [ROOM]")
     target = args or room
-    # Leaving the current room leaves nowhere to talk; fall back to the room everyone has.
-    after = DEFAULT_ROOM if target.lower() == room.lower() else None
-    return Request({"type": "leave", "room": target}, room_after=after)
+    if target is None:
+        return Notice(NO_ROOM)
+    return Request({"type": "leave", "room": target})
 
 
-def _msg(args: str, room: str) -> Action:
+def _msg(args: str, room: str | None) -> Action:
     user, _, text = args.partition(" ")
     if not user or not text.strip():
         return Invalid("usage: /msg USER TEXT")
     return Request({"type": "send", "to": user, "message": text})
 
 
-def _who(args: str, room: str) -> Action:
+def _who(args: str, room: str | None) -> Action:
     if " " in args:
         return Invalid("usage: /who [ROOM]")
-    return Request({"type": "who", "room": args or room})
+    target = args or room
+    if target is None:
+        return Notice(NO_ROOM)
+    return Request({"type": "who", "room": target})
 
 
-def _history(args: str, room: str) -> Action:
+def _history(args: str, room: str | None) -> Action:
+    if args and (not args.isdigit() or int(args) < 1):
+        return Invalid("usage: /history [N], N a positive number")
+    if room is None:
+        return Notice(NO_ROOM)
     frame: Frame = {"type": "history", "room": room}
     if args:
-        if not args.isdigit() or int(args) < 1:
-            return Invalid("usage: /history [N], N a positive number")
         frame["limit"] = int(args)
     return Request(frame)
 
 
-_COMMANDS: dict[str, Callable[[str, str], Action]] = {
+_COMMANDS: dict[str, Callable[[str, str | None], Action]] = {
     "join": _join,
     "leave": _leave,
     "msg": _msg,
@@ -111,12 +172,14 @@ _COMMANDS: dict[str, Callable[[str, str], Action]] = {
 }
 
 
-def parse_command(line: str, room: str) -> Action | None:
-    """What a typed line asks for, or None for a blank line (nothing to do)."""
+def parse_command(line: str, room: str | None) -> Action | None:
+    """What a typed line asks for in `room` (None: no room), or None for a blank line."""
     text = line.rstrip("\r\n")
     if not text.strip():
         return None
     if text.startswith("//") or not text.startswith("/"):
+        if room is None:
+            return Notice(NO_ROOM)
         body = text[1:] if text.startswith("//") else text
         return Request({"type": "send", "room": room, "message": body})
     name, _, rest = text[1:].partition(" ")
@@ -131,6 +194,5 @@ def perform(
 ) -> Frame:
     """Send the request, wait for its reply, follow the room change if it succeeded."""
     reply = client.request(request.frame, timeout)
-    if reply.get("type") != "error" and request.room_after is not None:
-        state.room = request.room_after
+    state.follow(request.frame, reply)
     return reply

@@ -168,7 +168,7 @@ class ChatClient:
     def _encode(self, frame: Frame) -> bytes:
         data = encode(frame)
         limit = self.hello.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES)
-        if isinstance(limit, int) and len(data) > limit:
+        if type(limit) is int and 0 < limit < len(data):  # not bool; a nonsense limit is none
             # The server would discard it anyway; saying so here names the real problem.
             raise ValueError(f"frame of {len(data)} bytes exceeds the server's limit of {limit}")
         return data

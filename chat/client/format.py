@@ -27,6 +27,9 @@ _UNSAFE = (
 _UNSAFE_IN_TEXT = re.compile(f"[{_UNSAFE}]")
 _UNSAFE_IN_LINE = re.compile(f"[\\t\\n{_UNSAFE}]")  # one-line fields: names, codes
 
+# A `retry_after` above this (about 30 years) is a broken server, not advice worth showing.
+MAX_SHOWN_SECONDS = 10**9
+
 INDENT = " " * len("[HH:MM] ")  # continuation lines of a message start under its text
 
 # Readable on dark and light backgrounds alike: the six normal and six bright colours.
@@ -91,9 +94,13 @@ class _Style:
         return f"\x1b[{sgr}m{text}\x1b[0m" if self.color else text
 
     def clock(self, ts: object) -> str:
-        when = parse_ts(ts) or self.now or datetime.now(UTC)
-        # astimezone(None) converts to the machine's local time zone.
-        return self.paint(when.astimezone(self.tz).strftime("[%H:%M]"), _DIM)
+        now = self.now or datetime.now(UTC)
+        try:
+            # astimezone(None) converts to the machine's local time zone.
+            local = (parse_ts(ts) or now).astimezone(self.tz)
+        except (OverflowError, ValueError, OSError):  # e.g. year 1 moved back past year 1
+            local = now.astimezone(self.tz)
+        return self.paint(local.strftime("[%H:%M]"), _DIM)
 
     def name(self, value: object) -> str:
         name = _field(value)
@@ -111,6 +118,20 @@ class _Style:
 
 def _field(value: object) -> str:
     return sanitize(str(value), multiline=False)
+
+
+def _items(value: object) -> list[Any]:
+    """A field that should be a JSON array, as a list; anything else counts as empty."""
+    return value if isinstance(value, list) else []
+
+
+def seconds(value: object) -> str | None:
+    """A `retry_after` as text ("5", "2.5"), or None if it is not a sane number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 <= value <= MAX_SHOWN_SECONDS:  # also false for NaN
+        return None
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _message(frame: Mapping[str, Any], style: _Style) -> str:
@@ -131,9 +152,9 @@ def _presence(frame: Mapping[str, Any], style: _Style) -> str:
 
 def _error(frame: Mapping[str, Any], style: _Style) -> str:
     text = f"! error {_field(frame.get('code', 'unknown'))}: {_field(frame.get('message', ''))}"
-    retry_after = frame.get("retry_after")
-    if isinstance(retry_after, int | float):
-        text += f" (retry after {retry_after:g} s)"
+    retry_after = seconds(frame.get("retry_after"))
+    if retry_after is not None:
+        text += f" (retry after {retry_after} s)"
     return style.paint(text, _RED)
 
 
@@ -143,7 +164,7 @@ def _bye(frame: Mapping[str, Any], style: _Style) -> str:
 
 
 def _who(frame: Mapping[str, Any], style: _Style) -> str:
-    users = frame.get("users") or []
+    users = _items(frame.get("users"))
     room = style.room(frame.get("room", "?"))
     if not users:
         return style.note(f"nobody online in {room}")
@@ -155,14 +176,14 @@ def _history(frame: Mapping[str, Any], style: _Style) -> str:
         what = f"with {style.name(frame['with'])}"
     else:
         what = style.room(frame.get("room", "?"))
-    messages = [m for m in frame.get("messages") or [] if isinstance(m, Mapping)]
+    messages = [m for m in _items(frame.get("messages")) if isinstance(m, Mapping)]
     count = f"{len(messages)} message{'' if len(messages) == 1 else 's'}"
     header = style.note(f"history {what}: {count}")
     return "\n".join([header, *(_message(m, style) for m in messages)])
 
 
 def _welcome(frame: Mapping[str, Any], style: _Style) -> str:
-    rooms = ", ".join(style.room(r) for r in frame.get("rooms") or [])
+    rooms = ", ".join(style.room(r) for r in _items(frame.get("rooms")))
     return style.note(f"logged in as {style.name(frame.get('username', '?'))}; rooms: {rooms}")
 
 
@@ -218,5 +239,5 @@ def format_event(
     style = _Style(me=me, color=color, tz=tz, now=now)
     render = _RENDERERS.get(kind)
     if render is None:
-        return style.note(_field(f"{kind}: {json.dumps(dict(frame))}"))
+        return style.note(_field(f"{kind}: {json.dumps(dict(frame), default=str)}"))
     return render(frame, style)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections.abc import Iterable
 from typing import Any, TextIO
 
 from chat.client.commands import (
@@ -27,6 +28,7 @@ from chat.client.commands import (
     ChatState,
     Help,
     Invalid,
+    Notice,
     Quit,
     Request,
     parse_command,
@@ -47,12 +49,17 @@ def run_line_mode(
     stdout: TextIO,
     stderr: TextIO,
     room: str,
+    rooms: Iterable[object] = (),
     as_json: bool = False,
     color: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
-    """Run commands from `stdin` until it ends; return the process exit code."""
-    state = ChatState(room)
+    """Run commands from `stdin` until it ends; return the process exit code.
+
+    `room` is the current room to start with, `rooms` the others the user is in (the
+    `welcome`'s list).
+    """
+    state = ChatState.start(room, rooms)
     inputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     lock = threading.Lock()
     printer = threading.Thread(
@@ -85,6 +92,8 @@ def run_line_mode(
             _write(stderr if as_json else stdout, lock, HELP)  # stdout stays pure JSON
         elif isinstance(action, Invalid):
             complain(action.message)
+        elif isinstance(action, Notice):  # nothing was sent; a note, like /help's text
+            _write(stderr if as_json else stdout, lock, f"-- {action.message}")
         elif isinstance(action, Request):
             try:
                 perform(client, action, state, timeout)

@@ -76,6 +76,30 @@ def open_tls(
     return tls
 
 
+def certificate_names(
+    host: str, port: int, ssl_context: ssl.SSLContext, *, timeout: float
+) -> list[str]:
+    """The DNS and IP subjectAltNames of the certificate the server at host:port presents.
+
+    Only for telling the user which names a certificate that failed the host-name check was
+    issued for: `ssl_context` must verify the chain (CERT_REQUIRED); only its host-name
+    check may be off. The connection is closed right after the handshake, nothing is sent
+    on it. Any failure gives [].
+    """
+    if ssl_context.verify_mode != ssl.CERT_REQUIRED:
+        raise ValueError("certificate_names needs a context that verifies the chain")
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ssl_context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            cert = tls.getpeercert() or {}
+    except (OSError, ValueError):
+        return []
+    names = cert.get("subjectAltName", ())
+    return [str(value) for kind, value in names if kind in ("DNS", "IP Address")]
+
+
 class Transport:
     """Owns a non-blocking TLS socket and the one thread allowed to use it."""
 

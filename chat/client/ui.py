@@ -3,36 +3,137 @@
 Theory of operation
 -------------------
 The main thread runs the prompt and the slash commands (chat.client.commands). A daemon
-thread, the printer, takes every frame from the ChatClient and prints it formatted; under
-`patch_stdout` its prints land above the input line instead of through it. The printer never
-touches the prompt except to end it when the connection has ended: it sets `ended`, then asks
-the prompt's own event loop (call_soon_threadsafe) to exit; a prompt that starts after that
-sees `ended` in its pre_run hook and exits at once. Only the main thread reads or changes
-`state.room`.
+thread, the printer, takes every frame from the ChatClient and shows it formatted. Only the
+main thread reads or changes `state` (the current room, the rooms joined).
+
+Every line the UI shows, from either thread, goes through one `Screen`, which knows whether
+a prompt is on the terminal. With no prompt up, it writes at once. While a prompt is up it
+queues the text and has the prompt's own event loop write it with `run_in_terminal`, which
+erases the prompt, writes, and draws the prompt again below. The switch between the two
+happens under the screen's lock, in the prompt's `pre_run` hook (before its first drawing)
+and after the prompt returns (whatever is still queued is written then), so no line is
+ever written by another thread while the prompt is being drawn: a line never lands on the
+prompt line, and every line ends with a newline. (patch_stdout stays on as a safety net for
+stray writes by anything else.)
+
+The printer never touches the prompt except to end it when the connection has ended: it
+sets `ended`, then asks the prompt's event loop to exit it; a prompt that starts after
+that sees `ended` in its pre_run hook and exits at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
+from collections.abc import Callable, Iterable
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from chat.client.commands import HELP, ChatState, Help, Invalid, Quit, Request, parse_command
+from chat.client.commands import (
+    HELP,
+    ChatState,
+    Help,
+    Invalid,
+    Notice,
+    Quit,
+    Request,
+    parse_command,
+)
 from chat.client.commands import perform as perform_command
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, TimedOut
 from chat.client.format import format_event, sanitize
 
 
+class Screen:
+    """The one way text reaches the terminal while the UI runs; `show` is thread-safe."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write  # writes and flushes; called only under _lock
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the prompt's, while it is up
+        self._is_running: Callable[[], bool] = lambda: False
+        self._queued: list[str] = []
+
+    def show(self, text: str) -> None:
+        """Print `text` (maybe several lines) above the prompt, or at once if none is up."""
+        with self._lock:
+            if self._loop is None:
+                self._write(text + "\n")
+                return
+            self._queued.append(text)
+            if len(self._queued) == 1:  # else a drain is already on its way
+                try:
+                    self._loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:
+                    pass  # that loop has just closed: prompt_ended writes the queue
+
+    def prompt_started(
+        self, loop: asyncio.AbstractEventLoop, is_running: Callable[[], bool]
+    ) -> None:
+        """Called in the prompt's loop before it first draws: from now on, queue."""
+        with self._lock:
+            self._loop = loop
+            self._is_running = is_running
+
+    def prompt_ended(self) -> None:
+        """Called once the prompt has returned: write what is queued, then write directly."""
+        with self._lock:
+            self._loop = None
+            self._write_queued()
+
+    def call_in_prompt(self, callback: Callable[[], None]) -> None:
+        """Run `callback` in the prompt's loop if a prompt is up (from any thread)."""
+        with self._lock:
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(callback)
+                except RuntimeError:
+                    pass  # that prompt has just finished
+
+    def _drain(self) -> None:  # in the prompt's loop
+        with self._lock:
+            if self._loop is None or not self._queued:
+                return  # prompt_ended has written it already
+            if not self._is_running():
+                self._write_queued()  # the prompt is drawn as done: write below it
+                return
+        run_in_terminal(self._drain_in_terminal, in_executor=False)
+
+    def _drain_in_terminal(self) -> None:  # in the prompt's loop, the prompt erased
+        with self._lock:
+            self._write_queued()
+
+    def _write_queued(self) -> None:  # under _lock
+        if self._queued:
+            text = "".join(f"{t}\n" for t in self._queued)
+            self._queued.clear()
+            self._write(text)
+
+
 def run_interactive(
-    client: ChatClient, *, room: str, color: bool, timeout: float = DEFAULT_TIMEOUT
+    client: ChatClient,
+    *,
+    room: str,
+    rooms: Iterable[object] = (),
+    color: bool,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     """Chat until /quit or Ctrl-D (0), Ctrl-C (130) or the server ends the connection (3)."""
-    state = ChatState(room)
+    state = ChatState.start(room, rooms)
     session: PromptSession[str] = PromptSession(history=InMemoryHistory())
+    output = session.app.output
+
+    def write(text: str) -> None:
+        output.enable_autowrap()
+        output.write_raw(text)  # raw: our colours pass; peers' text is already sanitized
+        output.flush()
+
+    screen = Screen(write)
     ended = threading.Event()
 
     def end_prompt() -> None:
@@ -44,27 +145,31 @@ def run_interactive(
         for frame in client.events():
             text = format_event(frame, me=client.username, color=color)
             if text is not None:
-                print(text, flush=True)
+                screen.show(text)
         ended.set()
-        loop = session.app.loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(end_prompt)
-            except RuntimeError:
-                pass  # that prompt has just finished; the next one's pre_run sees `ended`
+        screen.call_in_prompt(end_prompt)  # a prompt not up yet sees `ended` in pre_run
 
     def pre_run() -> None:
+        loop = session.app.loop
+        if loop is not None:
+            screen.prompt_started(loop, lambda: session.app.is_running)
         if ended.is_set():
             end_prompt()
 
-    with patch_stdout(raw=True):  # raw: our colours pass; peers' text is already sanitized
+    def prompt() -> str:
+        try:
+            return session.prompt(lambda: state.prompt, pre_run=pre_run)
+        finally:
+            screen.prompt_ended()
+
+    with patch_stdout(raw=True):
         printer = threading.Thread(target=print_events, name="chat-client-printer", daemon=True)
         printer.start()
-        print("-- type /help for commands, /quit or Ctrl-D to leave", flush=True)
+        screen.show("-- type /help for commands, /quit or Ctrl-D to leave")
         server_ended = False
         while not ended.is_set():
             try:
-                line = session.prompt(lambda: f"[{state.room}]> ", pre_run=pre_run)
+                line = prompt()
             except EOFError:
                 break
             except KeyboardInterrupt:
@@ -74,19 +179,21 @@ def run_interactive(
             if isinstance(action, Quit):
                 break
             if isinstance(action, Help):
-                print(HELP, flush=True)
+                screen.show(HELP)
             elif isinstance(action, Invalid):
-                print(f"! {action.message}", flush=True)
+                screen.show(f"! {action.message}")
+            elif isinstance(action, Notice):
+                screen.show(f"-- {action.message}")
             elif isinstance(action, Request):
                 try:
                     perform_command(client, action, state, timeout)
                 except ValueError as exc:
-                    print(f"! {exc}", flush=True)
+                    screen.show(f"! {exc}")
                 except ConnectionClosed:
                     server_ended = True
                     break
                 except TimedOut as exc:
-                    print(f"! {exc}", flush=True)
+                    screen.show(f"! {exc}")
         if server_ended or ended.is_set():
             printer.join(timeout)
             reason = client.bye_reason and f" ({sanitize(client.bye_reason, multiline=False)})"
