@@ -118,6 +118,12 @@ class Settings:
     max_outbound_bytes: int = _setting(
         4 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
     )
+    max_rooms_per_user: int = _setting(
+        100, "Rooms one user may be in; each costs every login and presence event."
+    )
+    max_room_members: int = _setting(
+        10000, "Members one room may have; fan-out work grows with it."
+    )
     max_history_bytes: int = _setting(
         1024 * 1024, "Largest history reply; older messages are left for the next page."
     )
@@ -188,6 +194,8 @@ class Settings:
             raise ValueError("throttling counts must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
             raise ValueError("frames_per_second must be a positive number")
+        if self.max_rooms_per_user < 1 or self.max_room_members < 1:
+            raise ValueError("max_rooms_per_user and max_room_members must be at least 1")
         if self.max_errors_in_row < 1:
             raise ValueError("max_errors_in_row must be at least 1")
         if self.frame_burst < 1 or self.max_connections_per_ip < 1:

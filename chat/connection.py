@@ -42,6 +42,7 @@ from chat.errors import (
     AuthRequired,
     ChatError,
     Internal,
+    InvalidField,
     NoSuchUser,
     NotInRoom,
     ProtocolError,
@@ -50,7 +51,7 @@ from chat.errors import (
 )
 from chat.hub import Session
 from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
-from chat.store import Job, MessageJob, dm_pair
+from chat.store import DEFAULT_ROOM, Job, MessageJob, dm_pair
 from chat.throttle import TokenBucket
 
 if TYPE_CHECKING:
@@ -324,12 +325,22 @@ class Connection:
         session = self._require_session()
         user, hub, store, rid = session.user, self.server.hub, self.server.store, req.id
         assert user is not None
-        if not hub.mark_joined(user, req.room):
+        if req.room in user.rooms:
             self._in_order(rid, lambda: self.reply(rid, {"type": "ok", "op": "join",
                                                          "room": req.room}))
             return
+        limit = self.settings.max_rooms_per_user
+        if len(user.rooms) >= limit:
+            raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
+        if not hub.mark_joined(user, req.room):
+            return  # joined by another of this user's sessions an instant ago
+        max_members = self.settings.max_room_members
 
         def run(conn: Any) -> Callable[[], None]:
+            # general holds everyone from registration on, so it has no member limit.
+            full = req.room != DEFAULT_ROOM and store.member_count(conn, req.room) >= max_members
+            if full:
+                raise InvalidField(f"room: {req.room} is full ({max_members} members)")
             store.add_member(conn, session.user_id, req.room)
 
             def after() -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from chat.errors import ChatError, Internal, NoSuchUser, ServerBusy, UsernameTaken
@@ -196,6 +196,11 @@ class Store:
             .order_by(members_t.c.room)
         )
         return [r[0] for r in rows]
+
+    def member_count(self, conn: Connection, room: str) -> int:
+        return conn.execute(
+            select(func.count()).select_from(members_t).where(members_t.c.room == room)
+        ).scalar_one()
 
     def add_member(self, conn: Connection, user_id: int, room: str) -> None:
         exists = conn.execute(

@@ -161,6 +161,7 @@ SAMPLES = {
     "max_connections_per_ip": "4", "frames_per_second": "2.5", "frame_burst": "7",
     "login_max_consecutive": "50", "login_lockout": "3600",
     "previous_pepper_files": "/srv/old1,/srv/old2",
+    "max_rooms_per_user": "7", "max_room_members": "9",
 }
 
 

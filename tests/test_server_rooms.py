@@ -188,3 +188,20 @@ def test_history_reply_bounded_in_bytes(server_factory):
     assert [m["msg_id"] for m in older["messages"]][-1] == ids[-len(page) - 1]
     first = c.request({"type": "history", "room": "general", "after": 0})["messages"]
     assert [m["msg_id"] for m in first] == ids[: len(first)]
+
+
+def test_rooms_per_user_and_room_members_limits(server_factory):
+    server = server_factory(max_rooms_per_user=3, max_room_members=2)
+    a = server.user("alice")
+    for room in ("r1", "r2"):
+        assert a.request({"type": "join", "room": room})["type"] == "ok"
+    full = a.request({"type": "join", "room": "r3"})  # general + r1 + r2 = 3
+    assert full["code"] == "invalid_field" and "3 rooms" in full["message"]
+    b = server.user("bob")
+    assert b.request({"type": "join", "room": "r1"})["type"] == "ok"
+    c = server.user("carl")
+    refused = c.request({"type": "join", "room": "r1"})
+    assert refused["code"] == "invalid_field" and "full" in refused["message"]
+    # A refused join changes nothing.
+    assert c.request({"type": "send", "room": "r1", "message": "x"})["code"] == "not_in_room"
+    assert sorted(a.request({"type": "who", "room": "r1"})["users"]) == ["alice", "bob"]
