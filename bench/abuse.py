@@ -1,0 +1,354 @@
+"""Run the usual attacks against a chat server and print what happened to them and to
+legitimate users meanwhile.
+
+    python bench/abuse.py                      # starts its own server (temporary data)
+    python bench/abuse.py --server 127.0.0.1:7072 --cafile ca.crt   # an existing one
+
+Attackers connect from 127.0.0.2 and legitimate users from 127.0.0.1, so that per-address
+limits apply to the attackers only, as they would on the internet. Every loop is bounded
+in count and time, and only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from chat import tls  # noqa: E402
+
+PASSWORD = "legitimate users passphrase 2026"
+ATTACKER = "127.0.0.2"  # each attack gets its own address from 127.0.0.10 on
+LEGIT = "127.0.0.1"
+
+
+class Conn:
+    """A blocking line client (one thread per connection)."""
+
+    def __init__(self, host: str, port: int, ctx: ssl.SSLContext, source: str,
+                 timeout: float = 10.0, handshake: bool = True, rcvbuf: int = 0) -> None:
+        raw = socket.socket()
+        if rcvbuf:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+        raw.settimeout(timeout)
+        raw.bind((source, 0))
+        raw.connect((host, port))
+        self.raw = raw
+        if handshake:
+            self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+            self.file = self.sock.makefile("rwb")
+            self.hello = self.recv()
+        self.n = 0
+
+    def send(self, frame: dict) -> None:
+        self.file.write(json.dumps(frame).encode() + b"\n")
+        self.file.flush()
+
+    def recv(self) -> dict:
+        line = self.file.readline()
+        if not line:
+            raise EOFError
+        return json.loads(line)
+
+    def request(self, frame: dict) -> dict:
+        self.n += 1
+        self.send({**frame, "id": self.n})
+        while True:
+            reply = self.recv()
+            if reply.get("re") == self.n:
+                return reply
+
+    def close(self) -> None:
+        try:
+            getattr(self, "sock", self.raw).close()
+        except OSError:
+            pass
+
+
+class Legit:
+    """Two logged-in users chatting all along, measuring each message's round trip."""
+
+    def __init__(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
+        self.a = Conn(host, port, ctx, LEGIT)
+        self.b = Conn(host, port, ctx, LEGIT)
+        for c, name in ((self.a, "legit_a"), (self.b, "legit_b")):
+            r = c.request({"type": "register", "username": name, "password": PASSWORD})
+            assert r["type"] in ("ok", "error"), r
+            w = c.request({"type": "login", "username": name, "password": PASSWORD})
+            assert w["type"] == "welcome", w
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            text = f"legit {i}"
+            start = time.perf_counter()
+            try:
+                echo = self.a.request({"type": "send", "room": "general", "message": text})
+                if echo["type"] != "message":
+                    raise ValueError(echo)
+                while True:
+                    f = self.b.recv()
+                    if f.get("type") == "message" and f.get("message") == text:
+                        break
+                    if f.get("type") == "bye":
+                        raise EOFError(f)
+                    if f.get("type") == "ping":
+                        self.b.send({"type": "pong"})
+            except (OSError, EOFError, ValueError) as exc:
+                self.errors.append(repr(exc))
+                return
+            self.latencies.append(time.perf_counter() - start)
+            time.sleep(0.2)  # 5 a second: a fast typist, within the frame limit
+
+    def window(self) -> tuple[int, int]:
+        return len(self.latencies), len(self.errors)
+
+    def summary(self, since: tuple[int, int]) -> str:
+        lat = self.latencies[since[0]:]
+        errs = self.errors[since[1]:]
+        if errs:
+            return f"YES: {errs[0]}"
+        if not lat:
+            return "YES: no message got through"
+        p99 = statistics.quantiles(lat, n=100)[98] if len(lat) >= 2 else lat[0]
+        verdict = "no" if p99 < 0.05 else "slower"
+        return f"{verdict} ({len(lat)} msgs, p99 {p99 * 1000:.1f} ms)"
+
+
+def attack_guessing(host, port, ctx, src, n=40):
+    c = Conn(host, port, ctx, src)
+    codes = Counter()
+    for i in range(n):
+        r = c.request({"type": "login", "username": "legit_a", "password": f"guess number {i}!"})
+        codes[r.get("code", r["type"])] += 1
+    c.close()
+    return n, dict(codes)
+
+
+def attack_spraying(host, port, ctx, src, n=80):
+    c = Conn(host, port, ctx, src)
+    codes = Counter()
+    for i in range(n):
+        r = c.request({"type": "login", "username": f"user{i}", "password": "Summer2026!Summer"})
+        codes[r.get("code", r["type"])] += 1
+    c.close()
+    return n, dict(codes)
+
+
+def attack_registration(host, port, ctx, src, n=30):
+    c = Conn(host, port, ctx, src)
+    codes = Counter()
+    for i in range(n):
+        r = c.request({"type": "register", "username": f"spam{i}{os.getpid()}",
+                       "password": "spam spam lovely spam 42"})
+        codes[r.get("code", r["type"])] += 1
+    c.close()
+    return n, dict(codes)
+
+
+def attack_flood(host, port, ctx, src, n=2000):
+    c = Conn(host, port, ctx, src)
+    c.request({"type": "login", "username": "flooder", "password": "flood the room please 9"})
+    data = b"".join(b'{"type":"send","room":"general","message":"FLOOD","id":%d}\n' % i
+                    for i in range(n))
+    c.file.write(data)
+    c.file.flush()
+    codes = Counter()
+    try:
+        while sum(codes.values()) < n:
+            f = c.recv()
+            if "re" in f:
+                codes[f.get("code", f["type"])] += 1
+    except (OSError, EOFError):
+        codes["closed"] += 1
+    c.close()
+    return n, dict(codes)
+
+
+def attack_slowloris(host, port, ctx, src, n=40):
+    socks, refused = [], 0
+    for _ in range(n):
+        try:
+            socks.append(Conn(host, port, ctx, src, handshake=False))
+        except OSError:
+            refused += 1
+    # Which of them the server closed (per-address limit at once; the rest after the
+    # handshake timeout, which the caller sets short).
+    closed = 0
+    deadline = time.monotonic() + 15
+    for s in socks:
+        s.raw.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            if s.raw.recv(1) == b"":
+                closed += 1
+        except (ConnectionError, TimeoutError, OSError):
+            closed += 1
+        s.close()
+    return n, {"closed by server": closed, "refused": refused, "held": n - closed - refused}
+
+
+def attack_garbage(host, port, ctx, src, n=20):
+    outcomes = Counter()
+    for i in range(n):
+        raw = socket.create_connection((host, port), timeout=10, source_address=(src, 0))
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n" if i % 2 else os.urandom(512))
+        try:
+            data = raw.recv(4096)
+            outcomes["json reply" if data.startswith(b"{") else "closed, no json"] += 1
+        except (ConnectionError, OSError):
+            outcomes["closed, no json"] += 1
+        raw.close()
+    # Malformed frames over TLS.
+    c = Conn(host, port, ctx, src)
+    c.file.write(b"not json\n" * 5 + b"[" * 5000 + b"\n" + b'{"type":1}\n')
+    c.file.flush()
+    for _ in range(7):
+        outcomes["tls: " + c.recv().get("code", "?")] += 1
+    c.close()
+    return n + 7, dict(outcomes)
+
+
+def attack_never_reads(host, port, ctx, src, n=80):
+    # A client asks for history again and again and never reads the answers.
+    w = Conn(host, port, ctx, LEGIT)
+    w.request({"type": "login", "username": "writer", "password": PASSWORD})
+    text = "x" * 3900
+    for _ in range(60):  # within the frame limit's burst and rate
+        while w.request({"type": "send", "room": "general", "message": text})["type"] != "message":
+            time.sleep(0.2)
+    w.close()
+    c = Conn(host, port, ctx, src, rcvbuf=4096)
+    c.request({"type": "login", "username": "deadreader", "password": "i never read a thing 7"})
+    for i in range(n):
+        c.send({"type": "history", "room": "general", "limit": 200, "id": i})
+        if i >= 25:
+            time.sleep(0.1)  # keep to the frame rate: this client is polite, just deaf
+    time.sleep(3)  # let the server find out
+    outcome = "still connected"
+    try:
+        c.sock.settimeout(5)
+        while True:
+            f = c.recv()
+            if f.get("type") == "bye":
+                outcome = f"bye {f['reason']}"
+                break
+    except (OSError, EOFError, ValueError):
+        outcome = "dropped"
+    c.close()
+    return n, {"reader": outcome}
+
+
+def attack_login_storm(host, port, ctx, src, n=98):
+    # Seven more addresses, 14 connections each, all asking at once: more password checks
+    # than the bcrypt workers and their queue hold.
+    conns = []
+    for i in range(n):
+        conns.append(Conn(host, port, ctx, f"127.0.1.{1 + i // 14}"))
+    for i, c in enumerate(conns):
+        c.send({"type": "login", "username": f"storm{i}", "password": "storm storm storm 1",
+                "id": 1})
+    codes = Counter()
+    for c in conns:
+        while True:
+            f = c.recv()
+            if f.get("re") == 1:
+                codes[f.get("code", f["type"])] += 1
+                break
+        c.close()
+    return n, dict(codes)
+
+
+ATTACKS = [
+    ("password guessing, one account", attack_guessing),
+    ("password spraying, one address", attack_spraying),
+    ("registration spam", attack_registration),
+    ("frame flood (2000 sends at once)", attack_flood),
+    ("slowloris (TCP, no handshake)", attack_slowloris),
+    ("plaintext, garbage, bad JSON", attack_garbage),
+    ("login storm (98 at once, 7 addresses)", attack_login_storm),
+    ("client that never reads (80 history requests)", attack_never_reads),
+]
+
+
+def start_server(tmp: Path, rounds: int) -> tuple[subprocess.Popen, int, Path]:
+    cmd = [sys.executable, "-m", "chat.server", "--port", "0", "--data-dir", str(tmp),
+           "--bcrypt-rounds", str(rounds), "--handshake-timeout", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if m := re.search(r"listening on [^:]+:(\d+)", line):
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            return proc, int(m.group(1)), tmp / "certs" / "ca.crt"
+    raise SystemExit("server did not start")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
+    ap.add_argument("--cafile", help="CA of that server")
+    ap.add_argument("--bcrypt-rounds", type=int, default=12)
+    args = ap.parse_args()
+    proc = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.server:
+            host, _, port_s = args.server.rpartition(":")
+            port, cafile = int(port_s), Path(args.cafile)
+        else:
+            proc, port, cafile = start_server(Path(tmp), args.bcrypt_rounds)
+            host = "127.0.0.1"
+        ctx = tls.client_context(cafile)
+        try:
+            legit = Legit(host, port, ctx)
+            # Accounts the attacks log in to, registered beforehand from the legitimate
+            # address, as users would have.
+            setup = Conn(host, port, ctx, LEGIT)
+            for name, pw in (("flooder", "flood the room please 9"),
+                             ("deadreader", "i never read a thing 7"), ("writer", PASSWORD)):
+                setup.request({"type": "register", "username": name, "password": pw})
+            setup.close()
+            rows = []
+            for n, (name, fn) in enumerate(ATTACKS):
+                mark = legit.window()
+                start = time.perf_counter()
+                attempts, outcome = fn(host, port, ctx, f"127.0.0.{10 + n}")
+                took = time.perf_counter() - start
+                # Watch the legitimate users for at least two seconds around each attack.
+                time.sleep(max(0.0, 2.0 - took))
+                rows.append((name, attempts, outcome, took, legit.summary(mark)))
+                print(f"done: {name}", file=sys.stderr)
+            legit.stop.set()
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    print("| attack | attempts | outcome | seconds | legitimate users affected |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, attempts, outcome, took, affected in rows:
+        text = ", ".join(f"{k}: {v}" for k, v in outcome.items())
+        print(f"| {name} | {attempts} | {text} | {took:.1f} | {affected} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
