@@ -64,6 +64,8 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 RECV_SIZE = 65536
 # Reads per readiness event before other connections get a turn.
 READS_PER_WAKE = 8
+# Frames handled per turn before other connections of the loop get theirs.
+FRAMES_PER_TURN = 64
 # One TLS write holds at most this much; the rest follows when it is done.
 MAX_WRITE = 256 * 1024
 
@@ -220,6 +222,11 @@ class Connection:
 
     # --- reading --------------------------------------------------------------------
     def _read(self) -> None:
+        if self.inbox and not self._process_inbox():
+            # Frames from the last turn still wait: handle them before reading more, so a
+            # client that floods is slowed by TCP instead of growing our memory.
+            self.loop.call_soon(self._read)
+            return
         for _ in range(READS_PER_WAKE):
             if self.paused or self.state not in (State.OPEN, State.READY):
                 return
@@ -237,13 +244,18 @@ class Connection:
             self.last_recv = time.monotonic()
             self.ping_sent = False
             self.inbox.extend(self.decoder.feed(data))
-            self._process_inbox()
+            if not self._process_inbox():
+                break
         # Not finished: let the other connections of this loop have a turn first.
         self.loop.call_soon(self._read)
 
-    def _process_inbox(self) -> None:
-        while self.inbox and not self.paused and self.state in (State.OPEN, State.READY):
+    def _process_inbox(self) -> bool:
+        """Handle up to FRAMES_PER_TURN frames; True unless some are left for later."""
+        for _ in range(FRAMES_PER_TURN):
+            if not self.inbox or self.paused or self.state not in (State.OPEN, State.READY):
+                return True
             self._handle(self.inbox.popleft())
+        return not self.inbox
 
     def _pause(self) -> None:
         self.paused = True
@@ -258,10 +270,10 @@ class Connection:
         if not self.accepting:
             return
         self.paused = False
-        self._process_inbox()
-        if not self.paused and self.state in (State.OPEN, State.READY):
+        if self.state in (State.OPEN, State.READY):
             self._update_interest()
-            # The TLS layer may already hold bytes the selector will not report again.
+            # Frames may wait in the inbox, and the TLS layer may hold bytes the selector
+            # will not report again: _read sees to both.
             self._read()
 
     def _handle(self, event: Any) -> None:
