@@ -278,6 +278,40 @@ def attack_login_storm(host, port, ctx, src, n=98):
     return n, dict(codes)
 
 
+def attack_login_rate(host, port, ctx, src, rate=100, seconds=10):
+    """100 logins a second for 10 s from 25 addresses, each for a different name: no
+    per-account or per-address limit applies, so only the bcrypt pool stands in the way.
+    Unknown names cost the same bcrypt work as real ones."""
+    conns = [Conn(host, port, ctx, f"127.0.2.{1 + i // 4}") for i in range(100)]
+    codes: Counter = Counter()
+    lock = threading.Lock()
+    per = rate * seconds // len(conns)
+    step = len(conns) / rate
+
+    def worker(n: int, c: Conn, start: float) -> None:
+        for k in range(per):
+            delay = start + k * step - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            r = c.request({"type": "login", "username": f"storm{n}x{k}",
+                           "password": "not a real password 1"})
+            with lock:
+                codes[r.get("code", r["type"])] += 1
+
+    start = time.perf_counter() + 0.5
+    threads = [threading.Thread(target=worker, args=(n, c, start + n / rate))
+               for n, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds * 6)
+    for c in conns:
+        c.close()
+    took = time.perf_counter() - start
+    codes["checked per second"] = round(codes["invalid_credentials"] / took, 1)
+    return sum(v for k, v in codes.items() if k != "checked per second"), dict(codes)
+
+
 ATTACKS = [
     ("password guessing, one account", attack_guessing),
     ("password spraying, one address", attack_spraying),
@@ -287,6 +321,7 @@ ATTACKS = [
     ("plaintext, garbage, bad JSON", attack_garbage),
     ("login storm (98 at once, 7 addresses)", attack_login_storm),
     ("client that never reads (80 history requests)", attack_never_reads),
+    ("login storm, 100/s for 10 s, 25 addresses", attack_login_rate),
 ]
 
 
@@ -322,7 +357,7 @@ def main() -> int:
             legit = Legit(host, port, ctx)
             # Accounts the attacks log in to, registered beforehand from the legitimate
             # address, as users would have.
-            setup = Conn(host, port, ctx, LEGIT)
+            setup = Conn(host, port, ctx, "127.0.0.3")  # within its 5 registrations
             for name, pw in (("flooder", "flood the room please 9"),
                              ("deadreader", "i never read a thing 7"), ("writer", PASSWORD)):
                 setup.request({"type": "register", "username": name, "password": pw})
