@@ -141,7 +141,9 @@ class Server:
         for loop in self.loops:
             loop.start()
         host = f"[{self.address[0]}]" if family == socket.AF_INET6 else self.address[0]
-        log.info("%s listening on %s:%d (TLS %s, db %s)", self.server_id, host,
+        # The ready line is what scripts wait for: shown whatever the log level.
+        log.log(max(logging.INFO, log.getEffectiveLevel()),
+                "%s listening on %s:%d (TLS %s, db %s)", self.server_id, host,
                  self.address[1], s.tls_profile, self.engine.url.render_as_string())
 
     def _make_ssl_context(self) -> ssl.SSLContext:
