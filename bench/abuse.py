@@ -135,35 +135,30 @@ class Legit:
         return f"{verdict} ({len(lat)} msgs, p99 {p99 * 1000:.1f} ms)"
 
 
-def attack_guessing(host, port, ctx, src, n=40):
+def _tally(host, port, ctx, src, frames) -> tuple[int, dict]:
+    """Send each frame as a request from one connection; count the replies by code."""
     c = Conn(host, port, ctx, src)
-    codes = Counter()
-    for i in range(n):
-        r = c.request({"type": "login", "username": "legit_a", "password": f"guess number {i}!"})
-        codes[r.get("code", r["type"])] += 1
+    codes = Counter(r.get("code", r["type"]) for r in map(c.request, frames))
     c.close()
-    return n, dict(codes)
+    return len(frames), dict(codes)
+
+
+def attack_guessing(host, port, ctx, src, n=40):
+    return _tally(host, port, ctx, src, [
+        {"type": "login", "username": "legit_a", "password": f"guess number {i}!"}
+        for i in range(n)])
 
 
 def attack_spraying(host, port, ctx, src, n=80):
-    c = Conn(host, port, ctx, src)
-    codes = Counter()
-    for i in range(n):
-        r = c.request({"type": "login", "username": f"user{i}", "password": "Summer2026!Summer"})
-        codes[r.get("code", r["type"])] += 1
-    c.close()
-    return n, dict(codes)
+    return _tally(host, port, ctx, src, [
+        {"type": "login", "username": f"user{i}", "password": "Summer2026!Summer"}
+        for i in range(n)])
 
 
 def attack_registration(host, port, ctx, src, n=30):
-    c = Conn(host, port, ctx, src)
-    codes = Counter()
-    for i in range(n):
-        r = c.request({"type": "register", "username": f"spam{i}{os.getpid()}",
-                       "password": "spam spam lovely spam 42"})
-        codes[r.get("code", r["type"])] += 1
-    c.close()
-    return n, dict(codes)
+    return _tally(host, port, ctx, src, [
+        {"type": "register", "username": f"spam{i}{os.getpid()}",
+         "password": "spam spam lovely spam 42"} for i in range(n)])
 
 
 def attack_flood(host, port, ctx, src, n=2000):

@@ -36,22 +36,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chat import login
+from chat import login, rooms
 from chat import messages as m
 from chat.errors import (
     AuthRequired,
     ChatError,
     Internal,
-    InvalidField,
-    NoSuchUser,
-    NotInRoom,
     ProtocolError,
     RateLimited,
     ServerBusy,
 )
 from chat.hub import Session
 from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
-from chat.store import DEFAULT_ROOM, Job, MessageJob, dm_pair
+from chat.store import Job
 from chat.throttle import TokenBucket
 
 if TYPE_CHECKING:
@@ -319,148 +316,13 @@ class Connection:
     def _on_quit(self, req: m.Quit) -> None:
         self.close("quit")
 
-    def _on_send(self, req: m.Send) -> None:
-        session = self._require_session()
-        if req.room is not None:
-            assert session.user is not None
-            if req.room not in session.user.rooms:
-                raise NotInRoom(f"join {req.room} first")
-        elif req.to is not None and not m.valid_username(req.to):
-            raise NoSuchUser()
-        rid = req.id
-        self.server.store.submit(MessageJob(
-            session, rid, req.room, req.to, req.message,
-            fail=lambda exc: self.send_error(exc, rid),
-        ))
-
-    def _on_join(self, req: m.Join) -> None:
-        session = self._require_session()
-        user, hub, store, rid = session.user, self.server.hub, self.server.store, req.id
-        assert user is not None
-        if req.room in user.rooms:
-            self._in_order(rid, lambda: self.reply(rid, {"type": "ok", "op": "join",
-                                                         "room": req.room}))
-            return
-        limit = self.settings.max_rooms_per_user
-        if len(user.rooms) >= limit:
-            raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
-        if not hub.mark_joined(user, req.room):
-            return  # joined by another of this user's sessions an instant ago
-        max_members = self.settings.max_room_members
-
-        def run(conn: Any) -> Callable[[], None]:
-            # general holds everyone from registration on, so it has no member limit.
-            full = req.room != DEFAULT_ROOM and store.member_count(conn, req.room) >= max_members
-            if full:
-                raise InvalidField(f"room: {req.room} is full ({max_members} members)")
-            store.add_member(conn, session.user_id, req.room)
-
-            def after() -> None:
-                self.reply(rid, {"type": "ok", "op": "join", "room": req.room})
-                hub.joined(user, req.room)
-
-            return after
-
-        def fail(exc: ChatError) -> None:
-            hub.mark_left(user, req.room)
-            self.send_error(exc, rid)
-
-        store.submit(Job(run, fail))
-
-    def _on_leave(self, req: m.Leave) -> None:
-        session = self._require_session()
-        user, hub, store, rid = session.user, self.server.hub, self.server.store, req.id
-        assert user is not None
-        if not hub.mark_left(user, req.room):
-            raise NotInRoom()
-
-        def run(conn: Any) -> Callable[[], None]:
-            store.remove_member(conn, session.user_id, req.room)
-
-            def after() -> None:
-                self.reply(rid, {"type": "ok", "op": "leave", "room": req.room})
-                hub.left(user, req.room)
-
-            return after
-
-        def fail(exc: ChatError) -> None:
-            hub.mark_joined(user, req.room)
-            self.send_error(exc, rid)
-
-        store.submit(Job(run, fail))
-
-    def _on_who(self, req: m.Who) -> None:
-        session = self._require_session()
-        assert session.user is not None
-        if req.room not in session.user.rooms:
-            raise NotInRoom()
-        hub, rid = self.server.hub, req.id
-        self._in_order(
-            rid, lambda: self.reply(rid, {"type": "who", "room": req.room,
-                                          "users": hub.who(req.room)})
-        )
-
-    def _on_history(self, req: m.History) -> None:
-        session = self._require_session()
-        assert session.user is not None
-        store, rid = self.server.store, req.id
-        max_bytes = self.settings.max_history_bytes
-        if req.room is not None and req.room not in session.user.rooms:
-            raise NotInRoom()
-        if req.with_ is not None and not m.valid_username(req.with_):
-            raise NoSuchUser()
-
-        read_pool = self.server.read_pool
-
-        def read() -> None:
-            try:
-                reply: dict[str, Any] = {"type": "history"}
-                with store.engine.connect() as db:
-                    if req.room is not None:
-                        reply["room"] = req.room
-                        msgs = store.history(db, room=req.room, before=req.before,
-                                             after=req.after, limit=req.limit,
-                                             max_bytes=max_bytes)
-                    else:
-                        assert req.with_ is not None
-                        other = store.find_user(req.with_.lower())
-                        if other is None:
-                            raise NoSuchUser()
-                        reply["with"] = other.name
-                        msgs = store.history(db, pair=dm_pair(session.user_id, other.id),
-                                             before=req.before, after=req.after,
-                                             limit=req.limit, max_bytes=max_bytes)
-                reply["messages"] = msgs
-                self.reply(rid, reply)
-            except ChatError as exc:
-                self.send_error(exc, rid)
-            except Exception:
-                log.exception("%s: history read failed", self.peer)
-                self.send_error(Internal(), rid)
-
-        def run(db: Any) -> Callable[[], None]:
-            # The writer only orders the read after this connection's earlier writes
-            # (a `send` then `history` sees the message); a reader thread does the work,
-            # so a large history never holds up everyone's messages.
-            def after() -> None:
-                try:
-                    read_pool.submit(read)
-                except ChatError as exc:
-                    self.send_error(exc, rid)
-
-            return after
-
-        store.submit(Job(run, lambda exc: self.send_error(exc, rid)))
-
     # --- helpers --------------------------------------------------------------------
     def require_session(self) -> Session:
         if self.session is None:
             raise AuthRequired()
         return self.session
 
-    _require_session = require_session
-
-    def _in_order(self, rid: m.RequestId, fn: Callable[[], None]) -> None:
+    def in_order(self, rid: m.RequestId, fn: Callable[[], None]) -> None:
         """Run fn on the writer thread after everything this connection queued before."""
         self.server.store.submit(Job(lambda db: fn, lambda exc: self.send_error(exc, rid)))
 
@@ -734,10 +596,10 @@ _HANDLERS: dict[type, _Handler] = {
     m.Ping: _Handler(Connection._on_ping, True),
     m.Pong: _Handler(Connection._on_pong, True),
     m.Quit: _Handler(Connection._on_quit, True),
-    m.Send: _Handler(Connection._on_send, False),
-    m.Join: _Handler(Connection._on_join, False),
-    m.Leave: _Handler(Connection._on_leave, False),
-    m.Who: _Handler(Connection._on_who, False),
-    m.History: _Handler(Connection._on_history, False),
+    m.Send: _Handler(rooms.send, False),
+    m.Join: _Handler(rooms.join, False),
+    m.Leave: _Handler(rooms.leave, False),
+    m.Who: _Handler(rooms.who, False),
+    m.History: _Handler(rooms.history, False),
     m.Passwd: _Handler(login.passwd, False),
 }
