@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import irc
 from chat import tls
 
 PASSWORD = "loadgen kettle ivory 7731 zq"
@@ -92,17 +93,62 @@ class Client:
         self.sock.setblocking(False)
 
 
+class IrcClient:
+    """The same, for an IRC server: NICK/USER, JOIN #bench, then PRIVMSGs."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, name: str, *, register: bool) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=120)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.name = name
+        self.buf = b""
+        self._parser = irc.IrcParser()
+        self.sock.sendall(irc.register_lines(name))
+        self._until("001")
+        self.sock.sendall(irc.join_line("#" + ROOM))
+        self._until("366")
+
+    def _until(self, numeric: str) -> None:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise SystemExit(f"{self.name}: server closed during set-up")
+            events = self._parser.feed(data)
+            out = self._parser.take_outgoing()
+            if out:
+                self.sock.sendall(out)
+            if any(e[0] == numeric for e in events):
+                return
+
+    def go_nonblocking(self) -> None:
+        self.sock.setblocking(False)
+
+
+def encode_irc(sender: int, seq: int) -> bytes:
+    return b"PRIVMSG #" + ROOM.encode() + b" :%d:%d:%d\r\n" % (sender, seq, time.perf_counter_ns())
+
+
+IRC_RE = re.compile(rb" PRIVMSG #" + ROOM.encode() + rb" :(\d+):(\d+):(\d+)")
+PROTOCOLS = {}  # filled below: name -> (client class, encoder, pattern, sender sees own)
+
+
 def encode_send(sender: int, seq: int) -> bytes:
     return (b'{"type":"send","room":"' + ROOM.encode() + b'","message":"%d:%d:%d"}\n'
             % (sender, seq, time.perf_counter_ns()))
 
 
 class Run:
-    """The event loop shared by the workloads."""
+    """The event loop shared by the workloads.
 
-    def __init__(self, clients: list[Client], senders: int) -> None:
+    A sender's acknowledgement is its own echo in protocol v1; IRC sends no echo, so there
+    the first non-sender (client `senders`) acknowledges for everyone.
+    """
+
+    def __init__(self, clients: list, senders: int, proto: str = "chat") -> None:
         self.clients = clients
         self.senders = senders
+        _cls, self.encode, self.pattern, self.echo = PROTOCOLS[proto]
+        self.ack_from = None if self.echo else senders
         self.sel = selectors.DefaultSelector()
         for i, c in enumerate(clients):
             c.go_nonblocking()
@@ -115,10 +161,11 @@ class Run:
         self.errors: list[str] = []
         self.latencies: list[int] = []
         self.pending: dict[int, bytearray] = {}
+        self.pongs: list[tuple[int, bytes]] = []
 
     def send(self, sender: int) -> None:
         c = self.clients[sender]
-        data = encode_send(sender, self.sent[sender])
+        data = self.encode(sender, self.sent[sender])
         self.sent[sender] += 1
         out = self.pending.get(sender)
         if out:
@@ -132,6 +179,12 @@ class Run:
             self.pending[sender] = bytearray(data[n:])
 
     def flush_pending(self) -> None:
+        while self.pongs:
+            i, data = self.pongs.pop()
+            try:
+                self.clients[i].sock.send(data)
+            except ssl.SSLWantWriteError:
+                pass  # the next PING will come round again
         for sender, out in list(self.pending.items()):
             try:
                 n = self.clients[sender].sock.send(out)
@@ -164,22 +217,30 @@ class Run:
     def _account(self, i: int, chunk: bytes, measure: bool) -> None:
         last = self.last[i]
         now = time.perf_counter_ns()
-        for s, q, t in MSG_RE.findall(chunk):
+        acks = i == self.ack_from
+        for s, q, t in self.pattern.findall(chunk):
             sender, seq = int(s), int(q)
             if seq != last[sender] + 1:
                 self.errors.append(f"receiver {i}: sender {sender} seq {seq} after {last[sender]}")
             last[sender] = seq
             self.deliveries += 1
-            if i == sender:
+            if acks or i == sender:
                 self.acked[sender] += 1
             if measure:
                 self.latencies.append(now - int(t))
-        if b'"type":"error"' in chunk or b'"type":"bye"' in chunk:
+        if self.echo and (b'"type":"error"' in chunk or b'"type":"bye"' in chunk):
             self.errors.append(f"receiver {i}: {chunk[:200]!r}")
+        elif not self.echo and b"PING" in chunk:
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"PING"):
+                    self.pongs.append((i, b"PONG" + line[4:].rstrip(b"\r") + b"\r\n"))
 
     def drain(self, timeout: float = 10.0) -> None:
         """Wait until every receiver has every message sent."""
         want = [self.sent[s] - 1 for s in range(self.senders)]
+        if not self.echo:  # IRC does not send a sender its own messages
+            for s in range(self.senders):
+                self.last[s][s] = want[s]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.flush_pending()
@@ -190,13 +251,14 @@ class Run:
         self.errors.append(f"{missing} receiver/sender pairs incomplete after {timeout} s")
 
 
-def connect_all(port: int, ctx: ssl.SSLContext, n: int, prefix: str, register: bool) -> list:
-    return [Client(port, ctx, f"{prefix}{i}", register=register) for i in range(n)]
+def connect_all(args, ctx: ssl.SSLContext, n: int, prefix: str) -> list:
+    cls = PROTOCOLS[args.proto][0]
+    return [cls(args.port, ctx, f"{prefix}{i}", register=args.register) for i in range(n)]
 
 
 def workload_a(args, ctx) -> dict:
-    clients = connect_all(args.port, ctx, 50, args.prefix, args.register)
-    run = Run(clients, senders=10)
+    clients = connect_all(args, ctx, 50, args.prefix)
+    run = Run(clients, senders=10, proto=args.proto)
     rate = 500.0
     interval = 10 / rate  # each of 10 senders sends every 20 ms
     start = time.perf_counter()
@@ -227,8 +289,8 @@ def workload_a(args, ctx) -> dict:
 
 
 def workload_b(args, ctx) -> dict:
-    clients = connect_all(args.port, ctx, 50, args.prefix, args.register)
-    run = Run(clients, senders=10)
+    clients = connect_all(args, ctx, 50, args.prefix)
+    run = Run(clients, senders=10, proto=args.proto)
     window = 10
     for s in range(10):
         for _ in range(window):
@@ -261,7 +323,8 @@ def workload_c(args, ctx) -> dict:
     idle = []
     t0 = time.perf_counter()
     for i in range(args.idle):
-        c = Client(args.port, ctx, f"{args.prefix}idle{i}", register=args.register)
+        c = PROTOCOLS[args.proto][0](args.port, ctx, f"{args.prefix}idle{i}",
+                                     register=args.register)
         idle.append(c)
     setup = time.perf_counter() - t0
     time.sleep(2)
@@ -269,8 +332,8 @@ def workload_c(args, ctx) -> dict:
     cpu0 = proc_cpu(args.pid)
     time.sleep(args.seconds)
     idle_cpu = proc_cpu(args.pid) - cpu0
-    active = connect_all(args.port, ctx, 10, args.prefix + "act", args.register)
-    run = Run(active, senders=10)
+    active = connect_all(args, ctx, 10, args.prefix + "act")
+    run = Run(active, senders=10, proto=args.proto)
     for k in range(1000):
         run.send(k % 10)
         run.poll(0, measure=False)
@@ -296,6 +359,12 @@ def _alive(c: Client) -> bool:
         return False
 
 
+PROTOCOLS.update({
+    "chat": (Client, encode_send, MSG_RE, True),
+    "irc": (IrcClient, encode_irc, IRC_RE, False),
+})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,6 +376,7 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--prefix", default="bench")
     ap.add_argument("--no-register", dest="register", action="store_false")
+    ap.add_argument("--proto", choices=["chat", "irc"], default="chat")
     args = ap.parse_args()
     ctx = tls.client_context(args.cafile)
     result = {"a": workload_a, "b": workload_b, "c": workload_c}[args.workload](args, ctx)

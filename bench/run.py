@@ -27,6 +27,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PY = sys.executable
 
+PEERS = ("ngircd", "inspircd", "miniircd")
 BENCH_LIMITS = [
     "--frames-per-second", "1000000", "--frame-burst", "1000000",
     "--max-connections-per-ip", "100000", "--registrations-per-ip", "1000000",
@@ -39,6 +40,19 @@ def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subproc
         cmd = [PY, "-m", "chat.server", "--port", "0", "--data-dir", str(data),
                "--certfile", str(certs / "server.crt"), "--keyfile", str(certs / "server.key"),
                *BENCH_LIMITS, *extra]
+    elif kind in PEERS:
+        cmd = [PY, str(BENCH / "peers" / "start.py"), kind, "--cert", str(certs / "server.crt"),
+               "--key", str(certs / "server.key"), "--workdir", str(data)]
+        data.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                _, _, port, pid = line.split()
+                proc.server_pid = int(pid)  # type: ignore[attr-defined]
+                return proc, int(port)
+        raise SystemExit(f"{kind} did not start")
     elif kind == "naive":
         cmd = [PY, str(BENCH / "naive_server.py"), "--port", "0",
                "--certfile", str(certs / "server.crt"), "--keyfile", str(certs / "server.key")]
@@ -64,9 +78,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def loadgen(workload: str, port: int, pid: int, cafile: Path, prefix: str, **opts) -> dict:
+def loadgen(workload: str, port: int, pid: int, cafile: Path, prefix: str, proto: str,
+            **opts) -> dict:
     cmd = [PY, str(BENCH / "loadgen.py"), workload, "--port", str(port), "--pid", str(pid),
-           "--cafile", str(cafile), "--prefix", prefix]
+           "--cafile", str(cafile), "--prefix", prefix, "--proto", proto]
     for k, v in opts.items():
         cmd += [f"--{k}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -90,7 +105,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--idle", type=int, default=2000)
-    ap.add_argument("--servers", default="chat,naive")
+    ap.add_argument("--servers", default="chat,naive,ngircd,inspircd,miniircd",
+                    help="comma-separated; the IRC peers need bench/peers/install.sh first")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,9 +118,11 @@ def main() -> int:
             for run in range(args.runs):
                 for w in ("a", "b"):
                     proc, port = start(kind, certs, Path(tmp) / f"{kind}-{w}-{run}", [])
+                    pid = getattr(proc, "server_pid", proc.pid)
+                    proto = "irc" if kind in PEERS else "chat"
                     try:
-                        results[w].append(loadgen(w, port, proc.pid, certs / "ca.crt",
-                                                  f"{w}{run}x", seconds=args.seconds))
+                        results[w].append(loadgen(w, port, pid, certs / "ca.crt",
+                                                  f"{w}{run}x", proto, seconds=args.seconds))
                     finally:
                         stop(proc)
                     print(f"{kind} {w} run {run}: {results[w][-1]}", file=sys.stderr)
@@ -112,8 +130,8 @@ def main() -> int:
             if kind == "chat" and args.idle:
                 proc, port = start(kind, certs, Path(tmp) / f"{kind}-c", ["--bcrypt-rounds", "4"])
                 try:
-                    c = loadgen("c", port, proc.pid, certs / "ca.crt", "c", idle=args.idle,
-                                seconds=args.seconds)
+                    c = loadgen("c", port, proc.pid, certs / "ca.crt", "c", "chat",
+                                idle=args.idle, seconds=args.seconds)
                 finally:
                     stop(proc)
                 print(f"{kind} c: {c}", file=sys.stderr)
