@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from chat import __version__
+from chat.client.config import DEFAULT_ROOM, KEYS, ConfigError, Settings
+from chat.client.config import load as load_settings
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import CertificateNotTrusted, ClientError, ServerError
 from chat.client.format import sanitize, seconds, should_color
@@ -76,17 +78,38 @@ def _positive(text: str) -> float:
     return value
 
 
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    # default None: a flag not given leaves the key to $CHAT_*, the config file, a default.
+    parser.add_argument(
+        "--server", type=parse_server, metavar="HOST[:PORT]",
+        help=f"the server; [::1]:PORT for IPv6; port {DEFAULT_PORT} if left out "
+        "(else $CHAT_SERVER, else `server` in the config file)",
+    )
+    parser.add_argument(
+        "--cafile", type=Path, metavar="FILE",
+        help="CA certificate to verify the server with (else $CHAT_CAFILE, else `cafile` "
+        "in the config file, else the system trust store)",
+    )
+    parser.add_argument(
+        "--username", metavar="NAME",
+        help="else $CHAT_USERNAME, else `username` in the config file",
+    )
+
+
+def _chat_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--room", help="the room to start in, joined if need be (default: `room` in the "
+        f"config file, else {DEFAULT_ROOM})",
+    )
+    parser.add_argument(
+        "--no-bell", dest="bell", action="store_const", const=False, default=None,
+        help="do not ring the terminal bell when someone mentions you",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--server", required=True, type=parse_server, metavar="HOST[:PORT]",
-        help=f"the server; [::1]:PORT for IPv6; port {DEFAULT_PORT} if left out",
-    )
-    common.add_argument(
-        "--cafile", type=Path, metavar="FILE",
-        help="CA certificate to verify the server with (default: the system trust store)",
-    )
-    common.add_argument("--username", required=True, metavar="NAME")
+    _settings_flags(common)
     common.add_argument(
         "--password-file", type=Path, metavar="FILE",
         help="read the password from FILE's first line (else $CHAT_PASSWORD, else a prompt)",
@@ -98,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Raw: the exit-code table keeps its lines; the descriptions are wrapped by hand.
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Terminal client for the chat service (protocol v1, over TLS).",
+        prog=PROG, description="Terminal client for the chat service (protocol v1, over TLS).\n"
+        "Defaults for --server, --cafile, --username and --room can be kept in\n"
+        "$XDG_CONFIG_HOME/chat/client.toml (see `chat-client config`); never a password.",
         epilog=EXIT_CODES, formatter_class=raw,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -115,8 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=raw,
     )
     login.add_argument("--json", action="store_true", help="print each frame as a JSON line")
-    login.add_argument("--room", default="general", help="the room to start in (joined if need be)")
+    _chat_flags(login)
+    config = commands.add_parser(
+        "config", help="show the settings in effect and where each came from",
+        description="Print each setting in effect and its source: flag, env, file or\n"
+        "default. The file is $XDG_CONFIG_HOME/chat/client.toml (default\n"
+        "~/.config/chat/client.toml) with the keys server, cafile, username,\n"
+        "room, bell (true/false) and color (true/false/\"auto\"). It may not hold a\n"
+        "password.",
+        formatter_class=raw,
+    )
+    _settings_flags(config)
+    _chat_flags(config)
     return parser
+
+
+def apply_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Fill args' server, cafile, username, room, bell, color from flags/env/file/defaults.
+
+    Raises UsageError for a config file that cannot be used or a bad value from it.
+    """
+    flags = {key: getattr(args, key, None) for key in KEYS}
+    try:
+        settings = load_settings(flags, environ)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    server = settings.values["server"]
+    if isinstance(server, str):
+        try:
+            settings.values["server"] = parse_server(server)
+        except argparse.ArgumentTypeError as exc:
+            where = settings.sources["server"]
+            raise UsageError(f"server from {where}: {exc}") from None
+    for key in KEYS:
+        setattr(args, key, settings.values[key])
+    return settings
 
 
 def read_password(
@@ -243,11 +301,12 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
         if joined.get("type") == "error":
             client.quit(args.timeout)
             return report_refusal(f"cannot join {room}", joined)
+    color = should_color(sys.stdout) if args.color == "auto" else bool(args.color)
     if not args.json and sys.stdin.isatty() and sys.stdout.isatty():
         from chat.client.ui import run_interactive  # prompt_toolkit only when needed
 
         return run_interactive(
-            client, room=room, rooms=rooms, color=should_color(sys.stdout),
+            client, room=room, rooms=rooms, color=color, bell=args.bell,
             timeout=args.timeout,
         )
     from chat.client.linemode import run_line_mode
@@ -260,7 +319,7 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
         room=room,
         rooms=rooms,
         as_json=args.json,
-        color=not args.json and should_color(sys.stdout),
+        color=not args.json and color,
         timeout=args.timeout,
     )
 
@@ -308,10 +367,27 @@ def _tolerant_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `chat-client` console script; returns the exit code."""
     _tolerant_streams()
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        settings = apply_settings(args, os.environ)
+    except UsageError as exc:
+        _err(f"error: {exc}")
+        return EXIT_USAGE
+    if args.command == "config":
+        print(settings.describe(), flush=True)
+        return EXIT_OK
+    missing = [f"--{key}" for key in ("server", "username") if getattr(args, key) is None]
+    if missing:
+        parser.print_usage(sys.stderr)
+        _err(
+            f"error: {' and '.join(missing)} required (or set them in "
+            f"{settings.path}, or in $CHAT_{missing[0][2:].upper()})"
+        )
+        return EXIT_USAGE
     try:
         return _run(args)
     except KeyboardInterrupt:

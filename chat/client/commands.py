@@ -15,20 +15,26 @@ from dataclasses import dataclass, field
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import Frame
-from chat.client.format import sanitize
+from chat.client.format import ME_PREFIX, sanitize
 
 DEFAULT_ROOM = "general"  # every user is in it from registration on
 DEFAULT_HISTORY = 50  # the server's own default; said here so /help can name it
 NO_ROOM = "you are in no room; /join one"
 
+
 HELP = f"""\
 commands:
   TEXT            send TEXT to the current room (start it with // to send a leading /)
+  /me ACTION      send an action: the message text "/me ACTION", which chat-client
+                  shows as "* you ACTION" (other clients show the text as it is)
   /join ROOM      join ROOM and make it the current room
   /leave [ROOM]   leave ROOM (default: the current room; another of yours becomes current)
+  /switch ROOM    make ROOM, one you are in, the current room
+  /rooms          the rooms you are in; * marks the current one
   /msg USER TEXT  send USER a direct message
   /who [ROOM]     who is online in ROOM (default: the current room)
   /history [N]    the last N messages of the current room (default {DEFAULT_HISTORY})
+  /passwd         change your password (interactive only: asked for without echo)
   /help           this text
   /quit           leave (end of input or Ctrl-D does too)"""
 
@@ -64,7 +70,33 @@ class Notice:
     message: str
 
 
-Action = Request | Quit | Help | Invalid | Notice
+@dataclass(frozen=True)
+class Rooms:
+    """List the rooms the user is in (nothing is sent)."""
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Make `room`, one the user is in, the current room (nothing is sent)."""
+
+    room: str
+
+
+@dataclass(frozen=True)
+class Passwd:
+    """Change the password: the UI asks for the old and new ones without echo."""
+
+
+ASK_NOT_ARGS = (
+    "/passwd takes no arguments: it asks for the passwords without echo "
+    "(never put a password on a command line)"
+)
+INTERACTIVE_ONLY = (
+    "/passwd works only at the interactive prompt, which asks without echo; "
+    "line mode does not read passwords from its input"
+)
+
+Action = Request | Quit | Help | Invalid | Notice | Rooms | Switch | Passwd
 
 
 @dataclass
@@ -104,6 +136,22 @@ class ChatState:
         if self.room == room:  # talk on in #general if still there, else in another room
             fallback = DEFAULT_ROOM if DEFAULT_ROOM in self.rooms else min(self.rooms, default=None)
             self.room = fallback
+
+    def describe_rooms(self) -> str:
+        """What /rooms shows: every room, sorted, the current one marked with `*`."""
+        if not self.rooms:
+            return NO_ROOM
+        names = [("*" if r == self.room else "") + "#" + sanitize(r, multiline=False)
+                 for r in sorted(self.rooms)]
+        return "rooms: " + " ".join(names)
+
+    def switch(self, room: str) -> str | None:
+        """Make `room` current; None if done, else why not (the user is not in it)."""
+        room = room.lower()
+        if room not in self.rooms:
+            return f"you are not in #{sanitize(room, multiline=False)}; /join it first"
+        self.room = room
+        return None
 
     def follow(self, frame: Frame, reply: Frame) -> None:
         """Note what a successful join or leave changed; anything else changes nothing."""
@@ -150,6 +198,28 @@ def _who(args: str, room: str | None) -> Action:
     return Request({"type": "who", "room": target})
 
 
+def _me(args: str, room: str | None) -> Action:
+    if not args:
+        return Invalid("usage: /me ACTION")
+    if room is None:
+        return Notice(NO_ROOM)
+    return Request({"type": "send", "room": room, "message": ME_PREFIX + args})
+
+
+def _switch(args: str, room: str | None) -> Action:
+    if not args or " " in args:
+        return Invalid("usage: /switch ROOM")
+    return Switch(args.removeprefix("#"))
+
+
+def _rooms(args: str, room: str | None) -> Action:
+    return Invalid("usage: /rooms") if args else Rooms()
+
+
+def _passwd(args: str, room: str | None) -> Action:
+    return Invalid(ASK_NOT_ARGS) if args else Passwd()
+
+
 def _history(args: str, room: str | None) -> Action:
     if args and (not args.isdigit() or int(args) < 1):
         return Invalid("usage: /history [N], N a positive number")
@@ -167,6 +237,10 @@ _COMMANDS: dict[str, Callable[[str, str | None], Action]] = {
     "msg": _msg,
     "who": _who,
     "history": _history,
+    "me": _me,
+    "switch": _switch,
+    "rooms": _rooms,
+    "passwd": _passwd,
     "help": lambda args, room: Help(),
     "quit": lambda args, room: Quit(),
 }
@@ -187,6 +261,19 @@ def parse_command(line: str, room: str | None) -> Action | None:
     if command is None:
         return Invalid(f"unknown command /{name} (try /help)")
     return command(rest.strip(), room)
+
+
+COMMAND_NAMES = tuple(sorted(_COMMANDS))
+
+
+def run_local(action: Rooms | Switch, state: ChatState) -> str:
+    """Carry out a command that sends nothing; the line to show (`! ...` for a refusal)."""
+    if isinstance(action, Rooms):
+        return "-- " + state.describe_rooms()
+    problem = state.switch(action.room)
+    if problem is not None:
+        return f"! {problem}"
+    return f"-- now talking in #{sanitize(action.room.lower(), multiline=False)}"
 
 
 def perform(

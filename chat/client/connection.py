@@ -55,10 +55,11 @@ _END = object()  # end-of-stream marker on the event queue
 class _Waiter:
     """One pending request: the I/O thread sets `reply` (a frame or an error), then `done`."""
 
-    __slots__ = ("done", "reply")
+    __slots__ = ("done", "quiet", "reply")
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.done = threading.Event()
+        self.quiet = quiet  # the reply goes to the waiter only, never on the event queue
         self.reply: Frame | ClientError | None = None
 
 
@@ -143,17 +144,21 @@ class ChatClient:
         """Queue `frame` for sending and return at once (fire and forget)."""
         self._enqueue(self._encode(frame))
 
-    def request(self, frame: Frame, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+    def request(
+        self, frame: Frame, timeout: float = DEFAULT_TIMEOUT, *, quiet: bool = False
+    ) -> Frame:
         """Send `frame` with a fresh integer `id` and return the reply whose `re` matches.
 
         The reply is returned whatever its type, `error` included (see `raise_for_error`).
+        With `quiet`, the reply is not also queued as an event (for requests the user did
+        not type, such as a reconnect's catch-up).
         Raises TimedOut if none comes within `timeout`, ConnectionClosed if the connection
         ends first.
         """
         with self._lock:
             request_id = next(self._ids)
         data = self._encode({**frame, "id": request_id})
-        waiter = _Waiter()
+        waiter = _Waiter(quiet)
         self._enqueue(data, request_id, waiter)
         if not waiter.done.wait(timeout):
             with self._lock:
@@ -328,7 +333,7 @@ class ChatClient:
         if type(re_id) is int:  # not bool, which would match id 1
             with self._lock:
                 waiter = self._waiters.pop(re_id, None)
-        if waiter is None or self._replies_as_events:
+        if waiter is None or (self._replies_as_events and not waiter.quiet):
             self._events.put(frame)  # queued before the waiter wakes: order is kept
         if waiter is not None:
             waiter.reply = frame

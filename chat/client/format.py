@@ -30,11 +30,19 @@ _UNSAFE_IN_LINE = re.compile(f"[\\t\\n{_UNSAFE}]")  # one-line fields: names, co
 # A `retry_after` above this (about 30 years) is a broken server, not advice worth showing.
 MAX_SHOWN_SECONDS = 10**9
 
+# A message whose text starts with this is an action (`/me waves`): "* alice waves". The
+# text itself is sent as typed, so other clients still show something sensible.
+ME_PREFIX = "/me "
+
 INDENT = " " * len("[HH:MM] ")  # continuation lines of a message start under its text
 
 # Readable on dark and light backgrounds alike: the six normal and six bright colours.
 _PALETTE = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
-_DIM, _BOLD, _RED = "2", "1", "1;31"
+_DIM, _BOLD, _RED, _MENTION = "2", "1", "1;31", "1;7"  # mention: bold, reverse video
+
+# Characters a user name may hold: a mention is the name not touching one of them (a
+# trailing "." is punctuation unless a name character follows it).
+_NAME_CHAR = "A-Za-z0-9_.-"
 
 _BYE_REASONS = {
     "quit": "bye",
@@ -134,14 +142,42 @@ def seconds(value: object) -> str | None:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def mentions(text: str, me: str) -> bool:
+    """Whether `text` names `me` as a word, case-insensitively ("@alice," and "Alice." do)."""
+    pattern = rf"(?<![{_NAME_CHAR}]){re.escape(me)}(?![A-Za-z0-9_-])(?!\.[{_NAME_CHAR}])"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def is_mention(frame: Mapping[str, Any], me: str | None) -> bool:
+    """A `message` frame from someone else whose text mentions `me`."""
+    if me is None or frame.get("type") != "message":
+        return False
+    sender = frame.get("username")
+    if isinstance(sender, str) and sender.casefold() == me.casefold():
+        return False
+    text = frame.get("message")
+    return isinstance(text, str) and mentions(text, me)
+
+
 def _message(frame: Mapping[str, Any], style: _Style) -> str:
     sender = style.name(frame.get("username", "?"))
+    text = str(frame.get("message", ""))
+    action = text.startswith(ME_PREFIX) and bool(text[len(ME_PREFIX):].strip())
+    if action:  # the /me convention: "[12:00] #room * alice waves"
+        text = text[len(ME_PREFIX):]
     if "to" in frame:
-        where = f"{style.paint('(dm)', _DIM)} {sender} -> {style.name(frame['to'])}"
+        dm = style.paint("(dm)", _DIM)
+        if action:
+            where = f"{dm} -> {style.name(frame['to'])} * {sender}"
+        else:
+            where = f"{dm} {sender} -> {style.name(frame['to'])}"
     else:
-        where = f"{style.room(frame.get('room', '?'))} {sender}"
-    lines = sanitize(str(frame.get("message", ""))).split("\n")
-    return f"{style.clock(frame.get('ts'))} {where}: " + f"\n{INDENT}".join(lines)
+        where = f"{style.room(frame.get('room', '?'))} {'* ' if action else ''}{sender}"
+    lines = sanitize(text).split("\n")
+    if style.color and is_mention(frame, style.me):
+        lines = [style.paint(line, _MENTION) for line in lines]
+    separator = " " if action else ": "
+    return f"{style.clock(frame.get('ts'))} {where}{separator}" + f"\n{INDENT}".join(lines)
 
 
 def _presence(frame: Mapping[str, Any], style: _Style) -> str:
@@ -230,7 +266,8 @@ def format_event(
     """One received frame as terminal text (maybe several lines), or None if not worth showing.
 
     Times are shown in `tz` (None: the machine's local zone); frames without a `ts` are
-    stamped with `now` (default: the current time). `me` is drawn in bold when colouring.
+    stamped with `now` (default: the current time). `me` is drawn in bold when colouring,
+    and a message from someone else that mentions `me` in bold reverse video.
     A server `ping` gives None: the client answers it, there is nothing to show.
     """
     kind = str(frame.get("type"))

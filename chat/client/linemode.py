@@ -25,14 +25,19 @@ from typing import Any, TextIO
 
 from chat.client.commands import (
     HELP,
+    INTERACTIVE_ONLY,
     ChatState,
     Help,
     Invalid,
     Notice,
+    Passwd,
     Quit,
     Request,
+    Rooms,
+    Switch,
     parse_command,
     perform,
+    run_local,
 )
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, TimedOut
@@ -94,6 +99,14 @@ def run_line_mode(
             complain(action.message)
         elif isinstance(action, Notice):  # nothing was sent; a note, like /help's text
             _write(stderr if as_json else stdout, lock, f"-- {action.message}")
+        elif isinstance(action, Rooms | Switch):
+            text = run_local(action, state)
+            if text.startswith("! "):
+                complain(text[2:])
+            else:
+                _write(stderr if as_json else stdout, lock, text)
+        elif isinstance(action, Passwd):
+            complain(INTERACTIVE_ONLY)
         elif isinstance(action, Request):
             try:
                 perform(client, action, state, timeout)

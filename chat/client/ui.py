@@ -39,14 +39,19 @@ from chat.client.commands import (
     Help,
     Invalid,
     Notice,
+    Passwd,
     Quit,
     Request,
+    Rooms,
+    Switch,
     parse_command,
+    run_local,
 )
 from chat.client.commands import perform as perform_command
+from chat.client.completion import ChatCompleter, Roster
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
-from chat.client.errors import ConnectionClosed, TimedOut
-from chat.client.format import format_event, sanitize
+from chat.client.errors import ConnectionClosed, Frame, TimedOut
+from chat.client.format import format_event, is_mention, sanitize
 
 
 class Screen:
@@ -115,17 +120,43 @@ class Screen:
             self._write(text)
 
 
+BELL = "\a"
+
+
+def with_bell(text: str, frame: Frame, me: str | None, bell: bool) -> str:
+    """`text`, led by the terminal bell when it is a live message mentioning `me`."""
+    return BELL + text if bell and is_mention(frame, me) else text
+
+
+def change_password_frame(ask: Callable[[str], str]) -> Frame | str:
+    """Ask for the old password and the new one twice; the passwd frame, or why not."""
+    old = ask("current password: ")
+    if not old:
+        return "password not changed: empty"
+    new = ask("new password: ")
+    if not new:
+        return "password not changed: empty"
+    if ask("the new password again: ") != new:
+        return "password not changed: the two new passwords differ"
+    return {"type": "passwd", "old": old, "new": new}
+
+
 def run_interactive(
     client: ChatClient,
     *,
     room: str,
     rooms: Iterable[object] = (),
     color: bool,
+    bell: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     """Chat until /quit or Ctrl-D (0), Ctrl-C (130) or the server ends the connection (3)."""
     state = ChatState.start(room, rooms)
-    session: PromptSession[str] = PromptSession(history=InMemoryHistory())
+    roster = Roster()
+    session: PromptSession[str] = PromptSession(
+        history=InMemoryHistory(), completer=ChatCompleter(state, roster),
+        complete_while_typing=False,  # Tab asks; typing a message stays undisturbed
+    )
     output = session.app.output
 
     def write(text: str) -> None:
@@ -143,9 +174,10 @@ def run_interactive(
 
     def print_events() -> None:
         for frame in client.events():
+            roster.note(frame)
             text = format_event(frame, me=client.username, color=color)
             if text is not None:
-                screen.show(text)
+                screen.show(with_bell(text, frame, client.username, bell))
         ended.set()
         screen.call_in_prompt(end_prompt)  # a prompt not up yet sees `ended` in pre_run
 
@@ -159,6 +191,21 @@ def run_interactive(
     def prompt() -> str:
         try:
             return session.prompt(lambda: state.prompt, pre_run=pre_run)
+        finally:
+            screen.prompt_ended()
+
+    def ask_secret(message: str) -> str:
+        # A session of its own, so no password lands in the line history, and the main
+        # session's settings (prompt_toolkit keeps a prompt's arguments) stay as they are.
+        secret: PromptSession[str] = PromptSession()
+
+        def secret_pre_run() -> None:
+            loop = secret.app.loop
+            if loop is not None:
+                screen.prompt_started(loop, lambda: secret.app.is_running)
+
+        try:
+            return secret.prompt(message, is_password=True, pre_run=secret_pre_run)
         finally:
             screen.prompt_ended()
 
@@ -184,7 +231,19 @@ def run_interactive(
                 screen.show(f"! {action.message}")
             elif isinstance(action, Notice):
                 screen.show(f"-- {action.message}")
-            elif isinstance(action, Request):
+            elif isinstance(action, Rooms | Switch):
+                screen.show(run_local(action, state))
+            elif isinstance(action, Passwd):
+                try:
+                    frame = change_password_frame(ask_secret)
+                except (EOFError, KeyboardInterrupt):
+                    screen.show("-- password not changed")
+                    continue
+                if isinstance(frame, str):
+                    screen.show(f"! {frame}")
+                    continue
+                action = Request(frame)
+            if isinstance(action, Request):
                 try:
                     perform_command(client, action, state, timeout)
                 except ValueError as exc:

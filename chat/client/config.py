@@ -1,0 +1,148 @@
+"""The client's settings: flags over environment over the config file over defaults.
+
+The file is `$XDG_CONFIG_HOME/chat/client.toml` (`~/.config/chat/client.toml` when
+XDG_CONFIG_HOME is unset or empty, as the XDG Base Directory spec says), for example
+
+    server = "chat.example:7072"
+    cafile = "ca.crt"            # relative to the file's own directory; ~ is expanded
+    username = "alice"
+    room = "general"             # the room to start in
+    bell = true                  # ring the terminal bell when someone mentions you
+    color = "auto"               # true, false, or "auto" (on a terminal, unless NO_COLOR)
+
+The environment variables CHAT_SERVER, CHAT_CAFILE, CHAT_USERNAME and CHAT_ROOM stand in
+for the flags. A password is never read from the file (nor written anywhere): a `password`
+key is refused with an error, so that no one keeps one there believing it is used.
+`resolve` is pure (flags, environment and file text in, a Settings out), so it is tested
+without touching the user's home directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILE_NAME = Path("chat") / "client.toml"
+DEFAULT_ROOM = "general"
+SOURCES = ("flag", "env", "file", "default")
+KEYS = ("server", "cafile", "username", "room", "bell", "color")
+_ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "username": "CHAT_USERNAME",
+        "room": "CHAT_ROOM"}
+_DEFAULTS: dict[str, Any] = {
+    "server": None, "cafile": None, "username": None, "room": DEFAULT_ROOM, "bell": True,
+    "color": "auto",
+}
+_SECRET_KEYS = {"password", "passwd", "pass", "secret"}
+
+
+class ConfigError(Exception):
+    """The config file cannot be used as written; the message names the file and key."""
+
+
+def config_path(environ: Mapping[str, str]) -> Path:
+    """Where the config file is looked for (it need not exist)."""
+    base = environ.get("XDG_CONFIG_HOME")
+    if base and Path(base).is_absolute():  # the spec: a relative value is to be ignored
+        return Path(base) / FILE_NAME
+    home = environ.get("HOME")
+    return (Path(home) if home else Path.home()) / ".config" / FILE_NAME
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The values in effect and, for each key, where it came from (one of SOURCES)."""
+
+    path: Path
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def describe(self) -> str:
+        """What `chat-client config` prints: each key, its value and its source."""
+        exists = "" if self.path.is_file() else " (not found)"
+        lines = [f"config file: {self.path}{exists}"]
+        for key in KEYS:
+            value = self.values.get(key)
+            shown = "(none)" if value is None else _show(value)
+            lines.append(f"{key:<9} = {shown:<30} ({self.sources.get(key, 'default')})")
+        return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The file's table, checked: known keys of the right types; {} if there is no file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return parse_file(text, path)
+
+
+def parse_file(text: str, path: Path) -> dict[str, Any]:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for key in table:
+        if key.lower() in _SECRET_KEYS:
+            raise ConfigError(
+                f"{path}: remove the {key!r} key: passwords are never read from the config "
+                "file; use --password-file, CHAT_PASSWORD or the prompt"
+            )
+        if key not in KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(KEYS)})")
+    for key in ("server", "cafile", "username", "room"):
+        if key in table and not (isinstance(table[key], str) and table[key].strip()):
+            raise ConfigError(f"{path}: {key} must be a non-empty string")
+    if "bell" in table and not isinstance(table["bell"], bool):
+        raise ConfigError(f"{path}: bell must be true or false")
+    if "color" in table and table["color"] not in (True, False, "auto"):
+        raise ConfigError(f'{path}: color must be true, false or "auto"')
+    values = dict(table)
+    if "cafile" in values:
+        cafile = Path(values["cafile"]).expanduser()
+        values["cafile"] = cafile if cafile.is_absolute() else path.parent / cafile
+    return values
+
+
+def resolve(
+    flags: Mapping[str, Any], environ: Mapping[str, str], file_values: Mapping[str, Any],
+    path: Path,
+) -> Settings:
+    """Each key from the first of: a flag given (not None), its env variable, the file."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in KEYS:
+        env_name = _ENV.get(key)
+        if flags.get(key) is not None:
+            values[key], sources[key] = flags[key], "flag"
+        elif env_name and environ.get(env_name):
+            value: Any = environ[env_name]
+            values[key] = Path(value).expanduser() if key == "cafile" else value
+            sources[key] = "env"
+        elif key in file_values:
+            values[key], sources[key] = file_values[key], "file"
+        else:
+            values[key], sources[key] = _DEFAULTS[key], "default"
+    return Settings(path, values, sources)
+
+
+def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """The settings in effect for these flags (None: not given) and this environment."""
+    path = config_path(environ)
+    return resolve(flags, environ, read_file(path), path)

@@ -1,0 +1,190 @@
+"""Reconnecting after a lost connection: the backoff schedule, catch-up and dedupe.
+
+Theory of operation
+-------------------
+`Seen` follows the `message` frames shown (its `fresh` is called only by the thread that
+prints events): the highest `msg_id` per room and per direct-message peer, and a bounded
+set of recent ids, so that a message that comes twice (in a catch-up page and live, or as a
+stored direct message and in `history with`) is shown once.
+
+`reconnect` runs in the thread that noticed the end (the printer): it waits out the
+backoff schedule (1 s doubling to 60 s, each +-20% jitter; `sleep` and `rng` injectable),
+connects with the `connect` callable, logs in with the password kept in memory (never
+written anywhere), joins the rooms the state says we are in but the `welcome` does not,
+and pages through `history ... after` the last id seen per room and per peer. The replies
+to these requests are `quiet`: they are not queued as events, so nothing is shown but the
+missed messages, which it returns, oldest first, for the printer to show through `Seen`.
+
+When to reconnect: the connection ended without a `bye`, or with `bye` `shutdown`, `idle`
+or `slow_consumer`. Not after `quit` (ours, or another session's `passwd` logging us out),
+nor `too_many_errors` or `login_timeout` (reconnecting would only repeat them). It gives up
+when the password is refused (`invalid_credentials`): it may have been changed elsewhere.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from chat.client.commands import ChatState
+from chat.client.errors import ClientError, Frame
+
+BASE_DELAY = 1.0  # seconds before the first attempt
+MAX_DELAY = 60.0  # the delay doubles up to this: a restarting server is back within a minute
+JITTER = 0.2  # +-20%, so that clients cut off together do not all come back together
+CATCH_UP_LIMIT = 200  # the server's largest history page
+MAX_CATCH_UP_PAGES = 50  # 10,000 messages a room: past that, the rest is in /history
+SEEN_IDS = 10_000  # recent msg_ids remembered for dedupe
+RECONNECT_BYES = frozenset({None, "shutdown", "idle", "slow_consumer"})
+
+
+def should_reconnect(bye_reason: str | None) -> bool:
+    return bye_reason in RECONNECT_BYES
+
+
+def backoff_delays(
+    rng: Callable[[float, float], float] = random.uniform,
+    *, base: float = BASE_DELAY, cap: float = MAX_DELAY, jitter: float = JITTER,
+) -> Iterator[float]:
+    """1, 2, 4, ... 60, 60, ... seconds, each times a random factor in [1-jitter, 1+jitter]."""
+    delay = base
+    while True:
+        yield delay * rng(1 - jitter, 1 + jitter)
+        delay = min(delay * 2, cap)
+
+
+class Seen:
+    """Which messages have been shown: per-room and per-peer high marks, recent ids."""
+
+    def __init__(self, me: str | None = None, capacity: int = SEEN_IDS) -> None:
+        self.me = me
+        self.rooms: dict[str, int] = {}
+        self.peers: dict[str, int] = {}
+        self._ids: set[int] = set()
+        self._order: deque[int] = deque()
+        self._capacity = capacity
+
+    def fresh(self, frame: Frame) -> bool:
+        """Note a frame about to be shown; False if it is a message already shown."""
+        msg_id = frame.get("msg_id")
+        if frame.get("type") != "message" or type(msg_id) is not int:
+            return True
+        if msg_id in self._ids:
+            return False
+        self._ids.add(msg_id)
+        self._order.append(msg_id)
+        if len(self._order) > self._capacity:
+            self._ids.discard(self._order.popleft())
+        key, marks = self._key(frame)
+        if key is not None:
+            marks[key] = max(marks.get(key, 0), msg_id)
+        return True
+
+    def _key(self, frame: Frame) -> tuple[str | None, dict[str, int]]:
+        room = frame.get("room")
+        if isinstance(room, str):
+            return room.lower(), self.rooms
+        sender, to = frame.get("username"), frame.get("to")
+        me = (self.me or "").casefold()
+        peer = to if isinstance(sender, str) and sender.casefold() == me else sender
+        return (peer.lower() if isinstance(peer, str) else None), self.peers
+
+    def catch_up_requests(self, rooms: set[str]) -> list[Frame]:
+        """The history requests to catch up on: each room we are in, each peer seen.
+
+        A room with no message seen yet uses the highest id seen anywhere (msg_id grows
+        across all rooms, and a session sees messages in msg_id order); with none seen at
+        all, there is nothing to catch up from and the room is left to /history.
+        """
+        everywhere = max([*self.rooms.values(), *self.peers.values()], default=None)
+        requests: list[Frame] = []
+        for room in sorted(rooms):
+            after = self.rooms.get(room, everywhere)
+            if after is not None:
+                requests.append({"type": "history", "room": room, "after": after})
+        for peer, after in sorted(self.peers.items()):
+            requests.append({"type": "history", "with": peer, "after": after})
+        return requests
+
+
+class Client(Protocol):
+    username: str | None
+
+    def request(self, frame: Frame, timeout: float = ..., *, quiet: bool = ...) -> Frame: ...
+
+    def close(self, timeout: float = ...) -> None: ...
+
+
+def catch_up(client: Client, seen: Seen, rooms: set[str], timeout: float) -> list[Frame]:
+    """Every message missed in `rooms` and with the peers seen, oldest first per request."""
+    missed: list[Frame] = []
+    for request in seen.catch_up_requests(rooms):
+        for _ in range(MAX_CATCH_UP_PAGES):
+            reply = client.request({**request, "limit": CATCH_UP_LIMIT}, timeout, quiet=True)
+            messages = [m for m in reply.get("messages", []) if isinstance(m, dict)]
+            missed.extend(messages)
+            ids = [m["msg_id"] for m in messages if type(m.get("msg_id")) is int]
+            if reply.get("type") != "history" or len(messages) < CATCH_UP_LIMIT or not ids:
+                break
+            request = {**request, "after": max(ids)}
+    return missed
+
+
+class GaveUp(Exception):
+    """Reconnecting stopped: the login was refused for good."""
+
+
+def reconnect(
+    connect: Callable[[], Any],
+    username: str,
+    password: Callable[[], str],
+    state: ChatState,
+    seen: Seen,
+    *,
+    notify: Callable[[str], None],
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
+    delays: Iterator[float] | None = None,
+    max_attempts: int | None = None,
+) -> tuple[Any, list[Frame]]:
+    """Connect and log in again, rejoin, catch up: (the new client, the missed messages)."""
+    attempts = 0
+    for delay in delays if delays is not None else backoff_delays():
+        attempts += 1
+        if max_attempts is not None and attempts > max_attempts:
+            break
+        notify(f"connection lost; reconnecting in {delay:.0f} s")
+        sleep(delay)
+        try:
+            client = connect()
+        except ClientError as exc:
+            notify(f"reconnect failed: {exc}")
+            continue
+        try:
+            welcome = client.request(
+                {"type": "login", "username": username, "password": password()},
+                timeout, quiet=True,
+            )
+            if welcome.get("type") != "welcome":
+                client.close()
+                if welcome.get("code") == "invalid_credentials":
+                    raise GaveUp("the password was refused on reconnecting")
+                notify(f"reconnect refused: {welcome.get('code')}")
+                continue
+            client.username = str(welcome.get("username", username))
+            listed = welcome.get("rooms")
+            joined = {r.lower() for r in listed if isinstance(r, str)} if isinstance(
+                listed, list) else set()
+            for room in sorted(state.rooms - joined):
+                client.request({"type": "join", "room": room}, timeout, quiet=True)
+            missed = catch_up(client, seen, state.rooms, timeout)
+        except ClientError as exc:
+            client.close()
+            notify(f"reconnect failed: {exc}")
+            continue
+        notify(f"reconnected as {client.username}")
+        return client, missed
+    raise GaveUp("gave up reconnecting")

@@ -1,0 +1,144 @@
+"""chat.client.config and `chat-client config`: flags over env over the file over defaults.
+
+Every test points XDG_CONFIG_HOME at a temporary directory, so the user's own file is
+never read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chat.client.cli import main
+from chat.client.config import ConfigError, config_path, load, parse_file, resolve
+
+FLAGS_NONE = {"server": None, "cafile": None, "username": None, "room": None, "bell": None,
+              "color": None}
+
+
+@pytest.fixture
+def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("CHAT_SERVER", "CHAT_CAFILE", "CHAT_USERNAME", "CHAT_ROOM", "CHAT_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "chat").mkdir()
+    return tmp_path / "chat" / "client.toml"
+
+
+def test_the_path_follows_xdg_config_home_else_home() -> None:
+    assert config_path({"XDG_CONFIG_HOME": "/x"}) == Path("/x/chat/client.toml")
+    assert config_path({"HOME": "/h"}) == Path("/h/.config/chat/client.toml")
+    assert config_path({"XDG_CONFIG_HOME": "", "HOME": "/h"}) == Path(
+        "/h/.config/chat/client.toml")
+    assert config_path({"XDG_CONFIG_HOME": "rel", "HOME": "/h"}) == Path(
+        "/h/.config/chat/client.toml")  # the spec: relative values are ignored
+
+
+def test_flags_beat_env_beat_file_beat_defaults() -> None:
+    path = Path("/cfg/chat/client.toml")
+    file_values = parse_file('server = "f:1"\nusername = "filer"\nroom = "dev"\n', path)
+    settings = resolve(
+        {**FLAGS_NONE, "server": ("flag", 2)}, {"CHAT_USERNAME": "envy"}, file_values, path
+    )
+    assert settings.server == ("flag", 2) and settings.sources["server"] == "flag"
+    assert settings.username == "envy" and settings.sources["username"] == "env"
+    assert settings.room == "dev" and settings.sources["room"] == "file"
+    assert settings.bell is True and settings.sources["bell"] == "default"
+    assert settings.cafile is None and settings.sources["cafile"] == "default"
+
+
+def test_a_relative_cafile_is_relative_to_the_file() -> None:
+    values = parse_file('cafile = "certs/ca.crt"\n', Path("/cfg/chat/client.toml"))
+    assert values["cafile"] == Path("/cfg/chat/certs/ca.crt")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('password = "hunter2hunter2hunter2"\n', "passwords are never read"),
+        ('Password = "x"\n', "passwords are never read"),
+        ('sever = "typo"\n', "unknown key 'sever'"),
+        ("bell = 1\n", "bell must be true or false"),
+        ('color = "always"\n', "color must be"),
+        ('server = ""\n', "server must be a non-empty string"),
+        ("server = [", "not valid TOML"),
+    ],
+)
+def test_a_bad_file_is_refused_clearly(text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        parse_file(text, Path("/cfg/chat/client.toml"))
+
+
+def test_load_without_a_file_gives_defaults(xdg: Path) -> None:
+    settings = load(FLAGS_NONE, {"XDG_CONFIG_HOME": str(xdg.parent.parent)})
+    assert settings.path == xdg
+    assert settings.room == "general" and settings.server is None
+
+
+def test_config_command_says_where_each_value_came_from(
+    xdg: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    xdg.write_text('server = "chat.example:7000"\nusername = "alice"\nbell = false\n')
+    monkeypatch.setenv("CHAT_ROOM", "lobby")
+    assert main(["config", "--username", "bob"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert str(xdg) in lines["config"]
+    assert "('chat.example', 7000)" in lines["server"] and "(file)" in lines["server"]
+    assert "bob" in lines["username"] and "(flag)" in lines["username"]
+    assert "lobby" in lines["room"] and "(env)" in lines["room"]
+    assert "false" in lines["bell"] and "(file)" in lines["bell"]
+    assert "(default)" in lines["cafile"]
+
+
+def test_a_password_in_the_file_is_a_usage_error(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xdg.write_text('server = "localhost"\nusername = "alice"\npassword = "secret"\n')
+    assert main(["login"]) == 2
+    err = capsys.readouterr().err
+    assert "password" in err and str(xdg) in err and "secret" not in err
+
+
+def test_login_without_server_anywhere_is_a_usage_error(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["login", "--username", "alice"]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "--server" in err and str(xdg) in err
+
+
+def test_a_bad_server_in_the_file_is_a_usage_error(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xdg.write_text('server = "localhost:99999"\nusername = "alice"\n')
+    assert main(["login"]) == 2
+    assert "server from file" in capsys.readouterr().err
+
+
+def test_login_and_register_use_the_file(xdg: Path, chat_server: object) -> None:
+    from tests.test_client_cli import new_name, run_cli
+
+    name = new_name()
+    server = chat_server
+    xdg.write_text(
+        f'server = "{server.address}"\ncafile = "{server.cafile}"\n'  # type: ignore[attr-defined]
+        f'username = "{name}"\n'
+    )
+    env = {"XDG_CONFIG_HOME": str(xdg.parent.parent)}
+    registered = run_cli("register", **env)
+    assert registered.returncode == 0, registered.stderr
+    assert f"registered {name}" in registered.stdout
+    logged_in = run_cli("login", input="/who\n", **env)
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert name in logged_in.stdout
+
+
+def test_no_bell_flag_overrides_the_file(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xdg.write_text("bell = true\n")
+    assert main(["config", "--no-bell"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("bell"))
+    assert "false" in line and "(flag)" in line

@@ -1,0 +1,162 @@
+"""chat.client.reconnect: the backoff schedule, catch-up and dedupe, with a fake client."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from chat.client.commands import ChatState
+from chat.client.errors import ConnectFailed
+from chat.client.reconnect import (
+    CATCH_UP_LIMIT,
+    GaveUp,
+    Seen,
+    backoff_delays,
+    reconnect,
+    should_reconnect,
+)
+
+
+def message(msg_id: int, room: str | None = "general", sender: str = "bob",
+            to: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "message", "msg_id": msg_id, "username": sender,
+                             "message": f"m{msg_id}"}
+    if to is not None:
+        frame["to"] = to
+    else:
+        frame["room"] = room
+    return frame
+
+
+def test_the_backoff_doubles_from_1_to_60_seconds() -> None:
+    delays = list(itertools.islice(backoff_delays(lambda lo, hi: 1.0), 9))
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+def test_the_jitter_stays_within_20_percent() -> None:
+    low = list(itertools.islice(backoff_delays(lambda lo, hi: lo), 3))
+    high = list(itertools.islice(backoff_delays(lambda lo, hi: hi), 3))
+    assert low == pytest.approx([0.8, 1.6, 3.2]) and high == pytest.approx([1.2, 2.4, 4.8])
+    for delay, nominal in zip(itertools.islice(backoff_delays(), 12),
+                              [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60], strict=True):
+        assert 0.8 * nominal <= delay <= 1.2 * nominal
+
+
+def test_when_to_reconnect() -> None:
+    assert should_reconnect(None) and should_reconnect("shutdown") and should_reconnect("idle")
+    assert not should_reconnect("quit") and not should_reconnect("too_many_errors")
+
+
+def test_seen_dedupes_by_msg_id_and_tracks_marks() -> None:
+    seen = Seen("alice")
+    assert seen.fresh(message(5)) and not seen.fresh(message(5))
+    assert seen.fresh(message(9, room="Dev"))
+    assert seen.fresh(message(7, sender="alice", to="carol"))
+    assert seen.fresh(message(8, sender="dave", to="alice"))
+    assert seen.fresh({"type": "presence"}) and seen.fresh({"type": "presence"})
+    assert seen.rooms == {"general": 5, "dev": 9}
+    assert seen.peers == {"carol": 7, "dave": 8}
+    assert seen.catch_up_requests({"general", "dev", "ops"}) == [
+        {"type": "history", "room": "dev", "after": 9},
+        {"type": "history", "room": "general", "after": 5},
+        {"type": "history", "room": "ops", "after": 9},
+        {"type": "history", "with": "carol", "after": 7},
+        {"type": "history", "with": "dave", "after": 8},
+    ]
+    assert Seen("alice").catch_up_requests({"general"}) == []
+
+
+def test_seen_forgets_old_ids_beyond_its_capacity() -> None:
+    seen = Seen(capacity=2)
+    for msg_id in (1, 2, 3):
+        assert seen.fresh(message(msg_id))
+    assert seen.fresh(message(1)) and not seen.fresh(message(3))
+
+
+class FakeClient:
+    """Answers login, join and history from a store of messages; records requests."""
+
+    def __init__(self, store: list[dict[str, Any]], rooms: list[str],
+                 login_reply: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self.rooms = rooms
+        self.login_reply = login_reply
+        self.requests: list[dict[str, Any]] = []
+        self.username: str | None = None
+        self.closed = False
+
+    def request(self, frame: dict[str, Any], timeout: float = 10, *, quiet: bool = False
+                ) -> dict[str, Any]:
+        assert quiet
+        self.requests.append(frame)
+        if frame["type"] == "login":
+            return self.login_reply or {"type": "welcome", "username": "alice",
+                                        "rooms": self.rooms}
+        if frame["type"] == "join":
+            return {"type": "ok", "op": "join", "room": frame["room"]}
+        assert frame["type"] == "history"
+        if "room" in frame:
+            found = [m for m in self.store if m.get("room") == frame["room"]]
+        else:
+            found = [m for m in self.store if frame["with"] in (m.get("to"), m["username"])
+                     and "to" in m]
+        found = [m for m in found if m["msg_id"] > frame["after"]][:frame["limit"]]
+        return {"type": "history", "messages": found}
+
+    def close(self, timeout: float = 10) -> None:
+        self.closed = True
+
+
+def test_reconnect_backs_off_logs_in_rejoins_and_catches_up_without_repeats() -> None:
+    seen = Seen("alice")
+    for frame in (message(1), message(2, room="dev"), message(3, sender="carol", to="alice")):
+        seen.fresh(frame)
+    store = [message(1), message(2, room="dev"), message(3, sender="carol", to="alice"),
+             *(message(i, room="dev") for i in range(10, 10 + CATCH_UP_LIMIT + 5)),
+             message(400), message(401, sender="alice", to="carol")]
+    fake = FakeClient(store, rooms=["general"])
+    attempts = iter([ConnectFailed("refused"), ConnectFailed("refused"), fake])
+
+    def connect() -> FakeClient:
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    slept: list[float] = []
+    notes: list[str] = []
+    state = ChatState.start("dev", ["general", "dev"])
+    client, missed = reconnect(
+        connect, "alice", lambda: "the password", state, seen, notify=notes.append,
+        timeout=5, sleep=slept.append, delays=iter([1.0, 2.0, 4.0]),
+    )
+    assert client is fake and fake.username == "alice"
+    assert slept == [1.0, 2.0, 4.0]
+    assert notes[0] == "connection lost; reconnecting in 1 s"
+    assert notes[-1] == "reconnected as alice"
+    assert fake.requests[0]["password"] == "the password"
+    assert {"type": "join", "room": "dev"} in fake.requests
+    shown = [m["msg_id"] for m in missed if seen.fresh(m)]
+    assert shown == [*range(10, 10 + CATCH_UP_LIMIT + 5), 400, 401]
+    assert [m["msg_id"] for m in missed if seen.fresh(m)] == []  # a second pass shows none
+
+
+def test_reconnect_gives_up_when_the_password_is_refused() -> None:
+    fake = FakeClient([], [], login_reply={"type": "error", "code": "invalid_credentials"})
+    with pytest.raises(GaveUp):
+        reconnect(lambda: fake, "alice", lambda: "pw", ChatState.start("general"), Seen(),
+                  notify=lambda _: None, timeout=5, sleep=lambda _: None,
+                  delays=iter([1.0, 1.0]))
+    assert fake.closed
+
+
+def test_reconnect_gives_up_after_max_attempts() -> None:
+    def connect() -> FakeClient:
+        raise ConnectFailed("refused")
+
+    with pytest.raises(GaveUp):
+        reconnect(connect, "alice", lambda: "pw", ChatState.start("general"), Seen(),
+                  notify=lambda _: None, timeout=5, sleep=lambda _: None,
+                  delays=iter([1.0] * 10), max_attempts=3)
