@@ -99,7 +99,9 @@ class Connection:
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.inbox: collections.deque[Any] = collections.deque()
         self.paused = False
-        self.accepting = True
+        self._read_scheduled = False
+        self._pongs_owed = 0  # pings we sent that were not answered yet
+        self.taking_requests = True
         self.errors_in_row = 0
         self.session: Session | None = None
         # A login in progress: its session exists (so a close can detach it) but is not
@@ -127,17 +129,21 @@ class Connection:
         return f"<Connection {self.peer} {self.state.name} user={who}>"
 
     # --- from any thread ------------------------------------------------------------
+    def accepting(self) -> bool:
+        return not (self._out_closed or self._overflowed)
+
     def deliver(self, data: bytes) -> bool:
         """Queue bytes for this client; False if they will never be sent."""
         with self._olock:
             if self._out_closed or self._overflowed:
                 return False
-            self._out.append(data)
-            self._out_bytes += len(data)
-            if self._out_bytes > self.settings.max_outbound_bytes:
+            if self._out_bytes + len(data) > self.settings.max_outbound_bytes:
                 # Take nothing more: the loop drops the queue and says bye.
                 self._overflowed = True
                 self.loop.call_soon(self._slow_consumer)
+                return False
+            self._out.append(data)
+            self._out_bytes += len(data)
             if self._flush_scheduled:
                 return True
             self._flush_scheduled = True
@@ -189,6 +195,7 @@ class Connection:
                 self.close("idle")
             elif silent > self.settings.idle_timeout / 2 and not self.ping_sent:
                 self.ping_sent = True
+                self._pongs_owed += 1
                 self.send_frame({"type": "ping"})
 
     # --- handshake ------------------------------------------------------------------
@@ -218,11 +225,17 @@ class Connection:
         self._update_interest()
 
     # --- reading --------------------------------------------------------------------
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            self.loop.call_soon(self._read)
+
     def _read(self) -> None:
+        self._read_scheduled = False
         if self.inbox and not self._process_inbox():
             # Frames from the last turn still wait: handle them before reading more, so a
             # client that floods is slowed by TCP instead of growing our memory.
-            self.loop.call_soon(self._read)
+            self._schedule_read()
             return
         for _ in range(READS_PER_WAKE):
             if self.paused or self.state not in (State.OPEN, State.READY):
@@ -244,7 +257,7 @@ class Connection:
             if not self._process_inbox():
                 break
         # Not finished: let the other connections of this loop have a turn first.
-        self.loop.call_soon(self._read)
+        self._schedule_read()
 
     def _process_inbox(self) -> bool:
         """Handle up to FRAMES_PER_TURN frames; True unless some are left for later."""
@@ -260,11 +273,11 @@ class Connection:
 
     def stop_reading(self) -> None:
         """Shutdown, step one: take no more requests (what is queued still goes out)."""
-        self.accepting = False
+        self.taking_requests = False
         self._pause()
 
     def _resume(self) -> None:
-        if not self.accepting:
+        if not self.taking_requests:
             return
         self.paused = False
         if self.state in (State.OPEN, State.READY):
@@ -276,8 +289,11 @@ class Connection:
     def _handle(self, event: Any) -> None:
         rid: m.RequestId = None
         try:
-            # quit and pong are never refused: one ends the flood, the other answers ours.
-            exempt = isinstance(event, dict) and event.get("type") in ("quit", "pong")
+            # quit is never refused (it ends the flood), nor a pong answering our ping.
+            kind = event.get("type") if isinstance(event, dict) else None
+            exempt = kind == "quit" or (kind == "pong" and self._pongs_owed > 0)
+            if exempt and kind == "pong":
+                self._pongs_owed -= 1
             wait = 0.0 if exempt else self.bucket.take()
             if wait:
                 # Not delivered and not a protocol error; the id is echoed when it is valid.
@@ -384,7 +400,7 @@ class Connection:
             def after() -> None:
                 taken = [f["msg_id"] for f in frames]
                 if not all([session.out.deliver(encode(f)) for f in frames]):
-                    store.submit(store.mark_job(taken, False))
+                    store.correct_marks(taken, False)
                 elif more:
                     self.loop.call_soon(self._want_more_backlog)
 

@@ -28,6 +28,7 @@ from chat.protocol import encode
 
 class Outbound(Protocol):
     def deliver(self, data: bytes) -> bool: ...
+    def accepting(self) -> bool: ...
     def end(self, reason: str) -> None: ...
 
 
@@ -126,8 +127,10 @@ class LocalHub:
             return list(user.sessions) if user else []
 
     def is_online(self, key: str) -> bool:
+        """Whether one of the user's sessions still takes frames (a closing one does not)."""
         with self._lock:
-            return key in self._users
+            user = self._users.get(key)
+            return user is not None and any(s.out.accepting() for s in user.sessions)
 
     # --- rooms ----------------------------------------------------------------------
     def mark_joined(self, user: UserState, room: str) -> bool:

@@ -46,7 +46,8 @@ SESSION_ID_BYTES = 24
 
 
 def _guarded(conn: Connection, rid: m.RequestId, work: Callable[[], None],
-             on_error: Callable[[], None] = lambda: None) -> Callable[[], None]:
+             on_error: Callable[[], None] = lambda: None,
+             clear_pending: bool = False) -> Callable[[], None]:
     """Run `work` on the pool; any unexpected exception still answers and resumes."""
 
     def run() -> None:
@@ -55,7 +56,7 @@ def _guarded(conn: Connection, rid: m.RequestId, work: Callable[[], None],
         except Exception:
             log.exception("%s: password check failed", conn.peer)
             on_error()
-            conn.finish_auth(rid, Internal())
+            conn.finish_auth(rid, Internal(), clear_pending=clear_pending)
 
     return run
 
@@ -137,8 +138,7 @@ def login(conn: Connection, req: m.Login) -> None:
                 first = [encode(welcome)] + [encode(f) for f in backlog]
                 attached = server.hub.attach(session, rooms, first)
                 if not attached and backlog:
-                    server.store.submit(
-                        server.store.mark_job([f["msg_id"] for f in backlog], False))
+                    server.store.correct_marks([f["msg_id"] for f in backlog], False)
                 conn.loop.call_soon(conn.logged_in, session, attached, more)
 
             return after
@@ -147,7 +147,8 @@ def login(conn: Connection, req: m.Login) -> None:
 
     conn.pending_session = session
     conn.submit_auth(
-        _guarded(conn, rid, work, on_error=lambda: settle(server.throttle.release)),
+        _guarded(conn, rid, work, on_error=lambda: settle(server.throttle.release),
+                 clear_pending=True),
         on_busy=lambda: (settle(server.throttle.release), conn.clear_pending()),
     )
 

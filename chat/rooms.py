@@ -48,7 +48,10 @@ def join(conn: Connection, req: m.Join) -> None:
     if len(user.rooms) >= limit:
         raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
     if not hub.mark_joined(user, req.room):
-        return  # joined by another of this user's sessions an instant ago
+        # Joined by another of this user's sessions an instant ago: still answer.
+        conn.in_order(rid, lambda: conn.reply(rid, {"type": "ok", "op": "join",
+                                                     "room": req.room}))
+        return
     max_members = conn.settings.max_room_members
 
     def run(db: Any) -> Callable[[], None]:

@@ -125,6 +125,7 @@ class Store:
         self._stopping = False
         self._users: dict[str, UserRecord] = {}
         self._sort_returning = engine.dialect.name != "sqlite"
+        self._corrections: list[tuple[list[int], bool]] = []  # writer thread only
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -247,16 +248,23 @@ class Store:
         ).scalar()
         return current == expected
 
-    def mark_job(self, msg_ids: list[int], delivered: bool) -> Job:
-        """Set the delivered mark of direct messages (e.g. their login did not complete)."""
+    def correct_marks(self, msg_ids: list[int], delivered: bool) -> None:
+        """From a continuation (writer thread): fix delivered marks before the next batch.
 
-        def run(conn: Connection) -> After:
-            conn.execute(
-                update(messages_t).where(messages_t.c.id.in_(msg_ids)).values(delivered=delivered)
-            )
-            return None
+        Not a queued job: a login already waiting in the queue must see the corrected
+        mark, and the correction must happen during the shutdown drain too.
+        """
+        self._corrections.append((list(msg_ids), delivered))
 
-        return Job(run, lambda exc: log.error("could not re-mark direct messages: %s", exc))
+    def _apply_corrections(self) -> None:
+        corrections, self._corrections = self._corrections, []
+        try:
+            with self.engine.begin() as conn:
+                for msg_ids, delivered in corrections:
+                    conn.execute(update(messages_t).where(messages_t.c.id.in_(msg_ids))
+                                 .values(delivered=delivered))
+        except Exception:
+            log.exception("store: could not correct %d delivered marks", len(corrections))
 
     def history(
         self, conn: Connection, *, room: str | None = None, pair: str | None = None,
@@ -343,6 +351,8 @@ class Store:
                 after()
             except Exception:
                 log.exception("store: a continuation failed")
+        if self._corrections:
+            self._apply_corrections()
 
     def _run_job(self, conn: Connection, job: Job) -> tuple[After, bool]:
         try:
@@ -415,7 +425,7 @@ class Store:
             if delivered != stored_delivered:
                 # The recipient's last session went (or a first one came) between the
                 # INSERT and now: correct the mark so the next login gets it exactly once.
-                self.submit(self.mark_job([frame["msg_id"]], delivered))
+                self.correct_marks([frame["msg_id"]], delivered)
 
         return fanout
 

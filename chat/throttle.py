@@ -147,22 +147,24 @@ class Throttle:
     def _record(self, table: dict[str, _Record], key: str) -> _Record:
         rec = table.get(key)
         if rec is None:
-            rec = table[key] = _Record()
             self._grown += 1
             if self._grown >= _PRUNE_EVERY:
                 self._grown = 0
-                self._prune(self._clock())
+                self._prune(self._clock())  # before the new record, which it must keep
+            rec = table[key] = _Record(last=self._clock())
         return rec
 
     def _prune(self, now: float) -> None:
         lim = self.limits
         horizon = max(lim.window, lim.registration_window, lim.max_delay)
         for table in (self._ips, self._registrations):
-            for key in [k for k, r in table.items() if r.last < now - horizon]:
+            for key in [k for k, r in table.items()
+                        if r.last < now - horizon and not r.pending]:
                 del table[key]
         # An account is forgotten only once its own delay has long run out.
         for key in [k for k, r in self._accounts.items()
-                    if r.last < now - max(horizon, lim.account_delay(r.consecutive))]:
+                    if r.last < now - max(horizon, lim.account_delay(r.consecutive))
+                    and not r.pending]:
             del self._accounts[key]
 
 

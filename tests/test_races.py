@@ -182,3 +182,43 @@ def test_large_backlog_is_paged_not_dropped(server_factory):
     assert [f["message"] for f in got[:300]] == [f"{i} {text}" for i in range(300)]
     assert got[-1]["msg_id"] == last["msg_id"]
     assert bob.request({"type": "ping"})["type"] == "pong"
+
+
+def test_login_after_an_internal_error_can_retry(chat_server):
+    chat_server.register("erin")
+    real = chat_server.server.hasher.verify
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("a passing fault")
+        return real(*args, **kwargs)
+
+    chat_server.server.hasher.verify = fails_once
+    c = chat_server.client()
+    assert c.login("erin")["code"] == "internal"
+    assert c.login("erin")["type"] == "welcome"
+
+
+def test_dm_reaches_the_new_session_when_the_old_one_closes_in_the_same_batch(chat_server):
+    alice = chat_server.user("alice")
+    old = chat_server.user("bob")
+    with HeldWriter(chat_server):
+        old.close()
+        _wait_queue(chat_server, 1)  # the old session's detach waits for the writer
+        alice.send({"type": "send", "to": "bob", "message": "to the new one", "id": 7})
+        _wait_queue(chat_server, 2)
+        new = chat_server.client()
+        new.send({"type": "login", "username": "bob", "password": PASSWORD, "id": 1})
+        _wait_queue(chat_server, 3)
+    assert new.recv()["type"] == "welcome"
+    assert new.recv_until("message")["message"] == "to the new one"
+
+
+def test_pong_flood_is_rate_limited(server_factory):
+    server = server_factory(frames_per_second=1, frame_burst=3)
+    c = server.client()
+    c.send_raw(_lines(*[{"type": "pong", "id": i} for i in range(10)]))
+    codes = [c.recv()["code"] for _ in range(7)]
+    assert codes == ["rate_limited"] * 7
