@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from chat.client.errors import ConnectFailed
 from chat.client.reconnect import (
     CATCH_UP_LIMIT,
     GaveUp,
+    Link,
     Seen,
     backoff_delays,
     reconnect,
@@ -160,3 +162,67 @@ def test_reconnect_gives_up_after_max_attempts() -> None:
         reconnect(connect, "alice", lambda: "pw", ChatState.start("general"), Seen(),
                   notify=lambda _: None, timeout=5, sleep=lambda _: None,
                   delays=iter([1.0] * 10), max_attempts=3)
+
+
+class Ended:
+    """A client whose connection has ended, with `bye_reason`."""
+
+    def __init__(self, bye_reason: str | None = None) -> None:
+        self.username = "alice"
+        self.bye_reason = bye_reason
+
+
+def test_a_link_does_not_reconnect_when_off_or_after_a_quit() -> None:
+    for connect, reason in ((None, None), (lambda: pytest.fail("connected"), "quit")):
+        old = Ended(reason)
+        link = Link(old, ChatState.start("general"), connect=connect, password=lambda: "pw",
+                    timeout=5)
+        assert not link.resume(lambda _: pytest.fail("shown"), lambda _: pytest.fail("said"))
+        assert link.ended and link.next_client(old) is None and link.current() is old
+
+
+def test_a_link_reconnects_with_the_kept_password_and_shows_missed_messages_once() -> None:
+    fake = FakeClient([message(1), message(2), message(3)], rooms=["general"])
+    password = ["old"]
+    link = Link(Ended("shutdown"), ChatState.start("general"), connect=lambda: fake,
+                password=lambda: password[0], timeout=5, delays=lambda: iter([0.0]))
+    assert link.seen.fresh(message(1))
+    password[0] = "new"  # as after a /passwd
+    shown: list[Any] = []
+    notes: list[str] = []
+    assert link.resume(shown.append, notes.append)
+    assert link.client is fake and link.current(wait=False) is fake and not link.ended
+    assert fake.requests[0]["password"] == "new"
+    assert [m["msg_id"] for m in shown] == [2, 3]
+    assert notes == ["connection lost; reconnecting in 0 s", "reconnected as alice"]
+    assert not link.seen.fresh(message(3))  # the same message live: not shown again
+
+
+def test_a_link_gives_up_on_a_refused_password() -> None:
+    fake = FakeClient([], [], login_reply={"type": "error", "code": "invalid_credentials"})
+    link = Link(Ended(), ChatState.start("general"), connect=lambda: fake,
+                password=lambda: "pw", timeout=5, delays=lambda: iter([0.0]))
+    notes: list[str] = []
+    assert not link.resume(lambda _: None, notes.append)
+    assert link.ended and fake.closed and "password was refused" in notes[-1]
+
+
+def test_stopping_a_link_ends_the_backoff_wait_at_once() -> None:
+    link = Link(Ended(), ChatState.start("general"), connect=lambda: pytest.fail("connected"),
+                password=lambda: "pw", timeout=5, delays=lambda: iter([60.0]))
+    result: list[bool] = []
+    notes: list[str] = []
+    started = threading.Event()
+
+    def note(text: str) -> None:
+        notes.append(text)
+        started.set()
+
+    thread = threading.Thread(target=lambda: result.append(link.resume(lambda _: None, note)))
+    thread.start()
+    assert started.wait(5)
+    assert link.current(wait=False) is None  # reconnecting: commands are not sent
+    link.stop()
+    thread.join(5)
+    assert result == [False] and link.ended
+    assert notes == ["connection lost; reconnecting in 60 s"]

@@ -12,7 +12,7 @@ import getpass
 import os
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -36,6 +36,7 @@ exit codes:
   {EXIT_USAGE:<4} usage error
   {EXIT_CONNECTION:<4} connection or TLS failure, or the server ended the session
        (bye idle, shutdown, ...; or the connection was lost without one)
+       and reconnecting was off (see --reconnect) or gave up
   {EXIT_INTERRUPTED:<4} interrupted by Ctrl-C"""
 MAX_NAMES_SHOWN = 5  # of a certificate's names in a hint; a long list would bury the advice
 
@@ -140,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=raw,
     )
     login.add_argument("--json", action="store_true", help="print each frame as a JSON line")
+    login.add_argument(
+        "--reconnect", dest="reconnect", action="store_const", const=True, default=None,
+        help="reconnect after a lost connection in line mode too (the prompt always does)",
+    )
+    login.add_argument(
+        "--no-reconnect", dest="reconnect", action="store_const", const=False,
+        help="end (exit 3) when the connection is lost, at the prompt too",
+    )
     _chat_flags(login)
     config = commands.add_parser(
         "config", help="show the settings in effect and where each came from",
@@ -288,7 +297,10 @@ def _register(client: ChatClient, args: argparse.Namespace, password: str) -> in
     return EXIT_OK
 
 
-def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
+def _login(
+    client: ChatClient, args: argparse.Namespace, password: str,
+    connect: Callable[[], ChatClient],
+) -> int:
     reply = client.login(args.username, password, args.timeout)
     if reply.get("type") == "error":
         client.quit(args.timeout)
@@ -302,12 +314,16 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
             client.quit(args.timeout)
             return report_refusal(f"cannot join {room}", joined)
     color = should_color(sys.stdout) if args.color == "auto" else bool(args.color)
-    if not args.json and sys.stdin.isatty() and sys.stdout.isatty():
+    interactive = not args.json and sys.stdin.isatty() and sys.stdout.isatty()
+    # The prompt reconnects unless told not to; line mode (scripts) only when told to.
+    wanted = args.reconnect if args.reconnect is not None else interactive
+    reconnect = connect if wanted else None
+    if interactive:
         from chat.client.ui import run_interactive  # prompt_toolkit only when needed
 
         return run_interactive(
             client, room=room, rooms=rooms, color=color, bell=args.bell,
-            timeout=args.timeout,
+            timeout=args.timeout, connect=reconnect, password=password,
         )
     from chat.client.linemode import run_line_mode
 
@@ -321,6 +337,8 @@ def _login(client: ChatClient, args: argparse.Namespace, password: str) -> int:
         as_json=args.json,
         color=not args.json and color,
         timeout=args.timeout,
+        connect=reconnect,
+        password=lambda: password,  # in memory only
     )
 
 
@@ -342,11 +360,15 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     host, port = args.server
     client: ChatClient | None = None
+
+    def connect() -> ChatClient:
+        return ChatClient.connect(host, port, ssl_context=context, timeout=args.timeout)
+
     try:
-        client = ChatClient.connect(host, port, ssl_context=context, timeout=args.timeout)
+        client = connect()
         if args.command == "register":
             return _register(client, args, password)
-        return _login(client, args, password)
+        return _login(client, args, password, connect)
     except ClientError as exc:
         return _report(exc, args)
     finally:

@@ -13,6 +13,13 @@ daemon thread: a blocking read cannot be interrupted and must not keep the proce
 At the end of input the client sends `quit`, lets the printer drain everything up to the
 server's `bye` and the close, and exits 0. If the server ends the connection first, the
 transcript is still printed in full and the exit code is 3.
+
+With `connect` (the CLI's --reconnect), a connection that ends without our quit is taken up
+again by the printer (chat.client.reconnect.Link): it prints `-- connection lost;
+reconnecting in N s`, logs in again, rejoins, prints `-- reconnected as NAME` and the
+messages missed, each message shown once (by msg_id). Meanwhile the next command waits for
+the new connection. A command whose reply was lost with the connection is reported, not
+repeated (it may have been carried out). The end of input while reconnecting stops it: 3.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from chat.client.commands import (
@@ -42,6 +49,7 @@ from chat.client.commands import (
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, TimedOut
 from chat.client.format import format_event, sanitize
+from chat.client.reconnect import Link
 
 _END_OF_INPUT = object()
 _CONNECTION_ENDED = object()
@@ -58,18 +66,22 @@ def run_line_mode(
     as_json: bool = False,
     color: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
+    connect: Callable[[], ChatClient] | None = None,
+    password: Callable[[], str] = lambda: "",
 ) -> int:
     """Run commands from `stdin` until it ends; return the process exit code.
 
     `room` is the current room to start with, `rooms` the others the user is in (the
-    `welcome`'s list).
+    `welcome`'s list). With `connect`, a lost connection is reconnected (see above), logging
+    in with `password()`.
     """
     state = ChatState.start(room, rooms)
+    link = Link(client, state, connect=connect, password=password, timeout=timeout)
     inputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     lock = threading.Lock()
     printer = threading.Thread(
         target=_print_events,
-        args=(client, stdout, lock, inputs, as_json, color),
+        args=(link, stdout, stderr, lock, inputs, as_json, color),
         name="chat-client-printer",
         daemon=True,
     )
@@ -108,17 +120,24 @@ def run_line_mode(
         elif isinstance(action, Passwd):
             complain(INTERACTIVE_ONLY)
         elif isinstance(action, Request):
+            client = link.current()  # waits out a reconnection in progress
             try:
                 perform(client, action, state, timeout)
             except ValueError as exc:  # refused locally: larger than the server accepts
                 complain(str(exc))
             except ConnectionClosed:
-                break
+                if link.next_client(client) is None:
+                    break
+                complain(f"the connection was lost before the reply to {item.strip()!r}; "
+                         "it may or may not have been carried out")
             except TimedOut as exc:
                 complain(f"{exc}; giving up")
+                link.stop()
                 client.close()
                 printer.join(timeout)
                 return 3
+    link.stop()
+    client = link.client
     if quitting:
         try:
             client.send({"type": "quit"})
@@ -127,6 +146,8 @@ def run_line_mode(
     printer.join(timeout)  # the server closes after its bye; the printer then ends
     client.close()
     printer.join(timeout)
+    if quitting and link.client is not client:  # reconnected just as we quit
+        link.client.close()
     if quitting:
         return 0
     complain(_ended_by_server(client))
@@ -148,25 +169,37 @@ def _read_lines(stdin: TextIO, inputs: queue.SimpleQueue[Any]) -> None:
 
 
 def _print_events(
-    client: ChatClient,
+    link: Link,
     stdout: TextIO,
+    stderr: TextIO,
     lock: threading.Lock,
     inputs: queue.SimpleQueue[Any],
     as_json: bool,
     color: bool,
 ) -> None:
+    def show(frame: Any) -> None:
+        if as_json:
+            # ensure_ascii (the default) escapes every non-ASCII and control character.
+            text: str | None = json.dumps(frame)
+        else:
+            text = format_event(frame, me=link.client.username, color=color)
+        if text is not None:
+            _write(stdout, lock, text)
+
+    def notify(text: str) -> None:  # stdout stays pure JSON
+        _write(stderr if as_json else stdout, lock, f"-- {sanitize(text, multiline=False)}")
+
     try:
         if as_json:
-            _write(stdout, lock, json.dumps(client.hello))
-        for frame in client.events():
-            if as_json:
-                # ensure_ascii (the default) escapes every non-ASCII and control character.
-                text: str | None = json.dumps(frame)
-            else:
-                text = format_event(frame, me=client.username, color=color)
-            if text is not None:
-                _write(stdout, lock, text)
+            _write(stdout, lock, json.dumps(link.client.hello))
+        while True:
+            for frame in link.client.events():
+                if link.seen.fresh(frame):
+                    show(frame)
+            if not link.resume(show, notify):
+                break
     finally:
+        link.stop()
         inputs.put(_CONNECTION_ENDED)
 
 

@@ -24,6 +24,7 @@ when the password is refused (`invalid_credentials`): it may have been changed e
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -188,3 +189,107 @@ def reconnect(
         notify(f"reconnected as {client.username}")
         return client, missed
     raise GaveUp("gave up reconnecting")
+
+
+class Link:
+    """The session's current connection, replaced when the printer reconnects.
+
+    The printer thread owns the replacing (`resume`, when the events of `client` end); the
+    command thread takes `current()` for each request. `connect` None means never reconnect.
+    `password` is read only when logging in again, so a /passwd can update what it returns;
+    it is kept in memory only.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        state: ChatState,
+        *,
+        connect: Callable[[], Any] | None,
+        password: Callable[[], str],
+        timeout: float,
+        delays: Callable[[], Iterator[float]] = backoff_delays,
+    ) -> None:
+        self.client = client
+        self.state = state
+        self.seen = Seen(client.username)
+        self._connect = connect
+        self._password = password
+        self._timeout = timeout
+        self._delays = delays  # a fresh schedule for each loss: 1 s again after a success
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self.reconnecting = False
+        self.ended = False  # the printer has stopped for good
+
+    @property
+    def enabled(self) -> bool:
+        return self._connect is not None
+
+    def current(self, wait: bool = True) -> Any | None:
+        """The client to send on; None if reconnecting and not `wait`ing (else wait it out)."""
+        with self._cond:
+            if not wait:
+                return None if self.reconnecting else self.client
+            self._cond.wait_for(lambda: not self.reconnecting)
+            return self.client
+
+    def next_client(self, old: Any) -> Any | None:
+        """Wait until the printer replaced `old` (the new client) or stopped (None)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.client is not old or self.ended)
+            return None if self.client is old else self.client
+
+    def stop(self) -> None:
+        """The user is leaving: reconnect no more (a backoff wait in progress ends at once)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _sleep(self, delay: float) -> None:
+        if self._stopping.wait(delay):
+            raise GaveUp("stopped reconnecting: quitting")
+
+    def resume(self, show: Callable[[Frame], None], notify: Callable[[str], None]) -> bool:
+        """In the printer, once the events of `client` have ended: reconnect if it should.
+
+        True with `client` replaced and the missed messages shown (each once, through
+        `seen`); False when the session is over.
+        """
+        old = self.client
+        if self._connect is None or self.stopping or not should_reconnect(old.bye_reason):
+            self._end()
+            return False
+        with self._cond:
+            self.reconnecting = True
+        try:
+            client, missed = reconnect(
+                self._connect, old.username or "", self._password, self.state, self.seen,
+                notify=notify, timeout=self._timeout, sleep=self._sleep,
+                delays=self._delays(),
+            )
+        except GaveUp as exc:
+            if not self.stopping:
+                notify(str(exc))
+            self._end()
+            return False
+        if self.stopping:
+            client.close(self._timeout)
+            self._end()
+            return False
+        for frame in missed:
+            if self.seen.fresh(frame):
+                show(frame)
+        with self._cond:
+            self.client = client
+            self.reconnecting = False
+            self._cond.notify_all()
+        return True
+
+    def _end(self) -> None:
+        with self._cond:
+            self.reconnecting = False
+            self.ended = True
+            self._cond.notify_all()

@@ -19,6 +19,13 @@ stray writes by anything else.)
 The printer never touches the prompt except to end it when the connection has ended: it
 sets `ended`, then asks the prompt's event loop to exit it; a prompt that starts after
 that sees `ended` in its pre_run hook and exits at once.
+
+Unless reconnecting is off (--no-reconnect), a connection that ends without our quit is
+taken up again by the printer (chat.client.reconnect.Link): `-- connection lost;
+reconnecting in N s`, a new login with the password kept in memory (updated by a successful
+/passwd), the rooms rejoined, `-- reconnected as NAME`, then the messages missed, each
+message shown once (by msg_id). Only then does `ended` get set, if it gave up. A command
+typed while reconnecting is not sent (it says so); /quit, Ctrl-D or Ctrl-C stop it (3 or 130).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from chat.client.completion import ChatCompleter, Roster
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, Frame, TimedOut
 from chat.client.format import format_event, is_mention, sanitize
+from chat.client.reconnect import Link
 
 
 class Screen:
@@ -149,9 +157,17 @@ def run_interactive(
     color: bool,
     bell: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
+    connect: Callable[[], ChatClient] | None = None,
+    password: str = "",
 ) -> int:
-    """Chat until /quit or Ctrl-D (0), Ctrl-C (130) or the server ends the connection (3)."""
+    """Chat until /quit or Ctrl-D (0), Ctrl-C (130) or the server ends the connection (3).
+
+    With `connect`, a lost connection is reconnected, logging in with `password` (kept in
+    memory only, and replaced by a successful /passwd).
+    """
     state = ChatState.start(room, rooms)
+    kept = [password]  # the password to log in again with; never written anywhere
+    link = Link(client, state, connect=connect, password=lambda: kept[0], timeout=timeout)
     roster = Roster()
     session: PromptSession[str] = PromptSession(
         history=InMemoryHistory(), completer=ChatCompleter(state, roster),
@@ -172,12 +188,23 @@ def run_interactive(
         if app.is_running and not app.is_done:
             app.exit(exception=EOFError())
 
+    def show(frame: Frame) -> None:
+        roster.note(frame)
+        me = link.client.username
+        text = format_event(frame, me=me, color=color)
+        if text is not None:
+            screen.show(with_bell(text, frame, me, bell))
+
+    def notify(text: str) -> None:
+        screen.show(f"-- {sanitize(text, multiline=False)}")
+
     def print_events() -> None:
-        for frame in client.events():
-            roster.note(frame)
-            text = format_event(frame, me=client.username, color=color)
-            if text is not None:
-                screen.show(with_bell(text, frame, client.username, bell))
+        while True:
+            for frame in link.client.events():
+                if link.seen.fresh(frame):
+                    show(frame)
+            if not link.resume(show, notify):
+                break
         ended.set()
         screen.call_in_prompt(end_prompt)  # a prompt not up yet sees `ended` in pre_run
 
@@ -220,7 +247,8 @@ def run_interactive(
             except EOFError:
                 break
             except KeyboardInterrupt:
-                client.close()
+                link.stop()
+                link.client.close()
                 return 130
             action = parse_command(line, state.room)
             if isinstance(action, Quit):
@@ -244,20 +272,36 @@ def run_interactive(
                     continue
                 action = Request(frame)
             if isinstance(action, Request):
+                current = link.current(wait=False)
+                if current is None:
+                    screen.show("! not sent: reconnecting (/quit to give up)")
+                    continue
                 try:
-                    perform_command(client, action, state, timeout)
+                    reply = perform_command(current, action, state, timeout)
                 except ValueError as exc:
                     screen.show(f"! {exc}")
                 except ConnectionClosed:
-                    server_ended = True
-                    break
+                    if not link.enabled:
+                        server_ended = True
+                        break
+                    screen.show("! the connection was lost before the reply; "
+                                "it may or may not have been carried out")
                 except TimedOut as exc:
                     screen.show(f"! {exc}")
-        if server_ended or ended.is_set():
+                else:
+                    if action.frame.get("type") == "passwd" and reply.get("type") == "ok":
+                        kept[0] = str(action.frame["new"])
+        link.stop()
+        current = link.client
+        if server_ended or ended.is_set() or link.reconnecting or current.closed:
+            current.close(timeout)
             printer.join(timeout)
-            reason = client.bye_reason and f" ({sanitize(client.bye_reason, multiline=False)})"
+            current = link.client
+            reason = current.bye_reason and f" ({sanitize(current.bye_reason, multiline=False)})"
             print(f"-- the server closed the connection{reason or ''}", file=sys.stderr, flush=True)
             return 3
-        client.quit(timeout)  # the printer shows the server's bye before the stream ends
+        current.quit(timeout)  # the printer shows the server's bye before the stream ends
         printer.join(timeout)
+        if link.client is not current:  # reconnected just as we quit
+            link.client.close(timeout)
     return 0
