@@ -626,3 +626,66 @@ def test_the_names_are_read_only_over_a_verified_chain(tmp_path: Path) -> None:
     unverified.verify_mode = ssl.CERT_NONE
     with pytest.raises(ValueError, match="verifies the chain"):
         certificate_names("127.0.0.1", 1, unverified, timeout=WAIT)
+
+
+def _alice_leaves_messages(server: Any, alice: str, bob: str, room: str) -> None:
+    with ChatClient.connect(
+        server.host, server.port, ssl_context=client_context(server.cafile), timeout=20,
+    ) as client:
+        raise_for_error(client.login(alice, PASSWORD, timeout=20))
+        raise_for_error(client.join(room, timeout=20))
+        for n in (1, 2, 3):
+            raise_for_error(client.say(room, f"room message {n}", timeout=20))
+        raise_for_error(client.direct(bob, "a word while you were out", timeout=20))
+        client.quit(20)
+
+
+def test_login_shows_the_rooms_last_messages_then_what_came_while_away(
+    chat_server: Any,
+) -> None:
+    alice, bob, room = new_name(), new_name(), "r" + uuid.uuid4().hex[:8]
+    chat_server.register(alice, PASSWORD)
+    chat_server.register(bob, PASSWORD)
+    _alice_leaves_messages(chat_server, alice, bob, room)
+    result = run_cli("login", *server_args(chat_server, bob, "--room", room), input="")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"-- logged in as {bob}; rooms: #general"
+    header = lines.index(f"-- last messages in #{room}")
+    said = [i for i, line in enumerate(lines) if f"#{room} {alice}: room message" in line]
+    assert [lines[i].rsplit(" ", 1)[-1] for i in said] == ["1", "2", "3"]
+    assert said == [header + 1, header + 2, header + 3]
+    away = lines.index("-- while you were away")
+    dms = [i for i, line in enumerate(lines) if "a word while you were out" in line]
+    assert len(dms) == 1 and lines[dms[0]].endswith(
+        f"(dm) {alice} -> {bob}: a word while you were out")
+    assert said[-1] < away < dms[0]
+    assert lines[-1] == "-- bye"
+
+
+def test_recent_0_shows_neither_header(chat_server: Any) -> None:
+    alice, bob, room = new_name(), new_name(), "r" + uuid.uuid4().hex[:8]
+    chat_server.register(alice, PASSWORD)
+    chat_server.register(bob, PASSWORD)
+    _alice_leaves_messages(chat_server, alice, bob, room)
+    result = run_cli(
+        "login", *server_args(chat_server, bob, "--room", room, "--recent", "0"), input="",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "-- last messages" not in result.stdout and "while you were away" not in result.stdout
+    assert "room message" not in result.stdout
+    # The stored direct message is still shown, once, as it comes.
+    assert result.stdout.count("a word while you were out") == 1
+
+
+def test_json_mode_shows_no_backlog(chat_server: Any) -> None:
+    alice, bob, room = new_name(), new_name(), "r" + uuid.uuid4().hex[:8]
+    chat_server.register(alice, PASSWORD)
+    chat_server.register(bob, PASSWORD)
+    _alice_leaves_messages(chat_server, alice, bob, room)
+    result = run_cli("login", *server_args(chat_server, bob, "--room", room, "--json"))
+    assert result.returncode == 0, result.stderr
+    frames = [json.loads(line) for line in result.stdout.splitlines()]
+    assert not any(f.get("type") == "history" for f in frames)
+    assert [f["message"] for f in frames if f.get("type") == "message"] == [
+        "a word while you were out"]

@@ -14,7 +14,7 @@ from chat.client.cli import main
 from chat.client.config import ConfigError, config_path, load, parse_file, resolve
 
 FLAGS_NONE = {"server": None, "cafile": None, "username": None, "room": None, "bell": None,
-              "color": None}
+              "color": None, "recent": None}
 
 
 @pytest.fixture
@@ -63,6 +63,9 @@ def test_a_relative_cafile_is_relative_to_the_file() -> None:
         ('color = "always"\n', "color must be"),
         ('server = ""\n', "server must be a non-empty string"),
         ("server = [", "not valid TOML"),
+        ("recent = -1\n", "recent must be"),
+        ('recent = "20"\n', "recent must be"),
+        ("recent = true\n", "recent must be"),
     ],
 )
 def test_a_bad_file_is_refused_clearly(text: str, words: str) -> None:
@@ -142,3 +145,19 @@ def test_no_bell_flag_overrides_the_file(
     assert main(["config", "--no-bell"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("bell"))
     assert "false" in line and "(flag)" in line
+
+
+def test_recent_comes_from_the_flag_else_the_file_else_20() -> None:
+    path = Path("/cfg/chat/client.toml")
+    file_values = parse_file("recent = 5\n", path)
+    assert resolve(FLAGS_NONE, {}, {}, path).recent == 20
+    assert resolve(FLAGS_NONE, {}, file_values, path).recent == 5
+    assert resolve({**FLAGS_NONE, "recent": 0}, {}, file_values, path).recent == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "2.5"])
+def test_a_bad_recent_flag_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["login", "--server", "localhost", "--username", "a", "--recent", value]) == 2
+    assert "--recent" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from chat import __version__
-from chat.client.config import DEFAULT_ROOM, KEYS, ConfigError, Settings
+from chat.client.config import DEFAULT_RECENT, DEFAULT_ROOM, KEYS, ConfigError, Settings
 from chat.client.config import load as load_settings
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import CertificateNotTrusted, ClientError, ServerError
@@ -77,6 +77,12 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"want a positive number of seconds, not {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"want a number of messages (0 or more), not {text!r}")
+    return int(text)
 
 
 def _settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -149,14 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reconnect", dest="reconnect", action="store_const", const=False,
         help="end (exit 3) when the connection is lost, at the prompt too",
     )
+    login.add_argument(
+        "--recent", type=_count, metavar="N",
+        help="on login, show the last N messages of the room, then the direct messages "
+        f"that came while away (default: `recent` in the config file, else {DEFAULT_RECENT}; "
+        "0: neither; never with --json)",
+    )
     _chat_flags(login)
     config = commands.add_parser(
         "config", help="show the settings in effect and where each came from",
         description="Print each setting in effect and its source: flag, env, file or\n"
         "default. The file is $XDG_CONFIG_HOME/chat/client.toml (default\n"
         "~/.config/chat/client.toml) with the keys server, cafile, username,\n"
-        "room, bell (true/false) and color (true/false/\"auto\"). It may not hold a\n"
-        "password.",
+        "room, bell (true/false), color (true/false/\"auto\") and recent (messages\n"
+        "shown on login). It may not hold a password.",
         formatter_class=raw,
     )
     _settings_flags(config)
@@ -323,7 +335,7 @@ def _login(
 
         return run_interactive(
             client, room=room, rooms=rooms, color=color, bell=args.bell,
-            timeout=args.timeout, connect=reconnect, password=password,
+            timeout=args.timeout, connect=reconnect, password=password, recent=args.recent,
         )
     from chat.client.linemode import run_line_mode
 
@@ -339,6 +351,7 @@ def _login(
         timeout=args.timeout,
         connect=reconnect,
         password=lambda: password,  # in memory only
+        recent=0 if args.json else args.recent,  # --json output stays as scripts parse it
     )
 
 

@@ -9,6 +9,7 @@ XDG_CONFIG_HOME is unset or empty, as the XDG Base Directory spec says), for exa
     room = "general"             # the room to start in
     bell = true                  # ring the terminal bell when someone mentions you
     color = "auto"               # true, false, or "auto" (on a terminal, unless NO_COLOR)
+    recent = 20                  # messages of the room shown on login (0: none)
 
 The environment variables CHAT_SERVER, CHAT_CAFILE, CHAT_USERNAME and CHAT_ROOM stand in
 for the flags. A password is never read from the file (nor written anywhere): a `password`
@@ -27,13 +28,14 @@ from typing import Any
 
 FILE_NAME = Path("chat") / "client.toml"
 DEFAULT_ROOM = "general"
+DEFAULT_RECENT = 20  # the last messages of the room shown on login
 SOURCES = ("flag", "env", "file", "default")
-KEYS = ("server", "cafile", "username", "room", "bell", "color")
+KEYS = ("server", "cafile", "username", "room", "bell", "color", "recent")
 _ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "username": "CHAT_USERNAME",
         "room": "CHAT_ROOM"}
 _DEFAULTS: dict[str, Any] = {
     "server": None, "cafile": None, "username": None, "room": DEFAULT_ROOM, "bell": True,
-    "color": "auto",
+    "color": "auto", "recent": DEFAULT_RECENT,
 }
 _SECRET_KEYS = {"password", "passwd", "pass", "secret"}
 
@@ -113,6 +115,9 @@ def parse_file(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: bell must be true or false")
     if "color" in table and table["color"] not in (True, False, "auto"):
         raise ConfigError(f'{path}: color must be true, false or "auto"')
+    recent = table.get("recent", 0)
+    if type(recent) is not int or recent < 0:
+        raise ConfigError(f"{path}: recent must be a number of messages, 0 or more")
     values = dict(table)
     if "cafile" in values:
         cafile = Path(values["cafile"]).expanduser()

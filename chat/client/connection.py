@@ -259,6 +259,19 @@ class ChatClient:
             raise self._closed_error()
         return item
 
+    def pending_events(self) -> list[Frame]:
+        """The frames received and not yet read, without waiting (the end stays queued)."""
+        frames: list[Frame] = []
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return frames
+            if item is _END:
+                self._events.put(_END)
+                return frames
+            frames.append(item)
+
     def events(self, timeout: float | None = None) -> Iterator[Frame]:
         """Every frame received, in order, until the connection ends.
 

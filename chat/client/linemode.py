@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
+from chat.client.backlog import login_backlog, show_backlog
 from chat.client.commands import (
     HELP,
     INTERACTIVE_ONLY,
@@ -47,7 +48,7 @@ from chat.client.commands import (
     run_local,
 )
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
-from chat.client.errors import ConnectionClosed, TimedOut
+from chat.client.errors import ConnectionClosed, Frame, TimedOut
 from chat.client.format import format_event, sanitize
 from chat.client.reconnect import Link
 
@@ -68,20 +69,24 @@ def run_line_mode(
     timeout: float = DEFAULT_TIMEOUT,
     connect: Callable[[], ChatClient] | None = None,
     password: Callable[[], str] = lambda: "",
+    recent: int = 0,
 ) -> int:
     """Run commands from `stdin` until it ends; return the process exit code.
 
     `room` is the current room to start with, `rooms` the others the user is in (the
     `welcome`'s list). With `connect`, a lost connection is reconnected (see above), logging
-    in with `password()`.
+    in with `password()`. With `recent` (not in JSON mode), the last `recent` messages of
+    the room are shown first, then the direct messages stored while away
+    (chat.client.backlog).
     """
     state = ChatState.start(room, rooms)
     link = Link(client, state, connect=connect, password=password, timeout=timeout)
+    backlog = login_backlog(client, link.seen, state.room, 0 if as_json else recent, timeout)
     inputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     lock = threading.Lock()
     printer = threading.Thread(
         target=_print_events,
-        args=(link, stdout, stderr, lock, inputs, as_json, color),
+        args=(link, stdout, stderr, lock, inputs, as_json, color, backlog),
         name="chat-client-printer",
         daemon=True,
     )
@@ -176,6 +181,7 @@ def _print_events(
     inputs: queue.SimpleQueue[Any],
     as_json: bool,
     color: bool,
+    backlog: list[Frame | str],
 ) -> None:
     def show(frame: Any) -> None:
         if as_json:
@@ -192,6 +198,7 @@ def _print_events(
     try:
         if as_json:
             _write(stdout, lock, json.dumps(link.client.hello))
+        show_backlog(backlog, show, notify)
         while True:
             for frame in link.client.events():
                 if link.seen.fresh(frame):

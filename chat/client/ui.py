@@ -40,6 +40,7 @@ from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from chat.client.backlog import login_backlog, show_backlog
 from chat.client.commands import (
     HELP,
     ChatState,
@@ -159,15 +160,19 @@ def run_interactive(
     timeout: float = DEFAULT_TIMEOUT,
     connect: Callable[[], ChatClient] | None = None,
     password: str = "",
+    recent: int = 0,
 ) -> int:
     """Chat until /quit or Ctrl-D (0), Ctrl-C (130) or the server ends the connection (3).
 
     With `connect`, a lost connection is reconnected, logging in with `password` (kept in
-    memory only, and replaced by a successful /passwd).
+    memory only, and replaced by a successful /passwd). With `recent`, the last `recent`
+    messages of the room are shown first, then the direct messages stored while away
+    (chat.client.backlog).
     """
     state = ChatState.start(room, rooms)
     kept = [password]  # the password to log in again with; never written anywhere
     link = Link(client, state, connect=connect, password=lambda: kept[0], timeout=timeout)
+    backlog = login_backlog(client, link.seen, state.room, recent, timeout)
     roster = Roster()
     session: PromptSession[str] = PromptSession(
         history=InMemoryHistory(), completer=ChatCompleter(state, roster),
@@ -199,6 +204,7 @@ def run_interactive(
         screen.show(f"-- {sanitize(text, multiline=False)}")
 
     def print_events() -> None:
+        show_backlog(backlog, show, notify)
         while True:
             for frame in link.client.events():
                 if link.seen.fresh(frame):
