@@ -53,13 +53,17 @@ def self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _tls_connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=120)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
 class Client:
     """Set up blocking (register, login, join), then switched to non-blocking."""
 
     def __init__(self, port: int, ctx: ssl.SSLContext, name: str, *, register: bool) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=120)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.sock = _tls_connect(port, ctx)
         self.name = name
         self.buf = b""
         self.n = 0
@@ -97,9 +101,7 @@ class IrcClient:
     """The same, for an IRC server: NICK/USER, JOIN #bench, then PRIVMSGs."""
 
     def __init__(self, port: int, ctx: ssl.SSLContext, name: str, *, register: bool) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=120)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+        self.sock = _tls_connect(port, ctx)
         self.name = name
         self.buf = b""
         self._parser = irc.IrcParser()
