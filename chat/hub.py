@@ -180,11 +180,22 @@ class LocalHub:
         return [names[k] for k in sorted(names)]
 
     # --- fan-out --------------------------------------------------------------------
-    def publish_room(self, room: str, data: bytes, origin: Session | None, echo: bytes) -> None:
-        """Deliver to every session in the room; `origin` gets `echo` (its copy with re)."""
+    def publish_room_many(self, room: str, items: list[tuple[bytes, Session, bytes]]) -> None:
+        """Deliver messages, in order, to every session in the room, as one blob each.
+
+        `items` are (frame, origin session, origin's copy with `re`); an origin gets its
+        own copies in place of the plain ones.
+        """
+        blob = b"".join(data for data, _origin, _echo in items)
+        origins = {origin for _data, origin, _echo in items}
         with self._lock:
             for session in self._rooms.get(room, ()):
-                session.out.deliver(echo if session is origin else data)
+                if session in origins:
+                    session.out.deliver(b"".join(
+                        echo if origin is session else data for data, origin, echo in items
+                    ))
+                else:
+                    session.out.deliver(blob)
 
     def publish_direct(
         self, to: str, sender: str, data: bytes, origin: Session | None, echo: bytes

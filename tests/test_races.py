@@ -222,3 +222,32 @@ def test_pong_flood_is_rate_limited(server_factory):
     c.send_raw(_lines(*[{"type": "pong", "id": i} for i in range(10)]))
     codes = [c.recv()["code"] for _ in range(7)]
     assert codes == ["rate_limited"] * 7
+
+
+def test_one_batch_of_messages_to_two_rooms_keeps_msg_id_order_and_echoes(chat_server):
+    # A batch's consecutive messages to one room go out to each member as one write: a
+    # member of both rooms must still get every message once, in msg_id order, and each
+    # sender's copies (and only those) must carry its request ids.
+    users = {n: chat_server.user(n) for n in ("alice", "bob", "carol")}
+    for name, c in users.items():
+        for room in ("x", "y"):
+            if name != "bob" or room == "x":
+                assert c.request({"type": "join", "room": room})["type"] == "ok"
+    for c in users.values():  # the presence the joins caused, then nothing more queued
+        c.send({"type": "ping"})
+        c.recv_until("pong")
+    plan = [("alice", "x"), ("bob", "x"), ("alice", "x"), ("alice", "y"), ("bob", "x"),
+            ("carol", "y"), ("alice", "x")]
+    with HeldWriter(chat_server):
+        for k, (name, room) in enumerate(plan):
+            users[name].send({"type": "send", "room": room, "message": f"m{k}", "id": k})
+            _wait_queue(chat_server, k + 1)
+    for name, c in users.items():
+        wanted = [k for k, (_n, room) in enumerate(plan) if name != "bob" or room == "x"]
+        got = [c.recv_until("message") for _ in wanted]
+        assert [int(f["message"][1:]) for f in got] == wanted
+        assert [f["msg_id"] for f in got] == sorted({f["msg_id"] for f in got})
+        for f in got:
+            k = int(f["message"][1:])
+            assert f["username"] == plan[k][0] and f["room"] == plan[k][1]
+            assert f.get("re") == (k if plan[k][0] == name else None)
