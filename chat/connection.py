@@ -47,6 +47,7 @@ from chat.errors import (
     ServerBusy,
 )
 from chat.hub import Session
+from chat.ioloop import SWEEP_INTERVAL
 from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
 from chat.store import Job
 from chat.throttle import TokenBucket
@@ -95,6 +96,11 @@ class Connection:
         self.close_deadline = 0.0
         self.last_recv = now
         self.ping_sent = False
+        # Halfway to the idle deadline, but early enough that a prompt pong lands two
+        # sweeps before it: deadlines are checked once a sweep, so a short idle timeout
+        # could otherwise close a client that answers every ping.
+        self._ping_after = max(0.0, min(settings.idle_timeout / 2,
+                                        settings.idle_timeout - 2 * SWEEP_INTERVAL))
         self.decoder = FrameDecoder(settings.max_frame_bytes)
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.inbox: collections.deque[Any] = collections.deque()
@@ -193,7 +199,7 @@ class Connection:
             silent = now - self.last_recv
             if silent > self.settings.idle_timeout:
                 self.close("idle")
-            elif silent > self.settings.idle_timeout / 2 and not self.ping_sent:
+            elif silent > self._ping_after and not self.ping_sent:
                 self.ping_sent = True
                 self._pongs_owed += 1
                 self.send_frame({"type": "ping"})
