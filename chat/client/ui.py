@@ -205,6 +205,8 @@ def run_interactive(
 
     def print_events() -> None:
         show_backlog(backlog, show, notify)
+        # From this thread, so the hint never lands inside the backlog's block.
+        screen.show("-- type /help for commands, /quit or Ctrl-D to leave")
         while True:
             for frame in link.client.events():
                 if link.seen.fresh(frame):
@@ -245,7 +247,6 @@ def run_interactive(
     with patch_stdout(raw=True):
         printer = threading.Thread(target=print_events, name="chat-client-printer", daemon=True)
         printer.start()
-        screen.show("-- type /help for commands, /quit or Ctrl-D to leave")
         server_ended = False
         while not ended.is_set():
             try:
