@@ -63,7 +63,8 @@ class Session:
 
 def with_re(data: bytes, re: object) -> bytes:
     """The same encoded frame with `re` added: the sender's copy costs no re-serialising."""
-    return data[:-2] + b',"re":' + encode(re)[:-1] + b"}\n"
+    value = str(re).encode() if type(re) is int else encode(re)[:-1]  # type: ignore[arg-type]
+    return data[:-2] + b',"re":' + value + b"}\n"
 
 
 class LocalHub:
