@@ -47,7 +47,6 @@ from chat.errors import (
     ServerBusy,
 )
 from chat.hub import Session
-from chat.ioloop import SWEEP_INTERVAL
 from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
 from chat.store import Job
 from chat.throttle import TokenBucket
@@ -96,11 +95,9 @@ class Connection:
         self.close_deadline = 0.0
         self.last_recv = now
         self.ping_sent = False
-        # Halfway to the idle deadline, but early enough that a prompt pong lands two
-        # sweeps before it: deadlines are checked once a sweep, so a short idle timeout
-        # could otherwise close a client that answers every ping.
-        self._ping_after = max(0.0, min(settings.idle_timeout / 2,
-                                        settings.idle_timeout - 2 * SWEEP_INTERVAL))
+        # Halfway to the idle deadline: the timers are exact, so a prompt pong lands
+        # long before it.
+        self._ping_after = settings.idle_timeout / 2
         self.decoder = FrameDecoder(settings.max_frame_bytes)
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.inbox: collections.deque[Any] = collections.deque()
@@ -129,6 +126,7 @@ class Connection:
         self._registered = 0  # the selector events currently registered
         self._update_interest()
         loop.handlers.add(self)
+        loop.schedule(self, self.handshake_deadline)
 
     def __repr__(self) -> str:
         who = self.session.name if self.session else "-"
@@ -184,25 +182,38 @@ class Connection:
             else:
                 self._read()
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> float | None:
+        """Enforce this connection's deadlines; returns when to look again."""
         state = self.state
         if state == State.HANDSHAKE:
             if now > self.handshake_deadline:
                 log.info("%s: TLS handshake timed out", self.peer)
                 self._abort()
-        elif state in (State.CLOSING, State.DRAINING):
+                return None
+            return self.handshake_deadline
+        if state in (State.CLOSING, State.DRAINING):
             if now > self.close_deadline:
                 self._abort()
-        elif state == State.OPEN and now > self.login_deadline:
-            self.close("login_timeout")
-        else:
-            silent = now - self.last_recv
-            if silent > self.settings.idle_timeout:
-                self.close("idle")
-            elif silent > self._ping_after and not self.ping_sent:
-                self.ping_sent = True
-                self._pongs_owed += 1
-                self.send_frame({"type": "ping"})
+                return None
+            return self.close_deadline
+        if state == State.CLOSED:
+            return None
+        if state == State.OPEN:
+            if now > self.login_deadline:
+                self.close("login_timeout")
+                return self.close_deadline
+            return self.login_deadline
+        silent = now - self.last_recv
+        if silent > self.settings.idle_timeout:
+            self.close("idle")
+            return self.close_deadline
+        if silent > self._ping_after and not self.ping_sent:
+            self.ping_sent = True
+            self._pongs_owed += 1
+            self.send_frame({"type": "ping"})
+        if self.ping_sent:
+            return self.last_recv + self.settings.idle_timeout
+        return self.last_recv + self._ping_after
 
     # --- handshake ------------------------------------------------------------------
     def _handshake(self) -> None:
@@ -386,6 +397,8 @@ class Connection:
             return
         self.session = session
         self.state = State.READY
+        # From here the idle deadlines apply, earlier than the login deadline's timer.
+        self.loop.schedule(self, self.last_recv + self._ping_after)
         self.backlog_more = more
         log.info("%s: %s logged in", self.peer, session.name)
         self._resume()
@@ -511,6 +524,7 @@ class Connection:
         self.state = State.CLOSING
         self.close_reason = reason or detail
         self.close_deadline = time.monotonic() + self.settings.shutdown_grace
+        self.loop.schedule(self, self.close_deadline)
         self._detach()
         with self._olock:
             if reason is not None:

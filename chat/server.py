@@ -76,15 +76,17 @@ class _Listener:
                     log.error("accept failed (%s); pausing accept for %.1f s", exc, ACCEPT_PAUSE)
                     self.loop.selector.unregister(self.sock)
                     self.paused_until = time.monotonic() + ACCEPT_PAUSE
+                    self.loop.schedule(self, self.paused_until)
                 else:
                     log.error("accept failed: %s", exc)
                 return
             self.server.adopt(raw, addr)
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> float | None:
         if self.paused_until and now >= self.paused_until:
             self.paused_until = 0.0
             self.loop.selector.register(self.sock, selectors.EVENT_READ, self)
+        return self.paused_until or None
 
     def close(self) -> None:
         self.loop.handlers.discard(self)
