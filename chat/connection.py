@@ -76,6 +76,9 @@ class State(enum.IntEnum):
     CLOSED = 5
 
 
+PING = encode({"type": "ping"})  # the same bytes every time
+
+
 class Connection:
     def __init__(self, server: Server, loop: IOLoop, raw: socket.socket, addr: Any) -> None:
         self.server = server
@@ -210,7 +213,7 @@ class Connection:
         if silent > self._ping_after and not self.ping_sent:
             self.ping_sent = True
             self._pongs_owed += 1
-            self.send_frame({"type": "ping"})
+            self.deliver(PING)
         if self.ping_sent:
             return self.last_recv + self.settings.idle_timeout
         return self.last_recv + self._ping_after
