@@ -1,6 +1,7 @@
 """Start each server, run the workloads against it, stop it, print one table.
 
-    bench/run.sh [--runs 3] [--seconds 10] [--idle 2000] [--servers chat,naive]
+    bench/run.sh [--runs 3] [--seconds 10] [--idle 10000] [--servers chat,naive]
+                 [--workloads a,b,c,d,e]
 
 Our server runs with its flood limits raised (the documented benchmark settings: frame
 rate, connections and registrations per address, failed logins per address), since the
@@ -99,25 +100,73 @@ def spread(values: list[float], fmt: str) -> str:
             f"({format(min(values), fmt)}..{format(max(values), fmt)})")
 
 
+def calibrate() -> dict:
+    """How fast this machine is today, so runs on different days can be compared."""
+    import timeit
+
+    import bcrypt
+    loop_us = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+    t = time.perf_counter()
+    bcrypt.hashpw(b"calibration", bcrypt.gensalt(12))
+    return {"sum_range_1000_us": loop_us, "bcrypt12_s": time.perf_counter() - t}
+
+
+def run_e(certs: Path, tmp: Path, runs: int, seconds: float) -> dict:
+    """(e): stored/s on fresh servers, then one run killed with SIGKILL half way, the
+    server restarted on the same data, and every acknowledged message looked for."""
+    stored = []
+    for run in range(runs):
+        proc, port = start("chat", certs, tmp / f"chat-e-{run}", [])
+        try:
+            stored.append(loadgen("e", port, proc.pid, certs / "ca.crt", f"e{run}x", "chat",
+                                  seconds=seconds))
+        finally:
+            stop(proc)
+        print(f"chat e run {run}: {stored[-1]}", file=sys.stderr)
+    data, seen = tmp / "chat-e-kill", tmp / "seen.json"
+    proc, port = start("chat", certs, data, [])
+    try:
+        killed = loadgen("e", port, proc.pid, certs / "ca.crt", "ek", "chat",
+                         seconds=seconds, **{"kill-after": seconds / 2, "seen-file": seen})
+    finally:
+        proc.wait(30)
+    proc, port = start("chat", certs, data, [])
+    try:
+        check = loadgen("verify", port, proc.pid, certs / "ca.crt", "ek", "chat",
+                        **{"seen-file": seen})
+    finally:
+        stop(proc)
+    print(f"chat e kill: {killed} / verify: {check}", file=sys.stderr)
+    return {"runs": stored, "killed": killed, "verify": check}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10)
-    ap.add_argument("--idle", type=int, default=2000)
+    ap.add_argument("--idle", type=int, default=10000, help="(c) idle connections; 0 skips")
     ap.add_argument("--servers", default="chat,naive,ngircd,inspircd,miniircd",
                     help="comma-separated; the IRC peers need bench/peers/install.sh first")
+    ap.add_argument("--workloads", default="a,b,c,d,e",
+                    help="(c), (d) and (e) run against our server only")
     args = ap.parse_args()
+    workloads = set(args.workloads.split(","))
+    cal = calibrate()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        certs = Path(tmp) / "certs"
+    extra: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        certs = tmp / "certs"
         subprocess.run([PY, "-m", "chat.certs", "--out", str(certs)], check=True,
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         for kind in args.servers.split(","):
             results: dict[str, list[dict]] = {"a": [], "b": []}
             for run in range(args.runs):
                 for w in ("a", "b"):
-                    proc, port = start(kind, certs, Path(tmp) / f"{kind}-{w}-{run}", [])
+                    if w not in workloads:
+                        continue
+                    proc, port = start(kind, certs, tmp / f"{kind}-{w}-{run}", [])
                     pid = getattr(proc, "server_pid", proc.pid)
                     proto = "irc" if kind in PEERS else "chat"
                     try:
@@ -126,23 +175,43 @@ def main() -> int:
                     finally:
                         stop(proc)
                     print(f"{kind} {w} run {run}: {results[w][-1]}", file=sys.stderr)
-            c = None
-            if kind == "chat" and args.idle:
-                proc, port = start(kind, certs, Path(tmp) / f"{kind}-c", ["--bcrypt-rounds", "4"])
+            rows.append((kind, results))
+            if kind != "chat":
+                continue
+            if "c" in workloads and args.idle:
+                proc, port = start(kind, certs, tmp / "chat-c", ["--bcrypt-rounds", "4"])
                 try:
-                    c = loadgen("c", port, proc.pid, certs / "ca.crt", "c", "chat",
-                                idle=args.idle, seconds=args.seconds)
+                    extra["c"] = loadgen("c", port, proc.pid, certs / "ca.crt", "c", "chat",
+                                         idle=args.idle, seconds=args.seconds)
                 finally:
                     stop(proc)
-                print(f"{kind} c: {c}", file=sys.stderr)
-            rows.append((kind, results, c))
+                print(f"chat c: {extra['c']}", file=sys.stderr)
+            if "d" in workloads:
+                extra["d"] = []
+                for run in range(args.runs):
+                    proc, port = start(kind, certs, tmp / f"chat-d-{run}", [])
+                    try:
+                        extra["d"].append(loadgen("d", port, proc.pid, certs / "ca.crt",
+                                                  f"d{run}x", "chat", seconds=args.seconds))
+                    finally:
+                        stop(proc)
+                    print(f"chat d run {run}: {extra['d'][-1]}", file=sys.stderr)
+            if "e" in workloads:
+                extra["e"] = run_e(certs, tmp, args.runs, args.seconds)
+    print_tables(args, cal, rows, extra)
+    return 0
+
+
+def print_tables(args, cal: dict, rows: list, extra: dict) -> None:
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"median (min..max) of {args.runs} runs of {args.seconds:g} s\n")
+          f"median (min..max) of {args.runs} runs of {args.seconds:g} s. Calibration: "
+          f"sum(range(1000)) {cal['sum_range_1000_us']:.1f} µs, one bcrypt hash at cost 12 "
+          f"{cal['bcrypt12_s'] * 1000:.0f} ms\n")
     print("| server | (a) p50 ms | (a) p99 ms | (a) max ms | (a) generator CPU s | "
           "(b) deliveries/s | (b) server µs/delivery | (b) generator CPU s | all ok |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for kind, res, _c in rows:
+    for kind, res in rows:
         a, b = res["a"], res["b"]
         ok = all(r.get("ok") for r in a + b)
         print(f"| {kind} | {spread([r.get('p50_ms') for r in a], '.2f')} | "
@@ -152,13 +221,31 @@ def main() -> int:
               f"{spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
               f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
               f"{spread([r.get('generator_cpu_s') for r in b], '.1f')} | {'yes' if ok else 'NO'} |")
-    for kind, _res, c in rows:
-        if c:
-            print(f"\n(c) {kind}: {c['held']}/{c['idle_connections']} idle connections held "
-                  f"(users registered at bcrypt cost 4), {c['rss_per_connection_kib']:.1f} KiB "
-                  f"RSS each, idle CPU {c['idle_cpu_percent']:.1f}%, 10 active clients "
-                  f"{'ok' if c['active_ok'] else 'FAILED'}; setup {c['setup_s']:.0f} s")
-    return 0
+    if c := extra.get("c"):
+        print(f"\n(c) chat: {c.get('held')}/{c.get('idle_connections')} idle connections held "
+              f"(users registered at bcrypt cost 4), {c.get('rss_per_connection_kib', 0):.1f} "
+              f"KiB RSS each, idle CPU {c.get('idle_cpu_percent', 0):.1f}%, 10 active clients "
+              f"{'ok' if c.get('active_ok') else 'FAILED'}; setup {c.get('setup_s', 0):.0f} s"
+              f"{'' if c.get('ok') else ' ' + str(c.get('errors'))}")
+    if d := extra.get("d"):
+        print(f"\n(d) chat, bcrypt cost 12, {d[0].get('attempts', '?')} login attempts in "
+              f"{args.seconds:g} s during (a): logins/s "
+              f"{spread([r.get('logins_per_s') for r in d], '.2f')} against a limit of "
+              f"{spread([r.get('bcrypt_limit_per_s') for r in d], '.2f')} "
+              f"({spread([r.get('share_of_limit', 0) * 100 for r in d], '.0f')}%); chat p50 "
+              f"{spread([r.get('chat_p50_ms') for r in d], '.1f')} ms, p99 "
+              f"{spread([r.get('chat_p99_ms') for r in d], '.1f')} ms; outcomes "
+              f"{[r.get('outcomes') for r in d]}; all ok: "
+              f"{'yes' if all(r.get('ok') for r in d) else 'NO ' + str(d)}")
+    if e := extra.get("e"):
+        k, v = e["killed"], e["verify"]
+        us = spread([r.get("server_us_per_message") for r in e["runs"]], ".1f")
+        print(f"\n(e) chat: {spread([r.get('stored_per_s') for r in e['runs']], ',.0f')} "
+              f"messages stored/s ({us}"
+              f" µs of server CPU each); kill -9 after {k.get('killed_at_s') or 0:.1f} s: "
+              f"{v.get('acknowledged')} acknowledged, {v.get('missing')} missing from history, "
+              f"{v.get('stored_unacknowledged')} stored but not acknowledged; "
+              f"{'ok' if v.get('ok') and k.get('ok') else 'FAILED ' + str(k) + str(v)}")
 
 
 if __name__ == "__main__":
