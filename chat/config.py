@@ -75,6 +75,10 @@ class Settings:
     auth_queue: int = _setting(
         64, "Password checks waiting for a worker before new ones get server_busy."
     )
+    auth_nice: int = _setting(
+        10, "Nice value added to the password-hashing threads (Linux), so that under a "
+        "login storm chat traffic gets the CPU first; 0 = same priority as the rest."
+    )
     # --- throttling (OWASP Authentication Cheat Sheet, NIST SP 800-63B-4 3.2.2) ---
     login_window: float = _setting(900.0, "Window in which failed logins are counted.")
     login_account_failures: int = _setting(
@@ -200,6 +204,8 @@ class Settings:
             raise ValueError("max_errors_in_row must be at least 1")
         if self.frame_burst < 1 or self.max_connections_per_ip < 1:
             raise ValueError("frame_burst and max_connections_per_ip must be at least 1")
+        if not 0 <= self.auth_nice <= 19:
+            raise ValueError("auth_nice must be from 0 to 19")
         if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
             raise ValueError("io_threads, auth_queue and max_connections must be at least 1")
 

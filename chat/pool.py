@@ -8,7 +8,9 @@ up memory and latency; chat traffic never waits here because it never enters thi
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 
@@ -20,8 +22,10 @@ _STOP = object()
 
 
 class BoundedPool:
-    def __init__(self, workers: int, queue_size: int, name: str = "worker") -> None:
+    def __init__(self, workers: int, queue_size: int, name: str = "worker",
+                 nice: int = 0) -> None:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._nice = nice
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(max(1, workers))
@@ -49,6 +53,8 @@ class BoundedPool:
             t.join()
 
     def _work(self) -> None:
+        if self._nice:
+            _lower_priority(self._nice)
         while True:
             fn = self._queue.get()
             if fn is _STOP:
@@ -57,3 +63,15 @@ class BoundedPool:
                 fn()  # type: ignore[operator]
             except Exception:
                 log.exception("worker task failed")
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower the calling thread's priority: on Linux, nice applies to one thread (its id)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError as exc:
+        log.warning("could not lower the priority of %s: %s",
+                    threading.current_thread().name, exc)

@@ -128,7 +128,7 @@ class Server:
         self.hub = LocalHub()
         self.store = Store(self.engine, self.hub)
         self.store.start()
-        self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth")
+        self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth", nice=s.auth_nice)
         self.auth_pool.start()
         self.read_pool = BoundedPool(READ_WORKERS, s.auth_queue * 4, name="read")
         self.read_pool.start()

@@ -152,7 +152,7 @@ SAMPLES = {
     "host": "::1", "port": "8000", "tls_profile": "modern", "client_cafile": "ca.pem",
     "data_dir": "/srv/chat", "db": "sqlite://", "pepper_file": "/srv/pepper",
     "bcrypt_rounds": "13", "min_password_length": "16", "auth_workers": "3",
-    "auth_queue": "9", "max_frame_bytes": "4096", "max_errors_in_row": "5",
+    "auth_queue": "9", "auth_nice": "5", "max_frame_bytes": "4096", "max_errors_in_row": "5",
     "handshake_timeout": "2.5", "login_timeout": "7", "idle_timeout": "60",
     "shutdown_grace": "1", "max_connections": "100", "max_outbound_bytes": "8388608",
     "max_history_bytes": "65536", "io_threads": "4", "log_level": "DEBUG",
