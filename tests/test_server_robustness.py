@@ -199,3 +199,30 @@ def test_dev_certificates_made_when_missing(tmp_path):
         assert (tmp_path / "d" / "pepper").stat().st_mode & 0o777 == 0o600
     finally:
         server.stop()
+
+
+def test_a_batch_that_cannot_be_stored_is_answered_internal_and_the_next_one_works(
+    chat_server, monkeypatch
+):
+    import sqlite3
+
+    store = chat_server.server.store
+    real = store._insert_rows
+    calls = []
+
+    def failing_once(conn, rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(conn, rows)
+
+    monkeypatch.setattr(store, "_insert_rows", failing_once)
+    alice = chat_server.user("alice")
+    bob = chat_server.user("bob")
+    reply = alice.request({"type": "send", "room": "general", "message": "lost"})
+    assert reply["type"] == "error" and reply["code"] == "internal"
+    reply = alice.request({"type": "send", "room": "general", "message": "kept"})
+    assert reply["type"] == "message" and reply["message"] == "kept"
+    assert bob.recv_until("message")["message"] == "kept"  # nothing of the failed one
+    history = bob.request({"type": "history", "room": "general"})["messages"]
+    assert [m["message"] for m in history] == ["kept"]
