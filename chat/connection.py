@@ -129,7 +129,7 @@ class Connection:
         self._registered = 0  # the selector events currently registered
         self._update_interest()
         loop.handlers.add(self)
-        loop.schedule(self, self.handshake_deadline)
+        loop.schedule(self, min(self.handshake_deadline, self.login_deadline))
 
     def __repr__(self) -> str:
         who = self.session.name if self.session else "-"
@@ -573,6 +573,8 @@ class Connection:
         if self.state == State.CLOSED:
             return
         prev, self.state = self.state, State.CLOSED
+        # The loop's timers may hold this object a while yet: keep it small.
+        self.inbox.clear()
         if prev < State.CLOSING:
             self._detach()
         with self._olock:

@@ -428,7 +428,7 @@ class Store:
         ids = self._insert_rows(conn, rows)
         ts = format_ts(ms)
         run: list[tuple[MessageJob, Frame]] = []  # consecutive messages to one room
-        run_at = run_size = 0
+        run_at = run_size = run_last = 0
         for (i, job, rec), row, msg_id in zip(placed, rows, ids, strict=True):
             frame: Frame = {
                 "type": "message", "msg_id": msg_id, "ts": ts, "username": job.session.name,
@@ -437,14 +437,20 @@ class Store:
                 frame["room"] = job.room
                 frame["message"] = job.text
                 size = _text_size(job.text)
-                if run and (run[0][0].room != job.room or run_size + size > MAX_FANOUT_BYTES):
+                # A refused direct message between two room messages also ends the run.
+                if run and (run[0][0].room != job.room or i != run_last + 1
+                            or run_size + size > MAX_FANOUT_BYTES):
                     afters[run_at] = self._room_fanout_later(run)
                     run = []
                 if not run:
                     run_at, run_size = i, 0
                 run.append((job, frame))
                 run_size += size
+                run_last = i
                 continue
+            if run:  # a direct message ends the run: it keeps its place in the order
+                afters[run_at] = self._room_fanout_later(run)
+                run = []
             frame["to"] = rec.name
             frame["message"] = job.text
             afters[i] = self._fanout_later(job, rec, frame, bool(row["delivered"]))

@@ -251,3 +251,21 @@ def test_one_batch_of_messages_to_two_rooms_keeps_msg_id_order_and_echoes(chat_s
             k = int(f["message"][1:])
             assert f["username"] == plan[k][0] and f["room"] == plan[k][1]
             assert f.get("re") == (k if plan[k][0] == name else None)
+
+
+def test_direct_messages_between_room_messages_keep_their_place(chat_server):
+    alice = chat_server.user("alice")
+    bob = chat_server.user("bob")
+    for c in (alice, bob):
+        c.send({"type": "ping"})
+        c.recv_until("pong")
+    with HeldWriter(chat_server):
+        alice.send({"type": "send", "room": "general", "message": "A", "id": 1})
+        alice.send({"type": "send", "to": "bob", "message": "B", "id": 2})
+        alice.send({"type": "send", "to": "nobody", "message": "x", "id": 3})
+        alice.send({"type": "send", "room": "general", "message": "C", "id": 4})
+        _wait_queue(chat_server, 4)
+    assert [alice.recv()["re"] for _ in range(4)] == [1, 2, 3, 4]
+    got = [bob.recv_until("message") for _ in range(3)]
+    assert [f["message"] for f in got] == ["A", "B", "C"]
+    assert [f["msg_id"] for f in got] == sorted(f["msg_id"] for f in got)
