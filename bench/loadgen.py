@@ -147,6 +147,29 @@ def encode_send(sender: int, seq: int) -> bytes:
             % (sender, seq, time.perf_counter_ns()))
 
 
+def read_lines(c) -> tuple[bytes, bool]:
+    """The whole lines that every TLS record `c` holds now gives (the rest waits in
+    c.buf), and whether the server closed. One select and one parse for them all: a
+    server writing each line as its own record would otherwise cost the generator a
+    select and a parse per line, and make it the limit."""
+    chunks, closed = [c.buf], False
+    for _ in range(256):
+        try:
+            data = c.sock.recv(262144)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            break
+        except OSError:
+            data = b""
+        if not data:
+            closed = True
+            break
+        chunks.append(data)
+    data = b"".join(chunks)
+    cut = data.rfind(b"\n") + 1
+    c.buf = data[cut:]
+    return data[:cut], closed
+
+
 class Run:
     """The event loop shared by the workloads.
 
@@ -208,25 +231,12 @@ class Run:
         for key, _ in self.sel.select(timeout):
             i = key.data
             c = self.clients[i]
-            # Every record the socket holds now, then one pass over them: a server that
-            # writes each line as its own TLS record would otherwise cost the generator a
-            # select and a parse per line, and make it the limit.
-            chunks = [c.buf]
-            for _ in range(256):
-                try:
-                    data = c.sock.recv(262144)
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    break
-                if not data:
-                    self.errors.append(f"client {i} closed by server")
-                    self.sel.unregister(c.sock)
-                    break
-                chunks.append(data)
-            data = b"".join(chunks)
-            cut = data.rfind(b"\n") + 1
-            c.buf = data[cut:]
-            if cut:
-                self._account(i, data[:cut], measure)
+            lines, closed = read_lines(c)
+            if closed:
+                self.errors.append(f"client {i} closed by server")
+                self.sel.unregister(c.sock)
+            if lines:
+                self._account(i, lines, measure)
 
     def _account(self, i: int, chunk: bytes, measure: bool) -> None:
         last = self.last[i]
@@ -587,32 +597,19 @@ def workload_e(args, ctx) -> dict:
             flush()
         for key, _ in sel.select(0.01):
             i = key.data
-            c = clients[i]
-            while True:
-                try:
-                    data = c.sock.recv(262144)
-                except (ssl.SSLWantReadError, BlockingIOError):
-                    break
-                except OSError:
-                    data = b""
-                if not data:
-                    sel.unregister(c.sock)
-                    open_.discard(i)
-                    break
-                data = c.buf + data
-                cut = data.rfind(b"\n") + 1
-                c.buf = data[cut:]
-                for mid, s_, q in ECHO_RE.findall(data[:cut]):
-                    if int(s_) != i or int(q) != acked[i]:
-                        errors.append(f"sender {i}: echo {int(s_)}:{int(q)} after {acked[i] - 1}")
-                    acked[i] += 1
-                    seen[i].append(int(mid))
-                    if killed_at is None:
-                        stored_in_window += 1
-                if b'"type":"error"' in data[:cut]:
-                    errors.append(f"sender {i}: {data[:200]!r}")
-                if not c.sock.pending():
-                    break
+            lines, closed = read_lines(clients[i])
+            if closed:
+                sel.unregister(clients[i].sock)
+                open_.discard(i)
+            for mid, s_, q in ECHO_RE.findall(lines):
+                if int(s_) != i or int(q) != acked[i]:
+                    errors.append(f"sender {i}: echo {int(s_)}:{int(q)} after {acked[i] - 1}")
+                acked[i] += 1
+                seen[i].append(int(mid))
+                if killed_at is None:
+                    stored_in_window += 1
+            if b'"type":"error"' in lines:
+                errors.append(f"sender {i}: {lines[:200]!r}")
     took = killed_at if killed_at is not None else time.perf_counter() - start
     server_cpu = (cpu_at_kill if killed_at is not None else proc_cpu(args.pid)) - cpu0
     if args.seen_file:

@@ -437,7 +437,8 @@ class Store:
                 frame["room"] = job.room
                 frame["message"] = job.text
                 size = _text_size(job.text)
-                # A refused direct message between two room messages also ends the run.
+                # Anything between (a direct message, a refused one) ends the run, which
+                # keeps it at its first message's place, before that.
                 if run and (run[0][0].room != job.room or i != run_last + 1
                             or run_size + size > MAX_FANOUT_BYTES):
                     afters[run_at] = self._room_fanout_later(run)
@@ -448,9 +449,6 @@ class Store:
                 run_size += size
                 run_last = i
                 continue
-            if run:  # a direct message ends the run: it keeps its place in the order
-                afters[run_at] = self._room_fanout_later(run)
-                run = []
             frame["to"] = rec.name
             frame["message"] = job.text
             afters[i] = self._fanout_later(job, rec, frame, bool(row["delivered"]))
@@ -481,7 +479,8 @@ class Store:
     def _room_fanout_later(self, run: list[tuple[MessageJob, Frame]]) -> After:
         """Consecutive messages to one room go out as one write per member.
 
-        Nothing else happened between them (no join, leave or login), so the members are
+        Nothing else happened between them (no join, leave, login or direct message), so
+        the members are
         the same for all of them; each message is still serialised once, and each member
         gets them, in msg_id order, through one `deliver` instead of one per message.
         The run sits at its first message's place among the batch's continuations, and
