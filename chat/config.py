@@ -107,9 +107,13 @@ class Settings:
     handshake_timeout: float = _setting(10.0, "Time to complete the TLS handshake.")
     login_timeout: float = _setting(30.0, "Time from connect to a successful login (absolute).")
     idle_timeout: float = _setting(
-        120.0, "Silence before bye idle; the server pings after half of it."
+        120.0, "Silence before bye idle; the server pings after 3/4 of it."
     )
     shutdown_grace: float = _setting(5.0, "Time given to flush bye frames on shutdown.")
+    timer_slack: float = _setting(
+        1.0, "Deadlines may fire this much late (at most 1/8 of idle_timeout), so one wake-up "
+        "serves all that fall due together; 0: exact."
+    )
     # --- resources ---
     max_connections: int = _setting(20000, "Connections held at once; more are closed at once.")
     max_connections_per_ip: int = _setting(
@@ -189,6 +193,8 @@ class Settings:
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds")
+        if not (self.timer_slack >= 0 and math.isfinite(self.timer_slack)):
+            raise ValueError("timer_slack must be zero or a positive number of seconds")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
         if self.max_history_bytes * 2 > self.max_outbound_bytes:

@@ -98,9 +98,10 @@ class Connection:
         self.close_deadline = 0.0
         self.last_recv = now
         self.ping_sent = False
-        # Halfway to the idle deadline: the timers are exact, so a prompt pong lands
-        # long before it.
-        self._ping_after = settings.idle_timeout / 2
+        # Three quarters of the way to the idle deadline: every ping is a TLS round trip
+        # for the server, and what is left (30 s at the defaults, less the loop's timer
+        # slack, which is at most an eighth) is still ample time for a pong.
+        self._ping_after = settings.idle_timeout * 0.75
         self.decoder = FrameDecoder(settings.max_frame_bytes)
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
         self.inbox: collections.deque[Any] = collections.deque()

@@ -132,7 +132,9 @@ class Server:
         self.auth_pool.start()
         self.read_pool = BoundedPool(READ_WORKERS, s.auth_queue * 4, name="read")
         self.read_pool.start()
-        self.loops = [IOLoop(f"io-{i}") for i in range(s.io_threads)]
+        # Capped so that a ping, due at 3/4 of the idle timeout, still leaves the pong time.
+        slack = min(s.timer_slack, s.idle_timeout / 8)
+        self.loops = [IOLoop(f"io-{i}", slack) for i in range(s.io_threads)]
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
         self.listen_sock = socket.create_server(
             (s.host, s.port), family=family, backlog=1024, reuse_port=False

@@ -1,4 +1,5 @@
-"""The loop's deadline timers: never early past what was asked, re-armed by `tick`."""
+"""The loop's deadline timers: never before what was asked, at most the slack after it,
+re-armed by `tick`."""
 
 from __future__ import annotations
 
@@ -79,6 +80,31 @@ def test_a_closed_handler_is_not_ticked() -> None:
         loop.call_soon(loop.schedule, marker, time.monotonic() + 0.3)
         assert marker.done.wait(20)
         assert h.calls == []
+    finally:
+        loop.stop()
+        loop.join(5)
+
+
+def test_slack_makes_nearby_deadlines_come_due_together() -> None:
+    loop = IOLoop("test-loop", timer_slack=0.5)
+    loop.start()
+    try:
+        t0 = time.monotonic()
+        # Two deadlines within one half-second step of the grid.
+        base = (int(t0 / 0.5) + 2) * 0.5
+        a, b = Ticker([]), Ticker([])
+        loop.handlers.update((a, b))
+
+        def arm() -> None:
+            loop.schedule(a, base + 0.05)
+            loop.schedule(b, base + 0.45)
+
+        loop.call_soon(arm)
+        assert a.done.wait(20) and b.done.wait(20)
+        # Neither early, both moved to the step's end, and run by one pass of the timers
+        # (a pass hands every tick the same `now`).
+        assert a.calls[0] >= base + 0.5
+        assert a.calls == b.calls
     finally:
         loop.stop()
         loop.join(5)
