@@ -392,8 +392,12 @@ def workload_c(args, ctx) -> dict:
     answer_pings(2)
     rss1 = proc_rss(args.pid)
     cpu0 = proc_cpu(args.pid)
-    answer_pings(args.seconds)
+    pongs0 = pongs
+    # A whole idle timeout by default, so the window holds every connection's keepalive
+    # ping (a short one could fall between them and read as zero).
+    answer_pings(args.idle_seconds)
     idle_cpu = proc_cpu(args.pid) - cpu0
+    idle_pongs = pongs - pongs0
     active = connect_all(args, ctx, 10, args.prefix + "act")
     run = Run(active, senders=10, proto=args.proto)
     for k in range(1000):
@@ -405,7 +409,9 @@ def workload_c(args, ctx) -> dict:
     return {
         "idle_connections": args.idle, "held": held, "setup_s": setup, "pongs": pongs,
         "rss_per_connection_kib": (rss1 - rss0) / args.idle / 1024,
-        "server_rss_mib": rss1 / 2**20, "idle_cpu_percent": idle_cpu / args.seconds * 100,
+        "server_rss_mib": rss1 / 2**20, "idle_seconds": args.idle_seconds,
+        "idle_cpu_percent": idle_cpu / args.idle_seconds * 100, "idle_pongs": idle_pongs,
+        "server_us_per_ping": idle_cpu / idle_pongs * 1e6 if idle_pongs else None,
         "active_ok": not run.errors, "errors": run.errors[:5],
         "ok": held == args.idle and not run.errors,
     }
@@ -669,6 +675,8 @@ def main() -> int:
     ap.add_argument("--pid", type=int, required=True, help="the server's process id")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--idle-seconds", type=float, default=120.0,
+                    help="(c) the idle window; by default the server's idle timeout")
     ap.add_argument("--prefix", default="bench")
     ap.add_argument("--no-register", dest="register", action="store_false")
     ap.add_argument("--proto", choices=["chat", "irc"], default="chat")

@@ -84,7 +84,7 @@ def loadgen(workload: str, port: int, pid: int, cafile: Path, prefix: str, proto
     cmd = [PY, str(BENCH / "loadgen.py"), workload, "--port", str(port), "--pid", str(pid),
            "--cafile", str(cafile), "--prefix", prefix, "--proto", proto]
     for k, v in opts.items():
-        cmd += [f"--{k}", str(v)]
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -146,6 +146,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--idle", type=int, default=10000, help="(c) idle connections; 0 skips")
+    ap.add_argument("--idle-seconds", type=float, default=120,
+                    help="(c) how long they idle: by default one idle timeout, which holds "
+                    "every connection's keepalive ping")
     ap.add_argument("--servers", default="chat,naive,ngircd,inspircd,miniircd",
                     help="comma-separated; the IRC peers need bench/peers/install.sh first")
     ap.add_argument("--workloads", default="a,b,c,d,e",
@@ -182,7 +185,7 @@ def main() -> int:
                 proc, port = start(kind, certs, tmp / "chat-c", ["--bcrypt-rounds", "4"])
                 try:
                     extra["c"] = loadgen("c", port, proc.pid, certs / "ca.crt", "c", "chat",
-                                         idle=args.idle, seconds=args.seconds)
+                                         idle=args.idle, idle_seconds=args.idle_seconds)
                 finally:
                     stop(proc)
                 print(f"chat c: {extra['c']}", file=sys.stderr)
@@ -224,7 +227,9 @@ def print_tables(args, cal: dict, rows: list, extra: dict) -> None:
     if c := extra.get("c"):
         print(f"\n(c) chat: {c.get('held')}/{c.get('idle_connections')} idle connections held "
               f"(users registered at bcrypt cost 4), {c.get('rss_per_connection_kib', 0):.1f} "
-              f"KiB RSS each, idle CPU {c.get('idle_cpu_percent', 0):.1f}%, 10 active clients "
+              f"KiB RSS each, idle CPU {c.get('idle_cpu_percent', 0):.2f}% over "
+              f"{c.get('idle_seconds', 0):g} s ({c.get('idle_pongs', 0)} pings answered, "
+              f"{c.get('server_us_per_ping') or 0:.0f} µs of server CPU each), 10 active clients "
               f"{'ok' if c.get('active_ok') else 'FAILED'}; setup {c.get('setup_s', 0):.0f} s"
               f"{'' if c.get('ok') else ' ' + str(c.get('errors'))}")
     if d := extra.get("d"):

@@ -23,7 +23,8 @@ of it, so the deadlines of a whole second come due together. That matters for th
 keepalive. 10,000 idle connections make over a hundred pings a second; each alone woke
 the loop twice (the timer, then the pong) and ran cold, at about 300 µs of CPU per
 round trip here against 25 µs measured warm. Pinged in batches once a second, they
-cost about a fifth of that (1,000 connections pinged every 7.5 s: 5% of a core → 1%).
+cost 80 µs each (bench (c), 10,000 idle connections at the defaults: 5.9% of a core
+before this and the ping at 3/4 of the idle timeout, 0.67% after).
 """
 
 from __future__ import annotations
