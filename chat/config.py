@@ -110,6 +110,9 @@ class Settings:
         120.0, "Silence before bye idle; the server pings after 3/4 of it."
     )
     shutdown_grace: float = _setting(5.0, "Time given to flush bye frames on shutdown.")
+    checkpoint_interval: float = _setting(
+        1.0, "How often a thread of its own copies SQLite's WAL into the database."
+    )
     timer_slack: float = _setting(
         1.0, "Deadlines may fire this much late (at most 1/8 of idle_timeout), so one wake-up "
         "serves all that fall due together; 0: exact."
@@ -188,6 +191,7 @@ class Settings:
         if self.tls_profile not in ("intermediate", "modern"):
             raise ValueError("tls_profile must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
+                     "checkpoint_interval",
                      "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -12,6 +13,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
+
+
+# Past this many WAL pages (64 MiB at SQLite's 4 KiB pages) a checkpoint may make the
+# writer wait so the WAL can start over; below it, checkpoints never block anyone.
+WAL_RESTART_PAGES = 16384
 
 
 def _sqlite_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -29,12 +35,23 @@ def _sqlite_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def _no_autocheckpoint(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA wal_autocheckpoint=0")
+    cur.close()
+
+
 def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
     conn.exec_driver_sql("BEGIN")
 
 
-def make_engine(url: str, pool_size: int = 5) -> Engine:
-    """An engine whose pool has room for every thread that may hold a connection."""
+def make_engine(url: str, pool_size: int = 5, autocheckpoint: bool = True) -> Engine:
+    """An engine whose pool has room for every thread that may hold a connection.
+
+    With autocheckpoint=False, commits never copy the WAL into the database (SQLite
+    otherwise does it inside whichever commit crosses 1,000 pages, and that one commit
+    then waits for the copy and its fsyncs): run a `WalCheckpointer` beside it.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -46,6 +63,8 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
             url, connect_args={"check_same_thread": False}, pool_size=pool_size
         )
         event.listen(engine, "connect", _sqlite_connect)
+        if not autocheckpoint:
+            event.listen(engine, "connect", _no_autocheckpoint)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size)
@@ -65,3 +84,52 @@ def upgrade_to_head(engine: Engine) -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+class WalCheckpointer:
+    """Copies SQLite's WAL into the database every `interval` seconds, on its own thread.
+
+    In (a) of the benchmarks, the commit that happened to run SQLite's automatic
+    checkpoint held up every message behind it: p99 12 ms, 3.7 ms without. A PASSIVE
+    checkpoint takes no lock that the writer or readers wait for; only a WAL that has
+    grown past WAL_RESTART_PAGES (a writer that never pauses) gets a RESTART, which
+    waits for the writer's current transaction so the WAL can be reused from the start.
+    """
+
+    def __init__(self, engine: Engine, interval: float) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """One checkpoint now: (busy, pages in the WAL, pages copied), as SQLite says."""
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            busy, pages, copied = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if pages >= WAL_RESTART_PAGES:
+                busy, pages, copied = cur.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            cur.close()
+        finally:
+            raw.close()  # back to the pool
+        return busy, pages, copied
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.checkpoint()
+            except Exception:
+                # The WAL only grows meanwhile; the next round tries again.
+                log.exception("WAL checkpoint failed")
+        try:
+            self.checkpoint()  # leave a short WAL behind
+        except Exception:
+            log.exception("WAL checkpoint failed")

@@ -35,7 +35,7 @@ from chat import SERVER_NAME, __version__, certs, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
 from chat.config import Settings, load_settings
 from chat.connection import Connection
-from chat.db import make_engine, upgrade_to_head
+from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
 from chat.pool import BoundedPool
@@ -102,6 +102,7 @@ class Server:
         self.server_id = f"{SERVER_NAME}/{__version__}"
         self.address: tuple[str, int] = ("", 0)
         self.stopping = False
+        self.checkpointer: WalCheckpointer | None = None
         self._count = 0
         self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
@@ -118,8 +119,13 @@ class Server:
         self.ssl_context = self._make_ssl_context()
         self.max_connections = _connection_cap(s.max_connections)
         workers = s.auth_workers or os.cpu_count() or 2
-        self.engine = make_engine(s.db_url, pool_size=workers + READ_WORKERS + 2)
+        # One connection more than threads, for the checkpointer (SQLite only).
+        self.engine = make_engine(s.db_url, pool_size=workers + READ_WORKERS + 3,
+                                  autocheckpoint=False)
         upgrade_to_head(self.engine)
+        if self.engine.dialect.name == "sqlite":
+            self.checkpointer = WalCheckpointer(self.engine, s.checkpoint_interval)
+            self.checkpointer.start()
         self.hasher = PasswordHasher(
             load_or_create_pepper(s.pepper_path), s.bcrypt_rounds,
             previous=[read_pepper(p) for p in s.previous_pepper_paths],
@@ -267,6 +273,8 @@ class Server:
         self.auth_pool.stop()
         self.read_pool.stop()
         self.store.stop()  # everything submitted is stored and delivered
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
 
         def say_bye(loop: IOLoop) -> None:
             for handler in list(loop.handlers):
