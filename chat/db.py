@@ -37,7 +37,10 @@ def _no_autocheckpoint(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-
 
 
 def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
-    conn.exec_driver_sql("BEGIN")
+    # Straight to the driver: exec_driver_sql builds an execution context and cursor
+    # wrapper for a statement with no result, about a quarter of the writer's CPU for a
+    # one-message batch.
+    conn.connection.driver_connection.execute("BEGIN")
 
 
 def make_engine(url: str, pool_size: int = 5, autocheckpoint: bool = True) -> Engine:
