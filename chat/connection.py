@@ -180,10 +180,9 @@ class Connection:
                 return False
             self._out.append(data)
             self._out_bytes += len(data)
-            if self._flush_scheduled:
-                return True
-            self._flush_scheduled = True
-        self.loop.call_soon(self._flush)
+            ask = self._claim_flush()
+        if ask:
+            self.loop.call_soon(self._flush)
         return True
 
     def _send_now(self, data: bytes) -> bool | None:
@@ -213,10 +212,20 @@ class Connection:
         with self._olock:
             self._wbuf = rest
             self._out_bytes += len(rest)
-            if self._flush_scheduled:
-                return True
-            self._flush_scheduled = True
-        self.loop.call_soon(self._flush)
+            ask = self._claim_flush()
+        if ask:
+            self.loop.call_soon(self._flush)
+        return True
+
+    def _claim_flush(self) -> bool:
+        """Under _olock: True if the caller is the one to ask the loop for a flush.
+
+        One pending _flush per connection, however many threads deliver meanwhile; the
+        caller schedules it after leaving _olock, which the loop's thread also takes.
+        """
+        if self._flush_scheduled:
+            return False
+        self._flush_scheduled = True
         return True
 
     def end(self, reason: str) -> None:
