@@ -241,7 +241,11 @@ def print_tables(args, cal: dict, rows: list, extra: dict) -> None:
               f"{spread([r.get('bcrypt_limit_per_s') for r in d], '.2f')} "
               f"({spread([r.get('share_of_limit', 0) * 100 for r in d], '.0f')}%); chat p50 "
               f"{spread([r.get('chat_p50_ms') for r in d], '.1f')} ms, p99 "
-              f"{spread([r.get('chat_p99_ms') for r in d], '.1f')} ms; outcomes "
+              f"{spread([r.get('chat_p99_ms') for r in d], '.1f')} ms; CPU-s in the "
+              f"{args.seconds:g} s on {os.cpu_count()} cores: server "
+              f"{spread([r.get('chat_server_cpu_s') for r in d], '.1f')}, chat generator "
+              f"{spread([r.get('chat_generator_cpu_s') for r in d], '.1f')}, storm "
+              f"{spread([r.get('storm_cpu_s') for r in d], '.1f')}; outcomes "
               f"{[r.get('outcomes') for r in d]}; all ok: "
               f"{'yes' if all(r.get('ok') for r in d) else 'NO ' + str(d)}")
     if e := extra.get("e"):
