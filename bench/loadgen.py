@@ -502,7 +502,7 @@ def storm(args, ctx) -> dict:
                 done.append(time.perf_counter())
 
     start = time.perf_counter()
-    cpu = time.process_time()
+    cpu0 = time.process_time()
     with concurrent.futures.ThreadPoolExecutor(256) as pool:
         k = 0
         while (now := time.perf_counter()) - start < args.seconds:
@@ -514,7 +514,7 @@ def storm(args, ctx) -> dict:
             k += 1
         # Its own share of the machine in the window: with the chat generator's and the
         # server's, it shows what the bcrypt workers could have had.
-        cpu = time.process_time() - cpu
+        cpu = time.process_time() - cpu0
     in_window = sum(1 for t in done if t - start <= args.seconds)
     return {
         "attempts": k, "outcomes": outcomes, "logins_per_s": in_window / args.seconds,
