@@ -55,7 +55,7 @@ from chat.errors import (
     ServerBusy,
 )
 from chat.hub import Session
-from chat.protocol import PROTOCOL_VERSION, FrameDecoder, encode
+from chat.protocol import FrameDecoder, encode
 from chat.store import Job
 from chat.throttle import TokenBucket
 
@@ -307,12 +307,7 @@ class Connection:
         else:
             self.state = State.OPEN
             log.info("%s: connected (%s, %s)", self.peer, version, cipher)
-            self.send_frame({
-                "type": "hello", "protocol": PROTOCOL_VERSION,
-                "server": self.server.server_id,
-                "max_frame_bytes": self.settings.max_frame_bytes,
-                "min_password_length": self.settings.min_password_length,
-            })
+            self.deliver(self.server.hello)
             self._read()
         self._update_interest()
 

@@ -95,7 +95,7 @@ class LocalHub:
             for room in user.rooms:
                 members = self._rooms.setdefault(room, set())
                 if first_session:
-                    self._presence(members, room, user.name, "join")
+                    self._presence(members, room, user.name, "join", "connection")
                 members.add(session)
                 session.rooms_in.add(room)
             return True
@@ -117,7 +117,7 @@ class LocalHub:
                     continue
                 members.discard(session)
                 if last and not quiet:
-                    self._presence(members, room, user.name, "leave")
+                    self._presence(members, room, user.name, "leave", "connection")
                 if not members:
                     del self._rooms[room]
             session.rooms_in.clear()
@@ -158,7 +158,7 @@ class LocalHub:
             for session in user.sessions:
                 members.add(session)
                 session.rooms_in.add(room)
-            self._presence(members, room, user.name, "join")
+            self._presence(members, room, user.name, "join", "room")
 
     def left(self, user: UserState, room: str) -> None:
         with self._lock:
@@ -166,7 +166,7 @@ class LocalHub:
             if members is None:
                 return
             # The leaver hears its own leave too, so all its sessions learn of it.
-            self._presence(members, room, user.name, "leave")
+            self._presence(members, room, user.name, "leave", "room")
             for session in list(members):
                 if session.key == user.key:
                     members.discard(session)
@@ -225,9 +225,12 @@ class LocalHub:
                 for session in user.sessions:
                     session.out.deliver(data)
 
-    def _presence(self, members: set[Session], room: str, name: str, event: str) -> None:
+    def _presence(
+        self, members: set[Session], room: str, name: str, event: str, cause: str
+    ) -> None:
         if not members:
             return
-        data = encode({"type": "presence", "room": room, "username": name, "event": event})
+        data = encode({"type": "presence", "room": room, "username": name, "event": event,
+                       "cause": cause})
         for session in members:
             session.out.deliver(data)

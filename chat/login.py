@@ -129,10 +129,14 @@ def login(conn: Connection, req: m.Login) -> None:
                 server.store.set_password_hash(db, rec.id, new_hash)
             rooms = server.store.rooms_of(db, rec.id)
             backlog, more = server.store.take_undelivered(db, rec.id, budget)
+            # Everything stored after this reaches the session live (the writer attaches
+            # it before any later fan-out), so a client catching up after a reconnect
+            # asks for what is newer than the larger of this and the last id it got.
+            last_msg_id = server.store.last_msg_id
 
             def after() -> None:
                 welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
-                           "session": session.session_id}
+                           "session": session.session_id, "last_msg_id": last_msg_id}
                 if rid is not None:
                     welcome["re"] = rid
                 first = [encode(welcome)] + [encode(f) for f in backlog]

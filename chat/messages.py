@@ -182,6 +182,8 @@ class History(Request):
     before: int | None
     after: int | None
     limit: int
+    # Every direct message to or from the requester (neither room nor with_).
+    direct: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +228,11 @@ def _parse_send(rid: RequestId, frame: dict[str, Any]) -> Request:
 
 def _parse_history(rid: RequestId, frame: dict[str, Any]) -> Request:
     has_room, has_with = frame.get("room") is not None, frame.get("with") is not None
-    if has_room == has_with:
-        raise InvalidField("history: exactly one of 'room' or 'with' is required")
+    direct = frame.get("direct", False)
+    if not isinstance(direct, bool):
+        raise InvalidField("direct: true or false")
+    if has_room + has_with + direct != 1:
+        raise InvalidField("history: exactly one of 'room', 'with' or 'direct' is required")
     before, after = _optional_int(frame, "before"), _optional_int(frame, "after")
     if before is not None and after is not None:
         raise InvalidField("history: 'before' and 'after' cannot be combined")
@@ -236,8 +241,8 @@ def _parse_history(rid: RequestId, frame: dict[str, Any]) -> Request:
         raise InvalidField("limit: a positive integer is required")
     limit = min(limit, MAX_HISTORY_LIMIT)
     room = room_name(frame["room"]) if has_room else None
-    with_ = None if has_room else _string(frame, "with")
-    return History(rid, room, with_, before, after, limit)
+    with_ = _string(frame, "with") if has_with else None
+    return History(rid, room, with_, before, after, limit, direct)
 
 
 def _parse_passwd(rid: RequestId, frame: dict[str, Any]) -> Request:

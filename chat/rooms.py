@@ -130,6 +130,11 @@ def history(conn: Connection, req: m.History) -> None:
                     msgs = store.history(db, room=req.room, before=req.before,
                                          after=req.after, limit=req.limit,
                                          max_bytes=max_bytes)
+                elif req.direct:
+                    reply["direct"] = True
+                    msgs = store.history(db, direct_of=session.user_id, before=req.before,
+                                         after=req.after, limit=req.limit,
+                                         max_bytes=max_bytes)
                 else:
                     assert req.with_ is not None
                     other = store.find_user(req.with_.lower())

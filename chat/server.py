@@ -38,7 +38,9 @@ from chat.connection import Connection
 from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
+from chat.messages import MAX_HISTORY_LIMIT, MAX_MESSAGE_CHARS
 from chat.pool import BoundedPool
+from chat.protocol import PROTOCOL_VERSION, encode
 from chat.store import Store
 from chat.throttle import Throttle
 
@@ -130,6 +132,7 @@ class Server:
             load_or_create_pepper(s.pepper_path), s.bcrypt_rounds,
             previous=[read_pepper(p) for p in s.previous_pepper_paths],
         )
+        self.hello = encode(hello_frame(self.server_id, s))
         self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub()
         self.store = Store(self.engine, self.hub)
@@ -299,6 +302,20 @@ class Server:
 
 
 READ_WORKERS = 2  # history reads, beside the writer thread
+
+
+def hello_frame(server_id: str, s: Settings) -> dict[str, Any]:
+    """The greeting: the contract's fields, and the limits a client should pace itself to."""
+    return {
+        "type": "hello", "protocol": PROTOCOL_VERSION, "server": server_id,
+        "max_frame_bytes": s.max_frame_bytes, "min_password_length": s.min_password_length,
+        "limits": {
+            "frames_per_second": s.frames_per_second, "frame_burst": s.frame_burst,
+            "reply_bytes_per_second": s.reply_bytes_per_second,
+            "reply_bytes_burst": s.reply_bytes_burst,
+            "max_message_chars": MAX_MESSAGE_CHARS, "max_history_limit": MAX_HISTORY_LIMIT,
+        },
+    }
 
 
 def _connection_cap(wanted: int) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from chat.errors import ChatError, Internal, NoSuchUser, ServerBusy, UsernameTaken
@@ -132,9 +132,14 @@ class Store:
         self._sort_returning = not self._sqlite
         self._conn: Connection | None = None  # the writer's own, kept open
         self._corrections: list[tuple[list[int], bool]] = []  # writer thread only
+        # The newest msg_id stored; writer thread only once started. A login's `welcome`
+        # carries it: everything newer reaches the new session live, in order.
+        self.last_msg_id = 0
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        with self.engine.connect() as conn:
+            self.last_msg_id = conn.execute(select(func.max(messages_t.c.id))).scalar() or 0
         self._thread.start()
 
     def stop(self) -> None:
@@ -276,15 +281,23 @@ class Store:
 
     def history(
         self, conn: Connection, *, room: str | None = None, pair: str | None = None,
-        before: int | None = None, after: int | None = None, limit: int = 50,
-        max_bytes: int = 1 << 20,
+        direct_of: int | None = None, before: int | None = None, after: int | None = None,
+        limit: int = 50, max_bytes: int = 1 << 20,
     ) -> list[Frame]:
         """Stored messages, oldest first; fewer than `limit` if they would pass `max_bytes`.
 
-        Trimming keeps the messages nearest the anchor (the newest ones, or with `after`
-        the oldest ones), so paging on with `before`/`after` still sees every message.
+        One conversation: a `room`, a direct-message `pair`, or every direct message to or
+        from the user `direct_of`. Trimming keeps the messages nearest the anchor (the
+        newest ones, or with `after` the oldest ones), so paging on with `before`/`after`
+        still sees every message.
         """
-        where = messages_t.c.room == room if room is not None else messages_t.c.dm_pair == pair
+        if room is not None:
+            where = messages_t.c.room == room
+        elif pair is not None:
+            where = messages_t.c.dm_pair == pair
+        else:
+            where = and_(messages_t.c.room.is_(None), or_(
+                messages_t.c.recipient_id == direct_of, messages_t.c.sender_id == direct_of))
         query = select(messages_t).where(where)
         if after is not None:
             query = query.where(messages_t.c.id > after).order_by(messages_t.c.id.asc())
@@ -352,6 +365,7 @@ class Store:
     def _run_batch(self, batch: list[Job | MessageJob]) -> None:
         afters: list[After] = []
         logging_in: set[str] = set()
+        last_msg_id = self.last_msg_id
         try:
             conn = self._writer_conn()
             with conn.begin():
@@ -371,6 +385,7 @@ class Store:
                     afters.extend(self._insert_messages(conn, messages, logging_in))
         except Exception:
             log.exception("store: a batch of %d jobs could not be committed", len(batch))
+            self.last_msg_id = last_msg_id  # its ids may be given out again
             self._drop_writer_conn()
             self._users.clear()
             for job in batch:
@@ -474,7 +489,9 @@ class Store:
             returned = conn.execute(stmt, rows).all()
         # One writer inserts the rows of a multi-row INSERT in order, so the ascending ids
         # belong to the rows in parameter order.
-        return sorted(r[0] for r in returned)
+        ids = sorted(r[0] for r in returned)
+        self.last_msg_id = ids[-1]
+        return ids
 
     def _room_fanout_later(self, run: list[tuple[MessageJob, Frame]]) -> After:
         """Consecutive messages to one room go out as one write per member.

@@ -10,12 +10,43 @@ from conftest import PASSWORD
 from chat.errors import ERROR_CODES
 
 
-def test_hello_announces_limits(chat_server):
-    c = chat_server.client()
+def test_hello_announces_limits(server_factory):
+    c = server_factory(frames_per_second=10.0, frame_burst=30).client()
     assert c.hello == {
         "type": "hello", "protocol": 1, "server": "chat/0.1.0",
         "max_frame_bytes": 16384, "min_password_length": 15,
+        "limits": {
+            "frames_per_second": 10.0, "frame_burst": 30,
+            "reply_bytes_per_second": 1048576, "reply_bytes_burst": 2097152,
+            "max_message_chars": 4000, "max_history_limit": 200,
+        },
     }
+
+
+def test_welcome_says_where_the_store_stands(chat_server):
+    """Every message newer than `last_msg_id` reaches the session live: catch-up starts there."""
+    chat_server.register("alice")
+    chat_server.register("bob")
+    a = chat_server.client()
+    assert a.login("alice")["last_msg_id"] == 0
+    sent = a.request({"type": "send", "room": "general", "message": "one"})
+    assert chat_server.client().login("bob")["last_msg_id"] == sent["msg_id"]
+
+
+def test_history_direct_is_every_direct_message_of_the_user(chat_server):
+    a, b, c = (chat_server.user(name) for name in ("alice", "bob", "carol"))
+    ids = [a.request({"type": "send", "to": "bob", "message": "a to b"})["msg_id"],
+           a.request({"type": "send", "room": "general", "message": "room"})["msg_id"],
+           c.request({"type": "send", "to": "alice", "message": "c to a"})["msg_id"],
+           b.request({"type": "send", "to": "carol", "message": "b to c"})["msg_id"]]
+    reply = a.request({"type": "history", "direct": True})
+    assert reply["direct"] is True and "room" not in reply and "with" not in reply
+    assert [m["msg_id"] for m in reply["messages"]] == [ids[0], ids[2]]
+    after = a.request({"type": "history", "direct": True, "after": ids[0]})
+    assert [m["message"] for m in after["messages"]] == ["c to a"]
+    for bad in ({"direct": True, "room": "general"}, {"direct": True, "with": "bob"},
+                {"direct": 1}, {"direct": False}):
+        assert a.request({"type": "history", **bad})["code"] == "invalid_field"
 
 
 def test_register_then_login(chat_server):
