@@ -130,9 +130,12 @@ class Legit:
             return f"YES: {errs[0]}"
         if not lat:
             return "YES: no message got through"
-        p99 = statistics.quantiles(lat, n=100)[98] if len(lat) >= 2 else lat[0]
+        p99 = (statistics.quantiles(lat, n=100, method="inclusive")[98] if len(lat) >= 2
+               else lat[0])
+        p50 = statistics.median(lat)
         verdict = "no" if p99 < 0.05 else "slower"
-        return f"{verdict} ({len(lat)} msgs, p99 {p99 * 1000:.1f} ms)"
+        return (f"{verdict} ({len(lat)} msgs, p50 {p50 * 1000:.1f} ms, "
+                f"p99 {p99 * 1000:.1f} ms, max {max(lat) * 1000:.1f} ms)")
 
 
 def _tally(host, port, ctx, src, frames) -> tuple[int, dict]:
@@ -307,6 +310,225 @@ def attack_login_rate(host, port, ctx, src, rate=100, seconds=10):
     return sum(v for k, v in codes.items() if k != "checked per second"), dict(codes)
 
 
+def _rss_kib(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+SERVER_PID: int | None = None  # set by main when it started the server itself
+
+
+def attack_newline_flood(host, port, ctx, src, conns=16, seconds=5.0):
+    """16 connections from one address, never logged in, each writing full TLS records of
+    newlines as fast as the server takes them: every newline is an empty (bad) frame."""
+    record = b"\n" * 16383  # one TLS record's worth of plaintext
+    rss_before = _rss_kib(SERVER_PID)
+    outcome: Counter = Counter()
+    written = [0]
+    lock = threading.Lock()
+
+    def one() -> None:
+        try:
+            c = Conn(host, port, ctx, src)
+        except (OSError, EOFError):
+            with lock:
+                outcome["refused"] += 1
+            return
+        c.sock.settimeout(2.0)
+        end = time.monotonic() + seconds
+        how = "open at the end"
+        try:
+            while time.monotonic() < end:
+                c.sock.sendall(record)
+                with lock:
+                    written[0] += len(record)
+        except (OSError, ValueError) as exc:
+            how = ("server stopped reading" if isinstance(exc, TimeoutError)
+                   else "closed by server")
+        with lock:
+            outcome[how] += 1
+        c.close()
+
+    threads = [threading.Thread(target=one) for _ in range(conns)]
+    for t in threads:
+        t.start()
+    peak = rss_before
+    while any(t.is_alive() for t in threads):
+        rss = _rss_kib(SERVER_PID)
+        if rss is not None and peak is not None:
+            peak = max(peak, rss)
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    outcome["MB written"] = round(written[0] / 1e6, 1)
+    if rss_before is not None and peak is not None:
+        outcome["server RSS MB before/peak"] = f"{rss_before // 1024}/{peak // 1024}"
+    return conns, dict(outcome)
+
+
+class _Drain:
+    """Reads and counts every frame for many sockets on one thread, as idle users do."""
+
+    def __init__(self, socks: list[ssl.SSLSocket]) -> None:
+        import selectors
+        self.sel = selectors.DefaultSelector()
+        for s in socks:
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ)
+        self.frames = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.2):
+                sock = key.fileobj
+                try:
+                    while True:
+                        data = sock.recv(65536)
+                        if not data:
+                            self.sel.unregister(sock)
+                            break
+                        self.frames += data.count(b"\n")
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    pass
+                except OSError:
+                    self.sel.unregister(sock)
+
+
+_NEXT_BLOCK = [0]  # each batch of registrations gets addresses of its own
+
+
+def _register_many(host, port, ctx, names: list[str], password: str) -> None:
+    """Register every name, 5 per address (the default limit), retrying server_busy."""
+    _NEXT_BLOCK[0] += 1
+    block = _NEXT_BLOCK[0]
+    failed: list[str] = []
+
+    def register(k: int) -> None:
+        c = Conn(host, port, ctx, f"127.{10 + block}.{k // 250}.{1 + k % 250}", timeout=120)
+        for name in names[k * 5:(k + 1) * 5]:
+            while True:
+                r = c.request({"type": "register", "username": name, "password": password})
+                if r.get("code") != "server_busy":
+                    break
+                time.sleep(0.2)
+            if r["type"] != "ok" and r.get("code") != "username_taken":
+                failed.append(f"{name}: {r}")
+        c.close()
+
+    threads = [threading.Thread(target=register, args=(k,)) for k in range((len(names) + 4) // 5)]
+    for i in range(0, len(threads), 32):  # within the bcrypt queue
+        for t in threads[i:i + 32]:
+            t.start()
+        for t in threads[i:i + 32]:
+            t.join()
+    if failed:
+        raise RuntimeError(f"{len(failed)} registrations failed, e.g. {failed[0]}")
+
+
+def _login(host, port, ctx, src: str, name: str, password: str) -> Conn:
+    c = Conn(host, port, ctx, src, timeout=120)
+    while True:
+        r = c.request({"type": "login", "username": name, "password": password})
+        if r.get("code") != "server_busy":
+            break
+        time.sleep(0.2)
+    if r["type"] != "welcome":
+        raise RuntimeError(f"login {name}: {r}")
+    return c
+
+
+def _online_users(host, port, ctx, n: int, prefix: str) -> list[Conn]:
+    """n users logged in, 16 per address (the default limit)."""
+    names = [f"{prefix}{i}" for i in range(n)]
+    _register_many(host, port, ctx, names, PASSWORD)
+    conns: list[Conn] = []
+    lock = threading.Lock()
+    _NEXT_BLOCK[0] += 1
+    block = _NEXT_BLOCK[0]
+
+    def login(k: int) -> None:
+        for i in range(k, n, 16):
+            c = _login(host, port, ctx, f"127.{10 + block}.{i // 16 // 250}.{1 + i // 16 % 250}",
+                       names[i], PASSWORD)
+            with lock:
+                conns.append(c)
+
+    threads = [threading.Thread(target=login, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(conns) != n:
+        raise RuntimeError(f"only {len(conns)} of {n} users logged in")
+    return conns
+
+
+def _presence_storm(host, port, ctx, src, room: str, online=400, togglers=16, seconds=10.0):
+    users = _online_users(host, port, ctx, online, f"idle{room}")
+    for c in users:
+        if room != "general":
+            c.request({"type": "join", "room": room})
+    drain = _Drain([c.sock for c in users])
+    time.sleep(1.0)  # the joins' presence, before counting
+    base = drain.frames
+    codes: Counter = Counter()
+    lock = threading.Lock()
+    names = [f"tog{room}{i}" for i in range(togglers)]
+    _register_many(host, port, ctx, names, "toggle toggle toggle 9")
+    toggling = [_login(host, port, ctx, src, name, "toggle toggle toggle 9") for name in names]
+
+    def toggle(i: int) -> None:
+        c = toggling[i]
+        end = time.monotonic() + seconds
+        k = 0
+        while time.monotonic() < end:
+            op = "leave" if k % 2 == 0 else "join"
+            if room != "general" and k == 0:
+                op = "join"
+            r = c.request({"type": op, "room": room})
+            with lock:
+                codes[r.get("code", r["type"])] += 1
+            k += 1
+            time.sleep(0.1)  # 10 frames a second: inside the default limits
+        c.close()
+
+    threads = [threading.Thread(target=toggle, args=(i,)) for i in range(togglers)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(1.0)  # what was still on its way
+    took = time.perf_counter() - start
+    drain.stop.set()
+    drain.thread.join()
+    codes["frames to the idle users"] = drain.frames - base
+    codes["per second"] = round((drain.frames - base) / took)
+    for c in users:
+        c.close()
+    return sum(v for k, v in codes.items() if k in ("ok", "error", "forbidden",
+                                                     "rate_limited")), dict(codes)
+
+
+def attack_presence_general(host, port, ctx, src):
+    return _presence_storm(host, port, ctx, src, "general")
+
+
+def attack_presence_room(host, port, ctx, src):
+    return _presence_storm(host, port, ctx, src, "lobby")
+
+
 ATTACKS = [
     ("password guessing, one account", attack_guessing),
     ("password spraying, one address", attack_spraying),
@@ -317,6 +539,9 @@ ATTACKS = [
     ("login storm (98 at once, 7 addresses)", attack_login_storm),
     ("client that never reads (80 history requests)", attack_never_reads),
     ("login storm, 100/s for 10 s, 25 addresses", attack_login_rate),
+    ("newline flood before login (16 connections)", attack_newline_flood),
+    ("presence storm: 16 toggle general, 400 online", attack_presence_general),
+    ("presence storm: 16 toggle a room of 400", attack_presence_room),
 ]
 
 
@@ -338,7 +563,9 @@ def main() -> int:
     ap.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
     ap.add_argument("--cafile", help="CA of that server")
     ap.add_argument("--bcrypt-rounds", type=int, default=12)
+    ap.add_argument("--only", help="run only the attacks whose name contains this text")
     args = ap.parse_args()
+    global SERVER_PID
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.server:
@@ -346,6 +573,7 @@ def main() -> int:
             port, cafile = int(port_s), Path(args.cafile)
         else:
             proc, port, cafile = start_server(Path(tmp), args.bcrypt_rounds)
+            SERVER_PID = proc.pid
             host = "127.0.0.1"
         ctx = tls.client_context(cafile)
         try:
@@ -359,6 +587,8 @@ def main() -> int:
             setup.close()
             rows = []
             for n, (name, fn) in enumerate(ATTACKS):
+                if args.only and args.only not in name:
+                    continue
                 mark = legit.window()
                 start = time.perf_counter()
                 attempts, outcome = fn(host, port, ctx, f"127.0.0.{10 + n}")
