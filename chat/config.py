@@ -123,7 +123,8 @@ class Settings:
         16, "Connections from one IP address at once: a few clients per person behind a NAT."
     )
     frames_per_second: float = _setting(
-        10.0, "Sustained frames per second per connection (token bucket); more: rate_limited."
+        10.0, "Sustained frames per second per connection (token bucket); past it the "
+        "connection's next frame waits for a token (nothing is refused)."
     )
     frame_burst: int = _setting(30, "Frames a connection may send at once before the rate applies.")
     reply_bytes_per_second: int = _setting(
@@ -133,6 +134,18 @@ class Settings:
     reply_bytes_burst: int = _setting(
         2 * 1024 * 1024, "Reply bytes a connection may ask for at once before the rate "
         "applies; at least max_history_bytes, so that one full page is always possible."
+    )
+    max_requests_in_flight: int = _setting(
+        32, "Requests of one connection waiting for the store's writer before the "
+        "connection is read no further (back-pressure); the frame burst fits in it."
+    )
+    writer_queue_limit: int = _setting(
+        10000, "Jobs waiting for the store's writer before every connection that adds one "
+        "is held until its own are done: the queue's bound, with one job per connection."
+    )
+    presence_interval: float = _setting(
+        1.0, "Presence changes are sent at most this often, each (room, user) once with its "
+        "net change: a user toggling a room costs its members one frame per interval."
     )
     max_outbound_bytes: int = _setting(
         4 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
@@ -199,7 +212,7 @@ class Settings:
         if self.tls_profile not in ("intermediate", "modern"):
             raise ValueError("tls_profile must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
-                     "checkpoint_interval",
+                     "checkpoint_interval", "presence_interval",
                      "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
@@ -223,6 +236,9 @@ class Settings:
             raise ValueError("max_rooms_per_user and max_room_members must be at least 1")
         if self.max_errors_in_row < 1:
             raise ValueError("max_errors_in_row must be at least 1")
+        if self.max_requests_in_flight < 2 or self.writer_queue_limit < 1:
+            raise ValueError("max_requests_in_flight must be at least 2 and "
+                             "writer_queue_limit at least 1")
         if self.frame_burst < 1 or self.max_connections_per_ip < 1:
             raise ValueError("frame_burst and max_connections_per_ip must be at least 1")
         if not 0 <= self.auth_nice <= 19:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A `Connection` lives on one `IOLoop` thread. Only that thread changes `state`, the
-decoder or the inbox, and it does every read, handshake and close of the SSLSocket.
+decoder and the holds, and it does every read, handshake and close of the SSLSocket.
 
 Other threads talk to it in two ways only:
 - `deliver(bytes)` (the hub, the store writer, the auth workers). When nothing is queued
@@ -51,12 +51,11 @@ from chat.errors import (
     ChatError,
     Internal,
     ProtocolError,
-    RateLimited,
     ServerBusy,
 )
 from chat.hub import Session
 from chat.protocol import FrameDecoder, encode
-from chat.store import Job
+from chat.store import Job, MessageJob
 from chat.throttle import TokenBucket
 
 if TYPE_CHECKING:
@@ -83,6 +82,12 @@ class State(enum.IntEnum):
     DRAINING = 4  # our side shut, reading until the peer closes
     CLOSED = 5
 
+
+# Why a connection handles no frame for now (a bit mask, `Connection._holds`).
+HOLD_AUTH = 1  # a password check is running: replies keep request order
+HOLD_RATE = 2  # over its frame rate or reply budget, until the tokens are there
+HOLD_WRITER = 4  # too much of its work waits for the store's writer
+HOLD_SHUTDOWN = 8  # the server is stopping
 
 PING = encode({"type": "ping"})  # the same bytes every time
 # What a write under _ssl_lock can end in, besides done (None) and an error.
@@ -114,9 +119,18 @@ class Connection:
         self._ping_after = settings.idle_timeout * 0.75
         self.decoder = FrameDecoder(settings.max_frame_bytes)
         self.bucket = TokenBucket(settings.frames_per_second, settings.frame_burst)
-        self.inbox: collections.deque[Any] = collections.deque()
-        self.paused = False
+        # What this connection's replies (history, who) may cost; see `charge_reply`.
+        self.reply_budget = TokenBucket(settings.reply_bytes_per_second,
+                                        settings.reply_bytes_burst)
+        self._holds = 0  # why no frame is handled now: a mask of the HOLD_* reasons
+        self._waiting: Any = None  # a parsed frame waiting for its token
         self._read_scheduled = False
+        # Requests handed to the store's writer, and how many it has finished: the
+        # difference is what this connection has in flight there. Each is written by one
+        # thread only (the loop, the writer).
+        self._submitted = 0
+        self._completed = 0
+        self._writer_release_at = -1  # held for the writer until in flight <= this
         self._pongs_owed = 0  # pings we sent that were not answered yet
         self.taking_requests = True
         self.errors_in_row = 0
@@ -139,6 +153,9 @@ class Connection:
         self._ssl_lock = threading.Lock()
         # Bytes a write left half-sent, to be retried as they are; under _ssl_lock.
         self._wbuf: bytes | None = None
+        # A write ended in "want read": TLS needs the peer's bytes first, so the next
+        # read event must retry the write too (nothing else may ever ask for it).
+        self._write_wants_read = False
         # Loop-thread-only write state.
         self._want = 0
         self._handshake_wants = READ
@@ -248,7 +265,7 @@ class Connection:
         if self.state == State.HANDSHAKE:
             self._handshake()
             return
-        if mask & WRITE:
+        if mask & WRITE or (mask & READ and self._write_wants_read):
             self._write()
         if mask & READ and self.state != State.CLOSED:
             if self.state == State.DRAINING:
@@ -319,13 +336,12 @@ class Connection:
 
     def _read(self) -> None:
         self._read_scheduled = False
-        if self.inbox and not self._process_inbox():
-            # Frames from the last turn still wait: handle them before reading more, so a
-            # client that floods is slowed by TCP instead of growing our memory.
-            self._schedule_read()
+        # Frames already buffered come first: a client that sends faster than its
+        # limits allow is slowed by TCP, not by our memory.
+        if not self._process():
             return
         for _ in range(READS_PER_WAKE):
-            if self.paused or self.state not in (State.OPEN, State.READY):
+            if self._holds or self.state not in (State.OPEN, State.READY):
                 return
             try:
                 with self._ssl_lock:
@@ -341,53 +357,72 @@ class Connection:
                 return
             self.last_recv = time.monotonic()
             self.ping_sent = False
-            self.inbox.extend(self.decoder.feed(data))
-            if not self._process_inbox():
-                break
+            self.decoder.push(data)
+            if not self._process():
+                return
         # Not finished: let the other connections of this loop have a turn first.
         self._schedule_read()
 
-    def _process_inbox(self) -> bool:
-        """Handle up to FRAMES_PER_TURN frames; True unless some are left for later."""
-        for _ in range(FRAMES_PER_TURN):
-            if not self.inbox or self.paused or self.state not in (State.OPEN, State.READY):
-                return True
-            self._handle(self.inbox.popleft())
-        return not self.inbox
+    def _process(self) -> bool:
+        """Handle buffered frames; True when none is left, False if held or out of turn.
 
-    def _pause(self) -> None:
-        self.paused = True
-        self._update_interest()
+        Frames are parsed one at a time, and each is handled only once the frame rate
+        and the reply budget allow, so whatever one read brought in, a connection costs
+        what its limits allow and no more: at most one frame is parsed ahead. Over the
+        rate nothing is refused: the connection is held until the tokens are there, and
+        TCP holds back the rest.
+        """
+        for _ in range(FRAMES_PER_TURN):
+            if self._holds or self.state not in (State.OPEN, State.READY):
+                return False
+            event, self._waiting = self._waiting, None
+            if event is None:
+                event = self.decoder.next_event()
+                if event is None:
+                    return True
+            # A pong to our ping and a quit cost no token: keeping the connection alive
+            # or ending it never uses up what the user has for chatting.
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "pong" and self._pongs_owed > 0:
+                self._pongs_owed -= 1
+            elif kind != "quit":
+                wait = self.bucket.wait(1.0) or self.reply_budget.wait(0.0)
+                if wait:
+                    self._waiting = event  # parsed once; handled when its token is there
+                    self._hold(HOLD_RATE)
+                    self.loop.call_later(wait, self._release, HOLD_RATE)
+                    return False
+                self.bucket.spend(1.0)
+            self._handle(event)
+        self._schedule_read()
+        return False
+
+    def _hold(self, reason: int) -> None:
+        if not self._holds:
+            self._holds = reason
+            self._update_interest()
+        else:
+            self._holds |= reason
+
+    def _release(self, reason: int) -> None:
+        if not self._holds & reason:
+            return
+        self._holds &= ~reason
+        if not self._holds and self.state in (State.OPEN, State.READY):
+            # Time spent held was ours, not the client's silence.
+            self.last_recv = time.monotonic()
+            self._update_interest()
+            # Frames may wait in the decoder, and the TLS layer may hold bytes the
+            # selector will not report again: _read sees to both.
+            self._read()
 
     def stop_reading(self) -> None:
         """Shutdown, step one: take no more requests (what is queued still goes out)."""
-        self.taking_requests = False
-        self._pause()
-
-    def _resume(self) -> None:
-        if not self.taking_requests:
-            return
-        self.paused = False
-        if self.state in (State.OPEN, State.READY):
-            self._update_interest()
-            # Frames may wait in the inbox, and the TLS layer may hold bytes the selector
-            # will not report again: _read sees to both.
-            self._read()
+        self._hold(HOLD_SHUTDOWN)
 
     def _handle(self, event: Any) -> None:
         rid: m.RequestId = None
         try:
-            # quit is never refused (it ends the flood), nor a pong answering our ping.
-            kind = event.get("type") if isinstance(event, dict) else None
-            exempt = kind == "quit" or (kind == "pong" and self._pongs_owed > 0)
-            if exempt and kind == "pong":
-                self._pongs_owed -= 1
-            wait = 0.0 if exempt else self.bucket.take()
-            if wait:
-                # Not delivered and not a protocol error; the id is echoed when it is valid.
-                if isinstance(event, dict):
-                    rid = _id_or_none(event)
-                raise RateLimited(wait, "too many frames; slow down")
             if isinstance(event, ProtocolError):
                 if event.frame is not None:
                     rid = _id_or_none(event.frame)
@@ -426,26 +461,65 @@ class Connection:
             raise AuthRequired()
         return self.session
 
+    def submit(self, job: Job | MessageJob) -> None:
+        """Hand a job to the store's writer, after this connection's earlier ones.
+
+        Back-pressure: while too much of this connection's work waits for the writer, or
+        the writer's queue as a whole is long, the connection handles no more frames, so
+        a client that outpaces the writer is slowed by TCP and the queue stays bounded
+        (by `writer_queue_limit`, plus one job per connection).
+        """
+        self._submitted += 1
+        store = self.server.store
+        store.submit(job)
+        limit = self.settings.max_requests_in_flight
+        if store.backlog > self.settings.writer_queue_limit:
+            self._hold_for_writer(0)
+        elif self._submitted - self._completed >= limit:
+            self._hold_for_writer(limit // 2)
+
+    def _hold_for_writer(self, release_at: int) -> None:
+        self._writer_release_at = release_at
+        self._hold(HOLD_WRITER)
+        # The writer may have caught up between the count above and the flag.
+        if self._submitted - self._completed <= release_at:
+            self._writer_release_at = -1
+            self._release(HOLD_WRITER)
+
+    def job_done(self) -> None:
+        """Writer thread: one of this connection's jobs is finished (done or refused)."""
+        self._completed += 1
+        release_at = self._writer_release_at
+        if release_at >= 0 and self._submitted - self._completed <= release_at:
+            self._writer_release_at = -1
+            self.loop.call_soon(self._release, HOLD_WRITER)
+
     def in_order(self, rid: m.RequestId, fn: Callable[[], None]) -> None:
         """Run fn on the writer thread after everything this connection queued before."""
-        self.server.store.submit(Job(lambda db: fn, lambda exc: self.send_error(exc, rid)))
+        self.submit(Job(lambda db: fn, lambda exc: self.send_error(exc, rid), owner=self))
+
+    def charge_reply(self, reserved: int, actual: int) -> None:
+        """Loop thread: a reply weighed `actual` bytes, of which `reserved` were spent."""
+        self.reply_budget.spend(actual - reserved)
+        if actual < reserved:
+            self._release(HOLD_RATE)  # it may be enough now; _process checks again
 
     def submit_auth(
         self, work: Callable[[], None], on_busy: Callable[[], object] | None = None
     ) -> None:
-        """Run a password check on the pool and pause until `finish_auth` or `logged_in`."""
+        """Run a password check on the pool; hold until `finish_auth` or `logged_in`."""
         try:
             self.server.auth_pool.submit(work)
         except ServerBusy:
             if on_busy is not None:
                 on_busy()
-            raise  # answered at once by _handle; nothing is paused
-        self._pause()
+            raise  # answered at once by _handle; nothing is held
+        self._hold(HOLD_AUTH)
 
     def finish_auth(
         self, rid: m.RequestId, result: dict[str, Any] | ChatError, *, clear_pending: bool = False
     ) -> None:
-        """From any thread: answer a paused auth request and resume reading."""
+        """From any thread: answer a held auth request and resume reading."""
         if isinstance(result, ChatError):
             self.send_error(result, rid)
         else:
@@ -455,7 +529,7 @@ class Connection:
     def _resumed_after_auth(self, clear_pending: bool) -> None:
         if clear_pending:
             self.pending_session = None
-        self._resume()
+        self._release(HOLD_AUTH)
 
     def clear_pending(self) -> None:
         self.pending_session = None
@@ -464,7 +538,7 @@ class Connection:
         """Loop thread: the writer attached (or could not attach) the new session."""
         self.pending_session = None
         if not attached or self.state not in (State.OPEN, State.READY):
-            self.server.hub.detach(session)
+            self._leave_hub(session)
             return
         self.session = session
         self.state = State.READY
@@ -472,7 +546,7 @@ class Connection:
         self.loop.schedule(self, self.last_recv + self._ping_after)
         self.backlog_more = more
         log.info("%s: %s logged in", self.peer, session.name)
-        self._resume()
+        self._release(HOLD_AUTH)
         if more:
             self._write()  # asks for the next page once the first has gone out
 
@@ -503,23 +577,25 @@ class Connection:
         self._write()
 
     def _detach(self) -> None:
-        """Leave the hub: at once when stopping, else after this user's queued work.
+        """Leave the hub, through the writer, after this connection's queued work.
 
         Going through the writer keeps the order: a `presence leave` never overtakes the
-        user's last messages. A login in progress is detached at once, so that its
-        attach, whenever the writer gets to it, fails and keeps the direct messages.
+        user's last messages. A login in progress is marked closed at once, so that its
+        attach, if the writer has not got to it yet, fails and keeps the direct messages.
         """
-        hub = self.server.hub
         if self.pending_session is not None:
-            hub.detach(self.pending_session)
-        session = self.session
-        if session is None:
-            return
+            self._leave_hub(self.pending_session)
+        if self.session is not None:
+            self._leave_hub(self.session)
+
+    def _leave_hub(self, session: Session) -> None:
+        session.closed = True
         if self.server.stopping:
-            hub.detach(session, quiet=True)
-            return
+            return  # nobody is told of a shutdown's leaves, and the writer is finishing
+        hub = self.server.hub
+        # The hub belongs to the writer thread; a refusal (shutdown) leaves it alone.
         self.server.store.submit(Job(lambda db: (lambda: hub.detach(session)),
-                                     lambda exc: hub.detach(session)))
+                                     lambda exc: None))
 
     # --- writing (loop thread) ------------------------------------------------------
     def _flush(self) -> None:
@@ -532,11 +608,16 @@ class Connection:
             return
         with self._ssl_lock:
             outcome = self._send_queued()
+        self._write_wants_read = outcome is _WANTS_READ
         if outcome is _BLOCKED:
             self._want_write(True)
             return
         if outcome is _WANTS_READ:
-            return  # TLS wants the peer first (a key update); reading resumes it
+            # TLS needs the peer's bytes first (a key update, say): the next read event
+            # retries this write (on_io), and reading must be on even while held.
+            self._want_write(False)
+            self._update_interest()
+            return
         if outcome is not None:
             log.info("%s: write failed: %s", self.peer, outcome)
             self._abort()
@@ -655,13 +736,18 @@ class Connection:
         if self.state == State.CLOSED:
             return
         prev, self.state = self.state, State.CLOSED
-        # The loop's timers may hold this object a while yet: keep it small.
-        self.inbox.clear()
+        # Other threads may hold this object a while yet (a history read, a fan-out's
+        # list of recipients): free what it holds now, and its timer.
+        self.loop.cancel(self)
+        self.decoder = FrameDecoder(2)
+        self._waiting = None
         if prev < State.CLOSING:
             self._detach()
-        with self._olock:
+        with self._ssl_lock, self._olock:
             self._out_closed = True
             self._out.clear()
+            self._out_bytes = 0
+            self._wbuf = None
         if self._registered:
             self.loop.selector.unregister(self.sock)
             self._registered = 0
@@ -684,8 +770,9 @@ class Connection:
         elif state == State.DRAINING:
             events = READ
         else:
-            reading = state in (State.OPEN, State.READY) and not self.paused
-            events = (READ if reading else 0) | (self._want & WRITE)
+            reading = state in (State.OPEN, State.READY) and not self._holds
+            events = ((READ if reading or self._write_wants_read else 0)
+                      | (self._want & WRITE))
         if events == self._registered:
             return
         if not self._registered:

@@ -10,7 +10,7 @@
     │   └── AuthRequired          auth_required
     └── RequestRefused            a well-formed request the server says no to
         ├── AlreadyAuthenticated, InvalidCredentials, InvalidUsername, WeakPassword,
-        ├── UsernameTaken, NoSuchUser, NotInRoom, ServerBusy, Internal
+        ├── UsernameTaken, NoSuchUser, NotInRoom, Forbidden, ServerBusy, Internal
         └── RateLimited           carries retry_after (seconds)
 
 Errors become wire `error` frames in exactly one place: `ChatError.to_frame`, called by
@@ -108,6 +108,11 @@ class NotInRoom(RequestRefused):
     default_message = "you are not in that room"
 
 
+class Forbidden(RequestRefused):
+    code = "forbidden"
+    default_message = "that is not allowed"
+
+
 class ServerBusy(RequestRefused):
     code = "server_busy"
     default_message = "server is busy, try again shortly"
@@ -138,6 +143,6 @@ ERROR_CODES = frozenset(
     for cls in (
         BadFrame, FrameTooLarge, UnknownType, InvalidField, AuthRequired,
         AlreadyAuthenticated, InvalidCredentials, InvalidUsername, WeakPassword,
-        UsernameTaken, NoSuchUser, NotInRoom, ServerBusy, Internal, RateLimited,
+        UsernameTaken, NoSuchUser, NotInRoom, Forbidden, ServerBusy, Internal, RateLimited,
     )
 )

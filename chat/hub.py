@@ -6,20 +6,30 @@ The hub is the one fan-out interface: connection code never iterates over other
 connections. A broker that spans several servers can replace `LocalHub` by implementing
 the same methods (publishing to the broker and delivering what it receives locally).
 
-All state sits behind one lock. Callers hand the hub bytes that were serialised once;
-delivering them is one `Outbound.deliver(bytes)` per recipient session, which only
+The hub belongs to the store's writer thread: every method is called there, in the order
+the writer decided things, so the hub needs no lock and no I/O thread ever waits for it,
+however long a fan-out to a big room takes. That one thread is also what keeps the
+order: all sessions see messages in `msg_id` order, and a new session gets `welcome`,
+then its stored direct messages, then live traffic, with nothing in between.
+
+Delivering is one `Outbound.deliver(bytes)` per recipient session, which writes at once or
 appends to that session's queue and never blocks, so one slow client cannot delay the
 others. Per-message work is proportional to the recipients, never to all users.
 
-Every `message` fan-out runs on the store's writer thread (after the message is
-committed), so all sessions see messages in one order. `attach` also runs there, which is
-what lets a new session get `welcome`, then its stored direct messages, then live traffic,
-with nothing in between.
+Presence is coalesced. A change (a join, a leave, a first session online, a last one
+gone) only marks the (room, user) pair; `flush_presence` later sends each pair's net
+change, if any, and each recipient session gets everything of one flush in one
+`deliver`. So a user who joins and leaves a room ten times a second costs its members
+at most one presence frame each per flush, none when the changes cancel out, and a
+server restart that brings thousands online costs each session one write per flush,
+not one per user. The writer flushes at once when nothing was flushed for
+`presence_interval`, and otherwise when the interval has passed.
 """
 
 from __future__ import annotations
 
-import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,8 +49,8 @@ class UserState:
     key: str
     name: str
     user_id: int
-    # The user's rooms. Connections read it to validate requests; it changes under the
-    # hub lock only.
+    # The user's rooms, as the writer decided them: requests are checked against this,
+    # on the writer thread, in order (never by a connection's own guess).
     rooms: set[str] = field(default_factory=set)
     sessions: list[Session] = field(default_factory=list)
 
@@ -55,9 +65,9 @@ class Session:
     session_id: str = field(repr=False)
     out: Outbound = field(repr=False)
     user: UserState | None = None
+    # Set by the connection's thread when it closes; an attach not yet done then fails.
     closed: bool = False
-    # The rooms whose member sets hold this session: detach removes it from exactly these,
-    # whatever the user's room set says by then (a leave may be half done).
+    # The rooms whose member sets hold this session: detach removes it from exactly these.
     rooms_in: set[str] = field(default_factory=set)
 
 
@@ -67,11 +77,26 @@ def with_re(data: bytes, re: object) -> bytes:
     return data[:-2] + b',"re":' + value + b"}\n"
 
 
+# Why a user's presence in a room changed: the protocol's `cause`.
+ROOM, CONNECTION = "room", "connection"
+
+
+@dataclass(slots=True)
+class _Change:
+    name: str
+    was_there: bool  # visible in the room when the first unflushed change came
+    cause: str  # of the latest change
+
+
 class LocalHub:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, presence_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._users: dict[str, UserState] = {}
         self._rooms: dict[str, set[Session]] = {}
+        self.presence_interval = presence_interval
+        self._clock = clock
+        self._pending: dict[str, dict[str, _Change]] = {}  # room -> user key -> change
+        self._last_flush = -presence_interval
 
     # --- sessions -------------------------------------------------------------------
     def attach(self, session: Session, rooms: list[str], first: list[bytes]) -> bool:
@@ -80,105 +105,127 @@ class LocalHub:
         Returns False (and does nothing) if the session was detached in the meantime,
         that is, its connection closed while the login was in progress.
         """
-        with self._lock:
-            if session.closed:
-                return False
-            user = self._users.get(session.key)
-            first_session = user is None
-            if user is None:
-                user = UserState(session.key, session.name, session.user_id, set(rooms))
-                self._users[session.key] = user
-            session.user = user
-            user.sessions.append(session)
-            for data in first:
-                session.out.deliver(data)
-            for room in user.rooms:
-                members = self._rooms.setdefault(room, set())
-                if first_session:
-                    self._presence(members, room, user.name, "join", "connection")
-                members.add(session)
-                session.rooms_in.add(room)
-            return True
+        if session.closed:
+            return False
+        user = self._users.get(session.key)
+        first_session = user is None
+        if user is None:
+            user = UserState(session.key, session.name, session.user_id, set(rooms))
+            self._users[session.key] = user
+        session.user = user
+        user.sessions.append(session)
+        for data in first:
+            session.out.deliver(data)
+        for room in user.rooms:
+            if first_session:
+                self._mark(room, user, CONNECTION)
+            self._rooms.setdefault(room, set()).add(session)
+            session.rooms_in.add(room)
+        return True
 
     def detach(self, session: Session, *, quiet: bool = False) -> None:
         """Forget a session; with `quiet` (shutdown), tell no one it left."""
-        with self._lock:
-            session.closed = True
-            user = session.user
-            if user is None or session not in user.sessions:
-                return
-            user.sessions.remove(session)
-            last = not user.sessions
-            if last:
-                del self._users[user.key]
+        session.closed = True
+        user = session.user
+        if user is None or session not in user.sessions:
+            return
+        last = len(user.sessions) == 1
+        if last and not quiet:
             for room in session.rooms_in:
-                members = self._rooms.get(room)
-                if members is None:
-                    continue
-                members.discard(session)
-                if last and not quiet:
-                    self._presence(members, room, user.name, "leave", "connection")
-                if not members:
-                    del self._rooms[room]
-            session.rooms_in.clear()
+                self._mark(room, user, CONNECTION)
+        user.sessions.remove(session)
+        if last:
+            del self._users[user.key]
+        for room in session.rooms_in:
+            members = self._rooms.get(room)
+            if members is None:
+                continue
+            members.discard(session)
+            if not members:
+                del self._rooms[room]
+        session.rooms_in.clear()
 
     def sessions_of(self, key: str) -> list[Session]:
-        with self._lock:
-            user = self._users.get(key)
-            return list(user.sessions) if user else []
+        user = self._users.get(key)
+        return list(user.sessions) if user else []
+
+    def user_state(self, key: str) -> UserState | None:
+        return self._users.get(key)
 
     def is_online(self, key: str) -> bool:
         """Whether one of the user's sessions still takes frames (a closing one does not)."""
-        with self._lock:
-            user = self._users.get(key)
-            return user is not None and any(s.out.accepting() for s in user.sessions)
+        user = self._users.get(key)
+        return user is not None and any(s.out.accepting() for s in user.sessions)
 
     # --- rooms ----------------------------------------------------------------------
-    def mark_joined(self, user: UserState, room: str) -> bool:
-        """Record the join in the user's room set at once; False if already a member."""
-        with self._lock:
-            if room in user.rooms:
-                return False
-            user.rooms.add(room)
-            return True
-
-    def mark_left(self, user: UserState, room: str) -> bool:
-        with self._lock:
-            if room not in user.rooms:
-                return False
-            user.rooms.discard(room)
-            return True
-
     def joined(self, user: UserState, room: str) -> None:
         """After the join is stored: the user's sessions receive the room; members hear it."""
-        with self._lock:
-            if room not in user.rooms or user.key not in self._users:
-                return
-            members = self._rooms.setdefault(room, set())
-            for session in user.sessions:
-                members.add(session)
-                session.rooms_in.add(room)
-            self._presence(members, room, user.name, "join", "room")
+        if room not in user.rooms or user.key not in self._users:
+            return
+        self._mark(room, user, ROOM)
+        members = self._rooms.setdefault(room, set())
+        for session in user.sessions:
+            members.add(session)
+            session.rooms_in.add(room)
 
     def left(self, user: UserState, room: str) -> None:
-        with self._lock:
-            members = self._rooms.get(room)
-            if members is None:
-                return
-            # The leaver hears its own leave too, so all its sessions learn of it.
-            self._presence(members, room, user.name, "leave", "room")
-            for session in list(members):
-                if session.key == user.key:
-                    members.discard(session)
-                    session.rooms_in.discard(room)
-            if not members:
-                del self._rooms[room]
+        members = self._rooms.get(room)
+        if members is None:
+            return
+        self._mark(room, user, ROOM)
+        for session in user.sessions:
+            members.discard(session)
+            session.rooms_in.discard(room)
+        if not members:
+            del self._rooms[room]
 
     def who(self, room: str) -> list[str]:
-        with self._lock:
-            members = self._rooms.get(room, ())
-            names = {s.key: s.name for s in members}
+        names = {s.key: s.name for s in self._rooms.get(room, ())}
         return [names[k] for k in sorted(names)]
+
+    # --- presence -------------------------------------------------------------------
+    def _visible(self, room: str, user: UserState) -> bool:
+        return any(room in s.rooms_in for s in user.sessions)
+
+    def _mark(self, room: str, user: UserState, cause: str) -> None:
+        """Before a change of the user's presence in the room: remember where it began."""
+        changes = self._pending.setdefault(room, {})
+        change = changes.get(user.key)
+        if change is None:
+            changes[user.key] = _Change(user.name, self._visible(room, user), cause)
+        else:
+            change.cause = cause
+
+    def presence_due(self) -> float | None:
+        """Seconds until the pending presence should go out (0: now); None if none waits."""
+        if not self._pending:
+            return None
+        return max(0.0, self._last_flush + self.presence_interval - self._clock())
+
+    def flush_presence(self) -> None:
+        """Send every pending net change of presence; one `deliver` per recipient session."""
+        pending, self._pending = self._pending, {}
+        self._last_flush = self._clock()
+        out: dict[Session, list[bytes]] = {}
+        for room, changes in pending.items():
+            members = self._rooms.get(room, ())
+            for key, change in changes.items():
+                user = self._users.get(key)
+                there = user is not None and self._visible(room, user)
+                if there == change.was_there:
+                    continue  # the changes cancelled out
+                data = encode({"type": "presence", "room": room, "username": change.name,
+                               "event": "join" if there else "leave", "cause": change.cause})
+                for session in members:
+                    # Coming online or going offline is news for others only; a join or
+                    # leave of the room also tells the user's other sessions.
+                    if session.key != key or change.cause == ROOM:
+                        out.setdefault(session, []).append(data)
+                if not there and change.cause == ROOM and user is not None:
+                    for session in user.sessions:  # left: no longer among the members
+                        out.setdefault(session, []).append(data)
+        for session, frames in out.items():
+            session.out.deliver(frames[0] if len(frames) == 1 else b"".join(frames))
 
     # --- fan-out --------------------------------------------------------------------
     def publish_room_many(self, room: str, items: list[tuple[bytes, Session, bytes]]) -> None:
@@ -189,14 +236,13 @@ class LocalHub:
         """
         blob = b"".join(data for data, _origin, _echo in items)
         origins = {origin for _data, origin, _echo in items}
-        with self._lock:
-            for session in self._rooms.get(room, ()):
-                if session in origins:
-                    session.out.deliver(b"".join(
-                        echo if origin is session else data for data, origin, echo in items
-                    ))
-                else:
-                    session.out.deliver(blob)
+        for session in self._rooms.get(room, ()):
+            if session in origins:
+                session.out.deliver(b"".join(
+                    echo if origin is session else data for data, origin, echo in items
+                ))
+            else:
+                session.out.deliver(blob)
 
     def publish_direct(
         self, to: str, sender: str, data: bytes, origin: Session | None, echo: bytes
@@ -206,31 +252,14 @@ class LocalHub:
         Returns whether at least one session of the recipient took it, so the caller
         can keep the message for the recipient's next login otherwise.
         """
-        with self._lock:
-            delivered = False
-            recipient = self._users.get(to)
-            if recipient is not None:
-                for session in recipient.sessions:
-                    took = session.out.deliver(echo if session is origin else data)
-                    delivered = delivered or took
-            author = self._users.get(sender)
-            if author is not None and author is not recipient:
-                for session in author.sessions:
-                    session.out.deliver(echo if session is origin else data)
-            return delivered
-
-    def broadcast(self, data: bytes) -> None:
-        with self._lock:
-            for user in self._users.values():
-                for session in user.sessions:
-                    session.out.deliver(data)
-
-    def _presence(
-        self, members: set[Session], room: str, name: str, event: str, cause: str
-    ) -> None:
-        if not members:
-            return
-        data = encode({"type": "presence", "room": room, "username": name, "event": event,
-                       "cause": cause})
-        for session in members:
-            session.out.deliver(data)
+        delivered = False
+        recipient = self._users.get(to)
+        if recipient is not None:
+            for session in recipient.sessions:
+                took = session.out.deliver(echo if session is origin else data)
+                delivered = delivered or took
+        author = self._users.get(sender)
+        if author is not None and author is not recipient:
+            for session in author.sessions:
+                session.out.deliver(echo if session is origin else data)
+        return delivered

@@ -67,10 +67,14 @@ class IOLoop:
         self._woken = False
         self._running = True
         self.handlers: set[Handler] = set()
-        # Loop thread only: the heap, and each handler's one live entry in it.
-        self._timers: list[tuple[float, int, Handler]] = []
-        self._timer_at: dict[Handler, float] = {}
+        # Loop thread only: the heap, and each handler's one live entry in it. An entry
+        # holds its handler through a one-item list, which `cancel` empties, so that a
+        # closed connection is not kept alive by a deadline minutes away.
+        self._timers: list[tuple[float, int, list[Handler | None]]] = []
+        self._timer_at: dict[Handler, tuple[float, list[Handler | None]]] = {}
         self._timer_seq = itertools.count()
+        # Exact one-shot calls (no slack), e.g. a connection resuming after its rate wait.
+        self._later: list[tuple[float, int, Callable[..., None], tuple[object, ...]]] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -99,10 +103,23 @@ class IOLoop:
             # One grid for every loop and handler, so what falls due together runs together.
             when = math.ceil(when / self.timer_slack) * self.timer_slack
         current = self._timer_at.get(handler)
-        if current is not None and current <= when:
-            return  # an earlier tick is due anyway, and it will ask again
-        self._timer_at[handler] = when
-        heapq.heappush(self._timers, (when, next(self._timer_seq), handler))
+        if current is not None:
+            if current[0] <= when:
+                return  # an earlier tick is due anyway, and it will ask again
+            current[1][0] = None  # superseded
+        ref: list[Handler | None] = [handler]
+        self._timer_at[handler] = (when, ref)
+        heapq.heappush(self._timers, (when, next(self._timer_seq), ref))
+
+    def cancel(self, handler: Handler) -> None:
+        """Forget the handler's deadline and drop the heap's reference to it; loop thread."""
+        current = self._timer_at.pop(handler, None)
+        if current is not None:
+            current[1][0] = None
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: object) -> None:
+        """Run fn(*args) on the loop thread after `delay` seconds, exactly; loop thread only."""
+        heapq.heappush(self._later, (time.monotonic() + delay, next(self._timer_seq), fn, args))
 
     def stop(self) -> None:
         self._running = False
@@ -116,25 +133,20 @@ class IOLoop:
         while self._running:
             if self._calls:
                 timeout = 0.0
-            elif self._timers:
-                timeout = min(SWEEP_INTERVAL, max(0.0, self._timers[0][0] - time.monotonic()))
             else:
-                timeout = SWEEP_INTERVAL
+                due = min(self._timers[0][0] if self._timers else math.inf,
+                          self._later[0][0] if self._later else math.inf)
+                timeout = min(SWEEP_INTERVAL, max(0.0, due - time.monotonic()))
             try:
                 events = self.selector.select(timeout)
             except OSError:
                 log.exception("%s: select failed", self.name)
                 continue
-            for key, mask in events:
-                handler = key.data
-                if handler is None:
-                    self._drain_wakeups()
-                    continue
-                try:
-                    handler.on_io(mask)
-                except Exception:
-                    log.exception("%s: unhandled error in connection I/O", self.name)
+            self._dispatch(events)
+            del events  # a closed connection must not live on in this frame till the next
             self._run_calls()
+            if self._later and self._later[0][0] <= time.monotonic():
+                self._run_later()
             if self._timers and self._timers[0][0] <= time.monotonic():
                 self._run_timers()
         self._run_calls()
@@ -146,9 +158,10 @@ class IOLoop:
         now = time.monotonic()
         timers, timer_at = self._timers, self._timer_at
         while timers and timers[0][0] <= now:
-            when, _, handler = heapq.heappop(timers)
-            if timer_at.get(handler) != when:
-                continue  # replaced by an earlier one, already run
+            _when, _, ref = heapq.heappop(timers)
+            handler = ref[0]
+            if handler is None:
+                continue  # cancelled, or superseded by an earlier one
             del timer_at[handler]
             if handler not in self.handlers:
                 continue  # closed since
@@ -159,6 +172,27 @@ class IOLoop:
                 again = now + SWEEP_INTERVAL
             if again is not None:
                 self.schedule(handler, max(again, now + 0.001))
+
+    def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, mask in events:
+            handler = key.data
+            if handler is None:
+                self._drain_wakeups()
+                continue
+            try:
+                handler.on_io(mask)
+            except Exception:
+                log.exception("%s: unhandled error in connection I/O", self.name)
+
+    def _run_later(self) -> None:
+        now = time.monotonic()
+        later = self._later
+        while later and later[0][0] <= now:
+            _when, _, fn, args = heapq.heappop(later)
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: unhandled error in a delayed call", self.name)
 
     def _drain_wakeups(self) -> None:
         try:

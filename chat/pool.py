@@ -63,6 +63,8 @@ class BoundedPool:
                 fn()  # type: ignore[operator]
             except Exception:
                 log.exception("worker task failed")
+            # Not kept while waiting for the next: its closure holds a connection.
+            del fn
 
 
 def _lower_priority(nice: int) -> None:

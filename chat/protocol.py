@@ -3,8 +3,11 @@
 Nothing here touches a socket, a thread or the database, so tests (and fuzzers) feed it
 bytes directly. A `FrameDecoder` belongs to one connection and is used by one thread.
 
-The decoder never holds more than `max_frame_bytes` of an unfinished frame: once a frame
-cannot fit, it reports `FrameTooLarge` at once and discards bytes up to the next newline.
+The decoder parses lazily, one frame per `next_event()`, so a connection's limits (its
+frame rate, its error cut-off) act before the next frame costs anything, however many a
+single read brought. It never holds more than `max_frame_bytes` of an unfinished frame:
+once a frame cannot fit, it reports `FrameTooLarge` at once and discards bytes up to the
+next newline.
 """
 
 from __future__ import annotations
@@ -52,72 +55,102 @@ _decoder = json.JSONDecoder(
 
 def parse_frame(line: bytes) -> Frame:
     """Parse one line (without its newline) into a frame dict, or raise a ProtocolError."""
+    result = _parse(line)
+    if isinstance(result, ProtocolError):
+        raise result
+    return result
+
+
+def _parse(line: bytes) -> Frame | ProtocolError:
+    # Errors are returned, not raised: an error object that was never raised carries no
+    # traceback, and one that chained the parser's exception would keep its frames alive.
     if line.endswith(b"\r"):
         line = line[:-1]
     try:
-        text = line.decode("utf-8")
-        obj = _decoder.decode(text)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        obj = _decoder.decode(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
         # ValueError covers JSONDecodeError, NaN, duplicate keys and integers longer
         # than Python's int-parsing limit; RecursionError covers deep nesting.
-        raise BadFrame() from exc
+        return BadFrame()
     if not isinstance(obj, dict):
-        raise BadFrame("a frame must be a JSON object")
+        return BadFrame("a frame must be a JSON object")
     if not isinstance(obj.get("type"), str):
         exc = InvalidField("every frame needs a string field 'type'")
         exc.frame = obj  # so the reply can still carry the frame's id as `re`
-        raise exc
+        return exc
     return obj
 
 
 class FrameDecoder:
-    """Splits a byte stream into frames. `feed` returns frames and ProtocolErrors in order."""
+    """Splits a byte stream into frames, one at a time, on demand.
+
+    `push(data)` only stores bytes; `next_event()` parses the next complete frame (or
+    reports the next framing error) and returns None when no complete frame is left. So
+    the work a peer can cause is paced by whoever calls `next_event`: a server handles a
+    frame, checks the peer's rate and error count, and only then parses the next one,
+    whatever a single read brought in. `feed(data)` is the eager form for a peer that is
+    trusted to be reasonable (the client reading its server).
+
+    Memory: the bytes pushed and not yet consumed, plus at most `max_frame_bytes` of an
+    unfinished frame; a frame that cannot fit is reported at once and its bytes are
+    dropped up to its newline.
+    """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if max_frame_bytes < 2:
             raise ValueError("max_frame_bytes must leave room for a newline")
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
-        self._discarding = False
+        self._pos = 0  # where the unconsumed bytes start
+        self._scanned = 0  # bytes from _pos on known to hold no newline
+        self._discarding = False  # inside an oversized frame, reported already
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes held and not yet consumed."""
+        return len(self._buf) - self._pos
+
+    def push(self, data: bytes) -> None:
+        if self._pos:
+            # Deleting a bytearray's head only moves its start: no copy.
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Frame | ProtocolError | None:
+        buf, limit = self._buf, self.max_frame_bytes
+        while True:
+            start = self._pos
+            nl = buf.find(b"\n", start + self._scanned)
+            if nl < 0:
+                held = len(buf) - start
+                if self._discarding:
+                    del buf[:]  # the oversized frame goes on: drop what came of it
+                    self._pos = self._scanned = 0
+                    return None
+                if held >= limit:
+                    # A frame of `limit` bytes includes its newline, so an unfinished
+                    # frame that already holds `limit` bytes can never fit.
+                    del buf[:]
+                    self._pos = self._scanned = 0
+                    self._discarding = True
+                    return FrameTooLarge()
+                self._scanned = held
+                return None
+            self._pos, self._scanned = nl + 1, 0
+            if self._discarding:
+                self._discarding = False  # the oversized frame ends here; reported
+                continue
+            if nl + 1 - start > limit:
+                return FrameTooLarge()
+            return _parse(bytes(buf[start:nl]))
 
     def feed(self, data: bytes) -> list[Frame | ProtocolError]:
-        events: list[Frame | ProtocolError] = []
-        limit = self.max_frame_bytes
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                break
-            if self._discarding:
-                self._discarding = False  # the oversized frame ends here; already reported
-            elif len(self._buf) + (nl + 1 - start) > limit:
-                self._buf.clear()
-                events.append(FrameTooLarge())
-            else:
-                if self._buf:
-                    self._buf += data[start:nl]
-                    line = bytes(self._buf)
-                    self._buf.clear()
-                else:
-                    line = data[start:nl]
-                try:
-                    events.append(parse_frame(line))
-                except ProtocolError as exc:
-                    events.append(exc)
-            start = nl + 1
-        if start < len(data) and not self._discarding:
-            # A frame of `limit` bytes includes its newline, so an unfinished frame that
-            # already holds `limit` bytes can never fit.
-            if len(self._buf) + (len(data) - start) >= limit:
-                self._buf.clear()
-                self._discarding = True
-                events.append(FrameTooLarge())
-            else:
-                self._buf += data[start:]
+        """Push `data` and return every event it completes, in order."""
+        self.push(data)
+        events = []
+        while (event := self.next_event()) is not None:
+            events.append(event)
         return events
 
 

@@ -134,7 +134,7 @@ class Server:
         )
         self.hello = encode(hello_frame(self.server_id, s))
         self.throttle = Throttle(s.throttle_limits())
-        self.hub = LocalHub()
+        self.hub = LocalHub(s.presence_interval)
         self.store = Store(self.engine, self.hub)
         self.store.start()
         self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth", nice=s.auth_nice)

@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from chat.errors import ChatError, Internal, NoSuchUser, ServerBusy, UsernameTaken
+from chat.errors import ChatError, Internal, NoSuchUser, NotInRoom, ServerBusy, UsernameTaken
 from chat.hub import LocalHub, Session, with_re
 from chat.models import Membership, Message, User
 from chat.protocol import Frame, encode
@@ -88,6 +88,8 @@ class Job:
     # A login job names its user: a direct message later in the same batch must count
     # the user as online, since the login's continuation attaches the session first.
     logs_in: str | None = None
+    # The connection that asked, told when the job is done (its back-pressure count).
+    owner: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,7 @@ class MessageJob:
     to: str | None
     text: str
     fail: Callable[[ChatError], None]
+    owner: Any = None
 
 
 _STOP = object()
@@ -135,6 +138,8 @@ class Store:
         # The newest msg_id stored; writer thread only once started. A login's `welcome`
         # carries it: everything newer reaches the new session live, in order.
         self.last_msg_id = 0
+        # Undo steps for in-memory state a batch changed, run if its COMMIT fails.
+        self._undo: list[Callable[[], None]] = []
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -154,6 +159,15 @@ class Store:
             job.fail(ServerBusy("the server is shutting down"))
             return
         self._queue.put(job)
+
+    @property
+    def backlog(self) -> int:
+        """Jobs waiting for the writer (approximate, from any thread)."""
+        return self._queue.qsize()
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Writer thread, inside a job: undo an in-memory change if the batch fails."""
+        self._undo.append(undo)
 
     # --- reads (any thread) ---------------------------------------------------------
     def find_user(self, key: str) -> UserRecord | None:
@@ -282,14 +296,14 @@ class Store:
     def history(
         self, conn: Connection, *, room: str | None = None, pair: str | None = None,
         direct_of: int | None = None, before: int | None = None, after: int | None = None,
-        limit: int = 50, max_bytes: int = 1 << 20,
+        limit: int = 50, max_bytes: int = 1 << 20, upto: int | None = None,
     ) -> list[Frame]:
         """Stored messages, oldest first; fewer than `limit` if they would pass `max_bytes`.
 
         One conversation: a `room`, a direct-message `pair`, or every direct message to or
-        from the user `direct_of`. Trimming keeps the messages nearest the anchor (the
-        newest ones, or with `after` the oldest ones), so paging on with `before`/`after`
-        still sees every message.
+        from the user `direct_of`; nothing newer than `upto`. Trimming keeps the messages
+        nearest the anchor (the newest ones, or with `after` the oldest ones), so paging
+        on with `before`/`after` still sees every message.
         """
         if room is not None:
             where = messages_t.c.room == room
@@ -299,6 +313,8 @@ class Store:
             where = and_(messages_t.c.room.is_(None), or_(
                 messages_t.c.recipient_id == direct_of, messages_t.c.sender_id == direct_of))
         query = select(messages_t).where(where)
+        if upto is not None:
+            query = query.where(messages_t.c.id <= upto)
         if after is not None:
             query = query.where(messages_t.c.id > after).order_by(messages_t.c.id.asc())
             rows = conn.execute(query.limit(limit)).all()
@@ -341,8 +357,16 @@ class Store:
 
     def _serve(self) -> None:
         stop = False
+        hub = self.hub
         while not stop:
-            batch = [self._queue.get()]
+            due = hub.presence_due()
+            if due == 0.0:
+                hub.flush_presence()
+                due = None
+            try:
+                batch = [self._queue.get(timeout=due)]
+            except queue.Empty:
+                continue
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -353,6 +377,9 @@ class Store:
                 batch = [job for job in batch if job is not _STOP]
             if batch:
                 self._run_batch(batch)
+            # Not kept while waiting for the next: its closures hold connections.
+            del batch
+        hub.flush_presence()
         # Anything submitted in the instant before `_stopping` was seen.
         while True:
             try:
@@ -366,6 +393,7 @@ class Store:
         afters: list[After] = []
         logging_in: set[str] = set()
         last_msg_id = self.last_msg_id
+        self._undo.clear()
         try:
             conn = self._writer_conn()
             with conn.begin():
@@ -386,11 +414,16 @@ class Store:
         except Exception:
             log.exception("store: a batch of %d jobs could not be committed", len(batch))
             self.last_msg_id = last_msg_id  # its ids may be given out again
+            for undo in reversed(self._undo):
+                undo()
+            self._undo.clear()
             self._drop_writer_conn()
             self._users.clear()
             for job in batch:
                 job.fail(Internal())
+            _done(batch)
             return
+        self._undo.clear()
         for after in afters:
             if after is None:
                 continue
@@ -398,6 +431,7 @@ class Store:
                 after()
             except Exception:
                 log.exception("store: a continuation failed")
+        _done(batch)
         if self._corrections:
             self._apply_corrections()
 
@@ -420,6 +454,11 @@ class Store:
         placed: list[tuple[int, MessageJob, UserRecord | None]] = []
         for i, job in enumerate(jobs):
             sess = job.session
+            if job.room is not None and (sess.user is None or job.room not in sess.user.rooms):
+                # Membership is what this thread decided, in order: a send pipelined
+                # behind a refused join (or after a leave) is refused here.
+                afters[i] = _failing(job.fail, NotInRoom(f"join {job.room} first"))
+                continue
             row = {
                 "ts_ms": ms, "sender_id": sess.user_id, "sender_name": sess.name,
                 "room": job.room, "recipient_id": None, "recipient_name": None,
@@ -555,3 +594,10 @@ def _frame_size(row: Any) -> int:
 
 def _failing(fail: Callable[[ChatError], None], exc: ChatError) -> After:
     return lambda: fail(exc)
+
+
+def _done(batch: list[Job | MessageJob]) -> None:
+    for job in batch:
+        owner = job.owner
+        if owner is not None:
+            owner.job_done()

@@ -169,15 +169,17 @@ class Throttle:
 
 
 class TokenBucket:
-    """Frames per second for one connection: `rate` sustained, `burst` at once.
+    """A rate with a burst: `rate` tokens a second, at most `burst` saved up.
 
-    Used by one connection's loop thread only, so it needs no lock.
+    Frames spend one token each; reply bytes spend what the reply weighs, and may run the
+    bucket into debt, which must be paid off before the connection's next request. Used
+    by one connection's loop thread only, so it needs no lock.
     """
 
     __slots__ = ("_clock", "_last", "_tokens", "burst", "rate")
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.rate = rate
         self.burst = float(burst)
@@ -185,12 +187,24 @@ class TokenBucket:
         self._tokens = float(burst)
         self._last = clock()
 
-    def take(self) -> float:
-        """Spend one token; return 0.0, or the seconds until one is available."""
+    def _refill(self) -> float:
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
-        if self._tokens >= 1.0:
+        return self._tokens
+
+    def wait(self, need: float = 1.0) -> float:
+        """Seconds until `need` tokens are there (0.0: now), spending nothing."""
+        tokens = self._refill()
+        return 0.0 if tokens >= need else (need - tokens) / self.rate
+
+    def spend(self, amount: float) -> None:
+        """Take `amount` tokens, into debt if need be; a negative amount gives back."""
+        self._tokens = min(self.burst, self._tokens - amount)
+
+    def take(self) -> float:
+        """Spend one token if there is one; return 0.0, or the seconds until there is."""
+        wait = self.wait(1.0)
+        if not wait:
             self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
+        return wait

@@ -143,6 +143,8 @@ def make_settings(tmp_path: Path, cert_paths: certs.CertPaths, **overrides: Any)
         # the throttling tests set their own limits.
         registrations_per_ip=100000, max_connections_per_ip=1000,
         frames_per_second=1e6, frame_burst=1000000,
+        # Presence still coalesces, but a test waiting for one waits a fifth of a second.
+        presence_interval=0.2,
     )
     return base.replace(**overrides)
 

@@ -163,6 +163,8 @@ SAMPLES = {
     "login_max_consecutive": "50", "login_lockout": "3600",
     "previous_pepper_files": "/srv/old1,/srv/old2",
     "max_rooms_per_user": "7", "max_room_members": "9",
+    "reply_bytes_per_second": "4096", "reply_bytes_burst": "2000000",
+    "max_requests_in_flight": "5", "writer_queue_limit": "77", "presence_interval": "0.5",
 }
 
 

@@ -42,6 +42,8 @@ def test_leave_then_quit_leaves_no_ghost(chat_server):
     assert alice.request({"type": "join", "room": "x"})["type"] == "ok"
     bob = chat_server.user("bob")
     assert bob.request({"type": "join", "room": "x"})["type"] == "ok"
+    # Presence is coalesced: a join and a leave within one flush would cancel out.
+    alice.recv_until("presence", room="x", username="bob", event="join")
     bob.send_raw(_lines({"type": "leave", "room": "x"}, {"type": "quit"}))
     bob.recv_until("bye")
     alice.recv_until("presence", room="x", username="bob", event="leave")
@@ -134,20 +136,6 @@ def test_login_refused_if_password_changed_meanwhile(chat_server):
     assert thief.recv()["code"] == "invalid_credentials"
 
 
-def test_quit_is_never_rate_limited(server_factory):
-    server = server_factory(frames_per_second=1, frame_burst=3)
-    c = server.client()
-    c.send_raw(_lines(*[{"type": "ping"}] * 10, {"type": "quit"}))
-    frames = []
-    while True:
-        frame = c.recv()
-        frames.append(frame)
-        if frame["type"] == "bye":
-            break
-    assert frames[-1] == {"type": "bye", "reason": "quit"}
-    assert sum(f["type"] == "pong" for f in frames) == 3
-
-
 def test_unexpected_error_in_a_password_check_answers_internal(chat_server, monkeypatch):
     chat_server.register("dora")
 
@@ -216,14 +204,6 @@ def test_dm_reaches_the_new_session_when_the_old_one_closes_in_the_same_batch(ch
     assert new.recv_until("message")["message"] == "to the new one"
 
 
-def test_pong_flood_is_rate_limited(server_factory):
-    server = server_factory(frames_per_second=1, frame_burst=3)
-    c = server.client()
-    c.send_raw(_lines(*[{"type": "pong", "id": i} for i in range(10)]))
-    codes = [c.recv()["code"] for _ in range(7)]
-    assert codes == ["rate_limited"] * 7
-
-
 def test_one_batch_of_messages_to_two_rooms_keeps_msg_id_order_and_echoes(chat_server):
     # A batch's consecutive messages to one room go out to each member as one write: a
     # member of both rooms must still get every message once, in msg_id order, and each
@@ -256,16 +236,67 @@ def test_one_batch_of_messages_to_two_rooms_keeps_msg_id_order_and_echoes(chat_s
 def test_direct_messages_between_room_messages_keep_their_place(chat_server):
     alice = chat_server.user("alice")
     bob = chat_server.user("bob")
-    for c in (alice, bob):
-        c.send({"type": "ping"})
-        c.recv_until("pong")
+    # Bob's coming online reaches alice whenever presence is flushed: not a reply. (A
+    # ping used to stand in for it here, and one run in ten the presence came after.)
+    alice.recv_until("presence", username="bob")
     with HeldWriter(chat_server):
         alice.send({"type": "send", "room": "general", "message": "A", "id": 1})
         alice.send({"type": "send", "to": "bob", "message": "B", "id": 2})
         alice.send({"type": "send", "to": "nobody", "message": "x", "id": 3})
         alice.send({"type": "send", "room": "general", "message": "C", "id": 4})
         _wait_queue(chat_server, 4)
-    assert [alice.recv()["re"] for _ in range(4)] == [1, 2, 3, 4]
+    replies = []
+    while len(replies) < 4:
+        frame = alice.recv()
+        if "re" in frame:
+            replies.append(frame["re"])
+    assert replies == [1, 2, 3, 4]
     got = [bob.recv_until("message") for _ in range(3)]
     assert [f["message"] for f in got] == ["A", "B", "C"]
     assert [f["msg_id"] for f in got] == sorted(f["msg_id"] for f in got)
+
+
+def test_requests_pipelined_behind_a_refused_join_are_refused(server_factory):
+    """The connection used to mark the room joined before the writer decided: with the
+    room full, the `join` was refused but the `history`, `who` and `send` behind it in the
+    same write passed the membership check (and the message was stored and delivered)."""
+    server = server_factory(max_room_members=1)
+    owner = server.user("owner")
+    assert owner.request({"type": "join", "room": "vip"})["type"] == "ok"
+    owner.request({"type": "send", "room": "vip", "message": "members only"})
+    eve = server.user("eve")
+    eve.send_raw(_lines(
+        {"type": "join", "room": "vip", "id": 1},
+        {"type": "history", "room": "vip", "id": 2},
+        {"type": "who", "room": "vip", "id": 3},
+        {"type": "send", "room": "vip", "message": "let me in", "id": 4},
+    ))
+    replies = {}
+    while len(replies) < 4:
+        frame = eve.recv()
+        if "re" in frame:
+            replies[frame["re"]] = frame
+    assert replies[1]["code"] == "invalid_field"  # full
+    assert [replies[i].get("code") for i in (2, 3, 4)] == ["not_in_room"] * 3
+    history = owner.request({"type": "history", "room": "vip"})["messages"]
+    assert [m["message"] for m in history] == ["members only"]
+
+
+def test_a_send_after_a_leave_in_the_same_write_is_refused(chat_server):
+    alice = chat_server.user("alice")
+    assert alice.request({"type": "join", "room": "x"})["type"] == "ok"
+    alice.send_raw(_lines({"type": "leave", "room": "x", "id": 1},
+                          {"type": "send", "room": "x", "message": "too late", "id": 2}))
+    replies = {}
+    while len(replies) < 2:
+        frame = alice.recv()
+        if "re" in frame:
+            replies[frame["re"]] = frame
+    assert replies[1]["type"] == "ok" and replies[2]["code"] == "not_in_room"
+
+
+def test_general_cannot_be_left(chat_server):
+    alice = chat_server.user("alice")
+    reply = alice.request({"type": "leave", "room": "General"})
+    assert reply["code"] == "forbidden" and "general" in reply["message"]
+    assert alice.request({"type": "who", "room": "general"})["users"] == ["alice"]

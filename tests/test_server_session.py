@@ -230,6 +230,7 @@ def test_error_codes_are_the_protocol_list():
         "already_authenticated", "invalid_credentials", "invalid_username", "weak_password",
         "username_taken", "rate_limited", "no_such_user", "not_in_room", "server_busy",
         "internal",
+        "forbidden",  # from v1.1: leaving general
     } == ERROR_CODES
 
 
