@@ -8,7 +8,8 @@ a delay that doubles with every consecutive failure (1 s, 2 s, 4 s, ... up to
 `max_delay`), counted from the last failure; the right password is refused too while the
 delay runs, or the limit would tell the attacker when a guess was right. A success resets
 the account. The per-IP count slows one address spraying one password over many
-accounts. Registrations are counted per IP.
+accounts. Registrations are counted per IP; one the server refuses before its bcrypt work
+(`server_busy`, shutting down, an internal error) is given back.
 
 Checks happen before any bcrypt work. One lock guards the tables; every operation is a
 few dictionary steps. Idle entries are pruned as the tables grow, so memory stays bounded
@@ -125,8 +126,11 @@ class Throttle:
             rec.pending = max(0, rec.pending - 1)
 
     # --- registrations --------------------------------------------------------------
-    def register_attempt(self, ip: str) -> None:
-        """Count one registration from ip, or raise RateLimited if it is over its limit."""
+    def register_attempt(self, ip: str) -> float:
+        """Count one registration from ip, or raise RateLimited if it is over its limit.
+
+        Returns the time it was counted at, for `registration_released`.
+        """
         now = self._clock()
         lim = self.limits
         with self._lock:
@@ -136,6 +140,15 @@ class Throttle:
                 raise RateLimited(wait, "too many registrations from this address")
             rec.times.append(now)
             rec.last = now
+            return now
+
+    def registration_released(self, ip: str, counted_at: float) -> None:
+        """Give back a registration that the server refused before doing its bcrypt work."""
+        with self._lock:
+            rec = self._registrations.get(ip)
+            if rec is not None and counted_at in rec.times:
+                # That very entry, not the newest: the others keep their own expiry.
+                rec.times.remove(counted_at)
 
     # --- bookkeeping (lock held) ----------------------------------------------------
     @staticmethod

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-from conftest import PASSWORD
+import queue
+import threading
+from collections import deque
 
-from chat.errors import RateLimited
+import pytest
+from conftest import PASSWORD, TIMEOUT
+
+from chat.errors import RateLimited, ServerBusy
 from chat.throttle import Limits, Throttle
 
 
@@ -93,6 +97,22 @@ def test_registrations_per_ip(clock):
     t.register_attempt("3.3.3.3")
 
 
+def test_a_released_registration_is_given_back(clock):
+    t = Throttle(Limits(registrations_per_ip=2, registration_window=3600), clock)
+    first = t.register_attempt("3.3.3.3")
+    clock.now += 100
+    second = t.register_attempt("3.3.3.3")
+    t.registration_released("3.3.3.3", second)
+    clock.now += 100
+    t.register_attempt("3.3.3.3")  # the given-back one is free again
+    with pytest.raises(RateLimited) as exc:
+        t.register_attempt("3.3.3.3")
+    # The first attempt kept its own place in the window.
+    assert exc.value.retry_after == pytest.approx(first + 3600 - clock.now)
+    t.registration_released("3.3.3.3", -1.0)  # unknown or long expired: nothing happens
+    t.registration_released("9.9.9.9", first)
+
+
 def test_idle_entries_are_pruned(clock):
     t = Throttle(Limits(), clock)
     for i in range(3000):
@@ -109,6 +129,102 @@ def test_registration_limit_over_tls(server_factory):
             "type"] == "ok"
     reply = c.request({"type": "register", "username": "three", "password": PASSWORD})
     assert reply["code"] == "rate_limited" and reply["retry_after"] >= 1
+
+
+def test_what_counts_towards_the_registration_limit(server_factory):
+    # Refused before the limit is checked: never counted. A taken name: counted (the
+    # bcrypt work is done, and the answer tells the client the name exists).
+    server = server_factory(registrations_per_ip=2)
+    c = server.client()
+    for _ in range(3):
+        assert c.request({"type": "register", "username": "ann", "password": "short"})[
+            "code"] == "weak_password"
+        assert c.request({"type": "register", "username": "a b", "password": PASSWORD})[
+            "code"] == "invalid_username"
+    assert c.request({"type": "register", "username": "ann", "password": PASSWORD})[
+        "type"] == "ok"
+    assert c.request({"type": "register", "username": "ANN", "password": PASSWORD})[
+        "code"] == "username_taken"
+    assert c.request({"type": "register", "username": "bea", "password": PASSWORD})[
+        "code"] == "rate_limited"
+
+
+class _GatedHash:
+    """Holds every bcrypt hash until `gate` opens; `entered` says one has started."""
+
+    def __init__(self, server) -> None:
+        self.real = server.hasher.hash
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        server.hasher.hash = self
+
+    def __call__(self, password: str) -> str:
+        self.entered.set()
+        assert self.gate.wait(TIMEOUT)
+        return self.real(password)
+
+
+def test_server_busy_gives_the_registration_back(server_factory, monkeypatch):
+    # One worker and one queue slot, both held: the third registration gets server_busy,
+    # and must not use up the address's quota of three.
+    server = server_factory(registrations_per_ip=3, auth_workers=1, auth_queue=1)
+    pool = server.server.auth_pool
+    outcomes: queue.Queue[str] = queue.Queue()
+    real_submit = pool.submit
+
+    def submit(fn):
+        try:
+            real_submit(fn)
+        except ServerBusy:
+            outcomes.put("busy")
+            raise
+        outcomes.put("queued")
+
+    monkeypatch.setattr(pool, "submit", submit)
+    hashing = _GatedHash(server.server)
+    clients = [server.client() for _ in range(3)]
+    try:
+        for i, c in enumerate(clients):
+            c.send({"type": "register", "username": f"user{i}", "password": PASSWORD, "id": 1})
+            assert outcomes.get(timeout=TIMEOUT) == ("busy" if i == 2 else "queued")
+            if i == 0:
+                assert hashing.entered.wait(TIMEOUT)  # the worker holds it; the queue is free
+        assert clients[2].recv()["code"] == "server_busy"
+    finally:
+        hashing.gate.set()
+    assert [c.recv()["type"] for c in clients[:2]] == ["ok", "ok"]
+    again = clients[2].request({"type": "register", "username": "user2", "password": PASSWORD})
+    assert again["type"] == "ok"
+    assert clients[2].request({"type": "register", "username": "user3", "password": PASSWORD})[
+        "code"] == "rate_limited"
+
+
+def test_shutting_down_gives_the_registration_back(server_factory):
+    server = server_factory(registrations_per_ip=1, auth_workers=1)
+    server.server.auth_pool.stop()  # as at shutdown: it takes no more work
+    c = server.client()
+    reply = c.request({"type": "register", "username": "late", "password": PASSWORD})
+    assert reply["code"] == "server_busy"
+    assert server.server.throttle._registrations["127.0.0.1"].times == deque()
+
+
+def test_an_internal_error_before_hashing_gives_the_registration_back(server_factory):
+    server = server_factory(registrations_per_ip=1)
+    real = server.server.hasher.hash
+    calls = []
+
+    def fails_once(password: str) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a passing fault")
+        return real(password)
+
+    server.server.hasher.hash = fails_once
+    c = server.client()
+    assert c.request({"type": "register", "username": "dan", "password": PASSWORD})[
+        "code"] == "internal"
+    assert c.request({"type": "register", "username": "dan", "password": PASSWORD})[
+        "type"] == "ok"
 
 
 def test_login_throttled_even_with_right_password(server_factory):
