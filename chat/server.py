@@ -48,6 +48,14 @@ CERT_EXPIRY_WARNING = dt.timedelta(days=14)
 ACCEPT_PAUSE = 0.5
 # File descriptors the server needs beside its connections: database, pipes, logs.
 FD_HEADROOM = 64
+# Holding fewer connections than max_connections is said at INFO: the usual hard limits
+# (4096 on older systems, 524288 under systemd, 1048576 in containers) leave thousands,
+# more than a new server sees, and an operator cannot act on every start's note. It is a
+# WARNING only when the cap is really low: under 1,000, which a modest community's busy
+# evening can reach, or under a tenth of max_connections, which is far from what the
+# operator planned for.
+FD_WARN_BELOW = 1000
+FD_WARN_FRACTION = 10
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -314,8 +322,11 @@ def _connection_cap(wanted: int) -> int:
             pass
     if soft != resource.RLIM_INFINITY and soft < wanted + FD_HEADROOM:
         cap = max(1, soft - FD_HEADROOM)
-        log.warning("open-files limit is %d: holding at most %d connections, not %d",
-                    soft, cap, wanted)
+        low = cap < max(FD_WARN_BELOW, wanted // FD_WARN_FRACTION)
+        hint = "; raise it (ulimit -n, or LimitNOFILE= under systemd)" if low else ""
+        log.log(logging.WARNING if low else logging.INFO,
+                "open-files limit is %d: holding at most %d connections, not %d%s",
+                soft, cap, wanted, hint)
         return cap
     return wanted
 
