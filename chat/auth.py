@@ -67,9 +67,10 @@ def _parse_pepper(raw: str, path: Path) -> bytes:
     try:
         pepper = bytes.fromhex(raw)
     except ValueError:
-        raise ValueError(f"{path}: a pepper file holds hex digits only") from None
+        raise ValueError(f"pepper file {path} holds more than hex digits") from None
     if len(pepper) < 16:
-        raise ValueError(f"{path}: the pepper must hold at least 16 random bytes, hex-encoded")
+        raise ValueError(f"pepper file {path} holds {len(pepper)} bytes; a pepper needs at "
+                         "least 16 random bytes, hex-encoded")
     return pepper
 
 

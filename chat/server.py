@@ -29,11 +29,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from chat import SERVER_NAME, __version__, certs, tls
+from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from chat import SERVER_NAME, __version__, certs, files, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
-from chat.config import Settings, load_settings
+from chat.config import SettingError, Settings, file_problem, load_settings_and_sources
 from chat.connection import Connection
 from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
@@ -124,20 +128,17 @@ class Server:
         if s.bcrypt_rounds < 10:
             log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
                         s.bcrypt_rounds)
+        # Every file is checked before anything is started.
         self.ssl_context = self._make_ssl_context()
+        pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
         workers = s.auth_workers or os.cpu_count() or 2
         # One connection more than threads, for the checkpointer (SQLite only).
-        self.engine = make_engine(s.db_url, pool_size=workers + READ_WORKERS + 3,
-                                  autocheckpoint=False)
-        upgrade_to_head(self.engine)
+        self.engine = self._open_database(pool_size=workers + READ_WORKERS + 3)
         if self.engine.dialect.name == "sqlite":
             self.checkpointer = WalCheckpointer(self.engine, s.checkpoint_interval)
             self.checkpointer.start()
-        self.hasher = PasswordHasher(
-            load_or_create_pepper(s.pepper_path), s.bcrypt_rounds,
-            previous=[read_pepper(p) for p in s.previous_pepper_paths],
-        )
+        self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
         self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub()
         self.store = Store(self.engine, self.hub)
@@ -150,9 +151,13 @@ class Server:
         slack = min(s.timer_slack, s.idle_timeout / 8)
         self.loops = [IOLoop(f"io-{i}", slack) for i in range(s.io_threads)]
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-        self.listen_sock = socket.create_server(
-            (s.host, s.port), family=family, backlog=1024, reuse_port=False
-        )
+        try:
+            self.listen_sock = socket.create_server(
+                (s.host, s.port), family=family, backlog=1024, reuse_port=False
+            )
+        except OSError as exc:
+            raise SettingError(("host", "port"), f"cannot listen on {s.host} port {s.port}: "
+                               f"{exc.strerror or exc}", exit_code=1) from None
         self.listen_sock.setblocking(False)
         self.address = self.listen_sock.getsockname()[:2]
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
@@ -167,15 +172,79 @@ class Server:
     def _make_ssl_context(self) -> ssl.SSLContext:
         s = self.settings
         certfile, keyfile, dev = s.cert_paths
+        # The development pair lives in data_dir: that is the setting to blame for it.
+        cert_names, key_names = ("data_dir", "data_dir") if dev else ("certfile", "keyfile")
         if dev and not (certfile.exists() and keyfile.exists()):
-            paths = certs.generate_dev_certs(certfile.parent)
+            try:
+                paths = certs.generate_dev_certs(certfile.parent)
+            except OSError as exc:
+                raise SettingError("data_dir", "cannot make development certificates in "
+                                   f"{certfile.parent}: {exc}", exit_code=1) from None
             log.warning("made development certificates in %s; clients trust them with "
                         "--cafile %s", certfile.parent, paths.ca_cert)
-        ctx = tls.server_context(
-            certfile, keyfile, profile=s.tls_profile, client_cafile=s.client_cafile or None
-        )
+        files.check_server_pair(certfile, keyfile, cert_names, key_names)
+        if s.client_cafile:
+            files.check_ca_file(Path(s.client_cafile), "client_cafile")
+        try:
+            ctx = tls.server_context(
+                certfile, keyfile, profile=s.tls_profile, client_cafile=s.client_cafile or None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            # Past the checks above, so something subtler: name every file it read.
+            read = [f"certfile {certfile}", f"keyfile {keyfile}"]
+            blame = [cert_names, key_names]
+            if s.client_cafile:
+                read.append(f"client_cafile {s.client_cafile}")
+                blame.append("client_cafile")
+            raise SettingError(tuple(dict.fromkeys(blame)), f"OpenSSL refused "
+                               f"{', '.join(read)}: {exc}", exit_code=1) from None
         self._check_expiry(certfile)
         return ctx
+
+    def _load_peppers(self) -> tuple[bytes, list[bytes]]:
+        s = self.settings
+        names = "pepper_file" if s.pepper_file else "data_dir"
+        existed = s.pepper_path.exists()
+        try:
+            pepper = load_or_create_pepper(s.pepper_path)
+        except OSError as exc:
+            problem = file_problem(exc) if existed else f"cannot be made: {exc.strerror or exc}"
+            raise SettingError(names, f"pepper file {s.pepper_path} {problem}",
+                               exit_code=1) from None
+        except ValueError as exc:
+            raise SettingError(names, str(exc), exit_code=1) from None
+        previous = []
+        for path in s.previous_pepper_paths:
+            try:
+                previous.append(read_pepper(path))
+            except OSError as exc:
+                raise SettingError("previous_pepper_files", f"previous pepper file {path} "
+                                   f"{file_problem(exc)}", exit_code=1) from None
+            except ValueError as exc:
+                raise SettingError("previous_pepper_files", f"previous {exc}",
+                                   exit_code=1) from None
+        return pepper, previous
+
+    def _open_database(self, pool_size: int) -> Engine:
+        s = self.settings
+        names = "db" if s.db else "data_dir"
+        try:
+            engine = make_engine(s.db_url, pool_size=pool_size, autocheckpoint=False)
+        except (ArgumentError, NoSuchModuleError, ValueError):
+            # Not echoed: a URL may carry a password.
+            raise SettingError(names, "db is not a database URL this server can use (like "
+                               "sqlite:///path or postgresql://user@host/name)") from None
+        except OSError as exc:  # SQLite's file or its directory
+            raise SettingError(names, f"the database file {exc.filename} cannot be made: "
+                               f"{exc.strerror or exc}", exit_code=1) from None
+        try:
+            upgrade_to_head(engine)
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise SettingError(names, f"database {engine.url.render_as_string()} cannot "
+                               f"be used: {getattr(exc, 'orig', None) or exc}",
+                               exit_code=1) from None
+        return engine
 
     def _check_expiry(self, certfile: Any) -> None:
         expires = certs.certificate_expiry(certfile)
@@ -343,14 +412,17 @@ def setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
-    except (ValueError, OSError) as exc:
+        settings, sources = load_settings_and_sources(argv)
+    except (ValueError, OSError) as exc:  # a SettingError names the setting and its source
         print(f"chat-server: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
     server = Server(settings)
     try:
         server.start()
+    except SettingError as exc:
+        log.error("cannot start: %s", exc.located(sources))
+        return exc.exit_code
     except (OSError, ssl.SSLError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -1,11 +1,16 @@
-"""Start-up checks: the open-files limit, and what the server says about it."""
+"""Start-up: the open-files limit, errors that say what is wrong and where, file modes."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from chat import certs
 from chat import server as server_mod
 
 
@@ -53,3 +58,217 @@ def test_open_files_cap_is_a_warning_only_when_really_low(
     else:
         assert [r.levelno for r in said] == [level]
         assert f"at most {cap} connections" in said[0].getMessage()
+
+
+# --- errors that say which setting, where it was set, which file and what is wrong ------
+
+
+@pytest.fixture
+def run_main(monkeypatch, caplog):
+    """`chat.server.main(argv)` -> (exit code, what it wrote to stderr and the log).
+
+    Only for starts that must fail: one that succeeds is stopped and fails the test,
+    instead of serving forever.
+    """
+    for name in [n for n in os.environ if n.startswith("CHAT_")]:
+        monkeypatch.delenv(name)
+    real_start = server_mod.Server.start
+
+    def start_or_fail(self):
+        real_start(self)
+        self.stop()
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(server_mod.Server, "start", start_or_fail)
+    caplog.set_level(logging.INFO)
+
+    def run(*argv: str) -> tuple[int, str]:
+        caplog.clear()
+        code = server_mod.main(list(argv))
+        return code, caplog.text
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("flag", "port must be a whole number, not 'abc' (port set by the flag --port)"),
+        ("env", "port must be a whole number, not 'abc' "
+                "(port set by the environment variable CHAT_PORT)"),
+        ("toml", "port must be a whole number, not 'seventy' (port set in {path})"),
+    ],
+)
+def test_a_bad_value_names_setting_and_source_and_exits_2(
+    run_main, monkeypatch, capsys, tmp_path, how, expected
+):
+    path = tmp_path / "config.toml"
+    argv = ["--data-dir", str(tmp_path / "data")]
+    if how == "flag":
+        argv += ["--port", "abc"]
+    elif how == "env":
+        monkeypatch.setenv("CHAT_PORT", "abc")
+    else:
+        path.write_text('port = "seventy"\n')
+        argv += ["--config", str(path)]
+    code, _ = run_main(*argv)
+    assert code == 2
+    assert capsys.readouterr().err == f"chat-server: {expected.format(path=path)}\n"
+
+
+def test_a_toml_file_that_does_not_parse_or_is_missing_exits_2(run_main, capsys, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text("port = = 3\n")
+    assert run_main("--config", str(path))[0] == 2
+    err = capsys.readouterr().err
+    assert f"config file {path} is not valid TOML" in err and "line 1" in err
+    assert err.rstrip().endswith("(config set by the flag --config)")
+    assert run_main("--config", str(tmp_path / "absent.toml"))[0] == 2
+    assert capsys.readouterr().err == (
+        f"chat-server: config file {tmp_path / 'absent.toml'} does not exist "
+        "(config set by the flag --config)\n")
+
+
+def _pair(tmp_path: Path, cert_dir: certs.CertPaths, *, cert: bytes | None = None,
+          key: bytes | None = None, key_mode: int = 0o600) -> tuple[Path, Path]:
+    certfile, keyfile = tmp_path / "server.crt", tmp_path / "server.key"
+    certfile.write_bytes(cert if cert is not None else cert_dir.server_cert.read_bytes())
+    keyfile.write_bytes(key if key is not None else cert_dir.server_key.read_bytes())
+    keyfile.chmod(key_mode)
+    return certfile, keyfile
+
+
+def _start_argv(tmp_path: Path, certfile: Path, keyfile: Path, *more: str) -> list[str]:
+    return ["--port", "0", "--data-dir", str(tmp_path / "data"), "--bcrypt-rounds", "4",
+            "--certfile", str(certfile), "--keyfile", str(keyfile), *more]
+
+
+def test_garbage_certificate_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir, cert=b"not a certificate\n")
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile))
+    assert code == 1
+    assert f"certfile {certfile} is not a PEM certificate" in log_text
+    assert "(certfile set by the flag --certfile)" in log_text
+    assert "PEM lib" not in log_text
+
+
+def test_missing_key_file_is_named(run_main, monkeypatch, tmp_path, cert_dir):
+    certfile, _ = _pair(tmp_path, cert_dir)
+    monkeypatch.setenv("CHAT_KEYFILE", str(tmp_path / "absent.key"))
+    argv = ["--port", "0", "--data-dir", str(tmp_path / "data"), "--certfile", str(certfile)]
+    code, log_text = run_main(*argv)
+    assert code == 1
+    assert (f"keyfile {tmp_path / 'absent.key'} does not exist "
+            "(keyfile set by the environment variable CHAT_KEYFILE)") in log_text
+    assert "Errno" not in log_text
+
+
+def test_key_file_without_a_private_key_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir, key=cert_dir.server_cert.read_bytes())
+    config = tmp_path / "config.toml"
+    config.write_text(f'keyfile = "{keyfile}"\n')
+    code, log_text = run_main("--port", "0", "--data-dir", str(tmp_path / "data"),
+                              "--certfile", str(certfile), "--config", str(config))
+    assert code == 1
+    assert f"keyfile {keyfile} holds no PEM private key" in log_text
+    assert f"(keyfile set in {config})" in log_text
+
+
+def test_key_that_does_not_match_the_certificate_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir, key=cert_dir.ca_key.read_bytes())
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile))
+    assert code == 1
+    assert f"keyfile {keyfile} does not match certfile {certfile}" in log_text
+    assert ("(certfile set by the flag --certfile; keyfile set by the flag --keyfile)"
+            in log_text)
+
+
+def test_encrypted_key_is_named_not_prompted_for(run_main, tmp_path, cert_dir):
+    key = serialization.load_pem_private_key(cert_dir.server_key.read_bytes(), None)
+    locked = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.BestAvailableEncryption(b"passphrase"))
+    certfile, keyfile = _pair(tmp_path, cert_dir, key=locked)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile))
+    assert code == 1
+    assert f"keyfile {keyfile} holds an encrypted private key" in log_text
+
+
+def test_key_file_that_is_a_directory_is_named(run_main, tmp_path, cert_dir):
+    certfile, _ = _pair(tmp_path, cert_dir)
+    keydir = tmp_path / "keys"
+    keydir.mkdir(mode=0o700)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keydir))
+    assert code == 1
+    assert f"keyfile {keydir} is a directory, not a file" in log_text
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root reads files whatever their mode")
+def test_unreadable_key_file_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir, key_mode=0o000)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile))
+    assert code == 1
+    assert f"keyfile {keyfile} cannot be read: permission denied" in log_text
+
+
+def test_missing_client_cafile_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    absent = tmp_path / "clients-ca.crt"
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--client-cafile", str(absent)))
+    assert code == 1
+    assert (f"client_cafile {absent} does not exist "
+            "(client_cafile set by the flag --client-cafile)") in log_text
+
+
+def test_garbage_pepper_file_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    pepper = tmp_path / "pepper"
+    pepper.write_text("not hex\n")
+    pepper.chmod(0o600)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--pepper-file", str(pepper)))
+    assert code == 1
+    assert (f"pepper file {pepper} holds more than hex digits "
+            "(pepper_file set by the flag --pepper-file)") in log_text
+    absent = tmp_path / "old-pepper"
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--previous-pepper-files", str(absent)))
+    assert code == 1
+    assert f"previous pepper file {absent} does not exist" in log_text
+
+
+def test_a_port_that_is_taken_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = _start_argv(tmp_path, certfile, keyfile)
+        argv[1] = str(port)
+        code, log_text = run_main(*argv)
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1 port {port}" in log_text
+    assert "(host at its default; port set by the flag --port)" in log_text
+
+
+def test_a_database_url_that_cannot_work_is_named_without_its_password(
+    run_main, tmp_path, cert_dir
+):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--db", "nosuchdb://chat:s3cret-pw@host/chat"))
+    assert code == 2
+    assert "db is not a database URL this server can use" in log_text
+    assert "(db set by the flag --db)" in log_text
+    assert "s3cret-pw" not in log_text
+
+
+
+def test_a_database_file_that_cannot_be_made_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--db", f"sqlite:///{blocker}/chat.db"))
+    assert code == 1
+    assert f"the database file {blocker} cannot be made" in log_text
+    assert "(db set by the flag --db)" in log_text
