@@ -128,7 +128,10 @@ class Server:
         if s.bcrypt_rounds < 10:
             log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
                         s.bcrypt_rounds)
-        # Every file is checked before anything is started.
+        # Every file is checked before anything is made or started, so a refusal leaves
+        # nothing behind but the private directory.
+        if not (s.certfile and s.pepper_file and s.db):
+            files.private_dir(s.data_path, "data_dir")
         self.ssl_context = self._make_ssl_context()
         pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
@@ -174,14 +177,17 @@ class Server:
         certfile, keyfile, dev = s.cert_paths
         # The development pair lives in data_dir: that is the setting to blame for it.
         cert_names, key_names = ("data_dir", "data_dir") if dev else ("certfile", "keyfile")
-        if dev and not (certfile.exists() and keyfile.exists()):
-            try:
-                paths = certs.generate_dev_certs(certfile.parent)
-            except OSError as exc:
-                raise SettingError("data_dir", "cannot make development certificates in "
-                                   f"{certfile.parent}: {exc}", exit_code=1) from None
-            log.warning("made development certificates in %s; clients trust them with "
-                        "--cafile %s", certfile.parent, paths.ca_cert)
+        if dev:
+            files.private_dir(certfile.parent, "data_dir")
+            if not (certfile.exists() and keyfile.exists()):
+                try:
+                    paths = certs.generate_dev_certs(certfile.parent)
+                except OSError as exc:
+                    raise SettingError("data_dir", "cannot make development certificates in "
+                                       f"{certfile.parent}: {exc}", exit_code=1) from None
+                log.warning("made development certificates in %s; clients trust them with "
+                            "--cafile %s", certfile.parent, paths.ca_cert)
+        files.check_secret_mode(keyfile, key_names, "keyfile")
         files.check_server_pair(certfile, keyfile, cert_names, key_names)
         if s.client_cafile:
             files.check_ca_file(Path(s.client_cafile), "client_cafile")
@@ -204,6 +210,9 @@ class Server:
     def _load_peppers(self) -> tuple[bytes, list[bytes]]:
         s = self.settings
         names = "pepper_file" if s.pepper_file else "data_dir"
+        files.check_secret_mode(s.pepper_path, names, "pepper file")
+        for path in s.previous_pepper_paths:
+            files.check_secret_mode(path, "previous_pepper_files", "previous pepper file")
         existed = s.pepper_path.exists()
         try:
             pepper = load_or_create_pepper(s.pepper_path)

@@ -272,3 +272,110 @@ def test_a_database_file_that_cannot_be_made_is_named(run_main, tmp_path, cert_d
     assert code == 1
     assert f"the database file {blocker} cannot be made" in log_text
     assert "(db set by the flag --db)" in log_text
+
+
+# --- file modes: private directories, secrets no one else may read ---------------------
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@posix_only
+def test_a_fresh_data_directory_and_its_certs_are_private(tmp_path):
+    old = os.umask(0)  # the widest umask: the modes must not depend on it
+    try:
+        data = tmp_path / "new" / "data"
+        server = server_mod.Server(
+            server_mod.Settings(host="127.0.0.1", port=0, data_dir=str(data), bcrypt_rounds=4))
+        server.start()
+        server.stop()
+    finally:
+        os.umask(old)
+    assert _mode(data) == 0o700
+    assert _mode(data / "certs") == 0o700
+    assert _mode(data / "pepper") == 0o600
+    assert _mode(data / "certs" / "server.key") == 0o600
+
+
+@posix_only
+def test_an_existing_open_data_directory_is_left_alone_with_a_warning(
+    server_factory, tmp_path, caplog
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o755)
+    caplog.set_level(logging.INFO)
+    server_factory()
+    assert _mode(data) == 0o755
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"directory {data} is readable by others (mode 0755)" in m
+               and f"chmod 700 {data}" in m for m in warned)
+
+
+@posix_only
+@pytest.mark.parametrize(("mode", "who"), [(0o644, "readable"), (0o602, "writable"),
+                                           (0o606, "readable and writable")])
+def test_a_pepper_file_others_may_use_is_refused(run_main, tmp_path, cert_dir, mode, who):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    pepper = tmp_path / "pepper"
+    pepper.write_text(os.urandom(32).hex() + "\n")
+    pepper.chmod(mode)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--pepper-file", str(pepper)))
+    assert code == 2
+    assert (f"pepper file {pepper} is {who} by others (mode {mode:04o}); "
+            f"run chmod 600 {pepper} (pepper_file set by the flag --pepper-file)") in log_text
+    assert _mode(pepper) == mode  # refused, not changed behind the operator's back
+
+
+@posix_only
+def test_a_retired_pepper_file_others_may_read_is_refused(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    old = tmp_path / "old-pepper"
+    old.write_text(os.urandom(32).hex() + "\n")
+    old.chmod(0o604)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--previous-pepper-files", str(old)))
+    assert code == 2
+    assert f"previous pepper file {old} is readable by others" in log_text
+    assert f"chmod 600 {old}" in log_text
+
+
+@posix_only
+def test_a_private_key_others_may_read_is_refused(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir, key_mode=0o644)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile))
+    assert code == 2
+    assert (f"keyfile {keyfile} is readable by others (mode 0644); run chmod 600 {keyfile} "
+            "(keyfile set by the flag --keyfile)") in log_text
+
+
+@posix_only
+def test_the_development_key_is_checked_too(run_main, tmp_path):
+    data = tmp_path / "data"
+    argv = ["--port", "0", "--data-dir", str(data), "--bcrypt-rounds", "4"]
+    certs.generate_dev_certs(data / "certs")
+    (data / "certs" / "server.key").chmod(0o640 | 0o004)
+    code, log_text = run_main(*argv)
+    assert code == 2
+    assert f"keyfile {data / 'certs' / 'server.key'} is readable by others" in log_text
+    assert "(data_dir set by the flag --data-dir)" in log_text
+
+
+@posix_only
+def test_group_readable_secrets_start_with_a_warning(server_factory, tmp_path, cert_dir, caplog):
+    certfile, keyfile = _pair(tmp_path, cert_dir, key_mode=0o640)
+    pepper = tmp_path / "pepper"
+    pepper.write_text(os.urandom(32).hex() + "\n")
+    pepper.chmod(0o640)
+    caplog.set_level(logging.INFO)
+    running = server_factory(certfile=str(certfile), keyfile=str(keyfile),
+                             pepper_file=str(pepper))
+    assert running.client().hello["type"] == "hello"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for what, path in (("keyfile", keyfile), ("pepper file", pepper)):
+        assert any(m.startswith(f"{what} {path} is readable by its group (mode 0640)")
+                   and f"chmod 600 {path}" in m for m in warned), warned
