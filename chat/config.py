@@ -160,6 +160,10 @@ class Settings:
     max_connections_per_ip: int = _setting(
         16, "Connections from one IP address at once: a few clients per person behind a NAT."
     )
+    ipv6_prefix: int = _setting(
+        64, "Every per-address limit counts an IPv6 address by its /N network, as one host is "
+        "usually given a whole /64 (32 to 128); IPv4 counts each address."
+    )
     frames_per_second: float = _setting(
         10.0, "Sustained frames per second per connection (token bucket); more: rate_limited."
     )
@@ -259,6 +263,9 @@ class Settings:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
             raise bad("frames_per_second", "must be a positive number")
+        if not 32 <= self.ipv6_prefix <= 128:
+            # Shorter than /32 would count a whole provider's customers as one address.
+            raise bad("ipv6_prefix", "must be from 32 to 128")
         if not 0 <= self.auth_nice <= 19:
             raise bad("auth_nice", "must be from 0 to 19")
 

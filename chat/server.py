@@ -44,7 +44,7 @@ from chat.hub import LocalHub
 from chat.ioloop import IOLoop
 from chat.pool import BoundedPool
 from chat.store import Store
-from chat.throttle import Throttle
+from chat.throttle import Throttle, address_key
 
 log = logging.getLogger("chat.server")
 
@@ -272,9 +272,14 @@ class Server:
         log.info("reloaded the TLS certificate")
 
     # --- connections ----------------------------------------------------------------
+    def address_key(self, addr: Any) -> str:
+        """What the per-address limits count a peer under (an IPv6 address by its network)."""
+        ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+        return address_key(ip, self.settings.ipv6_prefix)
+
     def adopt(self, raw: socket.socket, addr: Any) -> None:
         """Called on loop 0 for each accepted socket."""
-        ip = str(addr[0])
+        ip = self.address_key(addr)  # the Connection computes the same as its `ip`
         with self._count_lock:
             per_ip = self._per_ip.get(ip, 0)
             if self.stopping:
@@ -309,9 +314,10 @@ class Server:
         except (OSError, ValueError) as exc:
             log.info("%s: could not start connection: %s", addr, exc)
             raw.close()
-            self.connection_closed(str(addr[0]))
+            self.connection_closed(self.address_key(addr))
 
     def connection_closed(self, ip: str) -> None:
+        """Count a connection out; `ip` is its `address_key`."""
         with self._count_lock:
             self._count -= 1
             left = self._per_ip.get(ip, 1) - 1

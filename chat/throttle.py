@@ -13,11 +13,13 @@ accounts. Registrations are counted per IP; one the server refuses before its bc
 
 Checks happen before any bcrypt work. One lock guards the tables; every operation is a
 few dictionary steps. Idle entries are pruned as the tables grow, so memory stays bounded
-by the number of addresses and accounts active within one window.
+by the number of addresses and accounts active within one window. An "IP" here is the
+key the caller passes: the server passes `address_key(ip, ...)`, so an IPv6 /64 is one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import deque
@@ -28,6 +30,26 @@ from chat.errors import RateLimited
 
 # Prune idle entries each time a table has grown by this many since the last prune.
 _PRUNE_EVERY = 1024
+
+
+def address_key(ip: str, v6_prefix: int) -> str:
+    """What every per-address limit counts `ip` under.
+
+    An IPv4 address is itself. An IPv6 address counts as its /`v6_prefix` network: one
+    host, or one household, is usually given a whole /64, so counting full addresses
+    would hand it 2**64 quotas. An IPv4-mapped IPv6 address (::ffff:192.0.2.1, from a
+    dual-stack socket) is the IPv4 address it maps. Anything else (a zone suffix aside)
+    is returned as it is.
+    """
+    try:
+        addr = ipaddress.ip_address(ip.partition("%")[0])  # a zone is not part of the host
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, v6_prefix), strict=False))
+    return str(addr)
 
 
 @dataclass

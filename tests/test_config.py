@@ -164,7 +164,7 @@ SAMPLES = {
     "max_connections_per_ip": "4", "frames_per_second": "2.5", "frame_burst": "7",
     "login_max_consecutive": "50", "login_lockout": "3600",
     "previous_pepper_files": "/srv/old1,/srv/old2",
-    "max_rooms_per_user": "7", "max_room_members": "9",
+    "max_rooms_per_user": "7", "max_room_members": "9", "ipv6_prefix": "56",
 }
 
 
@@ -375,6 +375,8 @@ def test_sources_say_where_each_setting_came_from(tmp_path: Path) -> None:
         pytest.param({"io_threads": 0}, id="io-threads-0"),
         pytest.param({"auth_queue": 0}, id="auth-queue-0"),
         pytest.param({"max_connections": 0}, id="connections-0"),
+        pytest.param({"ipv6_prefix": 31}, id="ipv6-prefix-31"),
+        pytest.param({"ipv6_prefix": 129}, id="ipv6-prefix-129"),
         pytest.param({"max_outbound_bytes": 2 * 1024 * 1024 - 1, "max_history_bytes": 1024 * 1024},
                      id="outbound-below-two-history-replies"),
     ],
