@@ -529,7 +529,7 @@ def test_a_common_entry_repeated_refused(password: str) -> None:
 
 
 def test_four_common_words_are_a_passphrase() -> None:
-    # At most three list entries count as a compound; more is a real passphrase.
+    # At most two list entries count as a compound; three or more are a passphrase.
     text = "dragon monkey shadow sunshine"
     assert check_new_password(text, "alice", min_length=15) == text
 
