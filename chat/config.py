@@ -282,6 +282,8 @@ _KIND_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: 
 def _convert(name: str, raw: Any) -> Any:
     kind = SETTING_FIELDS[name].metadata["type"]
     try:
+        if kind is bool and isinstance(raw, bool):
+            return raw
         if kind is bool and isinstance(raw, str):
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True

@@ -28,10 +28,11 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from alembic.util.exc import CommandError
 from sqlalchemy import Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
@@ -108,8 +109,10 @@ class _Listener:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sources: Mapping[str, str] | None = None) -> None:
         self.settings = settings
+        # Where each setting was given (load_settings_and_sources), for error messages.
+        self.sources = dict(sources or {})
         self.name = SERVER_NAME
         self.server_id = f"{SERVER_NAME}/{__version__}"
         self.address: tuple[str, int] = ("", 0)
@@ -128,8 +131,8 @@ class Server:
         if s.bcrypt_rounds < 10:
             log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
                         s.bcrypt_rounds)
-        # Every file is checked before anything is made or started, so a refusal leaves
-        # nothing behind but the private directory.
+        # Every file is checked before a thread starts or the database is touched, so a
+        # refusal leaves at most the data directory and development certificates behind.
         if not (s.certfile and s.pepper_file and s.db):
             files.private_dir(s.data_path, "data_dir")
         self.ssl_context = self._make_ssl_context()
@@ -243,12 +246,15 @@ class Server:
             # Not echoed: a URL may carry a password.
             raise SettingError(names, "db is not a database URL this server can use (like "
                                "sqlite:///path or postgresql://user@host/name)") from None
+        except ImportError as exc:
+            raise SettingError(names, f"db needs a database driver that is not installed: "
+                               f"{exc}", exit_code=1) from None
         except OSError as exc:  # SQLite's file or its directory
             raise SettingError(names, f"the database file {exc.filename} cannot be made: "
                                f"{exc.strerror or exc}", exit_code=1) from None
         try:
             upgrade_to_head(engine)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, CommandError) as exc:
             engine.dispose()
             raise SettingError(names, f"database {engine.url.render_as_string()} cannot "
                                f"be used: {getattr(exc, 'orig', None) or exc}",
@@ -266,6 +272,10 @@ class Server:
         """SIGHUP: new connections use the new certificate; open ones are untouched."""
         try:
             self.ssl_context = self._make_ssl_context()
+        except SettingError as exc:
+            log.error("certificate reload failed, keeping the old one: %s",
+                      exc.located(self.sources))
+            return
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("certificate reload failed, keeping the old one: %s", exc)
             return
@@ -432,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chat-server: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    server = Server(settings)
+    server = Server(settings, sources)
     try:
         server.start()
     except SettingError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -379,3 +380,45 @@ def test_group_readable_secrets_start_with_a_warning(server_factory, tmp_path, c
     for what, path in (("keyfile", keyfile), ("pepper file", pepper)):
         assert any(m.startswith(f"{what} {path} is readable by its group (mode 0640)")
                    and f"chmod 600 {path}" in m for m in warned), warned
+
+
+def test_a_database_driver_that_is_not_installed_is_named(run_main, tmp_path, cert_dir):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    # A dialect SQLAlchemy knows, with a driver no one would install for tests.
+    if importlib.util.find_spec("pymssql") is not None:
+        pytest.skip("pymssql is installed here")
+    url = "mssql+pymssql://chat:s3cret-pw@db.example/chat"
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile, "--db", url))
+    assert code == 1
+    assert "db needs a database driver that is not installed" in log_text
+    assert "(db set by the flag --db)" in log_text
+    assert "s3cret-pw" not in log_text
+
+
+def test_a_database_from_a_newer_version_is_named(run_main, tmp_path, cert_dir):
+    import sqlite3
+
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    db = tmp_path / "chat.db"
+    with sqlite3.connect(db) as conn:  # as a later version would leave it
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('from_the_future')")
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile, "--db", f"sqlite:///{db}"))
+    assert code == 1
+    assert f"database sqlite:///{db} cannot be used" in log_text
+    assert "from_the_future" in log_text
+
+
+def test_a_failed_reload_names_the_file_and_its_source(server_factory, tmp_path, cert_dir,
+                                                       caplog):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    running = server_factory(certfile=str(certfile), keyfile=str(keyfile))
+    server = running.server
+    server.sources = {"keyfile": "by the flag --keyfile"}
+    keyfile.write_bytes(cert_dir.ca_key.read_bytes())  # a key for another certificate
+    caplog.set_level(logging.INFO)
+    server.reload_certificates()
+    assert (f"certificate reload failed, keeping the old one: keyfile {keyfile} does not "
+            f"match certfile {certfile}") in caplog.text
+    assert "keyfile set by the flag --keyfile" in caplog.text
+    assert running.client().hello["type"] == "hello"  # still serving, on the old pair
