@@ -67,9 +67,10 @@ def _parse_pepper(raw: str, path: Path) -> bytes:
     try:
         pepper = bytes.fromhex(raw)
     except ValueError:
-        raise ValueError(f"{path}: a pepper file holds hex digits only") from None
+        raise ValueError(f"pepper file {path} holds more than hex digits") from None
     if len(pepper) < 16:
-        raise ValueError(f"{path}: the pepper must hold at least 16 random bytes, hex-encoded")
+        raise ValueError(f"pepper file {path} holds {len(pepper)} bytes; a pepper needs at "
+                         "least 16 random bytes, hex-encoded")
     return pepper
 
 
@@ -233,7 +234,7 @@ def _common_words_needed(text: str) -> int | None:
 
 def _compound_of_common(lowered: str) -> str | None:
     """Why the password is common-list words in disguise, or None: once spaces go and
-    digits and symbols are cut from the ends, it is one to three entries joined
+    digits and symbols are cut from the ends, it is one or two entries joined
     ('dragonmonkey123'), or one entry said over and over ('password password!')."""
     spaceless = "".join(lowered.split())
     for joined in (spaceless, _NOT_ALNUM.sub("", spaceless)):
@@ -257,8 +258,8 @@ def check_new_password(
     """Return the normalised password, or raise WeakPassword saying why.
 
     Besides length, the checks follow NIST SP 800-63B-4 section 3.1.1.2's blocklist: the
-    username and the service's name, the common-password list (alone, padded, or two or
-    three entries joined), repetition and sequences. There are no composition rules.
+    username and the service's name, the common-password list (alone, padded, or two
+    entries joined), repetition and sequences. There are no composition rules.
     """
     normal = normalize_password(password)
     if len(normal) < min_length:

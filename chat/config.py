@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,43 @@ from chat.throttle import Limits
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "chat"
+
+
+class SettingError(ValueError):
+    """A setting that cannot be used: which one, what is wrong with it, and where it was set.
+
+    `names` are the settings to blame; `located` adds where each was set (a flag, a
+    variable, a file), which only load_settings knows. `exit_code` is the server's: 2 for
+    a bad setting, 1 for a file it names that cannot be used at start.
+    """
+
+    def __init__(self, names: str | Sequence[str], problem: str, *, exit_code: int = 2) -> None:
+        super().__init__(problem)
+        self.names = (names,) if isinstance(names, str) else tuple(names)
+        self.problem = problem
+        self.exit_code = exit_code
+        self.where = ""
+
+    def located(self, sources: Mapping[str, str]) -> SettingError:
+        self.where = "; ".join(
+            f"{name} set {sources[name]}" if name in sources else f"{name} at its default"
+            for name in self.names
+        )
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.problem} ({self.where})" if self.where else self.problem
+
+
+def file_problem(exc: OSError) -> str:
+    """What an OSError says about a file, in words: 'does not exist', ..."""
+    if isinstance(exc, FileNotFoundError):
+        return "does not exist"
+    if isinstance(exc, PermissionError):
+        return "cannot be read: permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not a file"
+    return f"cannot be read: {exc.strerror or exc}"
 
 
 def _setting(default: Any, doc: str, *, type_: type | None = None) -> Any:
@@ -122,6 +160,10 @@ class Settings:
     max_connections_per_ip: int = _setting(
         16, "Connections from one IP address at once: a few clients per person behind a NAT."
     )
+    ipv6_prefix: int = _setting(
+        64, "Every per-address limit counts an IPv6 address by its /N network, as one host is "
+        "usually given a whole /64 (32 to 128); IPv4 counts each address."
+    )
     frames_per_second: float = _setting(
         10.0, "Sustained frames per second per connection (token bucket); past it the "
         "connection's next frame waits for a token (nothing is refused)."
@@ -201,50 +243,60 @@ class Settings:
         )
 
     def validate(self) -> None:
+        """Raise SettingError naming the first setting whose value cannot work."""
+
+        def bad(name: str, problem: str) -> SettingError:
+            return SettingError(name, f"{name} {problem}, not {getattr(self, name)!r}")
+
         if not 4 <= self.bcrypt_rounds <= 31:
-            raise ValueError("bcrypt_rounds must be between 4 and 31")
+            raise bad("bcrypt_rounds", "must be between 4 and 31")
         if self.min_password_length < 8:
-            raise ValueError("min_password_length may not be below 8 (the protocol's floor)")
+            raise bad("min_password_length", "may not be below 8 (the protocol's floor)")
         if self.max_frame_bytes < 1024:
-            raise ValueError("max_frame_bytes must be at least 1024")
+            raise bad("max_frame_bytes", "must be at least 1024")
         if bool(self.certfile) != bool(self.keyfile):
-            raise ValueError("certfile and keyfile go together")
+            missing = "keyfile" if self.certfile else "certfile"
+            raise SettingError(("certfile", "keyfile"),
+                               f"certfile and keyfile go together: {missing} is not set")
         if self.tls_profile not in ("intermediate", "modern"):
-            raise ValueError("tls_profile must be 'intermediate' or 'modern'")
+            raise bad("tls_profile", "must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
                      "checkpoint_interval", "presence_interval",
                      "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
             if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number of seconds")
+                raise bad(name, "must be a positive number of seconds")
         if not (self.timer_slack >= 0 and math.isfinite(self.timer_slack)):
-            raise ValueError("timer_slack must be zero or a positive number of seconds")
+            raise bad("timer_slack", "must be zero or a positive number of seconds")
         if not 0 <= self.port <= 65535:
-            raise ValueError("port must be between 0 and 65535")
-        if self.reply_bytes_per_second < 1 or self.reply_bytes_burst < self.max_history_bytes:
-            raise ValueError("reply_bytes_per_second must be positive and reply_bytes_burst "
-                             "at least max_history_bytes")
+            raise bad("port", "must be between 0 and 65535")
         if self.max_history_bytes * 2 > self.max_outbound_bytes:
-            raise ValueError("max_outbound_bytes must hold two maximal history replies")
-        if min(self.login_account_failures, self.login_ip_failures,
-               self.registrations_per_ip, self.login_max_consecutive) < 1:
-            raise ValueError("throttling counts must be at least 1")
+            raise SettingError(
+                ("max_outbound_bytes", "max_history_bytes"),
+                f"max_outbound_bytes ({self.max_outbound_bytes}) must hold two maximal "
+                f"history replies (max_history_bytes {self.max_history_bytes})")
+        if self.reply_bytes_burst < self.max_history_bytes:
+            raise SettingError(
+                ("reply_bytes_burst", "max_history_bytes"),
+                f"reply_bytes_burst ({self.reply_bytes_burst}) must hold one maximal history "
+                f"reply (max_history_bytes {self.max_history_bytes})")
+        for name in ("login_account_failures", "login_ip_failures", "registrations_per_ip",
+                     "login_max_consecutive", "max_rooms_per_user", "max_room_members",
+                     "max_errors_in_row", "frame_burst", "max_connections_per_ip",
+                     "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
+                     "writer_queue_limit"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
-            raise ValueError("frames_per_second must be a positive number")
-        if self.max_rooms_per_user < 1 or self.max_room_members < 1:
-            raise ValueError("max_rooms_per_user and max_room_members must be at least 1")
-        if self.max_errors_in_row < 1:
-            raise ValueError("max_errors_in_row must be at least 1")
-        if self.max_requests_in_flight < 2 or self.writer_queue_limit < 1:
-            raise ValueError("max_requests_in_flight must be at least 2 and "
-                             "writer_queue_limit at least 1")
-        if self.frame_burst < 1 or self.max_connections_per_ip < 1:
-            raise ValueError("frame_burst and max_connections_per_ip must be at least 1")
+            raise bad("frames_per_second", "must be a positive number")
+        if not 32 <= self.ipv6_prefix <= 128:
+            # Shorter than /32 would count a whole provider's customers as one address.
+            raise bad("ipv6_prefix", "must be from 32 to 128")
+        if self.max_requests_in_flight < 2:
+            raise bad("max_requests_in_flight", "must be at least 2")
         if not 0 <= self.auth_nice <= 19:
-            raise ValueError("auth_nice must be from 0 to 19")
-        if self.io_threads < 1 or self.auth_queue < 1 or self.max_connections < 1:
-            raise ValueError("io_threads, auth_queue and max_connections must be at least 1")
+            raise bad("auth_nice", "must be from 0 to 19")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -253,29 +305,46 @@ class Settings:
 SETTING_FIELDS = {f.name: f for f in fields(Settings)}
 
 
+_KIND_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _convert(name: str, raw: Any) -> Any:
     kind = SETTING_FIELDS[name].metadata["type"]
-    if kind is bool and isinstance(raw, str):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name}: expected true or false, got {raw!r}")
-    if kind is float and isinstance(raw, int | float | str) and not isinstance(raw, bool):
-        return float(raw)
-    if kind is int and isinstance(raw, str | int) and not isinstance(raw, bool):
-        return int(raw)
-    if kind is str and isinstance(raw, str):
-        return raw
-    raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}")
+    try:
+        if kind is bool and isinstance(raw, bool):
+            return raw
+        if kind is bool and isinstance(raw, str):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+        elif kind is float and isinstance(raw, int | float | str) and not isinstance(raw, bool):
+            return float(raw)
+        elif kind is int and isinstance(raw, str | int) and not isinstance(raw, bool):
+            return int(raw)
+        elif kind is str and isinstance(raw, str):
+            return raw
+    except ValueError:
+        pass  # int() and float() name neither the setting nor its source
+    raise SettingError(name, f"{name} must be {_KIND_WORDS[kind]}, not {raw!r}")
 
 
-def _from_mapping(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _from_mapping(values: Mapping[str, Any], source: Callable[[str], str]) -> dict[str, Any]:
+    """Convert one source's values; `source(name)` says where a name was set."""
     out = {}
     for key, raw in values.items():
         if key not in SETTING_FIELDS or key == "config":
-            raise ValueError(f"{source}: unknown setting {key!r}")
-        out[key] = _convert(key, raw)
+            # Only a file can hold an unknown name: flags are argparse's, and other
+            # CHAT_* variables are never read.
+            near = difflib.get_close_matches(key.replace("-", "_").lower(), SETTING_FIELDS, 1)
+            hint = f"; did you mean {near[0]!r}?" if near and near[0] != "config" else ""
+            raise SettingError(key, f"unknown setting {key!r}{hint}").located(
+                {key: source(key)})
+        try:
+            out[key] = _convert(key, raw)
+        except SettingError as exc:
+            # This source's value is the bad one, even if another source would win.
+            raise exc.located({key: source(key)}) from None
     return out
 
 
@@ -301,26 +370,60 @@ def build_parser(prog: str = "chat-server") -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise SettingError("config", f"config file {path} {file_problem(exc)}") from None
+    except UnicodeDecodeError:
+        raise SettingError("config", f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingError("config", f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_settings_and_sources(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-) -> Settings:
-    """Settings from defaults < TOML file < CHAT_* environment < flags; validated."""
+) -> tuple[Settings, dict[str, str]]:
+    """Settings, validated, and where each one not at its default was set.
+
+    A source reads "by the flag --port", "by the environment variable CHAT_PORT" or
+    "in /etc/chat/server.toml", to follow "port set". Every error is a SettingError
+    that names the setting and its source.
+    """
     environ = os.environ if environ is None else environ
     flags = vars(build_parser().parse_args(argv))
     env = {
         name: environ[env_name(name)] for name in SETTING_FIELDS if env_name(name) in environ
     }
+    from_env, from_flag = "by the environment variable {}", "by the flag {}"
+    sources = {name: from_env.format(env_name(name)) for name in env}
+    sources.update({name: from_flag.format(flag_name(name)) for name in flags})
     config_file = flags.get("config") or env.get("config")
     values: dict[str, Any] = {}
-    if config_file:
-        with open(config_file, "rb") as fh:
-            values.update(_from_mapping(tomllib.load(fh), config_file))
-        values["config"] = config_file
-    values.update(_from_mapping({k: v for k, v in env.items() if k != "config"}, "environment"))
-    values.update(_from_mapping({k: v for k, v in flags.items() if k != "config"}, "flags"))
-    settings = Settings(**values)
-    settings.validate()
-    return settings
+    try:
+        if config_file:
+            raw = _read_toml(config_file)
+            values.update(_from_mapping(raw, lambda _: f"in {config_file}"))
+            for name in raw:
+                sources.setdefault(name, f"in {config_file}")
+            values["config"] = config_file
+        values.update(_from_mapping({k: v for k, v in env.items() if k != "config"},
+                                    lambda name: from_env.format(env_name(name))))
+        values.update(_from_mapping({k: v for k, v in flags.items() if k != "config"},
+                                    lambda name: from_flag.format(flag_name(name))))
+        settings = Settings(**values)
+        settings.validate()
+    except SettingError as exc:
+        raise (exc if exc.where else exc.located(sources)) from None
+    return settings, sources
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from defaults < TOML file < CHAT_* environment < flags; validated."""
+    return load_settings_and_sources(argv, environ)[0]
 
 
 def markdown_table() -> str:

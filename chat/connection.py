@@ -100,7 +100,7 @@ class Connection:
         self.loop = loop
         self.settings = settings = server.settings
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        self.ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+        self.ip = server.address_key(addr)  # what per-address limits count: IPv6 by network
         raw.setblocking(False)
         self.sock: ssl.SSLSocket = server.ssl_context.wrap_socket(
             raw, server_side=True, do_handshake_on_connect=False

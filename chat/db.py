@@ -6,6 +6,7 @@ import logging
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -51,21 +52,22 @@ def make_engine(url: str, pool_size: int = 5, autocheckpoint: bool = True) -> En
     then waits for the copy and its fsyncs): run a `WalCheckpointer` beside it.
     """
     parsed = make_url(url)
+    # Without it, every database error quotes the statement's parameters, and the log
+    # would then hold whatever was being written: a failed register logged its bcrypt hash.
+    common: dict[str, Any] = {"pool_size": pool_size, "hide_parameters": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             path = Path(parsed.database).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The database holds password hashes: readable by the server's user only.
             path.touch(mode=0o600, exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False}, pool_size=pool_size
-        )
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **common)
         event.listen(engine, "connect", _sqlite_connect)
         if not autocheckpoint:
             event.listen(engine, "connect", _no_autocheckpoint)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size)
+    return create_engine(url, pool_pre_ping=True, **common)
 
 
 def alembic_config(url: str) -> Config:

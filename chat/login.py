@@ -71,11 +71,21 @@ def register(conn: Connection, req: m.Register) -> None:
         req.password, req.username, min_length=conn.settings.min_password_length,
         service_name=server.name,
     )
-    server.throttle.register_attempt(conn.ip)
+    ip = conn.ip
+    counted_at = server.throttle.register_attempt(ip)
+    hashed = False
+
+    def give_back() -> None:
+        # Once the bcrypt work is done the attempt counts, whatever the answer (a taken
+        # name included: it tells the client something). Before it, a refusal is ours.
+        if not hashed:
+            server.throttle.registration_released(ip, counted_at)
 
     def work() -> None:
+        nonlocal hashed
         # Hash first, even for a taken name: the reply takes as long either way.
         password_hash = server.hasher.hash(password)
+        hashed = True
 
         def run(db: Any) -> Callable[[], None]:
             rec = server.store.create_user(db, req.username, password_hash)
@@ -86,7 +96,7 @@ def register(conn: Connection, req: m.Register) -> None:
 
         server.store.submit(Job(run, lambda exc: conn.finish_auth(rid, exc)))
 
-    conn.submit_auth(_guarded(conn, rid, work))
+    conn.submit_auth(_guarded(conn, rid, work, on_error=give_back), on_busy=give_back)
 
 
 def login(conn: Connection, req: m.Login) -> None:

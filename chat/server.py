@@ -28,12 +28,17 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from chat import SERVER_NAME, __version__, certs, tls
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from chat import SERVER_NAME, __version__, certs, files, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
-from chat.config import Settings, load_settings
+from chat.config import SettingError, Settings, file_problem, load_settings_and_sources
 from chat.connection import Connection
 from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
@@ -42,7 +47,7 @@ from chat.messages import MAX_HISTORY_LIMIT, MAX_MESSAGE_CHARS
 from chat.pool import BoundedPool
 from chat.protocol import PROTOCOL_VERSION, encode
 from chat.store import Store
-from chat.throttle import Throttle
+from chat.throttle import Throttle, address_key
 
 log = logging.getLogger("chat.server")
 
@@ -50,6 +55,14 @@ CERT_EXPIRY_WARNING = dt.timedelta(days=14)
 ACCEPT_PAUSE = 0.5
 # File descriptors the server needs beside its connections: database, pipes, logs.
 FD_HEADROOM = 64
+# Holding fewer connections than max_connections is said at INFO: the usual hard limits
+# (4096 on older systems, 524288 under systemd, 1048576 in containers) leave thousands,
+# more than a new server sees, and an operator cannot act on every start's note. It is a
+# WARNING only when the cap is really low: under 1,000, which a modest community's busy
+# evening can reach, or under a tenth of max_connections, which is far from what the
+# operator planned for.
+FD_WARN_BELOW = 1000
+FD_WARN_FRACTION = 10
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -98,8 +111,10 @@ class _Listener:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sources: Mapping[str, str] | None = None) -> None:
         self.settings = settings
+        # Where each setting was given (load_settings_and_sources), for error messages.
+        self.sources = dict(sources or {})
         self.name = SERVER_NAME
         self.server_id = f"{SERVER_NAME}/{__version__}"
         self.address: tuple[str, int] = ("", 0)
@@ -118,20 +133,20 @@ class Server:
         if s.bcrypt_rounds < 10:
             log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
                         s.bcrypt_rounds)
+        # Every file is checked before a thread starts or the database is touched, so a
+        # refusal leaves at most the data directory and development certificates behind.
+        if not (s.certfile and s.pepper_file and s.db):
+            files.private_dir(s.data_path, "data_dir")
         self.ssl_context = self._make_ssl_context()
+        pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
         workers = s.auth_workers or os.cpu_count() or 2
         # One connection more than threads, for the checkpointer (SQLite only).
-        self.engine = make_engine(s.db_url, pool_size=workers + READ_WORKERS + 3,
-                                  autocheckpoint=False)
-        upgrade_to_head(self.engine)
+        self.engine = self._open_database(pool_size=workers + READ_WORKERS + 3)
         if self.engine.dialect.name == "sqlite":
             self.checkpointer = WalCheckpointer(self.engine, s.checkpoint_interval)
             self.checkpointer.start()
-        self.hasher = PasswordHasher(
-            load_or_create_pepper(s.pepper_path), s.bcrypt_rounds,
-            previous=[read_pepper(p) for p in s.previous_pepper_paths],
-        )
+        self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
         self.hello = encode(hello_frame(self.server_id, s))
         self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub(s.presence_interval)
@@ -145,9 +160,13 @@ class Server:
         slack = min(s.timer_slack, s.idle_timeout / 8)
         self.loops = [IOLoop(f"io-{i}", slack) for i in range(s.io_threads)]
         family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-        self.listen_sock = socket.create_server(
-            (s.host, s.port), family=family, backlog=1024, reuse_port=False
-        )
+        try:
+            self.listen_sock = socket.create_server(
+                (s.host, s.port), family=family, backlog=1024, reuse_port=False
+            )
+        except OSError as exc:
+            raise SettingError(("host", "port"), f"cannot listen on {s.host} port {s.port}: "
+                               f"{exc.strerror or exc}", exit_code=1) from None
         self.listen_sock.setblocking(False)
         self.address = self.listen_sock.getsockname()[:2]
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
@@ -162,15 +181,88 @@ class Server:
     def _make_ssl_context(self) -> ssl.SSLContext:
         s = self.settings
         certfile, keyfile, dev = s.cert_paths
-        if dev and not (certfile.exists() and keyfile.exists()):
-            paths = certs.generate_dev_certs(certfile.parent)
-            log.warning("made development certificates in %s; clients trust them with "
-                        "--cafile %s", certfile.parent, paths.ca_cert)
-        ctx = tls.server_context(
-            certfile, keyfile, profile=s.tls_profile, client_cafile=s.client_cafile or None
-        )
+        # The development pair lives in data_dir: that is the setting to blame for it.
+        cert_names, key_names = ("data_dir", "data_dir") if dev else ("certfile", "keyfile")
+        if dev:
+            files.private_dir(certfile.parent, "data_dir")
+            if not (certfile.exists() and keyfile.exists()):
+                try:
+                    paths = certs.generate_dev_certs(certfile.parent)
+                except OSError as exc:
+                    raise SettingError("data_dir", "cannot make development certificates in "
+                                       f"{certfile.parent}: {exc}", exit_code=1) from None
+                log.warning("made development certificates in %s; clients trust them with "
+                            "--cafile %s", certfile.parent, paths.ca_cert)
+        files.check_secret_mode(keyfile, key_names, "keyfile")
+        files.check_server_pair(certfile, keyfile, cert_names, key_names)
+        if s.client_cafile:
+            files.check_ca_file(Path(s.client_cafile), "client_cafile")
+        try:
+            ctx = tls.server_context(
+                certfile, keyfile, profile=s.tls_profile, client_cafile=s.client_cafile or None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            # Past the checks above, so something subtler: name every file it read.
+            read = [f"certfile {certfile}", f"keyfile {keyfile}"]
+            blame = [cert_names, key_names]
+            if s.client_cafile:
+                read.append(f"client_cafile {s.client_cafile}")
+                blame.append("client_cafile")
+            raise SettingError(tuple(dict.fromkeys(blame)), f"OpenSSL refused "
+                               f"{', '.join(read)}: {exc}", exit_code=1) from None
         self._check_expiry(certfile)
         return ctx
+
+    def _load_peppers(self) -> tuple[bytes, list[bytes]]:
+        s = self.settings
+        names = "pepper_file" if s.pepper_file else "data_dir"
+        files.check_secret_mode(s.pepper_path, names, "pepper file")
+        for path in s.previous_pepper_paths:
+            files.check_secret_mode(path, "previous_pepper_files", "previous pepper file")
+        existed = s.pepper_path.exists()
+        try:
+            pepper = load_or_create_pepper(s.pepper_path)
+        except OSError as exc:
+            problem = file_problem(exc) if existed else f"cannot be made: {exc.strerror or exc}"
+            raise SettingError(names, f"pepper file {s.pepper_path} {problem}",
+                               exit_code=1) from None
+        except ValueError as exc:
+            raise SettingError(names, str(exc), exit_code=1) from None
+        previous = []
+        for path in s.previous_pepper_paths:
+            try:
+                previous.append(read_pepper(path))
+            except OSError as exc:
+                raise SettingError("previous_pepper_files", f"previous pepper file {path} "
+                                   f"{file_problem(exc)}", exit_code=1) from None
+            except ValueError as exc:
+                raise SettingError("previous_pepper_files", f"previous {exc}",
+                                   exit_code=1) from None
+        return pepper, previous
+
+    def _open_database(self, pool_size: int) -> Engine:
+        s = self.settings
+        names = "db" if s.db else "data_dir"
+        try:
+            engine = make_engine(s.db_url, pool_size=pool_size, autocheckpoint=False)
+        except (ArgumentError, NoSuchModuleError, ValueError):
+            # Not echoed: a URL may carry a password.
+            raise SettingError(names, "db is not a database URL this server can use (like "
+                               "sqlite:///path or postgresql://user@host/name)") from None
+        except ImportError as exc:
+            raise SettingError(names, f"db needs a database driver that is not installed: "
+                               f"{exc}", exit_code=1) from None
+        except OSError as exc:  # SQLite's file or its directory
+            raise SettingError(names, f"the database file {exc.filename} cannot be made: "
+                               f"{exc.strerror or exc}", exit_code=1) from None
+        try:
+            upgrade_to_head(engine)
+        except (SQLAlchemyError, CommandError) as exc:
+            engine.dispose()
+            raise SettingError(names, f"database {engine.url.render_as_string()} cannot "
+                               f"be used: {getattr(exc, 'orig', None) or exc}",
+                               exit_code=1) from None
+        return engine
 
     def _check_expiry(self, certfile: Any) -> None:
         expires = certs.certificate_expiry(certfile)
@@ -183,15 +275,24 @@ class Server:
         """SIGHUP: new connections use the new certificate; open ones are untouched."""
         try:
             self.ssl_context = self._make_ssl_context()
+        except SettingError as exc:
+            log.error("certificate reload failed, keeping the old one: %s",
+                      exc.located(self.sources))
+            return
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("certificate reload failed, keeping the old one: %s", exc)
             return
         log.info("reloaded the TLS certificate")
 
     # --- connections ----------------------------------------------------------------
+    def address_key(self, addr: Any) -> str:
+        """What the per-address limits count a peer under (an IPv6 address by its network)."""
+        ip = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+        return address_key(ip, self.settings.ipv6_prefix)
+
     def adopt(self, raw: socket.socket, addr: Any) -> None:
         """Called on loop 0 for each accepted socket."""
-        ip = str(addr[0])
+        ip = self.address_key(addr)  # the Connection computes the same as its `ip`
         with self._count_lock:
             per_ip = self._per_ip.get(ip, 0)
             if self.stopping:
@@ -226,9 +327,10 @@ class Server:
         except (OSError, ValueError) as exc:
             log.info("%s: could not start connection: %s", addr, exc)
             raw.close()
-            self.connection_closed(str(addr[0]))
+            self.connection_closed(self.address_key(addr))
 
     def connection_closed(self, ip: str) -> None:
+        """Count a connection out; `ip` is its `address_key`."""
         with self._count_lock:
             self._count -= 1
             left = self._per_ip.get(ip, 1) - 1
@@ -331,8 +433,11 @@ def _connection_cap(wanted: int) -> int:
             pass
     if soft != resource.RLIM_INFINITY and soft < wanted + FD_HEADROOM:
         cap = max(1, soft - FD_HEADROOM)
-        log.warning("open-files limit is %d: holding at most %d connections, not %d",
-                    soft, cap, wanted)
+        low = cap < max(FD_WARN_BELOW, wanted // FD_WARN_FRACTION)
+        hint = "; raise it (ulimit -n, or LimitNOFILE= under systemd)" if low else ""
+        log.log(logging.WARNING if low else logging.INFO,
+                "open-files limit is %d: holding at most %d connections, not %d%s",
+                soft, cap, wanted, hint)
         return cap
     return wanted
 
@@ -349,14 +454,17 @@ def setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        settings = load_settings(argv)
-    except (ValueError, OSError) as exc:
+        settings, sources = load_settings_and_sources(argv)
+    except (ValueError, OSError) as exc:  # a SettingError names the setting and its source
         print(f"chat-server: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    server = Server(settings)
+    server = Server(settings, sources)
     try:
         server.start()
+    except SettingError as exc:
+        log.error("cannot start: %s", exc.located(sources))
+        return exc.exit_code
     except (OSError, ssl.SSLError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1

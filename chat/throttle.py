@@ -8,15 +8,18 @@ a delay that doubles with every consecutive failure (1 s, 2 s, 4 s, ... up to
 `max_delay`), counted from the last failure; the right password is refused too while the
 delay runs, or the limit would tell the attacker when a guess was right. A success resets
 the account. The per-IP count slows one address spraying one password over many
-accounts. Registrations are counted per IP.
+accounts. Registrations are counted per IP; one the server refuses before its bcrypt work
+(`server_busy`, shutting down, an internal error) is given back.
 
 Checks happen before any bcrypt work. One lock guards the tables; every operation is a
 few dictionary steps. Idle entries are pruned as the tables grow, so memory stays bounded
-by the number of addresses and accounts active within one window.
+by the number of addresses and accounts active within one window. An "IP" here is the
+key the caller passes: the server passes `address_key(ip, ...)`, so an IPv6 /64 is one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import deque
@@ -27,6 +30,26 @@ from chat.errors import RateLimited
 
 # Prune idle entries each time a table has grown by this many since the last prune.
 _PRUNE_EVERY = 1024
+
+
+def address_key(ip: str, v6_prefix: int) -> str:
+    """What every per-address limit counts `ip` under.
+
+    An IPv4 address is itself. An IPv6 address counts as its /`v6_prefix` network: one
+    host, or one household, is usually given a whole /64, so counting full addresses
+    would hand it 2**64 quotas. An IPv4-mapped IPv6 address (::ffff:192.0.2.1, from a
+    dual-stack socket) is the IPv4 address it maps. Anything else (a zone suffix aside)
+    is returned as it is.
+    """
+    try:
+        addr = ipaddress.ip_address(ip.partition("%")[0])  # a zone is not part of the host
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, v6_prefix), strict=False))
+    return str(addr)
 
 
 @dataclass
@@ -125,8 +148,11 @@ class Throttle:
             rec.pending = max(0, rec.pending - 1)
 
     # --- registrations --------------------------------------------------------------
-    def register_attempt(self, ip: str) -> None:
-        """Count one registration from ip, or raise RateLimited if it is over its limit."""
+    def register_attempt(self, ip: str) -> float:
+        """Count one registration from ip, or raise RateLimited if it is over its limit.
+
+        Returns the time it was counted at, for `registration_released`.
+        """
         now = self._clock()
         lim = self.limits
         with self._lock:
@@ -136,6 +162,15 @@ class Throttle:
                 raise RateLimited(wait, "too many registrations from this address")
             rec.times.append(now)
             rec.last = now
+            return now
+
+    def registration_released(self, ip: str, counted_at: float) -> None:
+        """Give back a registration that the server refused before doing its bcrypt work."""
+        with self._lock:
+            rec = self._registrations.get(ip)
+            if rec is not None and counted_at in rec.times:
+                # That very entry, not the newest: the others keep their own expiry.
+                rec.times.remove(counted_at)
 
     # --- bookkeeping (lock held) ----------------------------------------------------
     @staticmethod

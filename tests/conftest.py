@@ -39,7 +39,8 @@ class Client:
         rcvbuf: int | None = None,
     ) -> None:
         ctx = tls.client_context(cafile)
-        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raw = socket.socket(family, socket.SOCK_STREAM)
         if rcvbuf is not None:
             # Before connect, so the advertised window really is small.
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)

@@ -11,10 +11,12 @@ import pytest
 
 from chat.config import (
     SETTING_FIELDS,
+    SettingError,
     Settings,
     env_name,
     flag_name,
     load_settings,
+    load_settings_and_sources,
     markdown_table,
 )
 
@@ -162,7 +164,7 @@ SAMPLES = {
     "max_connections_per_ip": "4", "frames_per_second": "2.5", "frame_burst": "7",
     "login_max_consecutive": "50", "login_lockout": "3600",
     "previous_pepper_files": "/srv/old1,/srv/old2",
-    "max_rooms_per_user": "7", "max_room_members": "9",
+    "max_rooms_per_user": "7", "max_room_members": "9", "ipv6_prefix": "56",
     "reply_bytes_per_second": "4096", "reply_bytes_burst": "2000000",
     "max_requests_in_flight": "5", "writer_queue_limit": "77", "presence_interval": "0.5",
 }
@@ -260,8 +262,96 @@ def test_unknown_flag_exits() -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(OSError):
-        load_settings(["--config", str(tmp_path / "absent.toml")], {})
+    path = tmp_path / "absent.toml"
+    with pytest.raises(SettingError) as exc:
+        load_settings(["--config", str(path)], {})
+    assert str(exc.value) == (
+        f"config file {path} does not exist (config set by the flag --config)")
+    with pytest.raises(SettingError, match="config set by the environment variable CHAT_CONFIG"):
+        load_settings([], {"CHAT_CONFIG": str(path)})
+
+
+# --- error messages name the setting, where it was set, and what is wrong --------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml", "expected"),
+    [
+        (["--port", "abc"], {}, None,
+         "port must be a whole number, not 'abc' (port set by the flag --port)"),
+        ([], {"CHAT_PORT": "abc"}, None,
+         "port must be a whole number, not 'abc' "
+         "(port set by the environment variable CHAT_PORT)"),
+        ([], {}, 'port = "seventy"\n',
+         "port must be a whole number, not 'seventy' (port set in {path})"),
+        ([], {}, "idle_timeout = true\n",
+         "idle_timeout must be a number, not True (idle_timeout set in {path})"),
+        ([], {"CHAT_IDLE_TIMEOUT": "two minutes"}, None,
+         "idle_timeout must be a number, not 'two minutes' "
+         "(idle_timeout set by the environment variable CHAT_IDLE_TIMEOUT)"),
+        # The bad value is blamed on its own source, even where another would win.
+        (["--port", "80"], {}, 'port = "seventy"\n',
+         "port must be a whole number, not 'seventy' (port set in {path})"),
+        # Values that convert but cannot work: the source that won is named.
+        (["--bcrypt-rounds", "3"], {"CHAT_BCRYPT_ROUNDS": "12"}, None,
+         "bcrypt_rounds must be between 4 and 31, not 3 "
+         "(bcrypt_rounds set by the flag --bcrypt-rounds)"),
+        ([], {"CHAT_PORT": "70000"}, None,
+         "port must be between 0 and 65535, not 70000 "
+         "(port set by the environment variable CHAT_PORT)"),
+        ([], {}, "max_history_bytes = 4194304\n",
+         "max_outbound_bytes (4194304) must hold two maximal history replies "
+         "(max_history_bytes 4194304) (max_outbound_bytes at its default; "
+         "max_history_bytes set in {path})"),
+        ([], {}, 'certfile = "c.pem"\n',
+         "certfile and keyfile go together: keyfile is not set "
+         "(certfile set in {path}; keyfile at its default)"),
+        ([], {}, "bcrypt-rounds = 4\n",
+         "unknown setting 'bcrypt-rounds'; did you mean 'bcrypt_rounds'? "
+         "(bcrypt-rounds set in {path})"),
+    ],
+)
+def test_errors_name_the_setting_and_its_source(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], toml: str | None, expected: str
+) -> None:
+    path = tmp_path / "chat.toml"
+    if toml is not None:
+        write_toml(path, toml)
+        argv = [*argv, "--config", str(path)]
+    with pytest.raises(SettingError) as exc:
+        load_settings(argv, environ)
+    assert str(exc.value) == expected.format(path=path)
+    assert exc.value.exit_code == 2
+
+
+def test_a_toml_file_that_does_not_parse_is_named(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "chat.toml", "port = = 3\n")
+    with pytest.raises(SettingError) as exc:
+        load_settings([], {"CHAT_CONFIG": path})
+    text = str(exc.value)
+    assert text.startswith(f"config file {path} is not valid TOML: ")
+    assert "line 1" in text
+    assert text.endswith("(config set by the environment variable CHAT_CONFIG)")
+
+
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SettingError, match=f"config file {tmp_path} is a directory"):
+        load_settings(["--config", str(tmp_path)], {})
+    path = tmp_path / "chat.toml"
+    path.write_bytes(b'host = "\xff"\n')
+    with pytest.raises(SettingError, match=f"config file {path} is not UTF-8 text"):
+        load_settings(["--config", str(path)], {})
+
+
+def test_sources_say_where_each_setting_came_from(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "chat.toml", "port = 1\nhost = '::1'\nbcrypt_rounds = 10\n")
+    settings, sources = load_settings_and_sources(
+        ["--port", "2", "--config", path], {"CHAT_HOST": "127.0.0.2"})
+    assert (settings.port, settings.host, settings.bcrypt_rounds) == (2, "127.0.0.2", 10)
+    assert sources == {
+        "port": "by the flag --port", "config": "by the flag --config",
+        "host": "by the environment variable CHAT_HOST", "bcrypt_rounds": f"in {path}",
+    }
 
 
 # --- validate --------------------------------------------------------------------------
@@ -287,6 +377,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
         pytest.param({"io_threads": 0}, id="io-threads-0"),
         pytest.param({"auth_queue": 0}, id="auth-queue-0"),
         pytest.param({"max_connections": 0}, id="connections-0"),
+        pytest.param({"ipv6_prefix": 31}, id="ipv6-prefix-31"),
+        pytest.param({"ipv6_prefix": 129}, id="ipv6-prefix-129"),
         pytest.param({"max_outbound_bytes": 2 * 1024 * 1024 - 1, "max_history_bytes": 1024 * 1024},
                      id="outbound-below-two-history-replies"),
     ],
