@@ -291,3 +291,20 @@ def check_new_password(
     if reason is not None:
         raise WeakPassword(reason)
     return normal
+
+
+# Unicode TS #39's confusables (confusables.txt) that stay inside the username alphabet
+# [A-Za-z0-9_.-]: 0 is O, 1 and I are l, m is rn. Names are unique regardless of case, so
+# the comparison is too: in lower case, i joins 1 and l (as its capital I looks like l).
+_CONFUSABLE = str.maketrans({"0": "o", "1": "l", "i": "l", ".": None, "_": None, "-": None})
+
+
+def username_skeleton(name: str) -> str:
+    """What a username looks like, for refusing look-alikes of an existing one.
+
+    TS #39's skeleton over our ASCII alphabet, compared without case, and without the
+    separators `.`, `_` and `-` (our choice: `alice.` or `al_ice` pass for `alice` at a
+    glance). Two names with one skeleton cannot both be registered.
+    """
+    return name.lower().translate(_CONFUSABLE).replace("m", "rn")
+

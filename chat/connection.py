@@ -72,6 +72,9 @@ READS_PER_WAKE = 8
 FRAMES_PER_TURN = 64
 # One TLS write holds at most this much; the rest follows when it is done.
 MAX_WRITE = 256 * 1024
+# What a peer may still send after our side closed, while we wait for its close so that
+# our last frames are not lost to a reset: a flooder gets the reset instead.
+DRAIN_LIMIT = 256 * 1024
 
 
 class State(enum.IntEnum):
@@ -131,6 +134,7 @@ class Connection:
         self._submitted = 0
         self._completed = 0
         self._writer_release_at = -1  # held for the writer until in flight <= this
+        self._drained = 0  # bytes read and dropped after our side closed
         self._pongs_owed = 0  # pings we sent that were not answered yet
         self.taking_requests = True
         self.errors_in_row = 0
@@ -723,8 +727,14 @@ class Connection:
     def _drain(self) -> None:
         try:
             with self._ssl_lock:
-                while self.sock.recv(RECV_SIZE):
-                    pass
+                while data := self.sock.recv(RECV_SIZE):
+                    self._drained += len(data)
+                    if self._drained > DRAIN_LIMIT:
+                        break  # still sending after our bye: it gets a reset instead
+                else:
+                    data = b""
+            if data:
+                log.info("%s: still sending after the close; reset", self.peer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

@@ -80,10 +80,35 @@ def alembic_config(url: str) -> Config:
 
 def upgrade_to_head(engine: Engine) -> None:
     """Apply every pending migration; the server calls this before it listens."""
+    upgrade(engine, "head")
+
+
+def upgrade(engine: Engine, revision: str) -> None:
+    """Bring the schema to `revision`, in one transaction.
+
+    On SQLite, foreign keys are off while it runs: a batch migration rebuilds a table
+    (copy, drop, rename), and with the keys on, dropping `users` would cascade into every
+    membership and message that refers to it. SQLite's own advice for schema changes is
+    to switch them off outside the transaction and check them before committing.
+    """
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        if sqlite:
+            driver.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"the migration left {len(broken)} rows whose "
+                                           f"foreign keys point nowhere; nothing was changed")
+        finally:
+            if sqlite:
+                driver.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
 
 
 class WalCheckpointer:

@@ -21,6 +21,9 @@ class User(Base):
     # Lower-case canonical form: uniqueness regardless of case lives in the database.
     username_key: Mapped[str] = mapped_column(String(32), unique=True)
     username: Mapped[str] = mapped_column(String(32))
+    # auth.username_skeleton: a look-alike of an existing name is refused, in the database
+    # too, so that two servers on one database cannot both let one in.
+    username_skeleton: Mapped[str] = mapped_column(String(64), unique=True)
     # Wide enough for a scheme prefix, a pepper id and tomorrow's algorithm.
     password_hash: Mapped[str] = mapped_column(String(255))
     created_ms: Mapped[int] = mapped_column(BigInteger)
@@ -60,6 +63,9 @@ class Message(Base):
         Index("ix_messages_room_id", "room", "id"),
         Index("ix_messages_dm_pair_id", "dm_pair", "id"),
         Index("ix_messages_undelivered", "recipient_id", "delivered"),
+        # Every direct message of one user (history direct: catching up after a reconnect).
+        Index("ix_messages_recipient_id", "recipient_id", "id"),
+        Index("ix_messages_sender_id", "sender_id", "id"),
         # msg_id must grow with every message and never be reused.
         {"sqlite_autoincrement": True},
     )

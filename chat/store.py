@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from chat.auth import username_skeleton
 from chat.errors import ChatError, Internal, NoSuchUser, NotInRoom, ServerBusy, UsernameTaken
 from chat.hub import LocalHub, Session, with_re
 from chat.models import Membership, Message, User
@@ -193,14 +194,23 @@ class Store:
 
     def create_user(self, conn: Connection, name: str, password_hash: str) -> UserRecord:
         ms = now_ms()
+        skeleton = username_skeleton(name)
+        taken = conn.execute(
+            select(users_t.c.username_key).where(or_(
+                users_t.c.username_key == name.lower(), users_t.c.username_skeleton == skeleton))
+        ).first()
+        if taken is not None:
+            if taken[0] == name.lower():
+                raise UsernameTaken()
+            raise UsernameTaken("that username looks too much like an existing one")
         try:
             uid = conn.execute(
                 insert(users_t).values(
-                    username_key=name.lower(), username=name, password_hash=password_hash,
-                    created_ms=ms, updated_ms=ms,
+                    username_key=name.lower(), username=name, username_skeleton=skeleton,
+                    password_hash=password_hash, created_ms=ms, updated_ms=ms,
                 )
             ).inserted_primary_key[0]
-        except IntegrityError:
+        except IntegrityError:  # another server on the same database, an instant ago
             raise UsernameTaken() from None
         conn.execute(insert(members_t).values(user_id=uid, room=DEFAULT_ROOM, joined_ms=ms))
         rec = UserRecord(uid, name.lower(), name, password_hash)

@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 
+import pytest
 from conftest import TIMEOUT
 from test_races import HeldWriter, _lines, _wait_queue
 
@@ -127,6 +128,19 @@ def test_a_send_flood_is_delivered_whole_and_in_order(server_factory):
     assert [f["re"] for f in echoes] == list(range(100))
     seen = [watcher.recv_until("message")["message"] for _ in range(100)]
     assert seen == [f"flood {i}" for i in range(100)]
+
+
+def test_a_peer_that_keeps_sending_after_the_bye_is_reset(chat_server):
+    """The server reads what a peer sends after our bye only up to a bound, so that a
+    flooder cannot keep it copying bytes until the close deadline."""
+    c = chat_server.client()
+    c.send_raw(b"\n" * 10)
+    assert c.recv_until("bye")["reason"] == "too_many_errors"
+    sent = 0
+    with pytest.raises(OSError):
+        while sent < 32 * 1024 * 1024:  # far more than the socket buffers hold
+            c.sock.sendall(b"x" * 16384)
+            sent += 16384
 
 
 # --- reply bytes ---------------------------------------------------------------------------
