@@ -516,6 +516,8 @@ def _presence_storm(host, port, ctx, src, room: str, online=400, togglers=16, se
         t.start()
     for t in threads:
         t.join()
+    if not threads:
+        time.sleep(seconds)
     time.sleep(1.0)  # what was still on its way
     took = time.perf_counter() - start
     drain.stop.set()
@@ -526,6 +528,11 @@ def _presence_storm(host, port, ctx, src, room: str, online=400, togglers=16, se
         c.close()
     return sum(v for k, v in codes.items() if k in ("ok", "error", "forbidden",
                                                      "rate_limited")), dict(codes)
+
+
+def attack_presence_control(host, port, ctx, src):
+    """The same 400 online and 10 s, nobody toggling: what 400 members cost by themselves."""
+    return _presence_storm(host, port, ctx, src, "quiet", togglers=0)
 
 
 def attack_presence_general(host, port, ctx, src):
@@ -547,6 +554,7 @@ ATTACKS = [
     ("client that never reads (80 history requests)", attack_never_reads),
     ("login storm, 100/s for 10 s, 25 addresses", attack_login_rate),
     ("newline flood before login (16 connections)", attack_newline_flood),
+    ("presence control: 400 online in a room, nobody toggles", attack_presence_control),
     ("presence storm: 16 toggle general, 400 online", attack_presence_general),
     ("presence storm: 16 toggle a room of 400", attack_presence_room),
 ]
