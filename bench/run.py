@@ -37,8 +37,17 @@ BENCH_LIMITS = [
 
 
 def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    code, python = REPO, PY
+    if kind.startswith("chat@"):
+        # Another checkout of this server (a git worktree of an older commit, say), run
+        # beside this one for a before/after within one run, with its own virtualenv:
+        # an editable install maps chat.migrations to its own checkout's migrations.
+        code, kind = Path(kind[len("chat@"):]).resolve(), "chat"
+        python = str(code / ".venv" / "bin" / "python")
+        if not Path(python).exists():
+            raise SystemExit(f"{python} is missing: run {code}/scripts/test once")
     if kind == "chat":
-        cmd = [PY, "-m", "chat.server", "--port", "0", "--data-dir", str(data),
+        cmd = [python, "-m", "chat.server", "--port", "0", "--data-dir", str(data),
                "--certfile", str(certs / "server.crt"), "--keyfile", str(certs / "server.key"),
                *BENCH_LIMITS, *extra]
     elif kind in PEERS:
@@ -59,7 +68,7 @@ def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subproc
                "--certfile", str(certs / "server.crt"), "--keyfile", str(certs / "server.key")]
     else:
         raise SystemExit(f"unknown server {kind}")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(code)}
     # chat-server prints its ready line whatever the log level: wait for it.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
@@ -150,7 +159,8 @@ def main() -> int:
                     help="(c) how long they idle: by default one idle timeout, which holds "
                     "every connection's keepalive ping")
     ap.add_argument("--servers", default="chat,naive,ngircd,inspircd,miniircd",
-                    help="comma-separated; the IRC peers need bench/peers/install.sh first")
+                    help="comma-separated; the IRC peers need bench/peers/install.sh first; "
+                    "chat@PATH is our server from another checkout (before/after)")
     ap.add_argument("--workloads", default="a,b,c,d,e",
                     help="(c), (d) and (e) run against our server only")
     args = ap.parse_args()
@@ -163,22 +173,28 @@ def main() -> int:
         certs = tmp / "certs"
         subprocess.run([PY, "-m", "chat.certs", "--out", str(certs)], check=True,
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        for kind in args.servers.split(","):
-            results: dict[str, list[dict]] = {"a": [], "b": []}
-            for run in range(args.runs):
+        kinds = args.servers.split(",")
+        results = {kind: {"a": [], "b": []} for kind in kinds}
+        # Runs outermost: each server's runs are spread over the whole session, so a
+        # slow minute of the machine does not fall on one server only.
+        for run in range(args.runs):
+            for kind in kinds:
                 for w in ("a", "b"):
                     if w not in workloads:
                         continue
-                    proc, port = start(kind, certs, tmp / f"{kind}-{w}-{run}", [])
+                    label = kind.replace("/", "_").replace("@", "_")
+                    proc, port = start(kind, certs, tmp / f"{label}-{w}-{run}", [])
                     pid = getattr(proc, "server_pid", proc.pid)
                     proto = "irc" if kind in PEERS else "chat"
                     try:
-                        results[w].append(loadgen(w, port, pid, certs / "ca.crt",
-                                                  f"{w}{run}x", proto, seconds=args.seconds))
+                        results[kind][w].append(loadgen(
+                            w, port, pid, certs / "ca.crt", f"{w}{run}x", proto,
+                            seconds=args.seconds))
                     finally:
                         stop(proc)
-                    print(f"{kind} {w} run {run}: {results[w][-1]}", file=sys.stderr)
-            rows.append((kind, results))
+                    print(f"{kind} {w} run {run}: {results[kind][w][-1]}", file=sys.stderr)
+        for kind in kinds:
+            rows.append((kind, results[kind]))
             if kind != "chat":
                 continue
             if "c" in workloads and args.idle:

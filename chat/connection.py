@@ -1,45 +1,30 @@
-"""One client connection's life: TLS handshake, frames in, requests dispatched, bytes out.
+"""One client connection's requests: frames in, paced, dispatched; sessions in and out.
 
 Theory of operation
 -------------------
-A `Connection` lives on one `IOLoop` thread. Only that thread changes `state`, the
-decoder and the holds, and it does every read, handshake and close of the SSLSocket.
+A `Connection` is a `TlsStream` (chat.tls_stream: the socket, bytes out from any thread,
+the close) that speaks the chat protocol. It lives on one `IOLoop` thread, and only that
+thread changes its state, its decoder and its holds. Other threads reach it through
+`deliver(bytes)` and `loop.call_soon(...)` continuations (a checked password, a
+finished writer job).
 
-Other threads talk to it in two ways only:
-- `deliver(bytes)` (the hub, the store writer, the auth workers). When nothing is queued
-  or half-written and no thread is in the TLS object (`_ssl_lock`, tried, never waited
-  for), the caller writes the bytes itself with one non-blocking `send`; whatever the
-  socket does not take then waits for the loop. Otherwise the bytes are appended to the
-  outbound queue under `_olock` and the loop is asked to flush. It never blocks. When
-  the queue holds more than `max_outbound_bytes`, the client is not reading: the loop
-  drops what is queued, sends `bye slow_consumer` and closes, and no one else waits.
-- `loop.call_soon(...)` continuations, e.g. when a login has been checked.
+Frames are parsed one at a time and handled only when the connection's limits allow: the
+frame rate and the reply budget (held until the tokens are there, never refused), a
+password check in progress (held, so replies keep request order and a client may
+pipeline), too much of its work waiting for the store's writer (held: back-pressure).
+While held, the connection reads nothing more, so TCP slows the client instead of our
+memory growing.
 
-Writing from the store writer saves, for each recipient of a fan-out, the loop's
-wake-up and the GIL handoff between threads it costs; bench (a), 3 runs each: p99 10.2
-ms before, 6.4 ms after, with (b) unchanged. `_ssl_lock` keeps OpenSSL's rule that one
-SSL object is never used by two threads at once.
-
-The loop writes everything queued in one `send` (one TLS write of many frames), and
-retries a write that would block with the very same bytes, as OpenSSL requires.
-
-Requests that need a password check (register, login, passwd) pause the connection: no
-further frame is handled until the answer is out, so replies keep request order and a
-client may pipeline. Everything that touches the database or fans out goes through the
-store's writer queue, in order, so a `send` after a `join` always sees the join.
+Everything that touches the database or fans out goes through the store's writer queue,
+in order, so a `send` after a `join` always sees the join; membership is decided there.
 
 Errors become `error` frames in exactly one place: `_handle`.
 """
 
 from __future__ import annotations
 
-import collections
-import enum
 import logging
-import selectors
 import socket
-import ssl
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -57,6 +42,7 @@ from chat.hub import Session
 from chat.protocol import FrameDecoder, encode
 from chat.store import Job, MessageJob
 from chat.throttle import TokenBucket
+from chat.tls_stream import RECV_SIZE, State, TlsStream
 
 if TYPE_CHECKING:
     from chat.ioloop import IOLoop
@@ -64,27 +50,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-RECV_SIZE = 65536
+__all__ = ["HOLD_AUTH", "HOLD_RATE", "HOLD_SHUTDOWN", "HOLD_WRITER", "RECV_SIZE",
+           "Connection", "State"]
+
 # Reads per readiness event before other connections get a turn.
 READS_PER_WAKE = 8
 # Frames handled per turn before other connections of the loop get theirs.
 FRAMES_PER_TURN = 64
-# One TLS write holds at most this much; the rest follows when it is done.
-MAX_WRITE = 256 * 1024
-# What a peer may still send after our side closed, while we wait for its close so that
-# our last frames are not lost to a reset: a flooder gets the reset instead.
-DRAIN_LIMIT = 256 * 1024
-
-
-class State(enum.IntEnum):
-    HANDSHAKE = 0
-    OPEN = 1  # TLS up, not logged in
-    READY = 2  # logged in
-    CLOSING = 3  # flushing the last frames
-    DRAINING = 4  # our side shut, reading until the peer closes
-    CLOSED = 5
-
 
 # Why a connection handles no frame for now (a bit mask, `Connection._holds`).
 HOLD_AUTH = 1  # a password check is running: replies keep request order
@@ -93,27 +65,23 @@ HOLD_WRITER = 4  # too much of its work waits for the store's writer
 HOLD_SHUTDOWN = 8  # the server is stopping
 
 PING = encode({"type": "ping"})  # the same bytes every time
-# What a write under _ssl_lock can end in, besides done (None) and an error.
-_BLOCKED, _WANTS_READ = object(), object()
 
 
-class Connection:
+class Connection(TlsStream):
     def __init__(self, server: Server, loop: IOLoop, raw: socket.socket, addr: Any) -> None:
-        self.server = server
-        self.loop = loop
         self.settings = settings = server.settings
-        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-        self.ip = server.address_key(addr)  # what per-address limits count: IPv6 by network
-        raw.setblocking(False)
-        self.sock: ssl.SSLSocket = server.ssl_context.wrap_socket(
-            raw, server_side=True, do_handshake_on_connect=False
+        super().__init__(
+            server.ssl_context, loop, raw,
+            f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr),
+            handshake_timeout=settings.handshake_timeout,
+            max_outbound_bytes=settings.max_outbound_bytes,
+            shutdown_grace=settings.shutdown_grace,
         )
+        self.server = server
+        self.ip = server.address_key(addr)  # what per-address limits count: IPv6 by network
         now = time.monotonic()
-        self.state = State.HANDSHAKE
-        self.handshake_deadline = now + settings.handshake_timeout
         # Absolute from connect: trickling bytes cannot extend it.
         self.login_deadline = now + settings.login_timeout
-        self.close_deadline = 0.0
         self.last_recv = now
         self.ping_sent = False
         # Three quarters of the way to the idle deadline: every ping is a TLS round trip
@@ -134,9 +102,7 @@ class Connection:
         self._submitted = 0
         self._completed = 0
         self._writer_release_at = -1  # held for the writer until in flight <= this
-        self._drained = 0  # bytes read and dropped after our side closed
         self._pongs_owed = 0  # pings we sent that were not answered yet
-        self.taking_requests = True
         self.errors_in_row = 0
         self.session: Session | None = None
         # A login in progress: its session exists (so a close can detach it) but is not
@@ -144,26 +110,6 @@ class Connection:
         self.pending_session: Session | None = None
         self.backlog_more = False  # stored direct messages still to hand over
         self.close_reason = ""
-        # Outbound state, shared with other threads under _olock.
-        self._olock = threading.Lock()
-        self._out: collections.deque[bytes] = collections.deque()
-        self._out_bytes = 0
-        self._flush_scheduled = False
-        self._out_closed = False
-        self._overflowed = False
-        # Held by whichever thread is inside the TLS object: the loop for every read,
-        # handshake and close, any thread for a write (see `deliver`). OpenSSL forbids
-        # two threads in one SSL object at once. Taken before _olock, never after it.
-        self._ssl_lock = threading.Lock()
-        # Bytes a write left half-sent, to be retried as they are; under _ssl_lock.
-        self._wbuf: bytes | None = None
-        # A write ended in "want read": TLS needs the peer's bytes first, so the next
-        # read event must retry the write too (nothing else may ever ask for it).
-        self._write_wants_read = False
-        # Loop-thread-only write state.
-        self._want = 0
-        self._handshake_wants = READ
-        self._registered = 0  # the selector events currently registered
         self._update_interest()
         loop.handlers.add(self)
         loop.schedule(self, min(self.handshake_deadline, self.login_deadline))
@@ -173,82 +119,6 @@ class Connection:
         return f"<Connection {self.peer} {self.state.name} user={who}>"
 
     # --- from any thread ------------------------------------------------------------
-    def accepting(self) -> bool:
-        return not (self._out_closed or self._overflowed)
-
-    def deliver(self, data: bytes) -> bool:
-        """Queue bytes for this client, or write them now; False if they will never be sent.
-
-        From any thread. When nothing is queued or half-written and no other thread is in
-        the TLS object, the bytes go out at once from the calling thread: for the store
-        writer's fan-out that saves each recipient's loop a wake-up and the GIL handoffs
-        that come with it. The attempt never waits, for the lock or for the socket.
-        """
-        if self._ssl_lock.acquire(blocking=False):
-            try:
-                took = self._send_now(data)
-            finally:
-                self._ssl_lock.release()
-            if took is not None:
-                return took
-        with self._olock:
-            if self._out_closed or self._overflowed:
-                return False
-            if self._out_bytes + len(data) > self.settings.max_outbound_bytes:
-                # Take nothing more: the loop drops the queue and says bye.
-                self._overflowed = True
-                self.loop.call_soon(self._slow_consumer)
-                return False
-            self._out.append(data)
-            self._out_bytes += len(data)
-            ask = self._claim_flush()
-        if ask:
-            self.loop.call_soon(self._flush)
-        return True
-
-    def _send_now(self, data: bytes) -> bool | None:
-        """Under _ssl_lock: write `data` unless something is ahead of it (then None)."""
-        state = self.state
-        if state is not State.READY and state is not State.OPEN:
-            return None
-        with self._olock:
-            if self._out_closed or self._overflowed:
-                return False
-            if self._out or self._wbuf is not None:
-                return None
-            if len(data) > self.settings.max_outbound_bytes:
-                return None  # the queue's path says slow_consumer
-        try:
-            sent = self.sock.send(data)
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            sent = 0
-        except (ssl.SSLError, OSError):
-            # The loop meets the same error when it retries, and closes the connection.
-            sent = 0
-        if sent == len(data):
-            return True
-        # The rest waits for the loop, which retries with these very bytes, as OpenSSL
-        # requires after a write that would block.
-        rest = data[sent:] if sent else data
-        with self._olock:
-            self._wbuf = rest
-            self._out_bytes += len(rest)
-            ask = self._claim_flush()
-        if ask:
-            self.loop.call_soon(self._flush)
-        return True
-
-    def _claim_flush(self) -> bool:
-        """Under _olock: True if the caller is the one to ask the loop for a flush.
-
-        One pending _flush per connection, however many threads deliver meanwhile; the
-        caller schedules it after leaving _olock, which the loop's thread also takes.
-        """
-        if self._flush_scheduled:
-            return False
-        self._flush_scheduled = True
-        return True
-
     def end(self, reason: str) -> None:
         """Close this connection with `bye reason`; from any thread."""
         self.loop.call_soon(self.close, reason)
@@ -264,40 +134,46 @@ class Connection:
     def send_error(self, exc: ChatError, rid: m.RequestId = None) -> None:
         self.deliver(encode(exc.to_frame(rid)))
 
-    # --- selector events (loop thread) ----------------------------------------------
-    def on_io(self, mask: int) -> None:
-        if self.state == State.HANDSHAKE:
-            self._handshake()
-            return
-        if mask & WRITE or (mask & READ and self._write_wants_read):
-            self._write()
-        if mask & READ and self.state != State.CLOSED:
-            if self.state == State.DRAINING:
-                self._drain()
-            else:
-                self._read()
+    # --- the stream's hooks (loop thread) -------------------------------------------
+    def _on_open(self) -> None:
+        self.deliver(self.server.hello)
+        self._read()
+
+    def _on_readable(self) -> None:
+        self._read()
+
+    def _reading_wanted(self) -> bool:
+        return not self._holds
+
+    def _on_flushed(self) -> None:
+        if self.backlog_more and self.state == State.READY:
+            self._next_backlog_page()
+
+    def _on_closing(self) -> None:
+        self._detach()
+
+    def _on_slow_consumer(self) -> None:
+        self.close("slow_consumer")
+
+    def _on_closed(self, prev: State) -> None:
+        self.decoder = FrameDecoder(2)
+        self._waiting = None
+        if prev < State.CLOSING:
+            self._detach()
+        self.server.connection_closed(self.ip)
+        if prev >= State.OPEN and prev < State.CLOSING:
+            log.info("%s: disconnected", self.peer)
 
     def tick(self, now: float) -> float | None:
         """Enforce this connection's deadlines; returns when to look again."""
         state = self.state
-        if state == State.HANDSHAKE:
-            if now > self.handshake_deadline:
-                log.info("%s: TLS handshake timed out", self.peer)
-                self._abort()
-                return None
-            return self.handshake_deadline
-        if state in (State.CLOSING, State.DRAINING):
-            if now > self.close_deadline:
-                self._abort()
-                return None
-            return self.close_deadline
-        if state == State.CLOSED:
-            return None
         if state == State.OPEN:
             if now > self.login_deadline:
                 self.close("login_timeout")
                 return self.close_deadline
             return self.login_deadline
+        if state != State.READY:
+            return self.stream_tick(now)
         silent = now - self.last_recv
         if silent > self.settings.idle_timeout:
             self.close("idle")
@@ -309,28 +185,6 @@ class Connection:
         if self.ping_sent:
             return self.last_recv + self.settings.idle_timeout
         return self.last_recv + self._ping_after
-
-    # --- handshake ------------------------------------------------------------------
-    def _handshake(self) -> None:
-        try:
-            with self._ssl_lock:
-                self.sock.do_handshake()
-                version, cipher = self.sock.version(), (self.sock.cipher() or ("?",))[0]
-        except ssl.SSLWantReadError:
-            self._handshake_wants = READ
-        except ssl.SSLWantWriteError:
-            self._handshake_wants = WRITE
-        except (ssl.SSLError, OSError) as exc:
-            # Plaintext, a wrong protocol version or a client that hung up: no JSON answer.
-            log.info("%s: TLS handshake failed: %s", self.peer, exc)
-            self._abort()
-            return
-        else:
-            self.state = State.OPEN
-            log.info("%s: connected (%s, %s)", self.peer, version, cipher)
-            self.deliver(self.server.hello)
-            self._read()
-        self._update_interest()
 
     # --- reading --------------------------------------------------------------------
     def _schedule_read(self) -> None:
@@ -347,14 +201,8 @@ class Connection:
         for _ in range(READS_PER_WAKE):
             if self._holds or self.state not in (State.OPEN, State.READY):
                 return
-            try:
-                with self._ssl_lock:
-                    data = self.sock.recv(RECV_SIZE)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            except (ssl.SSLError, OSError) as exc:
-                log.info("%s: connection error: %s", self.peer, exc)
-                self._abort()
+            data = self._recv()
+            if data is None:
                 return
             if not data:
                 self.close(None, "client closed the connection")
@@ -601,197 +449,14 @@ class Connection:
         self.server.store.submit(Job(lambda db: (lambda: hub.detach(session)),
                                      lambda exc: None))
 
-    # --- writing (loop thread) ------------------------------------------------------
-    def _flush(self) -> None:
-        with self._olock:
-            self._flush_scheduled = False
-        self._write()
-
-    def _write(self) -> None:
-        if self.state in (State.HANDSHAKE, State.DRAINING, State.CLOSED):
-            return
-        with self._ssl_lock:
-            outcome = self._send_queued()
-        self._write_wants_read = outcome is _WANTS_READ
-        if outcome is _BLOCKED:
-            self._want_write(True)
-            return
-        if outcome is _WANTS_READ:
-            # TLS needs the peer's bytes first (a key update, say): the next read event
-            # retries this write (on_io), and reading must be on even while held.
-            self._want_write(False)
-            self._update_interest()
-            return
-        if outcome is not None:
-            log.info("%s: write failed: %s", self.peer, outcome)
-            self._abort()
-            return
-        self._want_write(False)
-        if self.state == State.CLOSING:
-            self._shut_down()
-        elif self.backlog_more and self.state == State.READY:
-            self._next_backlog_page()
-
-    def _send_queued(self) -> object:
-        """Under _ssl_lock: write until the queue is empty (None) or the socket is full."""
-        while True:
-            if self._wbuf is None:
-                with self._olock:
-                    if not self._out:
-                        return None
-                    out = self._out
-                    if self._out_bytes <= MAX_WRITE:
-                        chunk = b"".join(out)
-                        out.clear()
-                    else:
-                        parts, size = [], 0
-                        while out and size < MAX_WRITE:
-                            part = out.popleft()
-                            parts.append(part)
-                            size += len(part)
-                        chunk = b"".join(parts)
-                self._wbuf = chunk
-            try:
-                sent = self.sock.send(self._wbuf)
-            except ssl.SSLWantWriteError:
-                return _BLOCKED
-            except ssl.SSLWantReadError:
-                return _WANTS_READ
-            except (ssl.SSLError, OSError) as exc:
-                return exc
-            with self._olock:
-                self._out_bytes -= sent
-            self._wbuf = self._wbuf[sent:] or None
-
-    def _want_write(self, want: bool) -> None:
-        flag = WRITE if want else 0
-        if (self._want & WRITE) != flag:
-            self._want = (self._want & ~WRITE) | flag
-            self._update_interest()
-
-    def _slow_consumer(self) -> None:
-        if self.state >= State.CLOSING:
-            return
-        with self._ssl_lock, self._olock:
-            dropped = self._out_bytes - (len(self._wbuf) if self._wbuf else 0)
-            self._out.clear()
-            self._out_bytes -= dropped
-            self._overflowed = False  # so that close() can queue the bye
-        log.warning("%s: not reading; dropped %d queued bytes", self.peer, dropped)
-        self.close("slow_consumer")
-
     # --- closing (loop thread) ------------------------------------------------------
     def close(self, reason: str | None, detail: str = "") -> None:
         """Say bye (if reason), flush, shut down our side, then close. Idempotent."""
         if self.state >= State.CLOSING:
             return
-        if self.state == State.HANDSHAKE:
-            self._abort()
-            return
-        self.state = State.CLOSING
         self.close_reason = reason or detail
-        self.close_deadline = time.monotonic() + self.settings.shutdown_grace
-        self.loop.schedule(self, self.close_deadline)
-        self._detach()
-        with self._olock:
-            if reason is not None:
-                bye = encode({"type": "bye", "reason": reason})
-                self._out.append(bye)
-                self._out_bytes += len(bye)
-            self._out_closed = True
-        log.info("%s: closing (%s)", self.peer, self.close_reason or "closed")
-        self._update_interest()
-        self._write()
-
-    def _shut_down(self) -> None:
-        """Everything is written: send close_notify and FIN, then wait for the peer's close.
-
-        Closing with unread bytes from the peer would make the kernel send a reset, which
-        can destroy our last frames (the bye) before the client reads them.
-        """
-        try:
-            with self._ssl_lock:
-                self.sock.unwrap()
-        except (ssl.SSLError, OSError, ValueError):
-            pass  # close_notify is out, or the peer is gone: either way we are done
-        try:
-            with self._ssl_lock:
-                self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._abort()
-            return
-        self.state = State.DRAINING
-        self._want = 0
-        self._update_interest()
-
-    def _drain(self) -> None:
-        try:
-            with self._ssl_lock:
-                while data := self.sock.recv(RECV_SIZE):
-                    self._drained += len(data)
-                    if self._drained > DRAIN_LIMIT:
-                        break  # still sending after our bye: it gets a reset instead
-                else:
-                    data = b""
-            if data:
-                log.info("%s: still sending after the close; reset", self.peer)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
-        self._abort()
-
-    def _abort(self) -> None:
-        """Close the socket now, without a goodbye."""
-        if self.state == State.CLOSED:
-            return
-        prev, self.state = self.state, State.CLOSED
-        # Other threads may hold this object a while yet (a history read, a fan-out's
-        # list of recipients): free what it holds now, and its timer.
-        self.loop.cancel(self)
-        self.decoder = FrameDecoder(2)
-        self._waiting = None
-        if prev < State.CLOSING:
-            self._detach()
-        with self._ssl_lock, self._olock:
-            self._out_closed = True
-            self._out.clear()
-            self._out_bytes = 0
-            self._wbuf = None
-        if self._registered:
-            self.loop.selector.unregister(self.sock)
-            self._registered = 0
-        self.loop.handlers.discard(self)
-        try:
-            with self._ssl_lock:
-                self.sock.close()
-        except OSError:
-            pass
-        self.server.connection_closed(self.ip)
-        if prev >= State.OPEN and prev < State.CLOSING:
-            log.info("%s: disconnected", self.peer)
-
-    def _update_interest(self) -> None:
-        state = self.state
-        if state == State.CLOSED:
-            return
-        if state == State.HANDSHAKE:
-            events = self._handshake_wants
-        elif state == State.DRAINING:
-            events = READ
-        else:
-            reading = state in (State.OPEN, State.READY) and not self._holds
-            events = ((READ if reading or self._write_wants_read else 0)
-                      | (self._want & WRITE))
-        if events == self._registered:
-            return
-        if not self._registered:
-            self.loop.selector.register(self.sock, events, self)
-        elif events:
-            self.loop.selector.modify(self.sock, events, self)
-        else:
-            self.loop.selector.unregister(self.sock)
-        self._registered = events
+        bye = encode({"type": "bye", "reason": reason}) if reason is not None else None
+        self.close_with(bye, self.close_reason or "closed")
 
 
 def _id_or_none(frame: dict[str, Any]) -> m.RequestId:
