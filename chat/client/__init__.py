@@ -22,6 +22,7 @@ from chat.client.errors import (
     TLSFailed,
     raise_for_error,
 )
+from chat.client.limits import ServerLimits, split_message
 
 __all__ = [
     "CertificateNotTrusted",
@@ -31,7 +32,9 @@ __all__ = [
     "ConnectionClosed",
     "IncompatibleServer",
     "ServerError",
+    "ServerLimits",
     "TLSFailed",
     "TimedOut",
     "raise_for_error",
+    "split_message",
 ]

@@ -37,6 +37,7 @@ from chat.client.errors import (
     ServerError,
     TimedOut,
 )
+from chat.client.limits import ServerLimits, split_message
 from chat.client.transport import Transport, open_tls, remaining
 from chat.errors import ProtocolError
 from chat.protocol import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecoder, encode
@@ -50,6 +51,8 @@ DEFAULT_TIMEOUT = 10.0  # seconds; the server's own TLS handshake timeout is als
 MAX_SERVER_FRAME_BYTES = 16 * 1024 * 1024
 
 _END = object()  # end-of-stream marker on the event queue
+
+__all__ = ["DEFAULT_TIMEOUT", "ChatClient", "ServerLimits", "split_message"]
 
 
 class _Waiter:
@@ -75,6 +78,7 @@ class ChatClient:
         self._ids = itertools.count(1)
         self._transport = Transport(sock, on_data=self._on_data, on_close=self._on_close)
         self.hello: Frame = {}
+        self.limits = ServerLimits()  # what `hello` announced, else the v1 defaults
         self.username: str | None = None  # set by a successful `login`
         self.bye_reason: str | None = None
         self.bad_frames = 0  # undecodable lines from the server, dropped (a server bug)
@@ -132,6 +136,7 @@ class ChatClient:
                 f"this client speaks {PROTOCOL_VERSION}"
             )
         self.hello = first
+        self.limits = ServerLimits.from_hello(first)
 
     # -- sending and requests ---------------------------------------------------------------
 
