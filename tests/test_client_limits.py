@@ -6,9 +6,11 @@ import pytest
 
 from chat.client.connection import split_message as exported
 from chat.client.limits import (
+    PACE_SHARE,
     V1_FRAME_BURST,
     V1_FRAMES_PER_SECOND,
     V1_MAX_MESSAGE_CHARS,
+    SendPacer,
     ServerLimits,
     split_message,
     split_note,
@@ -85,3 +87,60 @@ def test_a_bad_limit_is_refused() -> None:
 def test_the_note_names_the_length_count_and_limit() -> None:
     note = split_note(9000, 3, 4000)
     assert "9000" in note and "3 messages" in note and "4000" in note
+
+
+# -- the pacer --------------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_burst_goes_at_once_then_one_frame_per_slot() -> None:
+    clock = Clock()
+    pacer = SendPacer(10.0, 3, clock)
+    assert [pacer.reserve() for _ in range(3)] == [0.0, 0.0, 0.0]
+    # Reserved one after another, without waiting: slots 0.1 s apart, in order.
+    assert [pacer.reserve() for _ in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_tokens_come_back_with_time_up_to_the_burst() -> None:
+    clock = Clock()
+    pacer = SendPacer(10.0, 3, clock)
+    for _ in range(3):
+        pacer.reserve()
+    clock.now += 0.25  # two and a half tokens
+    assert [pacer.reserve() for _ in range(3)] == pytest.approx([0.0, 0.0, 0.05])
+    clock.now += 3600  # a long quiet: the bucket is full again, and no fuller
+    assert [pacer.reserve() for _ in range(4)] == pytest.approx([0.0, 0.0, 0.0, 0.1])
+
+
+def test_a_refusal_holds_everything_for_its_wait_then_starts_empty() -> None:
+    clock = Clock()
+    pacer = SendPacer(10.0, 3, clock)
+    pacer.hold(2.0)
+    assert pacer.reserve() == pytest.approx(2.1)
+    clock.now += 2.1
+    assert pacer.reserve() == pytest.approx(0.1)
+
+
+def test_the_pace_is_a_little_under_the_servers() -> None:
+    limits = ServerLimits(frames_per_second=10.0, frame_burst=30)
+    pacer = SendPacer.for_server(limits)
+    assert pacer.rate == pytest.approx(10.0 * PACE_SHARE) and pacer.rate < 10.0
+    assert 1 <= pacer.burst < 30
+    tiny = SendPacer.for_server(ServerLimits(frames_per_second=50.0, frame_burst=2))
+    assert tiny.burst == 1  # never below one frame
+
+
+def test_a_pacer_needs_a_rate_and_a_burst() -> None:
+    with pytest.raises(ValueError):
+        SendPacer(0.0, 1)
+    with pytest.raises(ValueError):
+        SendPacer(1.0, 0)

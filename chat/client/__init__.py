@@ -13,6 +13,7 @@
 from chat.client.connection import ChatClient
 from chat.client.errors import (
     CertificateNotTrusted,
+    ClientCertificateRefused,
     ClientError,
     ConnectFailed,
     ConnectionClosed,
@@ -27,6 +28,7 @@ from chat.client.limits import ServerLimits, split_message
 __all__ = [
     "CertificateNotTrusted",
     "ChatClient",
+    "ClientCertificateRefused",
     "ClientError",
     "ConnectFailed",
     "ConnectionClosed",
