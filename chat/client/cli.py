@@ -205,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         + STREAMS,
         epilog=EXIT_CODES, formatter_class=raw,
     )
-    login.add_argument("--json", action="store_true", help="print each frame as a JSON line")
+    login.add_argument(
+        "--json", action="store_true",
+        help="print each frame received as a JSON line (all but the keep-alive pings)",
+    )
     login.add_argument(
         "--reconnect", dest="reconnect", action="store_const", const=True, default=None,
         help="reconnect after a lost connection in line mode too (the prompt always does)",

@@ -201,16 +201,20 @@ def reconnect(
     `position` is the lost connection's `last_msg_id` (None: the server did not say).
     """
     attempts = 0
+    failed: str | None = None  # why the last attempt failed: said with the next wait
     for delay in delays if delays is not None else backoff_delays():
         attempts += 1
         if max_attempts is not None and attempts > max_attempts:
             break
-        notify(f"connection lost; reconnecting in {delay:.0f} s")
+        if failed is None:
+            notify(f"connection lost; reconnecting in {delay:.0f} s")
+        else:
+            notify(f"{failed}; trying again in {delay:.0f} s")
         sleep(delay)
         try:
             client = connect()
         except ClientError as exc:
-            notify(f"reconnect failed: {exc}")
+            failed = f"reconnect failed: {exc}"
             continue
         try:
             welcome = client.request(
@@ -221,7 +225,7 @@ def reconnect(
                 client.close()
                 if welcome.get("code") == "invalid_credentials":
                     raise GaveUp("the password was refused on reconnecting")
-                notify(f"reconnect refused: {welcome.get('code')}")
+                failed = f"reconnect refused: {welcome.get('code')}"
                 continue
             client.username = str(welcome.get("username", username))
             listed = welcome.get("rooms")
@@ -235,11 +239,11 @@ def reconnect(
             )
         except ClientError as exc:
             client.close()
-            notify(f"reconnect failed: {exc}")
+            failed = f"reconnect failed: {exc}"
             continue
         notify(f"reconnected as {client.username}")
         return client, missed
-    raise GaveUp("gave up reconnecting")
+    raise GaveUp("gave up reconnecting" + (f" ({failed})" if failed else ""))
 
 
 class Link:

@@ -107,9 +107,9 @@ def handshake_failure(exc: OSError, peer: str, timeout: float) -> TLSFailed:
     if isinstance(exc, TimeoutError):
         return TLSFailed(
             f"the TLS handshake with {peer} timed out after {timeout:g} s: something "
-            "accepted the connection but never answered. That is usually not a chat server "
-            f"(the chat port is {DEFAULT_PORT}), a firewall or proxy in between, or a "
-            "server too busy to answer."
+            "accepted the connection but never answered. That usually means it is not a "
+            f"chat server (the chat port is {DEFAULT_PORT}), or a firewall or proxy is in "
+            "between, or the server is too busy to answer."
         )
     if isinstance(exc, ssl.SSLEOFError | ConnectionError):
         return TLSFailed(
