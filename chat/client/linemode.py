@@ -129,9 +129,6 @@ def run_line_mode(
     def note(text: str) -> None:
         _write(stderr, lock, f"-- {text}")
 
-    def paused(frame: Frame, wait: float) -> None:
-        note(f"the server asked to slow down: sending again in {wait:g} s")
-
     undelivered = 0
     quitting = False
     while not quitting:
@@ -160,39 +157,16 @@ def run_line_mode(
         elif isinstance(action, Passwd):
             complain(INTERACTIVE_ONLY)
         elif isinstance(action, Request):
-            client = link.current()  # waits out a reconnection in progress
-            client.on_resend = paused
-            requests = _split(action, client.limits.max_message_chars)
-            if len(requests) > 1:
-                text = str(action.frame["message"])
-                note(split_note(len(text), len(requests), client.limits.max_message_chars))
-            for request in requests:
-                outcome = _perform(client, request, state, timeout, complain)
-                if outcome is None:
-                    undelivered += _is_send(request)
-                    continue
-                if outcome is _LOST:
-                    if link.next_client(client) is None:
-                        quitting = False
-                        break
-                    undelivered += _is_send(request)
-                    complain(f"the connection was lost before the reply to {item.strip()!r}; "
-                             "it may or may not have been carried out")
-                    client = link.current()
-                    continue
-                if outcome is _TIMED_OUT:
-                    link.stop()
-                    client.close()
-                    printer.join(timeout)
-                    return EXIT_CONNECTION
-                assert isinstance(outcome, dict)
-                if outcome.get("type") == "error" and (
-                    _is_send(request) or outcome.get("code") == "rate_limited"
-                ):
-                    undelivered += 1
-            else:
-                continue
-            break  # the connection ended for good while sending
+            outcome = _carry_out(action, item, link, state, timeout, note, complain)
+            if outcome is _ENDED:
+                break
+            if outcome is _TIMED_OUT:
+                link.stop()
+                link.client.close()
+                printer.join(timeout)
+                return EXIT_CONNECTION
+            assert isinstance(outcome, int)
+            undelivered += outcome
     link.stop()
     if link.interrupted:  # the printer may be in a TLS handshake: no waiting for it
         complain("the input ended while reconnecting: what was said since the connection "
@@ -219,25 +193,52 @@ def run_line_mode(
     return EXIT_OK
 
 
-_LOST = object()  # the connection ended before the reply
+_ENDED = object()  # the connection ended for good
 _TIMED_OUT = object()  # no reply in time: the client gives up
 
 
-def _perform(
-    client: ChatClient, request: Request, state: ChatState, timeout: float,
-    complain: Callable[[str], None],
-) -> Frame | object | None:
-    """The reply to `request`; None if it was refused locally, or _LOST, or _TIMED_OUT."""
-    try:
-        return perform(client, request, state, timeout)
-    except ValueError as exc:  # refused locally: larger than the server accepts
-        complain(str(exc))
-        return None
-    except ConnectionClosed:
-        return _LOST
-    except TimedOut as exc:
-        complain(f"{exc}; giving up")
-        return _TIMED_OUT
+def _carry_out(
+    action: Request, line: str, link: Link, state: ChatState, timeout: float,
+    note: Callable[[str], None], complain: Callable[[str], None],
+) -> int | object:
+    """Send `action`, split if too long; how many messages were not delivered, or
+    _ENDED (the connection is gone for good) or _TIMED_OUT."""
+
+    def paused(frame: Frame, wait: float) -> None:
+        note(f"the server asked to slow down: sending again in {wait:g} s")
+
+    client: ChatClient | None = link.current()  # waits out a reconnection in progress
+    assert client is not None
+    client.on_resend = paused
+    limit = client.limits.max_message_chars
+    requests = _split(action, limit)
+    if len(requests) > 1:
+        note(split_note(len(str(action.frame["message"])), len(requests), limit))
+    undelivered = 0
+    for request in requests:
+        try:
+            reply = perform(client, request, state, timeout)
+        except ValueError as exc:  # refused locally: larger than the server accepts
+            complain(str(exc))
+            undelivered += _is_send(request)
+            continue
+        except ConnectionClosed:
+            client = link.next_client(client)
+            if client is None:
+                return _ENDED
+            client.on_resend = paused
+            complain(f"the connection was lost before the reply to {line.strip()!r}; "
+                     "it may or may not have been carried out")
+            undelivered += _is_send(request)
+            continue
+        except TimedOut as exc:
+            complain(f"{exc}; giving up")
+            return _TIMED_OUT
+        if reply.get("type") == "error" and (
+            _is_send(request) or reply.get("code") == "rate_limited"
+        ):
+            undelivered += 1  # the server said why; the printer shows it
+    return undelivered
 
 
 def _split(action: Request, limit: int) -> list[Request]:
