@@ -66,11 +66,12 @@ def run_in_process(client: ChatClient, script: str) -> tuple[int, str, str]:
 def test_lines_the_server_refused_for_the_rate_are_sent_again_in_order(
     server_factory: Any,
 ) -> None:
-    server = server_factory(frames_per_second=20.0, frame_burst=5)
+    # Three frames a second: even a slow machine sends faster than that.
+    server = server_factory(frames_per_second=3.0, frame_burst=4)
     me, other = new_name(), new_name()
     server.register(me)
     server.register(other)
-    lines = [f"paste {n}" for n in range(1, 21)]
+    lines = [f"paste {n}" for n in range(1, 11)]
     with session(server, other) as reader:
         writer = session(server, me, replies_as_events=True)
         writer.pacer = SendPacer(1e9, 10**9)  # as an older client: no pacing of its own
@@ -81,7 +82,7 @@ def test_lines_the_server_refused_for_the_rate_are_sent_again_in_order(
     assert "rate_limited" not in out + err  # waited out: no refusal is shown
 
 
-def test_a_line_still_refused_after_the_resends_makes_the_exit_code_non_zero(
+def test_a_line_the_server_still_refuses_makes_the_exit_code_non_zero(
     server_factory: Any,
 ) -> None:
     # One token every 100 s: the server asks for a wait the client will not sit out.
