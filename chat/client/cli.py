@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recent", type=_count, metavar="N",
         help="on login, show the last N messages of the room, then the direct messages "
         f"that came while away (default: `recent` in the config file, else {DEFAULT_RECENT}; "
-        "0: neither; never with --json)",
+        "0: none of the room's, and the direct messages without a heading; never with "
+        "--json)",
     )
     _chat_flags(login)
     config = commands.add_parser(
