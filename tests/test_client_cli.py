@@ -48,16 +48,27 @@ PASSWORD = "correct horse battery staple 42"
 WAIT = 60.0  # seconds for one CLI run: Python start-up on a loaded 2-core machine included
 
 
+# Where no test's files are: the user's own config file and development CA stay out of
+# the tests unless a test points XDG_CONFIG_HOME or XDG_DATA_HOME somewhere itself.
+NOWHERE = "/nonexistent/chat-client-tests"
+
+
 def run_cli(
-    *args: str, input: str = "", password: str | None = PASSWORD, **env: str
+    *args: str, input: str = "", password: str | None = PASSWORD, merged: bool = False,
+    **env: str,
 ) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "CHAT_PASSWORD"}
+    """Run chat-client; with `merged`, stderr goes into stdout, so their order is kept."""
+    environ = {k: v for k, v in os.environ.items()
+               if k != "CHAT_PASSWORD" and not k.startswith("CHAT_")}
+    environ.update(XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=NOWHERE)
     if password is not None:
         environ["CHAT_PASSWORD"] = password
     environ.update(env)
     return subprocess.run(
         [sys.executable, "-m", "chat.client.cli", *args],
-        input=input, capture_output=True, text=True, timeout=WAIT, env=environ, cwd=ROOT,
+        input=input, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+        text=True, timeout=WAIT, env=environ, cwd=ROOT,
     )
 
 
@@ -95,7 +106,7 @@ def test_server_addresses(text: str, expected: tuple[str, int]) -> None:
     [
         [],
         ["chat"],
-        ["login", "--username", "alice"],  # no --server
+        ["login", "--server", "https://localhost:7072", "--username", "alice"],
         ["login", "--server", "localhost"],  # no --username
         ["login", "--server", "localhost:0", "--username", "alice"],
         ["login", "--server", "localhost:70000", "--username", "alice"],
@@ -359,7 +370,9 @@ def test_line_mode_transcript(chat_server: Any, tmp_path: Path) -> None:
     assert any(line.endswith(f"#dev {name}: in dev now") for line in lines)
     assert f"-- online in #dev: {name}" in lines
     assert any(line.endswith(f"(dm) {name} -> {other}: psst") for line in lines)
-    assert any(line.startswith("! error not_in_room") for line in lines)
+    # Errors go to stderr, the server's and the client's alike; messages to stdout.
+    assert not any("error" in line for line in lines), lines
+    assert "! error not_in_room" in result.stderr
     assert "unknown command /bogus" in result.stderr
     history = lines.index("-- history #dev: 1 message")
     assert lines[history + 1].endswith(f"#dev {name}: in dev now")
@@ -376,12 +389,14 @@ def test_json_mode_prints_every_frame(chat_server: Any) -> None:
         "login", *server_args(chat_server, name, "--json", "--room", "lobby"),
         input="hi \x1b[31m\n",
     )
-    assert result.returncode == 0, result.stderr
+    # A control character is refused by the server: the message was not delivered.
+    assert result.returncode == 4, result.stderr
+    assert "1 message not delivered" in result.stderr
     frames = [json.loads(line) for line in result.stdout.splitlines()]
     kinds = [f["type"] for f in frames]
     assert kinds[0] == "hello" and kinds[1] == "welcome" and kinds[-1] == "bye"
     assert any(f.get("type") == "ok" and f.get("room") == "lobby" for f in frames)
-    # A control character is refused by the server, and the refusal is in the transcript.
+    # The refusal is in the transcript, which stays every frame as JSON.
     assert any(f["type"] == "error" and f["code"] == "invalid_field" for f in frames)
 
 
@@ -461,8 +476,8 @@ def test_line_mode_follows_the_room_after_leaving_it(chat_server: Any) -> None:
         "in the lobby",
         "",
     ])
-    result = run_cli("login", *server_args(chat_server, name), input=script)
-    assert result.returncode == 0, result.stderr
+    result = run_cli("login", *server_args(chat_server, name), input=script, merged=True)
+    assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert "-- ok: leave #dev" in lines
     assert any(line.endswith(f"#general {name}: back in general") for line in lines)
@@ -637,8 +652,9 @@ def test_login_shows_the_rooms_last_messages_then_what_came_while_away(
     chat_server.register(alice, PASSWORD)
     chat_server.register(bob, PASSWORD)
     _alice_leaves_messages(chat_server, alice, bob, room)
-    result = run_cli("login", *server_args(chat_server, bob, "--room", room), input="")
-    assert result.returncode == 0, result.stderr
+    result = run_cli("login", *server_args(chat_server, bob, "--room", room), input="",
+                     merged=True)
+    assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert lines[0] == f"-- logged in as {bob}; rooms: #general"
     header = lines.index(f"-- last messages in #{room}")

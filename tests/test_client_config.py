@@ -11,17 +11,19 @@ from pathlib import Path
 import pytest
 
 from chat.client.cli import main
-from chat.client.config import ConfigError, config_path, load, parse_file, resolve
+from chat.client.config import ConfigError, config_path, dev_cafile, load, parse_file, resolve
 
-FLAGS_NONE = {"server": None, "cafile": None, "username": None, "room": None, "bell": None,
-              "color": None, "recent": None}
+FLAGS_NONE = {"server": None, "cafile": None, "certfile": None, "keyfile": None,
+              "username": None, "room": None, "bell": None, "color": None, "recent": None}
 
 
 @pytest.fixture
 def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("CHAT_SERVER", "CHAT_CAFILE", "CHAT_USERNAME", "CHAT_ROOM", "CHAT_PASSWORD"):
+    for name in ("CHAT_SERVER", "CHAT_CAFILE", "CHAT_CERTFILE", "CHAT_KEYFILE",
+                 "CHAT_USERNAME", "CHAT_ROOM", "CHAT_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # no development CA here
     (tmp_path / "chat").mkdir()
     return tmp_path / "chat" / "client.toml"
 
@@ -48,9 +50,12 @@ def test_flags_beat_env_beat_file_beat_defaults() -> None:
     assert settings.cafile is None and settings.sources["cafile"] == "default"
 
 
-def test_a_relative_cafile_is_relative_to_the_file() -> None:
-    values = parse_file('cafile = "certs/ca.crt"\n', Path("/cfg/chat/client.toml"))
+def test_relative_file_names_are_relative_to_the_file() -> None:
+    values = parse_file('cafile = "certs/ca.crt"\ncertfile = "me.crt"\nkeyfile = "/k/me.key"\n',
+                        Path("/cfg/chat/client.toml"))
     assert values["cafile"] == Path("/cfg/chat/certs/ca.crt")
+    assert values["certfile"] == Path("/cfg/chat/me.crt")
+    assert values["keyfile"] == Path("/k/me.key")
 
 
 @pytest.mark.parametrize(
@@ -76,7 +81,7 @@ def test_a_bad_file_is_refused_clearly(text: str, words: str) -> None:
 def test_load_without_a_file_gives_defaults(xdg: Path) -> None:
     settings = load(FLAGS_NONE, {"XDG_CONFIG_HOME": str(xdg.parent.parent)})
     assert settings.path == xdg
-    assert settings.room == "general" and settings.server is None
+    assert settings.room == "general" and settings.server == "localhost:7072"
 
 
 def test_config_command_says_where_each_value_came_from(
@@ -88,7 +93,7 @@ def test_config_command_says_where_each_value_came_from(
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert str(xdg) in lines["config"]
-    assert "('chat.example', 7000)" in lines["server"] and "(file)" in lines["server"]
+    assert "= chat.example:7000 " in lines["server"] and "(file)" in lines["server"]
     assert "bob" in lines["username"] and "(flag)" in lines["username"]
     assert "lobby" in lines["room"] and "(env)" in lines["room"]
     assert "false" in lines["bell"] and "(file)" in lines["bell"]
@@ -104,12 +109,51 @@ def test_a_password_in_the_file_is_a_usage_error(
     assert "password" in err and str(xdg) in err and "secret" not in err
 
 
-def test_login_without_server_anywhere_is_a_usage_error(
+def test_login_without_username_anywhere_is_a_usage_error(
     xdg: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["login", "--username", "alice"]) == 2
+    assert main(["login"]) == 2
     err = capsys.readouterr().err
-    assert "usage:" in err and "--server" in err and str(xdg) in err
+    assert "usage:" in err and "--username" in err and str(xdg) in err
+
+
+def test_without_a_server_anywhere_it_is_localhost_7072(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("server"))
+    assert "= localhost:7072 " in line and "(default)" in line
+
+
+def test_the_development_ca_is_the_default_for_localhost_only(
+    xdg: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = xdg.parent.parent / "data"
+    ca = data / "chat" / "certs" / "ca.crt"
+    assert dev_cafile({"XDG_DATA_HOME": str(data)}) == ca
+    assert dev_cafile({"HOME": "/h"}) == Path("/h/.local/share/chat/certs/ca.crt")
+    ca.parent.mkdir(parents=True)
+    ca.write_text("a CA\n")
+
+    def cafile_line(*args: str) -> str:
+        assert main(["config", *args]) == 0
+        out = capsys.readouterr().out
+        return next(x for x in out.splitlines() if x.startswith("cafile"))
+
+    for server in ("localhost", "127.0.0.1:7000", "[::1]"):
+        line = cafile_line("--server", server)
+        assert str(ca) in line and "development CA" in line, line
+    assert "(none)" in cafile_line("--server", "chat.example")
+    assert "/elsewhere/ca.crt" in cafile_line("--server", "localhost", "--cafile",
+                                               "/elsewhere/ca.crt")
+
+
+def test_a_keyfile_without_a_certfile_is_a_usage_error(
+    xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xdg.write_text('keyfile = "me.key"\n')
+    assert main(["config"]) == 2
+    assert "keyfile (file) without a certfile" in capsys.readouterr().err
 
 
 def test_a_bad_server_in_the_file_is_a_usage_error(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import threading
 from typing import Any
+from unittest import mock
 
 import pytest
 
 from chat.client.commands import ChatState
-from chat.client.errors import ConnectFailed
+from chat.client.errors import ConnectFailed, ConnectionClosed
 from chat.client.reconnect import (
     CATCH_UP_LIMIT,
     GaveUp,
@@ -60,14 +61,23 @@ def test_seen_dedupes_by_msg_id_and_tracks_marks() -> None:
     assert seen.fresh({"type": "presence"}) and seen.fresh({"type": "presence"})
     assert seen.rooms == {"general": 5, "dev": 9}
     assert seen.peers == {"carol": 7, "dave": 8}
-    assert seen.catch_up_requests({"general", "dev", "ops"}) == [
+    assert seen.catch_up_requests({"general", "dev", "ops"}, None) == [
         {"type": "history", "room": "dev", "after": 9},
         {"type": "history", "room": "general", "after": 5},
         {"type": "history", "room": "ops", "after": 9},
         {"type": "history", "with": "carol", "after": 7},
         {"type": "history", "with": "dave", "after": 8},
     ]
-    assert Seen("alice").catch_up_requests({"general"}) == []
+    assert Seen("alice").catch_up_requests({"general"}, None) == []
+
+
+def test_with_a_position_every_room_and_the_direct_messages_are_caught_up_from_it() -> None:
+    # Nothing shown at all (logged in with --recent 0, say): the position alone decides.
+    assert Seen("alice").catch_up_requests({"general", "dev"}, 40) == [
+        {"type": "history", "room": "dev", "after": 40},
+        {"type": "history", "room": "general", "after": 40},
+        {"type": "history", "direct": True, "after": 40},
+    ]
 
 
 def test_seen_forgets_old_ids_beyond_its_capacity() -> None:
@@ -81,10 +91,13 @@ class FakeClient:
     """Answers login, join and history from a store of messages; records requests."""
 
     def __init__(self, store: list[dict[str, Any]], rooms: list[str],
-                 login_reply: dict[str, Any] | None = None) -> None:
+                 login_reply: dict[str, Any] | None = None, *, page: int | None = None,
+                 direct: bool = True) -> None:
         self.store = store
         self.rooms = rooms
         self.login_reply = login_reply
+        self.page = page  # a page this long at most, whatever the limit (the byte limit)
+        self.direct = direct  # False: a server that refuses `history direct`
         self.requests: list[dict[str, Any]] = []
         self.username: str | None = None
         self.closed = False
@@ -101,11 +114,15 @@ class FakeClient:
         assert frame["type"] == "history"
         if "room" in frame:
             found = [m for m in self.store if m.get("room") == frame["room"]]
+        elif frame.get("direct"):
+            if not self.direct:
+                return {"type": "error", "code": "invalid_field", "message": "direct?"}
+            found = [m for m in self.store if "to" in m]
         else:
             found = [m for m in self.store if frame["with"] in (m.get("to"), m["username"])
                      and "to" in m]
         found = [m for m in found if m["msg_id"] > frame["after"]][:frame["limit"]]
-        return {"type": "history", "messages": found}
+        return {"type": "history", "messages": found[:self.page]}
 
     def close(self, timeout: float = 10) -> None:
         self.closed = True
@@ -136,13 +153,60 @@ def test_reconnect_backs_off_logs_in_rejoins_and_catches_up_without_repeats() ->
     )
     assert client is fake and fake.username == "alice"
     assert slept == [1.0, 2.0, 4.0]
-    assert notes[0] == "connection lost; reconnecting in 1 s"
-    assert notes[-1] == "reconnected as alice"
+    # One line a wait, saying why the last attempt failed.
+    assert notes == ["connection lost; reconnecting in 1 s",
+                     "reconnect failed: refused; trying again in 2 s",
+                     "reconnect failed: refused; trying again in 4 s",
+                     "reconnected as alice"]
     assert fake.requests[0]["password"] == "the password"
     assert {"type": "join", "room": "dev"} in fake.requests
     shown = [m["msg_id"] for m in missed if seen.fresh(m)]
     assert shown == [*range(10, 10 + CATCH_UP_LIMIT + 5), 400, 401]
     assert [m["msg_id"] for m in missed if seen.fresh(m)] == []  # a second pass shows none
+
+
+def test_the_catch_up_starts_at_the_position_whatever_was_shown() -> None:
+    seen = Seen("alice")  # nothing shown: --recent 0 and a quiet room
+    store = [message(5), message(41), message(42, room="dev"),
+             message(43, sender="carol", to="alice"), message(44, sender="alice", to="dave"),
+             *(message(i) for i in range(50, 60))]
+    fake = FakeClient(store, rooms=["general", "dev"], page=3)  # pages cut short
+    _, missed = reconnect(
+        lambda: fake, "alice", lambda: "pw", ChatState.start("general", ["dev"]), seen,
+        notify=lambda _: None, timeout=5, sleep=lambda _: None, delays=iter([0.0]),
+        position=40,
+    )
+    assert sorted(m["msg_id"] for m in missed) == [41, 42, 43, 44, *range(50, 60)]
+    assert all(m["type"] == "message" for m in missed)
+
+
+def test_a_server_without_history_direct_is_asked_peer_by_peer() -> None:
+    seen = Seen("alice")
+    seen.fresh(message(3, sender="carol", to="alice"))
+    store = [message(3, sender="carol", to="alice"), message(45, sender="carol", to="alice")]
+    fake = FakeClient(store, rooms=["general"], direct=False)
+    _, missed = reconnect(
+        lambda: fake, "alice", lambda: "pw", ChatState.start("general"), seen,
+        notify=lambda _: None, timeout=5, sleep=lambda _: None, delays=iter([0.0]),
+        position=40,
+    )
+    assert [m["msg_id"] for m in missed] == [45]
+    assert {"type": "history", "with": "carol", "after": 40, "limit": CATCH_UP_LIMIT} in (
+        fake.requests)
+
+
+def test_a_catch_up_past_its_page_bound_says_so() -> None:
+    store = [message(i) for i in range(1, 200)]
+    fake = FakeClient(store, rooms=["general"], page=1)
+    notes: list[str] = []
+    with mock.patch("chat.client.reconnect.MAX_CATCH_UP_PAGES", 5):
+        _, missed = reconnect(
+            lambda: fake, "alice", lambda: "pw", ChatState.start("general"), Seen(),
+            notify=notes.append, timeout=5, sleep=lambda _: None, delays=iter([0.0]),
+            position=0,
+        )
+    assert [m["msg_id"] for m in missed] == [1, 2, 3, 4, 5]
+    assert any("more was missed in #general" in note for note in notes)
 
 
 def test_reconnect_gives_up_when_the_password_is_refused() -> None:
@@ -167,9 +231,11 @@ def test_reconnect_gives_up_after_max_attempts() -> None:
 class Ended:
     """A client whose connection has ended, with `bye_reason`."""
 
-    def __init__(self, bye_reason: str | None = None) -> None:
+    def __init__(self, bye_reason: str | None = None, last_msg_id: int | None = None) -> None:
         self.username = "alice"
         self.bye_reason = bye_reason
+        self.last_msg_id = last_msg_id
+        self.closed = True
 
 
 def test_a_link_does_not_reconnect_when_off_or_after_a_quit() -> None:
@@ -226,3 +292,56 @@ def test_stopping_a_link_ends_the_backoff_wait_at_once() -> None:
     thread.join(5)
     assert result == [False] and link.ended
     assert notes == ["connection lost; reconnecting in 60 s"]
+
+
+class Blocking(FakeClient):
+    """Logs in, then blocks in the first history request until it is closed."""
+
+    def __init__(self) -> None:
+        super().__init__([], rooms=["general"])
+        self.asked = threading.Event()
+        self.shut = threading.Event()
+
+    def request(self, frame: dict[str, Any], timeout: float = 10, *, quiet: bool = False
+                ) -> dict[str, Any]:
+        if frame["type"] != "history":
+            return super().request(frame, timeout, quiet=quiet)
+        self.requests.append(frame)
+        self.asked.set()
+        assert self.shut.wait(timeout)
+        raise ConnectionClosed("the connection is closed")
+
+    def close(self, timeout: float = 10) -> None:
+        super().close(timeout)
+        self.shut.set()
+
+
+def test_stopping_a_link_cancels_a_catch_up_under_way_and_says_the_user_quit() -> None:
+    fake = Blocking()
+    link = Link(Ended(last_msg_id=7), ChatState.start("general"), connect=lambda: fake,
+                password=lambda: "pw", timeout=5, delays=lambda: iter([0.0, 0.0]))
+    notes: list[str] = []
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(link.resume(lambda _: None,
+                                                                        notes.append)))
+    thread.start()
+    assert fake.asked.wait(5)
+    link.stop()
+    thread.join(5)
+    assert result == [False] and link.ended and link.interrupted and fake.closed
+    assert fake.requests[1] == {"type": "history", "room": "general", "after": 7,
+                                "limit": CATCH_UP_LIMIT}
+    assert notes == ["connection lost; reconnecting in 0 s"]  # no "failed" on the way out
+
+
+def test_stopping_a_live_link_is_not_an_interruption() -> None:
+    live = Ended()
+    live.closed = False
+    link = Link(live, ChatState.start("general"), connect=lambda: live, password=lambda: "pw",
+                timeout=5)
+    link.stop()
+    assert not link.interrupted
+    ended = Link(Ended("too_many_errors"), ChatState.start("general"), connect=lambda: live,
+                 password=lambda: "pw", timeout=5)
+    ended.stop()  # the server ended it for good: no reconnection was going to happen
+    assert not ended.interrupted

@@ -104,11 +104,11 @@ def test_line_mode_reconnects_after_a_server_restart(server_factory: Any) -> Non
         out.wait_for(lambda line: line.endswith(f"{other}: before the restart"), "before")
 
         first.server.stop()
-        out.wait_for(lambda line: line.startswith("-- connection lost; reconnecting in "),
+        err.wait_for(lambda line: line.startswith("-- connection lost; reconnecting in "),
                      "connection lost")
         second = server_factory(port=port)  # the same data directory
         send(second, other, "after the restart")
-        out.wait_for(lambda line: line.startswith(f"-- reconnected as {me}"), "reconnected")
+        err.wait_for(lambda line: line.startswith(f"-- reconnected as {me}"), "reconnected")
         out.wait_for(lambda line: line.endswith(f"{other}: after the restart"), "after")
 
         proc.stdin.write("done\n")  # the new connection carries commands
@@ -123,5 +123,7 @@ def test_line_mode_reconnects_after_a_server_restart(server_factory: Any) -> Non
     lines = out.rest()
     for text in ("before the restart", "after the restart"):
         assert sum(line.endswith(f"{other}: {text}") for line in lines) == 1, lines
+    # The client's notes go to stderr, the conversation to stdout.
+    assert not any(line.startswith("-- connection lost") for line in lines), lines
     assert any(line.startswith("-- connection lost; reconnecting in ") and line.endswith(" s")
-               for line in lines), lines
+               for line in err.rest()), err.lines

@@ -5,14 +5,18 @@
 
     with ChatClient.connect("chat.example", 7072, ssl_context=client_context("ca.crt")) as c:
         raise_for_error(c.login("alice", password))
-        c.say("general", "hello")
-        for frame in c.events(timeout=30):
+        raise_for_error(c.say("general", "hello"))
+        for frame in c.events(idle=30):  # what the server says; ends after 30 quiet s
             ...
+
+What `request` returns, what `events` yields and how sending is paced: see the docstring
+of chat.client.connection.
 """
 
 from chat.client.connection import ChatClient
 from chat.client.errors import (
     CertificateNotTrusted,
+    ClientCertificateRefused,
     ClientError,
     ConnectFailed,
     ConnectionClosed,
@@ -22,16 +26,20 @@ from chat.client.errors import (
     TLSFailed,
     raise_for_error,
 )
+from chat.client.limits import ServerLimits, split_message
 
 __all__ = [
     "CertificateNotTrusted",
     "ChatClient",
+    "ClientCertificateRefused",
     "ClientError",
     "ConnectFailed",
     "ConnectionClosed",
     "IncompatibleServer",
     "ServerError",
+    "ServerLimits",
     "TLSFailed",
     "TimedOut",
     "raise_for_error",
+    "split_message",
 ]

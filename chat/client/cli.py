@@ -2,7 +2,12 @@
 
 Every ClientError becomes an exit code (listed in EXIT_CODES, which --help shows) and a
 clear line on stderr in `_report`, and nowhere else. There is no option to skip certificate
-verification, by design: without --cafile the system trust store is used.
+verification, by design: without --cafile the system trust store is used (or, for a server
+on this machine, the development CA `chat-server` made, when there is one).
+
+The client connects before it asks for a password, so a server that is down or refuses
+the TLS handshake is reported before anyone types one, and `register` can say how long a
+password must be (`hello`'s `min_password_length`).
 """
 
 from __future__ import annotations
@@ -17,16 +22,32 @@ from pathlib import Path
 from typing import TextIO
 
 from chat import __version__
-from chat.client.config import DEFAULT_RECENT, DEFAULT_ROOM, KEYS, ConfigError, Settings
+from chat.client.config import (
+    DEFAULT_RECENT,
+    DEFAULT_ROOM,
+    DEFAULT_SERVER,
+    KEYS,
+    LOCAL_HOSTS,
+    ConfigError,
+    Settings,
+    dev_cafile,
+)
 from chat.client.config import load as load_settings
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
-from chat.client.errors import CertificateNotTrusted, ClientError, ServerError
+from chat.client.errors import (
+    CertificateNotTrusted,
+    ClientCertificateRefused,
+    ClientError,
+    ConnectFailed,
+    ConnectionClosed,
+    ServerError,
+)
 from chat.client.format import sanitize, seconds, should_color
-from chat.client.transport import certificate_names
+from chat.client.linemode import EXIT_UNDELIVERED
+from chat.client.transport import DEFAULT_PORT, certificate_names, where
 from chat.tls import client_context
 
 PROG = "chat-client"
-DEFAULT_PORT = 7072  # the protocol's default port
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_CONNECTION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = f"""\
@@ -36,9 +57,22 @@ exit codes:
   {EXIT_USAGE:<4} usage error
   {EXIT_CONNECTION:<4} connection or TLS failure, or the server ended the session
        (bye idle, shutdown, ...; or the connection was lost without one)
-       and reconnecting was off (see --reconnect) or gave up
+       and reconnecting was off (see --reconnect) or gave up; in line
+       mode also: the input ended while reconnecting
+  {EXIT_UNDELIVERED:<4} line mode: the input ended, but a message was not delivered
+       (refused by the server, or still rate-limited after the resends;
+       each is said on stderr)
   {EXIT_INTERRUPTED:<4} interrupted by Ctrl-C"""
+STREAMS = """\
+In line mode stdout carries what the server sent (messages, presence, the replies
+to commands) and the answers to /help, /rooms and /switch; with --json, every frame
+as a JSON line and nothing else. stderr carries the errors (`! error ...` from the
+server, `chat-client: ...` from the client) and the client's own notes (`-- ...`:
+connection lost, reconnecting, a long message split, ...)."""
 MAX_NAMES_SHOWN = 5  # of a certificate's names in a hint; a long list would bury the advice
+# A password that is too short is asked for again this many times in all: enough for a
+# slip of the finger, not a loop a script could get stuck in.
+MAX_PASSWORD_TRIES = 3
 
 
 class UsageError(Exception):
@@ -54,6 +88,17 @@ def _port(text: str) -> int:
 def parse_server(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT, [IPV6], a bare HOST or a bare IPv6 address -> (host, port)."""
     text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep:  # a URL: the chat protocol has none, so say what to give instead
+        address = rest.split("/", 1)[0].rpartition("@")[2]
+        try:
+            host, port = parse_server(address) if address else ("localhost", DEFAULT_PORT)
+        except argparse.ArgumentTypeError:
+            host, port = "HOST", DEFAULT_PORT
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a URL; the chat server is given as HOST:PORT, with no "
+            f"{scheme}:// (it always speaks TLS): try {where(host, port)}"
+        )
     if text.startswith("["):
         host, closed, rest = text[1:].partition("]")
         if not closed or not host or (rest and not rest.startswith(":")):
@@ -90,12 +135,24 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", type=parse_server, metavar="HOST[:PORT]",
         help=f"the server; [::1]:PORT for IPv6; port {DEFAULT_PORT} if left out "
-        "(else $CHAT_SERVER, else `server` in the config file)",
+        f"(else $CHAT_SERVER, else `server` in the config file, else {DEFAULT_SERVER})",
     )
     parser.add_argument(
         "--cafile", type=Path, metavar="FILE",
         help="CA certificate to verify the server with (else $CHAT_CAFILE, else `cafile` "
-        "in the config file, else the system trust store)",
+        "in the config file; else, for a server on this machine, chat-server's "
+        "development CA $XDG_DATA_HOME/chat/certs/ca.crt if it exists; else the system "
+        "trust store)",
+    )
+    parser.add_argument(
+        "--certfile", type=Path, metavar="FILE",
+        help="client certificate (PEM), for a server that requires one (mutual TLS; "
+        "else $CHAT_CERTFILE, else `certfile` in the config file)",
+    )
+    parser.add_argument(
+        "--keyfile", type=Path, metavar="FILE",
+        help="the client certificate's private key (else $CHAT_KEYFILE, else `keyfile` in "
+        "the config file; default: read from --certfile)",
     )
     parser.add_argument(
         "--username", metavar="NAME",
@@ -129,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog=PROG, description="Terminal client for the chat service (protocol v1, over TLS).\n"
-        "Defaults for --server, --cafile, --username and --room can be kept in\n"
-        "$XDG_CONFIG_HOME/chat/client.toml (see `chat-client config`); never a password.",
+        "Defaults for --server, --cafile, --certfile, --keyfile, --username and --room\n"
+        "can be kept in $XDG_CONFIG_HOME/chat/client.toml (see `chat-client config`);\n"
+        "never a password.",
         epilog=EXIT_CODES, formatter_class=raw,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -143,10 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     login = commands.add_parser(
         "login", parents=[common], help="log in and chat",
         description="Log in and chat: an interactive prompt on a terminal; otherwise\n"
-        "commands are read from stdin, one a line, and every event is printed.",
+        "commands are read from stdin, one a line, and every event is printed.\n\n"
+        + STREAMS,
         epilog=EXIT_CODES, formatter_class=raw,
     )
-    login.add_argument("--json", action="store_true", help="print each frame as a JSON line")
+    login.add_argument(
+        "--json", action="store_true",
+        help="print each frame received as a JSON line (all but the keep-alive pings)",
+    )
     login.add_argument(
         "--reconnect", dest="reconnect", action="store_const", const=True, default=None,
         help="reconnect after a lost connection in line mode too (the prompt always does)",
@@ -159,16 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--recent", type=_count, metavar="N",
         help="on login, show the last N messages of the room, then the direct messages "
         f"that came while away (default: `recent` in the config file, else {DEFAULT_RECENT}; "
-        "0: neither; never with --json)",
+        "0: none of the room's, and the direct messages without a heading; never with "
+        "--json)",
     )
     _chat_flags(login)
     config = commands.add_parser(
         "config", help="show the settings in effect and where each came from",
         description="Print each setting in effect and its source: flag, env, file or\n"
         "default. The file is $XDG_CONFIG_HOME/chat/client.toml (default\n"
-        "~/.config/chat/client.toml) with the keys server, cafile, username,\n"
-        "room, bell (true/false), color (true/false/\"auto\") and recent (messages\n"
-        "shown on login). It may not hold a password.",
+        "~/.config/chat/client.toml) with the keys server, cafile, certfile,\n"
+        "keyfile, username, room, bell (true/false), color (true/false/\"auto\")\n"
+        "and recent (messages shown on login). It may not hold a password.",
         formatter_class=raw,
     )
     _settings_flags(config)
@@ -179,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 def apply_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """Fill args' server, cafile, username, room, bell, color from flags/env/file/defaults.
 
-    Raises UsageError for a config file that cannot be used or a bad value from it.
+    Raises UsageError for a config file that cannot be used or a bad value from it. With
+    no cafile anywhere and the server on this machine, chat-server's development CA is
+    the cafile when it exists (source "dev CA").
     """
     flags = {key: getattr(args, key, None) for key in KEYS}
     try:
@@ -191,11 +256,26 @@ def apply_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
         try:
             settings.values["server"] = parse_server(server)
         except argparse.ArgumentTypeError as exc:
-            where = settings.sources["server"]
-            raise UsageError(f"server from {where}: {exc}") from None
+            source = settings.sources["server"]
+            raise UsageError(f"server from {source}: {exc}") from None
+    host = settings.values["server"][0]
+    dev_ca = dev_cafile(environ)
+    if settings.values["cafile"] is None and host.lower() in LOCAL_HOSTS and dev_ca.is_file():
+        settings.values["cafile"], settings.sources["cafile"] = dev_ca, "dev CA"
+    if settings.values["keyfile"] is not None and settings.values["certfile"] is None:
+        raise UsageError(
+            f"a keyfile ({settings.sources['keyfile']}) without a certfile: give the client "
+            "certificate with --certfile"
+        )
     for key in KEYS:
         setattr(args, key, settings.values[key])
+    args.dev_ca = settings.sources["cafile"] == "dev CA"
     return settings
+
+
+def password_given(path: Path | None, environ: Mapping[str, str]) -> bool:
+    """Whether the password comes from a file or the environment (else: a prompt)."""
+    return path is not None or bool(environ.get("CHAT_PASSWORD"))
 
 
 def read_password(
@@ -205,8 +285,15 @@ def read_password(
     environ: Mapping[str, str],
     stdin: TextIO,
     confirm: bool = False,
+    min_length: int | None = None,
+    ask: Callable[[str], str] = getpass.getpass,
 ) -> str:
-    """--password-file, else $CHAT_PASSWORD, else a no-echo prompt if stdin is a terminal."""
+    """--password-file, else $CHAT_PASSWORD, else a no-echo prompt if stdin is a terminal.
+
+    With `confirm` (choosing a new password), the prompt says how long it must be
+    (`min_length`, from the server's hello), asks again for one too short, and asks a
+    second time to catch a typing slip.
+    """
     if path is not None:
         try:
             with path.open(encoding="utf-8") as file:
@@ -224,10 +311,23 @@ def read_password(
             "no password: give --password-file FILE or set CHAT_PASSWORD "
             "(stdin is not a terminal, so the password cannot be asked for)"
         )
-    password = getpass.getpass(f"password for {username}: ")
-    if not password:
-        raise UsageError("empty password")
-    if confirm and getpass.getpass("the same password again: ") != password:
+    if not confirm:
+        password = ask(f"password for {username}: ")
+        if not password:
+            raise UsageError("empty password")
+        return password
+    rule = f"at least {min_length} characters; " if min_length else ""
+    prompt = f"choose a password for {username} ({rule}a few words make a good one): "
+    for _ in range(MAX_PASSWORD_TRIES):
+        password = ask(prompt)
+        if not password:
+            raise UsageError("empty password")
+        if min_length is None or len(password) >= min_length:
+            break
+        _err(f"that is {len(password)} characters; the server wants at least {min_length}")
+    else:
+        raise UsageError(f"no password of at least {min_length} characters")
+    if ask("the same password again: ") != password:
         raise UsageError("the two passwords differ")
     return password
 
@@ -283,6 +383,17 @@ def _report(exc: ClientError, args: argparse.Namespace) -> int:
     if isinstance(exc, ServerError):
         return report_refusal("refused", exc.frame or {"code": exc.code, "message": exc.message})
     _err(sanitize(str(exc), multiline=False))
+    if isinstance(exc, ClientCertificateRefused):
+        if args.certfile is None:
+            _err("hint: give --certfile FILE and --keyfile FILE (or certfile and keyfile in "
+                 "the config file): a certificate from the CA the server trusts for clients")
+        else:
+            _err(f"hint: {args.certfile} must be issued by the CA the server trusts for "
+                 "clients (its --client-cafile)")
+    elif isinstance(exc, ConnectFailed) and "refused" in str(exc).lower():
+        host, port = args.server
+        _err(f"hint: nothing listens on {where(host, port)}: is the chat server running, "
+             "on that port?")
     return EXIT_CONNECTION
 
 
@@ -304,7 +415,10 @@ def _register(client: ChatClient, args: argparse.Namespace, password: str) -> in
         client.quit(args.timeout)
         return report_refusal("registration refused", reply)
     name = sanitize(str(reply.get("username", args.username)), multiline=False)
-    print(f"registered {name}; now log in with: {PROG} login --username {name} ...", flush=True)
+    default = args.server == parse_server(DEFAULT_SERVER)
+    more = "" if default else f" --server {where(*args.server)} ..."
+    print(f"registered {name}; now log in with: {PROG} login --username {name}{more}",
+          flush=True)
     client.quit(args.timeout)
     return EXIT_OK
 
@@ -355,37 +469,90 @@ def _login(
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext:
+    """The client's TLS context from --cafile, --certfile, --keyfile; UsageError if unusable."""
     try:
-        password = read_password(
-            args.password_file,
-            username=args.username,
-            environ=os.environ,
-            stdin=sys.stdin,
-            confirm=args.command == "register",
-        )
+        context = client_context(args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the CA file {args.cafile}: {_file_problem(exc)}") from None
+    if args.certfile is not None:
         try:
-            context = client_context(args.cafile)
+            context.load_cert_chain(args.certfile, args.keyfile)
         except (OSError, ssl.SSLError) as exc:
-            raise UsageError(f"cannot load the CA file {args.cafile}: {exc}") from None
+            key = f" with the key {args.keyfile}" if args.keyfile else ""
+            raise UsageError(
+                f"cannot load the client certificate {args.certfile}{key}: "
+                f"{_file_problem(exc)}"
+            ) from None
+    return context
+
+
+def _file_problem(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "the key does not belong to the certificate"
+        return f"not a PEM certificate (and key) OpenSSL can read ({exc.reason or exc})"
+    return exc.strerror or str(exc)
+
+
+def _run(args: argparse.Namespace) -> int:
+    confirm = args.command == "register"
+    try:
+        context = tls_context(args)
+        password: str | None = None
+        if password_given(args.password_file, os.environ):
+            password = read_password(
+                args.password_file, username=args.username, environ=os.environ,
+                stdin=sys.stdin, confirm=confirm,
+            )
+        elif not sys.stdin.isatty():
+            read_password(None, username=args.username, environ=os.environ, stdin=sys.stdin)
     except UsageError as exc:
         _err(f"error: {exc}")
         return EXIT_USAGE
     host, port = args.server
-    client: ChatClient | None = None
+    if getattr(args, "dev_ca", False):
+        _err(f"using chat-server's development CA {args.cafile} for {where(host, port)} "
+             "(--cafile to use another)")
+    clients: list[ChatClient] = []
 
     def connect() -> ChatClient:
-        return ChatClient.connect(host, port, ssl_context=context, timeout=args.timeout)
+        client = ChatClient.connect(
+            host, port, ssl_context=context, timeout=args.timeout, replies_as_events=True
+        )
+        clients.append(client)
+        return client
 
     try:
         client = connect()
-        if args.command == "register":
+        if password is None:  # asked only now that the server is known to be there
+            min_length = client.hello.get("min_password_length")
+            try:
+                password = read_password(
+                    None, username=args.username, environ=os.environ, stdin=sys.stdin,
+                    confirm=confirm, min_length=min_length if type(min_length) is int else None,
+                )
+            except UsageError as exc:
+                _err(f"error: {exc}")
+                return EXIT_USAGE
+            if client.closed:  # the server's login timeout ran out while the user typed
+                client = connect()
+        try:
+            if confirm:
+                return _register(client, args, password)
+            return _login(client, args, password, connect)
+        except ConnectionClosed:
+            if client.bye_reason != "login_timeout":
+                raise
+        # The login timeout ran out between the check above and our request: once more.
+        client = connect()
+        if confirm:
             return _register(client, args, password)
         return _login(client, args, password, connect)
     except ClientError as exc:
         return _report(exc, args)
     finally:
-        if client is not None:
+        for client in clients:
             client.close()
 
 

@@ -3,17 +3,22 @@
 The file is `$XDG_CONFIG_HOME/chat/client.toml` (`~/.config/chat/client.toml` when
 XDG_CONFIG_HOME is unset or empty, as the XDG Base Directory spec says), for example
 
-    server = "chat.example:7072"
+    server = "chat.example:7072" # default: localhost:7072, where `chat-server` listens
     cafile = "ca.crt"            # relative to the file's own directory; ~ is expanded
+    certfile = "client.crt"      # a client certificate, for a server that requires one
+    keyfile = "client.key"       # its key (else the key is read from certfile)
     username = "alice"
     room = "general"             # the room to start in
     bell = true                  # ring the terminal bell when someone mentions you
     color = "auto"               # true, false, or "auto" (on a terminal, unless NO_COLOR)
     recent = 20                  # messages of the room shown on login (0: none)
 
-The environment variables CHAT_SERVER, CHAT_CAFILE, CHAT_USERNAME and CHAT_ROOM stand in
-for the flags. A password is never read from the file (nor written anywhere): a `password`
-key is refused with an error, so that no one keeps one there believing it is used.
+The environment variables CHAT_SERVER, CHAT_CAFILE, CHAT_CERTFILE, CHAT_KEYFILE,
+CHAT_USERNAME and CHAT_ROOM stand in for the flags. With no cafile anywhere and the server
+on this machine (localhost, 127.0.0.1, ::1), the development CA that `chat-server` makes,
+`$XDG_DATA_HOME/chat/certs/ca.crt`, is used if it exists (`dev_cafile`; the CLI decides).
+A password is never read from the file (nor written anywhere): a `password` key is
+refused with an error, so that no one keeps one there believing it is used.
 `resolve` is pure (flags, environment and file text in, a Settings out), so it is tested
 without touching the user's home directory.
 """
@@ -27,15 +32,21 @@ from pathlib import Path
 from typing import Any
 
 FILE_NAME = Path("chat") / "client.toml"
+DEFAULT_SERVER = "localhost:7072"  # where `chat-server` (and scripts/serve) listens by default
 DEFAULT_ROOM = "general"
 DEFAULT_RECENT = 20  # the last messages of the room shown on login
-SOURCES = ("flag", "env", "file", "default")
-KEYS = ("server", "cafile", "username", "room", "bell", "color", "recent")
-_ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "username": "CHAT_USERNAME",
-        "room": "CHAT_ROOM"}
+DEV_CA = Path("chat") / "certs" / "ca.crt"  # under $XDG_DATA_HOME, as chat-server makes it
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # where the dev CA is trusted
+SOURCES = ("flag", "env", "file", "default", "dev CA")
+KEYS = ("server", "cafile", "certfile", "keyfile", "username", "room", "bell", "color",
+        "recent")
+_PATHS = ("cafile", "certfile", "keyfile")
+_ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "certfile": "CHAT_CERTFILE",
+        "keyfile": "CHAT_KEYFILE", "username": "CHAT_USERNAME", "room": "CHAT_ROOM"}
 _DEFAULTS: dict[str, Any] = {
-    "server": None, "cafile": None, "username": None, "room": DEFAULT_ROOM, "bell": True,
-    "color": "auto", "recent": DEFAULT_RECENT,
+    "server": DEFAULT_SERVER, "cafile": None, "certfile": None, "keyfile": None,
+    "username": None, "room": DEFAULT_ROOM, "bell": True, "color": "auto",
+    "recent": DEFAULT_RECENT,
 }
 _SECRET_KEYS = {"password", "passwd", "pass", "secret"}
 
@@ -44,13 +55,25 @@ class ConfigError(Exception):
     """The config file cannot be used as written; the message names the file and key."""
 
 
+def _home(environ: Mapping[str, str]) -> Path:
+    home = environ.get("HOME")
+    return Path(home) if home else Path.home()
+
+
+def dev_cafile(environ: Mapping[str, str]) -> Path:
+    """Where `chat-server` keeps its development CA (it need not exist)."""
+    base = environ.get("XDG_DATA_HOME")
+    if base and Path(base).is_absolute():  # the spec: a relative value is to be ignored
+        return Path(base) / DEV_CA
+    return _home(environ) / ".local" / "share" / DEV_CA
+
+
 def config_path(environ: Mapping[str, str]) -> Path:
     """Where the config file is looked for (it need not exist)."""
     base = environ.get("XDG_CONFIG_HOME")
     if base and Path(base).is_absolute():  # the spec: a relative value is to be ignored
         return Path(base) / FILE_NAME
-    home = environ.get("HOME")
-    return (Path(home) if home else Path.home()) / ".config" / FILE_NAME
+    return _home(environ) / ".config" / FILE_NAME
 
 
 @dataclass(frozen=True)
@@ -74,13 +97,19 @@ class Settings:
         for key in KEYS:
             value = self.values.get(key)
             shown = "(none)" if value is None else _show(value)
-            lines.append(f"{key:<9} = {shown:<30} ({self.sources.get(key, 'default')})")
+            source = self.sources.get(key, "default")
+            if source == "dev CA":
+                source = "default: chat-server's development CA, used for localhost"
+            lines.append(f"{key:<9} = {shown:<30} ({source})")
         return "\n".join(lines)
 
 
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple) and len(value) == 2:  # a parsed server: as the user writes it
+        host, port = value
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(value)
 
 
@@ -108,7 +137,7 @@ def parse_file(text: str, path: Path) -> dict[str, Any]:
             )
         if key not in KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(KEYS)})")
-    for key in ("server", "cafile", "username", "room"):
+    for key in ("server", *_PATHS, "username", "room"):
         if key in table and not (isinstance(table[key], str) and table[key].strip()):
             raise ConfigError(f"{path}: {key} must be a non-empty string")
     if "bell" in table and not isinstance(table["bell"], bool):
@@ -119,9 +148,10 @@ def parse_file(text: str, path: Path) -> dict[str, Any]:
     if type(recent) is not int or recent < 0:
         raise ConfigError(f"{path}: recent must be a number of messages, 0 or more")
     values = dict(table)
-    if "cafile" in values:
-        cafile = Path(values["cafile"]).expanduser()
-        values["cafile"] = cafile if cafile.is_absolute() else path.parent / cafile
+    for key in _PATHS:
+        if key in values:
+            given = Path(values[key]).expanduser()
+            values[key] = given if given.is_absolute() else path.parent / given
     return values
 
 
@@ -138,7 +168,7 @@ def resolve(
             values[key], sources[key] = flags[key], "flag"
         elif env_name and environ.get(env_name):
             value: Any = environ[env_name]
-            values[key] = Path(value).expanduser() if key == "cafile" else value
+            values[key] = Path(value).expanduser() if key in _PATHS else value
             sources[key] = "env"
         elif key in file_values:
             values[key], sources[key] = file_values[key], "file"

@@ -1,5 +1,23 @@
 """Line mode: commands from a pipe or a file, every received frame printed one per line.
 
+What goes where
+---------------
+stdout carries what the server sent, messages, presence and the replies to commands, one
+per line, and the answers to /help, /rooms and /switch (with --json: every frame as a JSON
+line, errors included, and nothing else). stderr carries the errors, the server's
+(`! error CODE: ...`) and the client's own (`chat-client: ...`), and the client's own
+notes (`-- ...`: the login backlog's headings, the connection lost and taken up again, a
+long message split, a pause the server asked for). So `2>/dev/null` leaves the
+conversation, and `>/dev/null` what went wrong.
+
+Every line is delivered or said not to be. Sending is paced to the server's limits and a
+refusal for the rate is waited out and sent again (chat.client.connection); a message
+longer than the server takes is sent as several (chat.client.limits.split_message), in
+order, with a note. When the input has ended, the exit code is EXIT_UNDELIVERED if a
+message (a plain line, /me, /msg) was refused, could not be sent, or was lost with the
+connection before its reply, or if any command was still refused for the rate after the
+resends; 0 if all went through.
+
 Theory of operation
 -------------------
 Three threads. The main thread runs the commands: it takes the next input from `inputs`, a
@@ -11,15 +29,18 @@ complaints are written under the same `lock`, so lines never interleave. The std
 daemon thread: a blocking read cannot be interrupted and must not keep the process alive.
 
 At the end of input the client sends `quit`, lets the printer drain everything up to the
-server's `bye` and the close, and exits 0. If the server ends the connection first, the
-transcript is still printed in full and the exit code is 3.
+server's `bye` and the close, and exits 0 (or EXIT_UNDELIVERED). If the server ends the
+connection first, the transcript is still printed in full and the exit code is 3.
 
 With `connect` (the CLI's --reconnect), a connection that ends without our quit is taken up
 again by the printer (chat.client.reconnect.Link): it prints `-- connection lost;
 reconnecting in N s`, logs in again, rejoins, prints `-- reconnected as NAME` and the
 messages missed, each message shown once (by msg_id). Meanwhile the next command waits for
-the new connection. A command whose reply was lost with the connection is reported, not
-repeated (it may have been carried out). The end of input while reconnecting stops it: 3.
+the new connection, so no line is sent into the gap. A command whose reply was lost with
+the connection is reported, not repeated (it may have been carried out). The end of input
+(or /quit) while reconnecting stops it, and the exit code is 3: unlike a person at the
+prompt, who saw the connection go and chose to leave, a script learns only from the exit
+code that what was said while the connection was down never reached its output.
 """
 
 from __future__ import annotations
@@ -49,8 +70,12 @@ from chat.client.commands import (
 )
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, Frame, TimedOut
-from chat.client.format import format_event, sanitize
+from chat.client.format import ME_PREFIX, format_event, sanitize
+from chat.client.limits import split_message, split_note
 from chat.client.reconnect import Link
+
+EXIT_OK, EXIT_CONNECTION = 0, 3
+EXIT_UNDELIVERED = 4  # the input ended, but not every message was delivered (see above)
 
 _END_OF_INPUT = object()
 _CONNECTION_ENDED = object()
@@ -96,9 +121,15 @@ def run_line_mode(
     printer.start()
     reader.start()
 
+    answers = stderr if as_json else stdout  # for /help, /rooms, /switch: stdout stays JSON
+
     def complain(text: str) -> None:
         _write(stderr, lock, f"chat-client: {text}")
 
+    def note(text: str) -> None:
+        _write(stderr, lock, f"-- {text}")
+
+    undelivered = 0
     quitting = False
     while not quitting:
         item = inputs.get()
@@ -111,37 +142,36 @@ def run_line_mode(
         if isinstance(action, Quit):
             quitting = True
         elif isinstance(action, Help):
-            _write(stderr if as_json else stdout, lock, HELP)  # stdout stays pure JSON
+            _write(answers, lock, HELP)
         elif isinstance(action, Invalid):
             complain(action.message)
-        elif isinstance(action, Notice):  # nothing was sent; a note, like /help's text
-            _write(stderr if as_json else stdout, lock, f"-- {action.message}")
+        elif isinstance(action, Notice):  # nothing was sent
+            complain(f"not sent: {action.message}")
+            undelivered += _is_message(item)
         elif isinstance(action, Rooms | Switch):
             text = run_local(action, state)
             if text.startswith("! "):
                 complain(text[2:])
             else:
-                _write(stderr if as_json else stdout, lock, text)
+                _write(answers, lock, text)
         elif isinstance(action, Passwd):
             complain(INTERACTIVE_ONLY)
         elif isinstance(action, Request):
-            client = link.current()  # waits out a reconnection in progress
-            try:
-                perform(client, action, state, timeout)
-            except ValueError as exc:  # refused locally: larger than the server accepts
-                complain(str(exc))
-            except ConnectionClosed:
-                if link.next_client(client) is None:
-                    break
-                complain(f"the connection was lost before the reply to {item.strip()!r}; "
-                         "it may or may not have been carried out")
-            except TimedOut as exc:
-                complain(f"{exc}; giving up")
+            outcome = _carry_out(action, item, link, state, timeout, note, complain)
+            if outcome is _ENDED:
+                break
+            if outcome is _TIMED_OUT:
                 link.stop()
-                client.close()
+                link.client.close()
                 printer.join(timeout)
-                return 3
+                return EXIT_CONNECTION
+            assert isinstance(outcome, int)
+            undelivered += outcome
     link.stop()
+    if link.interrupted:  # the printer may be in a TLS handshake: no waiting for it
+        complain("the input ended while reconnecting: what was said since the connection "
+                 "was lost was not caught up")
+        return EXIT_CONNECTION
     client = link.client
     if quitting:
         try:
@@ -153,10 +183,83 @@ def run_line_mode(
     printer.join(timeout)
     if quitting and link.client is not client:  # reconnected just as we quit
         link.client.close()
-    if quitting:
-        return 0
-    complain(_ended_by_server(client))
-    return 3
+    if not quitting:
+        complain(_ended_by_server(client))
+        return EXIT_CONNECTION
+    if undelivered:
+        complain(f"{undelivered} message{'' if undelivered == 1 else 's'} not delivered "
+                 "(each is said above)")
+        return EXIT_UNDELIVERED
+    return EXIT_OK
+
+
+_ENDED = object()  # the connection ended for good
+_TIMED_OUT = object()  # no reply in time: the client gives up
+
+
+def _carry_out(
+    action: Request, line: str, link: Link, state: ChatState, timeout: float,
+    note: Callable[[str], None], complain: Callable[[str], None],
+) -> int | object:
+    """Send `action`, split if too long; how many messages were not delivered, or
+    _ENDED (the connection is gone for good) or _TIMED_OUT."""
+
+    def paused(frame: Frame, wait: float) -> None:
+        note(f"the server asked to slow down: sending again in {wait:g} s")
+
+    client: ChatClient | None = link.current()  # waits out a reconnection in progress
+    assert client is not None
+    client.on_resend = paused
+    limit = client.limits.max_message_chars
+    requests = _split(action, limit)
+    if len(requests) > 1:
+        note(split_note(len(str(action.frame["message"])), len(requests), limit))
+    undelivered = 0
+    for request in requests:
+        try:
+            reply = perform(client, request, state, timeout)
+        except ValueError as exc:  # refused locally: larger than the server accepts
+            complain(str(exc))
+            undelivered += _is_send(request)
+            continue
+        except ConnectionClosed:
+            client = link.next_client(client)
+            if client is None:
+                return _ENDED
+            client.on_resend = paused
+            complain(f"the connection was lost before the reply to {line.strip()!r}; "
+                     "it may or may not have been carried out")
+            undelivered += _is_send(request)
+            continue
+        except TimedOut as exc:
+            complain(f"{exc}; giving up")
+            return _TIMED_OUT
+        if reply.get("type") == "error" and (
+            _is_send(request) or reply.get("code") == "rate_limited"
+        ):
+            undelivered += 1  # the server said why; the printer shows it
+    return undelivered
+
+
+def _split(action: Request, limit: int) -> list[Request]:
+    """A message longer than `limit` as several requests, in order (a /me one stays /me)."""
+    frame = action.frame
+    text = frame.get("message")
+    if frame.get("type") != "send" or not isinstance(text, str) or len(text) <= limit:
+        return [action]
+    prefix = ME_PREFIX if text.startswith(ME_PREFIX) else ""
+    pieces = split_message(text[len(prefix):], limit - len(prefix))
+    return [Request({**frame, "message": prefix + piece}) for piece in pieces]
+
+
+def _is_send(request: Request) -> bool:
+    return request.frame.get("type") == "send"
+
+
+def _is_message(line: str) -> bool:
+    """Whether `line` asks to send a message (in a room it could have been sent to)."""
+    action = parse_command(line, "any")
+    return isinstance(action, Request) and _is_send(action)
 
 
 def _ended_by_server(client: ChatClient) -> str:
@@ -186,14 +289,14 @@ def _print_events(
     def show(frame: Any) -> None:
         if as_json:
             # ensure_ascii (the default) escapes every non-ASCII and control character.
-            text: str | None = json.dumps(frame)
-        else:
-            text = format_event(frame, me=link.client.username, color=color)
+            _write(stdout, lock, json.dumps(frame))
+            return
+        text = format_event(frame, me=link.client.username, color=color)
         if text is not None:
-            _write(stdout, lock, text)
+            _write(stderr if frame.get("type") == "error" else stdout, lock, text)
 
-    def notify(text: str) -> None:  # stdout stays pure JSON
-        _write(stderr if as_json else stdout, lock, f"-- {sanitize(text, multiline=False)}")
+    def notify(text: str) -> None:
+        _write(stderr, lock, f"-- {sanitize(text, multiline=False)}")
 
     try:
         if as_json:

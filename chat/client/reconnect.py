@@ -2,23 +2,37 @@
 
 Theory of operation
 -------------------
+Where a session stands is the ChatClient's `last_msg_id`: the `welcome`'s, raised by every
+message received (the server sends a session every message it may see in msg_id order, so
+nothing at or below that id was missed on that connection). That, not what happened to be
+shown, is where the catch-up starts: each room the user is in, and the direct messages,
+are asked for `history ... after` it, page by page, until a page comes back empty (a page
+may stop short of its `limit` to keep under the server's byte limit, so a short page does
+not mean the end). A server too old to say `last_msg_id` gets the old way: each room and
+each peer from the last message shown there.
+
 `Seen` follows the `message` frames shown (its `fresh` is called only by the thread that
-prints events): the highest `msg_id` per room and per direct-message peer, and a bounded
-set of recent ids, so that a message that comes twice (in a catch-up page and live, or as a
-stored direct message and in `history with`) is shown once.
+prints events): a bounded set of recent ids, so that a message that comes twice (in a
+catch-up page and live, or as a stored direct message and in `history with`) is shown
+once, and the highest `msg_id` per room and per peer for an old server's catch-up.
 
 `reconnect` runs in the thread that noticed the end (the printer): it waits out the
 backoff schedule (1 s doubling to 60 s, each +-20% jitter; `sleep` and `rng` injectable),
 connects with the `connect` callable, logs in with the password kept in memory (never
 written anywhere), joins the rooms the state says we are in but the `welcome` does not,
-and pages through `history ... after` the last id seen per room and per peer. The replies
-to these requests are `quiet`: they are not queued as events, so nothing is shown but the
-missed messages, which it returns, oldest first, for the printer to show through `Seen`.
+and catches up. The replies to these requests are `quiet`: they are not queued as events,
+so nothing is shown but the missed messages, which it returns, oldest first per room, for
+the printer to show through `Seen`. Until it succeeds the position stays the lost
+connection's: a failed attempt's messages were never shown, so they are caught up again.
 
 When to reconnect: the connection ended without a `bye`, or with `bye` `shutdown`, `idle`
 or `slow_consumer`. Not after `quit` (ours, or another session's `passwd` logging us out),
 nor `too_many_errors` or `login_timeout` (reconnecting would only repeat them). It gives up
 when the password is refused (`invalid_credentials`): it may have been changed elsewhere.
+
+`Link.stop` (the user quits) cancels a reconnection wherever it is: the backoff wait ends
+at once, a connection being logged in on is closed under it, and `interrupted` tells the
+UI that the session ended by the user's choice, not the server's.
 """
 
 from __future__ import annotations
@@ -37,9 +51,10 @@ BASE_DELAY = 1.0  # seconds before the first attempt
 MAX_DELAY = 60.0  # the delay doubles up to this: a restarting server is back within a minute
 JITTER = 0.2  # +-20%, so that clients cut off together do not all come back together
 CATCH_UP_LIMIT = 200  # the server's largest history page
-MAX_CATCH_UP_PAGES = 50  # 10,000 messages a room: past that, the rest is in /history
+MAX_CATCH_UP_PAGES = 50  # 10,000 messages a room at most: past that, the rest is in /history
 SEEN_IDS = 10_000  # recent msg_ids remembered for dedupe
 RECONNECT_BYES = frozenset({None, "shutdown", "idle", "slow_consumer"})
+DIRECT = "direct messages"  # how the catch-up of direct messages is named in notes
 
 
 def should_reconnect(bye_reason: str | None) -> bool:
@@ -93,22 +108,36 @@ class Seen:
         peer = to if isinstance(sender, str) and sender.casefold() == me else sender
         return (peer.lower() if isinstance(peer, str) else None), self.peers
 
-    def catch_up_requests(self, rooms: set[str]) -> list[Frame]:
-        """The history requests to catch up on: each room we are in, each peer seen.
+    def catch_up_requests(self, rooms: set[str], position: int | None) -> list[Frame]:
+        """The history requests to catch up on `rooms` and the direct messages.
 
-        A room with no message seen yet uses the highest id seen anywhere (msg_id grows
-        across all rooms, and a session sees messages in msg_id order); with none seen at
-        all, there is nothing to catch up from and the room is left to /history.
+        From `position` (the lost connection's `last_msg_id`) when the server said one:
+        each room, and the direct messages with everyone. Else from what was shown: a room
+        with no message shown uses the highest id shown anywhere (msg_id grows across all
+        rooms, and a session sees messages in msg_id order); with none shown at all there
+        is nothing to catch up from, and the room is left to /history.
         """
+        if position is not None:
+            requests: list[Frame] = [
+                {"type": "history", "room": room, "after": position} for room in sorted(rooms)
+            ]
+            requests.append({"type": "history", "direct": True, "after": position})
+            return requests
         everywhere = max([*self.rooms.values(), *self.peers.values()], default=None)
-        requests: list[Frame] = []
+        requests = []
         for room in sorted(rooms):
             after = self.rooms.get(room, everywhere)
             if after is not None:
                 requests.append({"type": "history", "room": room, "after": after})
-        for peer, after in sorted(self.peers.items()):
-            requests.append({"type": "history", "with": peer, "after": after})
+        requests.extend(self.peer_requests(None))
         return requests
+
+    def peer_requests(self, after: int | None) -> list[Frame]:
+        """`history with` each peer a direct message was shown with, from `after` or its mark."""
+        return [
+            {"type": "history", "with": peer, "after": mark if after is None else after}
+            for peer, mark in sorted(self.peers.items())
+        ]
 
 
 class Client(Protocol):
@@ -119,18 +148,33 @@ class Client(Protocol):
     def close(self, timeout: float = ...) -> None: ...
 
 
-def catch_up(client: Client, seen: Seen, rooms: set[str], timeout: float) -> list[Frame]:
-    """Every message missed in `rooms` and with the peers seen, oldest first per request."""
+def catch_up(
+    client: Client, seen: Seen, rooms: set[str], timeout: float, *,
+    position: int | None = None, notify: Callable[[str], None] = lambda text: None,
+) -> list[Frame]:
+    """Every message missed in `rooms` and the direct messages, oldest first per request."""
     missed: list[Frame] = []
-    for request in seen.catch_up_requests(rooms):
+    requests = seen.catch_up_requests(rooms, position)
+    while requests:
+        request = requests.pop(0)
         for _ in range(MAX_CATCH_UP_PAGES):
             reply = client.request({**request, "limit": CATCH_UP_LIMIT}, timeout, quiet=True)
-            messages = [m for m in reply.get("messages", []) if isinstance(m, dict)]
-            missed.extend(messages)
+            if reply.get("type") != "history":
+                if request.get("direct"):  # a server without `history direct`: by peer
+                    requests.extend(seen.peer_requests(position))
+                break
+            listed = reply.get("messages")
+            messages = [m for m in listed if isinstance(m, dict)] if isinstance(
+                listed, list) else []
+            # A page's messages as `message` frames: a room's pages do not always say so.
+            missed.extend({"type": "message", **m} for m in messages)
             ids = [m["msg_id"] for m in messages if type(m.get("msg_id")) is int]
-            if reply.get("type") != "history" or len(messages) < CATCH_UP_LIMIT or not ids:
+            if not ids:
                 break
             request = {**request, "after": max(ids)}
+        else:
+            what = f"#{request['room']}" if "room" in request else DIRECT
+            notify(f"more was missed in {what} than the catch-up shows; /history for the rest")
     return missed
 
 
@@ -147,22 +191,30 @@ def reconnect(
     *,
     notify: Callable[[str], None],
     timeout: float,
+    position: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     delays: Iterator[float] | None = None,
     max_attempts: int | None = None,
 ) -> tuple[Any, list[Frame]]:
-    """Connect and log in again, rejoin, catch up: (the new client, the missed messages)."""
+    """Connect and log in again, rejoin, catch up: (the new client, the missed messages).
+
+    `position` is the lost connection's `last_msg_id` (None: the server did not say).
+    """
     attempts = 0
+    failed: str | None = None  # why the last attempt failed: said with the next wait
     for delay in delays if delays is not None else backoff_delays():
         attempts += 1
         if max_attempts is not None and attempts > max_attempts:
             break
-        notify(f"connection lost; reconnecting in {delay:.0f} s")
+        if failed is None:
+            notify(f"connection lost; reconnecting in {delay:.0f} s")
+        else:
+            notify(f"{failed}; trying again in {delay:.0f} s")
         sleep(delay)
         try:
             client = connect()
         except ClientError as exc:
-            notify(f"reconnect failed: {exc}")
+            failed = f"reconnect failed: {exc}"
             continue
         try:
             welcome = client.request(
@@ -173,7 +225,7 @@ def reconnect(
                 client.close()
                 if welcome.get("code") == "invalid_credentials":
                     raise GaveUp("the password was refused on reconnecting")
-                notify(f"reconnect refused: {welcome.get('code')}")
+                failed = f"reconnect refused: {welcome.get('code')}"
                 continue
             client.username = str(welcome.get("username", username))
             listed = welcome.get("rooms")
@@ -181,14 +233,17 @@ def reconnect(
                 listed, list) else set()
             for room in sorted(state.rooms - joined):
                 client.request({"type": "join", "room": room}, timeout, quiet=True)
-            missed = catch_up(client, seen, state.rooms, timeout)
+            # Rooms joined from another session meanwhile are the user's too.
+            missed = catch_up(
+                client, seen, state.rooms | joined, timeout, position=position, notify=notify
+            )
         except ClientError as exc:
             client.close()
-            notify(f"reconnect failed: {exc}")
+            failed = f"reconnect failed: {exc}"
             continue
         notify(f"reconnected as {client.username}")
         return client, missed
-    raise GaveUp("gave up reconnecting")
+    raise GaveUp("gave up reconnecting" + (f" ({failed})" if failed else ""))
 
 
 class Link:
@@ -197,7 +252,8 @@ class Link:
     The printer thread owns the replacing (`resume`, when the events of `client` end); the
     command thread takes `current()` for each request. `connect` None means never reconnect.
     `password` is read only when logging in again, so a /passwd can update what it returns;
-    it is kept in memory only.
+    it is kept in memory only. `_cond` guards `client`, `reconnecting`, `ended`, the
+    connection being tried (`_attempt`) and `interrupted`.
     """
 
     def __init__(
@@ -219,8 +275,10 @@ class Link:
         self._delays = delays  # a fresh schedule for each loss: 1 s again after a success
         self._cond = threading.Condition()
         self._stopping = threading.Event()
+        self._attempt: Any | None = None  # the connection a reconnection is logging in on
         self.reconnecting = False
         self.ended = False  # the printer has stopped for good
+        self.interrupted = False  # the user stopped it while the connection was lost
 
     @property
     def enabled(self) -> bool:
@@ -241,8 +299,21 @@ class Link:
             return None if self.client is old else self.client
 
     def stop(self) -> None:
-        """The user is leaving: reconnect no more (a backoff wait in progress ends at once)."""
-        self._stopping.set()
+        """The user is leaving: reconnect no more, and cancel a reconnection under way.
+
+        The backoff wait ends at once and a connection being logged in on is closed; one
+        being opened (a TLS handshake) is closed as soon as it is made. `interrupted` says
+        whether the connection was lost (and would have been taken up again) at that
+        moment: then the session ended by the user's choice, and the UI says so (exit 0),
+        not that the server closed it.
+        """
+        with self._cond:
+            self._stopping.set()
+            lost = self.client.closed and should_reconnect(self.client.bye_reason)
+            self.interrupted = self.enabled and not self.ended and (self.reconnecting or lost)
+            attempt = self._attempt
+        if attempt is not None:
+            attempt.close(self._timeout)
 
     @property
     def stopping(self) -> bool:
@@ -251,6 +322,18 @@ class Link:
     def _sleep(self, delay: float) -> None:
         if self._stopping.wait(delay):
             raise GaveUp("stopped reconnecting: quitting")
+
+    def _connect_attempt(self) -> Any:
+        assert self._connect is not None
+        client = self._connect()
+        with self._cond:
+            stopping = self.stopping
+            if not stopping:
+                self._attempt = client
+        if stopping:
+            client.close(self._timeout)
+            raise GaveUp("stopped reconnecting: quitting")
+        return client
 
     def resume(self, show: Callable[[Frame], None], notify: Callable[[str], None]) -> bool:
         """In the printer, once the events of `client` have ended: reconnect if it should.
@@ -264,28 +347,39 @@ class Link:
             return False
         with self._cond:
             self.reconnecting = True
+
+        def tell(text: str) -> None:  # once the user is leaving, the attempts are no news
+            if not self.stopping:
+                notify(text)
+
         try:
             client, missed = reconnect(
-                self._connect, old.username or "", self._password, self.state, self.seen,
-                notify=notify, timeout=self._timeout, sleep=self._sleep,
-                delays=self._delays(),
+                self._connect_attempt, old.username or "", self._password, self.state,
+                self.seen, notify=tell, timeout=self._timeout, sleep=self._sleep,
+                delays=self._delays(), position=getattr(old, "last_msg_id", None),
             )
         except GaveUp as exc:
-            if not self.stopping:
-                notify(str(exc))
+            tell(str(exc))
             self._end()
             return False
-        if self.stopping:
+        finally:
+            with self._cond:
+                self._attempt = None
+        with self._cond:  # one step with `stop`: either the user left, or we are back
+            stale = self.stopping
+            if not stale:
+                self.client = client
+                self.reconnecting = False
+                self._cond.notify_all()
+        if stale:
             client.close(self._timeout)
             self._end()
             return False
+        # Shown before any event of the new client, by this same thread: in order, even if
+        # a command goes out on the new connection meanwhile.
         for frame in missed:
             if self.seen.fresh(frame):
                 show(frame)
-        with self._cond:
-            self.client = client
-            self.reconnecting = False
-            self._cond.notify_all()
         return True
 
     def _end(self) -> None:

@@ -25,7 +25,7 @@ taken up again by the printer (chat.client.reconnect.Link): `-- connection lost;
 reconnecting in N s`, a new login with the password kept in memory (updated by a successful
 /passwd), the rooms rejoined, `-- reconnected as NAME`, then the messages missed, each
 message shown once (by msg_id). Only then does `ended` get set, if it gave up. A command
-typed while reconnecting is not sent (it says so); /quit, Ctrl-D or Ctrl-C stop it (3 or 130).
+typed while reconnecting is not sent (it says so); /quit or Ctrl-D stop it (0), Ctrl-C (130).
 """
 
 from __future__ import annotations
@@ -299,6 +299,8 @@ def run_interactive(
                     if action.frame.get("type") == "passwd" and reply.get("type") == "ok":
                         kept[0] = str(action.frame["new"])
         link.stop()
+        if link.interrupted:  # quit while reconnecting: the user's choice, not the server's
+            return 0
         current = link.client
         if server_ended or ended.is_set() or link.reconnecting or current.closed:
             current.close(timeout)

@@ -1,0 +1,166 @@
+"""Line mode delivers every line or says which was not (issue 15, items 1 and friction).
+
+Some tests run the CLI as a subprocess (tests/test_client_cli.py's `run_cli`); the ones
+that must make the client outrun the server run `run_line_mode` in-process, on a
+ChatClient whose pacer is taken away, so that every refusal is the server's.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Any
+
+import pytest
+
+from chat.client import ChatClient, raise_for_error
+from chat.client.commands import Request, parse_command
+from chat.client.limits import SendPacer
+from chat.client.linemode import EXIT_UNDELIVERED, run_line_mode
+from chat.tls import client_context
+from tests.test_client_cli import PASSWORD, new_name, run_cli, server_args
+
+WAIT = 30.0
+
+
+def session(server: Any, username: str, **kwargs: Any) -> ChatClient:
+    client = ChatClient.connect(server.host, server.port,
+                                ssl_context=client_context(server.cafile), timeout=WAIT,
+                                **kwargs)
+    raise_for_error(client.login(username, PASSWORD, timeout=WAIT))
+    return client
+
+
+def received(reader: ChatClient, sender: str, count: int) -> list[str]:
+    """The texts of the next `count` messages from `sender` that `reader` gets."""
+    texts: list[str] = []
+    for frame in reader.events(timeout=WAIT):
+        if frame.get("type") == "message" and frame.get("username") == sender:
+            texts.append(frame["message"])
+            if len(texts) == count:
+                break
+    return texts
+
+
+def test_fifty_piped_lines_are_all_delivered_in_order(server_factory: Any) -> None:
+    # The v1 limits scaled down, so that 50 lines are well over the burst.
+    server = server_factory(frames_per_second=20.0, frame_burst=10)
+    me, other = new_name(), new_name()
+    server.register(me)
+    server.register(other)
+    lines = [f"line {n}" for n in range(1, 51)]
+    with session(server, other) as reader:
+        result = run_cli("login", *server_args(server, me), input="\n".join(lines) + "\n")
+        assert result.returncode == 0, result.stderr
+        assert "rate_limited" not in result.stdout + result.stderr
+        assert received(reader, me, len(lines)) == lines
+
+
+def run_in_process(client: ChatClient, script: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run_line_mode(client, stdin=io.StringIO(script), stdout=out, stderr=err,
+                         room="general", rooms=["general"], timeout=WAIT)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_lines_the_server_refused_for_the_rate_are_sent_again_in_order(
+    server_factory: Any,
+) -> None:
+    # Three frames a second: even a slow machine sends faster than that.
+    server = server_factory(frames_per_second=3.0, frame_burst=4)
+    me, other = new_name(), new_name()
+    server.register(me)
+    server.register(other)
+    lines = [f"paste {n}" for n in range(1, 11)]
+    with session(server, other) as reader:
+        writer = session(server, me, replies_as_events=True)
+        writer.pacer = SendPacer(1e9, 10**9)  # as an older client: no pacing of its own
+        code, out, err = run_in_process(writer, "\n".join(lines) + "\n")
+        assert code == 0, err
+        assert received(reader, me, len(lines)) == lines
+    assert "the server asked to slow down: sending again in" in err
+    assert "rate_limited" not in out + err  # waited out: no refusal is shown
+
+
+def test_a_line_the_server_still_refuses_makes_the_exit_code_non_zero(
+    server_factory: Any,
+) -> None:
+    # One token every 100 s: the server asks for a wait the client will not sit out.
+    server = server_factory(frames_per_second=0.01, frame_burst=3)
+    me = new_name()
+    server.register(me)
+    writer = session(server, me, replies_as_events=True)
+    writer.pacer = SendPacer(1e9, 10**9)
+    code, out, err = run_in_process(writer, "one\ntwo\nthree\n")
+    assert code == EXIT_UNDELIVERED
+    assert "! error rate_limited" in err and "rate_limited" not in out
+    assert "not delivered" in err
+
+
+def test_a_message_over_the_limit_is_split_and_said_so(chat_server: Any) -> None:
+    me, other = new_name(), new_name()
+    chat_server.register(me)
+    chat_server.register(other)
+    words = [f"w{n:04}" for n in range(1800)]  # 5 characters and a space each: 10,800
+    text = " ".join(words)
+    with session(chat_server, other) as reader:
+        result = run_cli("login", *server_args(chat_server, me), input=text + "\n/me "
+                         + "x" * 4100 + "\n")
+        assert result.returncode == 0, result.stderr
+        got = received(reader, me, 5)
+    assert " ".join(got[:3]).split() == words  # cut at spaces: not a word lost or broken
+    assert all(len(p) <= 4000 for p in got)
+    assert got[3].startswith("/me ") and got[4].startswith("/me ")  # an action stays one
+    assert "".join(p.removeprefix("/me ") for p in got[3:]) == "x" * 4100
+    assert f"the message of {len(text)} characters was sent as 3 messages" in result.stderr
+
+
+def test_stdout_has_the_conversation_stderr_the_errors_and_notes(chat_server: Any) -> None:
+    me = new_name()
+    chat_server.register(me)
+    script = "hello\n/leave nowhere\n/bogus\n/msg nosuchuser hi\n"
+    result = run_cli("login", *server_args(chat_server, me, "--recent", "5"), input=script)
+    assert result.returncode == EXIT_UNDELIVERED  # the direct message had no one to go to
+    out, err = result.stdout.splitlines(), result.stderr.splitlines()
+    assert any(line.endswith(f"#general {me}: hello") for line in out)
+    assert not any(line.startswith(("!", "chat-client:")) for line in out), out
+    assert any(line.startswith("! error not_in_room") for line in err)
+    assert any(line.startswith("! error no_such_user") for line in err)
+    assert "chat-client: unknown command /bogus (try /help)" in err
+    assert not any(f"{me}: hello" in line for line in err)
+
+
+def test_history_with_a_user_is_shown_in_line_mode(chat_server: Any) -> None:
+    if not isinstance(parse_command("/history bob", "general"), Request):
+        pytest.skip("/history USER comes with the commands' half of issue 15")
+    me, other = new_name(), new_name()
+    chat_server.register(me)
+    chat_server.register(other)
+    result = run_cli("login", *server_args(chat_server, me),
+                     input=f"/msg {other} first\n/history {other}\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines.index(f"-- history with {other}: 1 message")
+    assert lines[header + 1].endswith(f"(dm) {me} -> {other}: first")
+
+
+def test_two_threads_sending_through_one_paced_client_each_keep_their_order(
+    server_factory: Any,
+) -> None:
+    server = server_factory(frames_per_second=30.0, frame_burst=5)
+    me, other = new_name(), new_name()
+    server.register(me)
+    server.register(other)
+    with session(server, other) as reader, session(server, me) as writer:
+        def send(tag: str) -> None:
+            for n in range(15):
+                raise_for_error(writer.say("general", f"{tag}{n}", timeout=WAIT))
+
+        threads = [threading.Thread(target=send, args=(tag,)) for tag in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        got = received(reader, me, 30)
+    for tag in "ab":
+        assert [t for t in got if t.startswith(tag)] == [f"{tag}{n}" for n in range(15)]
