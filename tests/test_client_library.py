@@ -9,6 +9,7 @@ pong, framing and ending are tested without the server. The second half uses the
 
 from __future__ import annotations
 
+import itertools
 import socket
 import ssl
 import threading
@@ -24,6 +25,7 @@ from chat import certs
 from chat.client import (
     CertificateNotTrusted,
     ChatClient,
+    ClientCertificateRefused,
     ConnectFailed,
     ConnectionClosed,
     IncompatibleServer,
@@ -32,14 +34,19 @@ from chat.client import (
     TLSFailed,
     raise_for_error,
 )
+from chat.client.connection import MAX_RESENDS
+from chat.client.limits import SendPacer
 from chat.protocol import FrameDecoder, encode
 from chat.tls import client_context, server_context
+from tests.tls_helpers import client_certificate
 
 WAIT = 10.0  # seconds: the bound on anything a test waits for; generous for a loaded machine
 HELLO = {
     "type": "hello", "protocol": 1, "server": "fake/0", "max_frame_bytes": 16384,
     "min_password_length": 15,
 }
+# A hello whose limits do not make the client pace itself, for tests that send a lot.
+UNLIMITED_HELLO = {**HELLO, "limits": {"frames_per_second": 1e9, "frame_burst": 10**9}}
 PASSWORD = "correct horse battery staple 42"
 
 
@@ -179,7 +186,9 @@ def test_request_gets_the_reply_whose_re_matches_and_events_keep_wire_order(pki:
         peer.send({"type": "who", "room": "general", "users": ["alice"], "re": request["id"]})
         peer.wait_closed()
 
-    with FakeServer(pki, script) as server, connect(pki, server) as client:
+    with FakeServer(pki, script) as server, connect(
+        pki, server, replies_as_events=True
+    ) as client:
         reply = client.who("general", timeout=WAIT)
         assert reply["users"] == ["alice"]
         kinds = [client.next_event(WAIT) for _ in range(3)]
@@ -187,18 +196,36 @@ def test_request_gets_the_reply_whose_re_matches_and_events_keep_wire_order(pki:
         assert kinds[2] == reply  # the reply is an event too, in its place
 
 
-def test_replies_can_be_kept_out_of_the_events(pki: Pki) -> None:
-    def script(peer: Peer) -> None:
-        request = peer.recv()
-        peer.send({"type": "pong", "re": request["id"]})
-        peer.send(message(1))
-        peer.wait_closed()
+def replying_script(peer: Peer) -> None:
+    """Answers a login, a ping and a send, then says one message of its own."""
+    login = peer.recv()
+    peer.send({"type": "welcome", "username": "alice", "rooms": ["general"], "session": "s",
+               "last_msg_id": 0, "re": login["id"]})
+    ping = peer.recv()
+    peer.send({"type": "pong", "re": ping["id"]})
+    send = peer.recv()
+    peer.send(message(1, send["message"], re=send["id"]))
+    peer.send(message(2, "from bob", username="bob"))
+    peer.wait_closed()
 
-    with FakeServer(pki, script) as server, connect(
+
+def test_by_default_only_the_senders_own_message_of_all_replies_is_an_event(pki: Pki) -> None:
+    with FakeServer(pki, replying_script) as server, connect(pki, server) as client:
+        assert client.login("alice", PASSWORD, WAIT)["type"] == "welcome"
+        assert client.ping(WAIT)["type"] == "pong"
+        echo = client.say("general", "mine", WAIT)
+        events = [client.next_event(WAIT) for _ in range(2)]
+        assert events == [echo, message(2, "from bob", username="bob")]
+
+
+def test_replies_can_be_kept_out_of_the_events(pki: Pki) -> None:
+    with FakeServer(pki, replying_script) as server, connect(
         pki, server, replies_as_events=False
     ) as client:
+        client.login("alice", PASSWORD, WAIT)
         assert client.ping(WAIT)["type"] == "pong"
-        assert client.next_event(WAIT)["type"] == "message"
+        client.say("general", "mine", WAIT)
+        assert client.next_event(WAIT)["message"] == "from bob"
 
 
 def test_concurrent_requests_each_get_their_own_reply(pki: Pki) -> None:
@@ -236,8 +263,8 @@ def test_a_server_ping_is_answered_with_pong(pki: Pki) -> None:
         peer.wait_closed()
 
     with FakeServer(pki, script) as server, connect(pki, server) as client:
-        assert client.next_event(WAIT) == {"type": "ping"}
-        assert client.next_event(WAIT)["type"] == "message"  # sent after the pong arrived
+        # The ping is answered, not yielded: the message, sent after the pong arrived, is first.
+        assert client.next_event(WAIT)["type"] == "message"
     assert answered == [{"type": "pong"}]
 
 
@@ -265,7 +292,7 @@ def test_sending_more_than_the_socket_holds_arrives_whole_and_in_order(pki: Pki)
     received: list[int] = []
 
     def script(peer: Peer) -> None:
-        peer.send({"type": "ping"})  # the client must keep reading while its writes wait
+        peer.send(message(0, "read me"))  # the client must keep reading while its writes wait
         server.release.wait(WAIT)  # let the client's writes back up first
         while len(received) < count:
             frame = peer.recv()
@@ -274,11 +301,11 @@ def test_sending_more_than_the_socket_holds_arrives_whole_and_in_order(pki: Pki)
         peer.send(message(1, "all in"))
         peer.wait_closed()
 
-    server = FakeServer(pki, script)
+    server = FakeServer(pki, script, hello=UNLIMITED_HELLO)
     with server, connect(pki, server) as client:
         for seq in range(count):
             client.send({"type": "send", "room": "general", "message": text, "seq": seq})
-        assert client.next_event(WAIT) == {"type": "ping"}
+        assert client.next_event(WAIT)["message"] == "read me"
         server.release.set()
         assert client.next_event(WAIT)["message"] == "all in"
     assert received == list(range(count))
@@ -379,9 +406,10 @@ def test_an_error_frame_is_returned_and_raise_for_error_raises(pki: Pki) -> None
     def script(peer: Peer) -> None:
         request = peer.recv()
         assert request["password"] == PASSWORD and "id" in request
+        # A wait this long is a throttle meant for the user: returned, not waited out.
         peer.send({
             "type": "error", "code": "rate_limited", "message": "slow down",
-            "retry_after": 7, "re": request["id"],
+            "retry_after": 600, "re": request["id"],
         })
         peer.wait_closed()
 
@@ -392,7 +420,110 @@ def test_an_error_frame_is_returned_and_raise_for_error_raises(pki: Pki) -> None
         assert PASSWORD not in repr(client)
         with pytest.raises(ServerError) as caught:
             raise_for_error(reply)
-        assert (caught.value.code, caught.value.retry_after) == ("rate_limited", 7)
+        assert (caught.value.code, caught.value.retry_after) == ("rate_limited", 600)
+
+
+def refusal(request: dict[str, Any], retry_after: float) -> dict[str, Any]:
+    return {"type": "error", "code": "rate_limited", "message": "too many frames; slow down",
+            "retry_after": retry_after, "re": request["id"]}
+
+
+def test_a_rate_limited_request_is_waited_out_and_sent_again(pki: Pki) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def script(peer: Peer) -> None:
+        first = peer.recv()
+        sent.append(first)
+        peer.send(refusal(first, 0.05))
+        again = peer.recv()
+        sent.append(again)
+        peer.send(message(1, again["message"], re=again["id"]))
+        peer.wait_closed()
+
+    waits: list[float] = []
+    with FakeServer(pki, script) as server, connect(
+        pki, server, replies_as_events=True
+    ) as client:
+        client.on_resend = lambda frame, wait: waits.append(wait)
+        reply = client.say("general", "one", timeout=WAIT)
+        assert reply["type"] == "message" and reply["message"] == "one"
+        # The refusal that was waited out is no event: the echo is the first.
+        assert client.next_event(WAIT) == reply
+    assert [f["message"] for f in sent] == ["one", "one"]
+    assert sent[0]["id"] != sent[1]["id"]
+    assert waits == [0.05]
+
+
+def test_a_request_refused_every_time_is_returned_after_the_last_resend(pki: Pki) -> None:
+    def script(peer: Peer) -> None:
+        for _ in range(MAX_RESENDS + 1):
+            peer.send(refusal(peer.recv(), 0.01))
+        peer.wait_closed()
+
+    with FakeServer(pki, script) as server, connect(
+        pki, server, replies_as_events=True
+    ) as client:
+        reply = client.say("general", "never", timeout=WAIT)
+        assert reply["code"] == "rate_limited"
+        assert client.next_event(WAIT) == reply  # the last refusal, and only it, is an event
+        with pytest.raises(TimedOut):
+            client.next_event(0.01)
+
+
+def test_events_wait_through_a_quiet_period_and_idle_ends_them_quietly(pki: Pki) -> None:
+    def script(peer: Peer) -> None:
+        peer.send({"type": "ping"})  # answered, not yielded, and not "something came"
+        assert peer.recv() == {"type": "pong"}
+        peer.send(message(1))
+        server.release.wait(WAIT)
+
+    server = FakeServer(pki, script)
+    with server, connect(pki, server) as client:
+        assert list(client.events(idle=0.2)) == [message(1)]
+        with pytest.raises(TimedOut):
+            next(client.events(timeout=0.01))
+        # Both: whichever is shorter decides between a quiet end and TimedOut.
+        assert list(client.events(timeout=WAIT, idle=0.01)) == []
+        with pytest.raises(TimedOut):
+            next(client.events(timeout=0.01, idle=WAIT))
+
+
+def test_last_msg_id_starts_at_the_welcome_and_follows_the_messages(pki: Pki) -> None:
+    def script(peer: Peer) -> None:
+        login = peer.recv()
+        peer.send({"type": "welcome", "username": "alice", "rooms": [], "session": "s",
+                   "last_msg_id": 40, "re": login["id"]})
+        peer.send(message(41))
+        peer.send(message(12, to="alice"))  # a stored direct message: older, changes nothing
+        peer.send({"type": "history", "room": "general", "messages": [message(99)]})
+        peer.send(message(42))
+        peer.wait_closed()
+
+    with FakeServer(pki, script) as server, connect(pki, server) as client:
+        assert client.last_msg_id is None
+        client.login("alice", PASSWORD, WAIT)
+        assert [f.get("msg_id") for f in itertools.islice(client.events(), 4)] == [
+            41, 12, None, 42]
+        # Only messages received live count: a history reply's messages say nothing
+        # about what the session has had.
+        assert client.last_msg_id == 42
+
+
+def test_history_direct_asks_for_every_direct_message(pki: Pki) -> None:
+    asked: list[dict[str, Any]] = []
+
+    def script(peer: Peer) -> None:
+        request = peer.recv()
+        asked.append(request)
+        peer.send({"type": "history", "direct": True, "messages": [], "re": request["id"]})
+        peer.wait_closed()
+
+    with FakeServer(pki, script) as server, connect(pki, server) as client:
+        assert client.history(direct=True, after=7, limit=200, timeout=WAIT)["direct"] is True
+        with pytest.raises(ValueError):
+            client.history(room="general", direct=True)
+    assert {k: v for k, v in asked[0].items() if k != "id"} == {
+        "type": "history", "direct": True, "after": 7, "limit": 200}
 
 
 # -- connection failures ------------------------------------------------------------------------
@@ -434,7 +565,7 @@ def test_a_peer_that_never_handshakes_is_a_tls_failure(pki: Pki) -> None:
         server.release.wait(WAIT)
 
     server = FakeServer(pki, script, tls=False)
-    with server, pytest.raises(TLSFailed, match="timed out"):
+    with server, pytest.raises(TLSFailed, match=r"handshake .* timed out .* never answered"):
         ChatClient.connect(
             "127.0.0.1", server.port, ssl_context=client_context(pki.ca), timeout=0.3
         )
@@ -452,6 +583,17 @@ def test_a_plaintext_peer_is_a_tls_failure(pki: Pki) -> None:
     with server, pytest.raises(TLSFailed) as caught:
         connect(pki, server)
     assert not isinstance(caught.value, CertificateNotTrusted)
+    assert "does not speak TLS" in str(caught.value) and "7072" in str(caught.value)
+
+
+def test_a_plain_http_server_does_not_speak_tls(pki: Pki) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.recv(4096)  # the ClientHello, taken for a bad request
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    server = FakeServer(pki, script, tls=False, fails=True)
+    with server, pytest.raises(TLSFailed, match=r"does not speak TLS.*chat port is 7072"):
+        connect(pki, server)
 
 
 @pytest.mark.parametrize(
@@ -581,3 +723,69 @@ def test_real_ping_and_quit(chat_server: Any, user: str) -> None:
     client.quit(timeout=WAIT)
     frames = list(client.events(timeout=WAIT))
     assert frames[-1] == {"type": "bye", "reason": "quit"}
+
+
+def test_real_a_client_that_outruns_the_server_has_every_refused_message_resent_in_order(
+    server_factory: Any,
+) -> None:
+    # The server today refuses a frame over its rate (rate_limited, retry_after); the
+    # client, made to send as fast as it can, must wait and resend each refused one.
+    server = server_factory(frames_per_second=20.0, frame_burst=8)
+    name, other = new_name(), new_name()
+    server.register(name, PASSWORD)
+    server.register(other, PASSWORD)
+    texts = [f"line {n}" for n in range(20)]
+    with open_session(server, other) as reader, open_session(server, name) as writer:
+        writer.pacer = SendPacer(1e9, 10**9)  # no pacing: every refusal is the server's
+        resends: list[float] = []
+        writer.on_resend = lambda frame, wait: resends.append(wait)
+        for text in texts:
+            raise_for_error(writer.say("general", text, timeout=WAIT))
+        got = [f["message"] for f in itertools.islice(
+            (f for f in reader.events(timeout=WAIT)
+             if f.get("type") == "message" and f.get("username") == name), len(texts))]
+        assert got == texts
+        assert resends, "the server never refused: the test did not test the resend"
+
+
+def test_real_a_paced_client_is_not_refused(server_factory: Any) -> None:
+    server = server_factory(frames_per_second=50.0, frame_burst=30)
+    name = new_name()
+    server.register(name, PASSWORD)
+    with open_session(server, name) as client:
+        assert client.limits.frames_per_second == 50.0 and client.limits.frame_burst == 30
+        resends: list[float] = []
+        client.on_resend = lambda frame, wait: resends.append(wait)
+        for n in range(80):
+            raise_for_error(client.say("general", f"m{n}", timeout=WAIT))
+        assert resends == []
+
+
+def mutual_tls_server(server_factory: Any, cert_dir: certs.CertPaths) -> Any:
+    return server_factory(client_cafile=str(cert_dir.ca_cert))
+
+
+def test_real_a_server_that_wants_a_client_certificate_says_so(
+    server_factory: Any, cert_dir: certs.CertPaths
+) -> None:
+    server = mutual_tls_server(server_factory, cert_dir)
+    with pytest.raises(ClientCertificateRefused, match="requires a client certificate") as got:
+        ChatClient.connect(server.host, server.port,
+                           ssl_context=client_context(server.cafile), timeout=WAIT)
+    assert got.value.missing
+
+
+def test_real_a_client_certificate_from_another_ca_is_refused_and_the_right_one_works(
+    server_factory: Any, cert_dir: certs.CertPaths, tmp_path: Path
+) -> None:
+    server = mutual_tls_server(server_factory, cert_dir)
+    stranger = certs.generate_dev_certs(tmp_path / "stranger")
+    wrong_cert, wrong_key = client_certificate(tmp_path / "wrong", stranger)
+    context = client_context(server.cafile, certfile=wrong_cert, keyfile=wrong_key)
+    with pytest.raises(ClientCertificateRefused, match="refused the client certificate") as got:
+        ChatClient.connect(server.host, server.port, ssl_context=context, timeout=WAIT)
+    assert not got.value.missing
+    cert, key = client_certificate(tmp_path / "right", cert_dir)
+    context = client_context(server.cafile, certfile=cert, keyfile=key)
+    with ChatClient.connect(server.host, server.port, ssl_context=context, timeout=WAIT) as c:
+        assert c.hello["type"] == "hello"

@@ -13,6 +13,7 @@
 from chat.client.connection import ChatClient
 from chat.client.errors import (
     CertificateNotTrusted,
+    ClientCertificateRefused,
     ClientError,
     ConnectFailed,
     ConnectionClosed,
@@ -22,16 +23,20 @@ from chat.client.errors import (
     TLSFailed,
     raise_for_error,
 )
+from chat.client.limits import ServerLimits, split_message
 
 __all__ = [
     "CertificateNotTrusted",
     "ChatClient",
+    "ClientCertificateRefused",
     "ClientError",
     "ConnectFailed",
     "ConnectionClosed",
     "IncompatibleServer",
     "ServerError",
+    "ServerLimits",
     "TLSFailed",
     "TimedOut",
     "raise_for_error",
+    "split_message",
 ]

@@ -375,7 +375,9 @@ def _run(args: argparse.Namespace) -> int:
     client: ChatClient | None = None
 
     def connect() -> ChatClient:
-        return ChatClient.connect(host, port, ssl_context=context, timeout=args.timeout)
+        return ChatClient.connect(
+            host, port, ssl_context=context, timeout=args.timeout, replies_as_events=True
+        )
 
     try:
         client = connect()

@@ -1,18 +1,47 @@
 """The client library for protocol v1: requests, replies and events over one connection.
 
+What a caller sees
+------------------
+`request` (and `login`, `say`, `history`, ...) sends a frame and returns its reply, an
+`error` frame included (`raise_for_error` turns one into an exception). `events()` yields
+what the server says of its own accord: messages, presence, and last the `bye`, if any;
+it ends when the connection does. The sender's own copy of a message it sent is yielded
+too: it is a message in the room like any other. Other replies (`welcome`, `ok`, `who`,
+...) are not events, and keep-alive pings are answered here and never yielded.
+`replies_as_events=True` makes every reply an event as well, in wire order (the CLI
+prints its transcripts from that); `replies_as_events=False` keeps even the sender's own
+message out. A quiet period is not an error: `events()` waits as long as it takes, unless
+given `idle` (stop the iteration, without an error, after that many quiet seconds) or
+`timeout` (raise TimedOut instead, as before).
+
+Earlier versions yielded the keep-alive `ping` frames and every reply (`welcome`
+included) by default; `replies_as_events=True` gives the replies back, the pings are gone
+for good (the library answers them; they were never news).
+
+Sending is paced: every frame but `quit` and `pong` first waits for a token from a
+SendPacer (chat.client.limits) set a little under the rate the server announced in
+`hello`, so a script piping hundreds of lines waits here rather than being refused there.
+A request refused with `rate_limited` anyway (frames bunched on the way, an older
+server, a login throttled for a few seconds) is sent again once `retry_after` has passed,
+up to MAX_RESENDS times and only for waits up to MAX_RESEND_WAIT; those refusals are not
+events, and `on_resend`, if set, is told of each wait. Only the last refusal reaches the
+caller. A frame sent with `send` (no id, no reply to match) is paced but never resent.
+
 Theory of operation
 -------------------
 The socket belongs to a Transport (chat.client.transport) and its one I/O thread; this
 module only ever hands it encoded bytes. Any thread may call `send` and `request` (frames are
-encoded in the caller, so a bad frame fails there), and any thread may read events.
+encoded, and paced, in the caller, so a bad frame fails there), and any thread may read
+events.
 
-In the I/O thread, `_on_data` decodes bytes with a FrameDecoder and routes each frame. Every
-frame after `hello`, replies included, goes on the event queue in the order received (unless
-`replies_as_events=False`); a reply whose `re` matches a waiting `request` is also handed to
-that waiter, after it is queued, so whoever reads events sees it in its place. A server
-`ping` is answered with `pong` right there. When the transport ends, `_on_close` fails every
-waiting request with ConnectionClosed and queues the end-of-stream marker after the last
-frame, so `events()` ends only after it has delivered everything, `bye` included.
+In the I/O thread, `_on_data` decodes bytes with a FrameDecoder and routes each frame. A
+frame that is an event goes on the event queue in the order received; a reply whose `re`
+matches a waiting `request` is handed to that waiter after it is queued (if it is queued
+at all), so whoever reads events sees it in its place. A server `ping` is answered with
+`pong` right there. The I/O thread also follows `last_msg_id`: the `welcome`'s, raised by
+every `message` received. When the transport ends, `_on_close` fails every waiting request
+with ConnectionClosed and queues the end-of-stream marker after the last frame, so
+`events()` ends only after it has delivered everything, `bye` included.
 
 `_lock` guards `_waiters`; a request registers its waiter before its bytes are queued, and
 the transport refuses bytes once closed, so no waiter is ever left behind.
@@ -25,7 +54,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -36,8 +65,10 @@ from chat.client.errors import (
     IncompatibleServer,
     ServerError,
     TimedOut,
+    certificate_refusal,
 )
-from chat.client.transport import Transport, open_tls, remaining
+from chat.client.limits import SendPacer, ServerLimits, split_message
+from chat.client.transport import Transport, open_tls, remaining, where
 from chat.errors import ProtocolError
 from chat.protocol import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecoder, encode
 
@@ -49,35 +80,77 @@ DEFAULT_TIMEOUT = 10.0  # seconds; the server's own TLS handshake timeout is als
 # unbounded buffer, which a broken server could fill, it cannot.
 MAX_SERVER_FRAME_BYTES = 16 * 1024 * 1024
 
+# A `rate_limited` refusal is waited out and the request sent again at most this many
+# times: with the client pacing itself, one resend nearly always goes through; a request
+# refused five times running is refused for a reason pacing cannot cure.
+MAX_RESENDS = 5
+# ... and only when the server asks for at most this wait. The frame rate asks for a
+# second or two, a login slowed after failures for a few; longer waits (registrations per
+# address and hour, an account locked after many failures) are refusals the user should
+# hear about, not a silent pause.
+MAX_RESEND_WAIT = 10.0  # seconds
+RESEND_WAIT = 1.0  # seconds, when a `rate_limited` names no usable `retry_after`
+
+# Frames the server never refuses for the rate (quit ends a flood; a pong answers its ping),
+# and which must not wait: the I/O thread itself sends the pong.
+_UNPACED = frozenset({"quit", "pong"})
+
 _END = object()  # end-of-stream marker on the event queue
+
+__all__ = ["DEFAULT_TIMEOUT", "ChatClient", "ServerLimits", "split_message"]
+
+
+def resend_wait(reply: Frame) -> float | None:
+    """The seconds to wait before sending a request again, or None: `reply` is final."""
+    if reply.get("type") != "error" or reply.get("code") != "rate_limited":
+        return None
+    wait = reply.get("retry_after")
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < 1e9:
+        return RESEND_WAIT
+    return float(wait) if wait <= MAX_RESEND_WAIT else None
 
 
 class _Waiter:
     """One pending request: the I/O thread sets `reply` (a frame or an error), then `done`."""
 
-    __slots__ = ("done", "quiet", "reply")
+    __slots__ = ("done", "quiet", "reply", "resendable")
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, resendable: bool = False) -> None:
         self.done = threading.Event()
         self.quiet = quiet  # the reply goes to the waiter only, never on the event queue
+        self.resendable = resendable  # a refusal that will be waited out is no event either
         self.reply: Frame | ClientError | None = None
 
 
 class ChatClient:
     """A connected, greeted protocol-v1 session. Build one with `ChatClient.connect`."""
 
-    def __init__(self, sock: ssl.SSLSocket, *, replies_as_events: bool = True) -> None:
+    def __init__(
+        self, sock: ssl.SSLSocket, *, replies_as_events: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._replies_as_events = replies_as_events
         self._decoder = FrameDecoder(MAX_SERVER_FRAME_BYTES)  # I/O thread only
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._ids = itertools.count(1)
+        self._ended = threading.Event()  # set once the transport has ended
+        self._clock = clock
         self._transport = Transport(sock, on_data=self._on_data, on_close=self._on_close)
         self.hello: Frame = {}
+        self.limits = ServerLimits()  # what `hello` announced, else the v1 defaults
+        self.pacer = SendPacer.for_server(self.limits, clock)
         self.username: str | None = None  # set by a successful `login`
+        # The newest msg_id this session is known to have had: the welcome's `last_msg_id`,
+        # raised by each message received. None before login, or from a server that does
+        # not say. Where a catch-up after a lost connection starts (chat.client.reconnect).
+        self.last_msg_id: int | None = None
         self.bye_reason: str | None = None
         self.bad_frames = 0  # undecodable lines from the server, dropped (a server bug)
+        # Called (frame, seconds) in the requesting thread before a refused request is
+        # waited out and sent again; for telling the user why nothing happens meanwhile.
+        self.on_resend: Callable[[Frame, float], None] | None = None
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -90,13 +163,15 @@ class ChatClient:
         ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        replies_as_events: bool = True,
+        replies_as_events: bool | None = None,
     ) -> ChatClient:
         """Connect, complete the TLS handshake and read the server's `hello` (see `.hello`).
 
         `timeout` bounds each step. Raises ConnectFailed, TLSFailed (CertificateNotTrusted
-        when verification fails), IncompatibleServer, ServerError (the server refused us,
-        e.g. server_busy), ConnectionClosed or TimedOut.
+        when the server's certificate does not verify, ClientCertificateRefused when the
+        server wants a client certificate and got none or refused it), IncompatibleServer,
+        ServerError (the server refused us, e.g. server_busy), ConnectionClosed or TimedOut.
+        `replies_as_events`: see the module's docstring.
         """
         deadline = time.monotonic() + timeout
         sock = open_tls(
@@ -105,17 +180,24 @@ class ChatClient:
         client = cls(sock, replies_as_events=replies_as_events)
         client._transport.start()
         try:
-            client._greet(remaining(deadline))
+            client._greet(remaining(deadline), where(host, port))
         except BaseException:
             client.close()
             raise
         return client
 
-    def _greet(self, timeout: float) -> None:
+    def _greet(self, timeout: float, peer: str) -> None:
         try:
             first = self.next_event(timeout)
         except TimedOut:
             raise TimedOut(f"no hello from the server within {timeout:.0f} s") from None
+        except ConnectionClosed:
+            # With TLS 1.3 a server that wants a client certificate says so only after
+            # our side of the handshake is done: as an alert, on our first read.
+            refusal = certificate_refusal(self._transport.failure, peer)
+            if refusal is not None:
+                raise refusal from self._transport.failure
+            raise
         kind = first.get("type")
         if kind == "error":
             raise ServerError.from_frame(first)
@@ -132,6 +214,8 @@ class ChatClient:
                 f"this client speaks {PROTOCOL_VERSION}"
             )
         self.hello = first
+        self.limits = ServerLimits.from_hello(first)
+        self.pacer = SendPacer.for_server(self.limits, self._clock)
 
     # -- sending and requests ---------------------------------------------------------------
 
@@ -141,24 +225,45 @@ class ChatClient:
         return self._transport.closed
 
     def send(self, frame: Frame) -> None:
-        """Queue `frame` for sending and return at once (fire and forget)."""
-        self._enqueue(self._encode(frame))
+        """Send `frame` (fire and forget): paced, but with no reply to wait for or resend."""
+        data = self._encode(frame)
+        if frame.get("type") not in _UNPACED:
+            self._pace()
+        self._enqueue(data)
 
     def request(
         self, frame: Frame, timeout: float = DEFAULT_TIMEOUT, *, quiet: bool = False
     ) -> Frame:
         """Send `frame` with a fresh integer `id` and return the reply whose `re` matches.
 
-        The reply is returned whatever its type, `error` included (see `raise_for_error`).
-        With `quiet`, the reply is not also queued as an event (for requests the user did
-        not type, such as a reconnect's catch-up).
-        Raises TimedOut if none comes within `timeout`, ConnectionClosed if the connection
-        ends first.
+        The reply is returned whatever its type, `error` included (see `raise_for_error`);
+        a `rate_limited` refusal is first waited out and the frame sent again (see the
+        module's docstring). With `quiet`, the reply is not an event even with
+        `replies_as_events` (for requests the user did not type, such as a reconnect's
+        catch-up).
+        Raises TimedOut if no reply comes within `timeout` (each attempt),
+        ConnectionClosed if the connection ends first.
         """
+        attempt = 0
+        while True:
+            resendable = attempt < MAX_RESENDS
+            reply = self._request_once(frame, timeout, quiet, resendable)
+            wait = resend_wait(reply) if resendable else None
+            if wait is None:
+                return reply
+            attempt += 1
+            self.pacer.hold(wait)
+            if self.on_resend is not None:
+                self.on_resend(frame, wait)
+
+    def _request_once(
+        self, frame: Frame, timeout: float, quiet: bool, resendable: bool
+    ) -> Frame:
         with self._lock:
             request_id = next(self._ids)
         data = self._encode({**frame, "id": request_id})
-        waiter = _Waiter(quiet)
+        self._pace()
+        waiter = _Waiter(quiet, resendable)
         self._enqueue(data, request_id, waiter)
         if not waiter.done.wait(timeout):
             with self._lock:
@@ -169,6 +274,12 @@ class ChatClient:
             raise waiter.reply
         assert waiter.reply is not None
         return waiter.reply
+
+    def _pace(self) -> None:
+        """Wait for the pacer's token; ConnectionClosed if the connection ends meanwhile."""
+        delay = self.pacer.reserve()
+        if delay > 0 and self._ended.wait(delay):
+            raise self._closed_error()
 
     def _encode(self, frame: Frame) -> bytes:
         data = encode(frame)
@@ -231,16 +342,19 @@ class ChatClient:
         after: int | None = None,
         limit: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        *,
+        direct: bool = False,
     ) -> Frame:
-        """A room's history, or with `with_` the direct messages exchanged with that user."""
-        if (room is None) == (with_ is None):
-            raise ValueError("give exactly one of room and with_")
+        """A room's history; with `with_`, the direct messages exchanged with that user;
+        with `direct`, the user's direct messages with anyone (for catching up)."""
+        if (room is not None) + (with_ is not None) + direct != 1:
+            raise ValueError("give exactly one of room, with_ and direct")
         if before is not None and after is not None:
             raise ValueError("give at most one of before and after")
         frame: Frame = {"type": "history"}
         for key, value in (
-            ("room", room), ("with", with_), ("before", before), ("after", after),
-            ("limit", limit),
+            ("room", room), ("with", with_), ("direct", direct or None), ("before", before),
+            ("after", after), ("limit", limit),
         ):
             if value is not None:
                 frame[key] = value
@@ -272,16 +386,26 @@ class ChatClient:
                 return frames
             frames.append(item)
 
-    def events(self, timeout: float | None = None) -> Iterator[Frame]:
-        """Every frame received, in order, until the connection ends.
+    def events(
+        self, timeout: float | None = None, *, idle: float | None = None
+    ) -> Iterator[Frame]:
+        """Every event received, in order, until the connection ends (see the docstring).
 
-        `timeout` bounds each wait; TimedOut is raised if nothing comes within it.
+        By default it waits as long as it takes. With `idle`, the iteration stops, without
+        an error, once nothing has come for `idle` seconds; with `timeout`, TimedOut is
+        raised instead.
         """
+        waits = [t for t in (idle, timeout) if t is not None]
+        quiet_ends = idle is not None and (timeout is None or idle <= timeout)
         while True:
             try:
-                frame = self.next_event(timeout)
+                frame = self.next_event(min(waits, default=None))
             except ConnectionClosed:
                 return
+            except TimedOut:
+                if quiet_ends:
+                    return
+                raise
             yield frame
 
     # -- ending -----------------------------------------------------------------------------
@@ -339,23 +463,38 @@ class ChatClient:
             if "id" in frame:
                 pong["re"] = frame["id"]
             self._transport.send(encode(pong))
-        elif kind == "bye":
+            return  # answered: a keep-alive is no news to anyone
+        if kind == "bye":
             self.bye_reason = str(frame.get("reason"))
+        elif kind in ("welcome", "message"):
+            self._note_msg_id(frame.get("last_msg_id" if kind == "welcome" else "msg_id"))
         waiter = None
         re_id = frame.get("re")
         if type(re_id) is int:  # not bool, which would match id 1
             with self._lock:
                 waiter = self._waiters.pop(re_id, None)
-        if waiter is None or (self._replies_as_events and not waiter.quiet):
+        if waiter is None or self._reply_is_event(frame, waiter):
             self._events.put(frame)  # queued before the waiter wakes: order is kept
         if waiter is not None:
             waiter.reply = frame
             waiter.done.set()
 
+    def _reply_is_event(self, frame: Frame, waiter: _Waiter) -> bool:
+        if waiter.quiet or (waiter.resendable and resend_wait(frame) is not None):
+            return False
+        if self._replies_as_events is None:
+            return frame.get("type") == "message"  # the sender's own copy of its message
+        return self._replies_as_events
+
+    def _note_msg_id(self, msg_id: object) -> None:
+        if type(msg_id) is int and (self.last_msg_id is None or msg_id > self.last_msg_id):
+            self.last_msg_id = msg_id  # one int store: readers in other threads see either
+
     def _on_close(self) -> None:
         with self._lock:
             waiters = list(self._waiters.values())
             self._waiters.clear()
+        self._ended.set()
         self._events.put(_END)
         for waiter in waiters:
             waiter.reply = self._closed_error()

@@ -4,8 +4,10 @@
     ├── ConnectFailed              the server could not be reached: refused, unreachable,
     │                              unknown host, TCP connect timed out
     ├── TLSFailed                  TCP connected but the TLS handshake failed or timed out
-    │   └── CertificateNotTrusted  the server's certificate failed verification (unknown
-    │                              CA, expired, or issued for another host name)
+    │   ├── CertificateNotTrusted  the server's certificate failed verification (unknown
+    │   │                          CA, expired, or issued for another host name)
+    │   └── ClientCertificateRefused  the server wants a client certificate (mutual TLS)
+    │                              and got none, or refused the one given
     ├── IncompatibleServer         the server did not open with a protocol-1 `hello`
     ├── ConnectionClosed           the connection has ended; `reason` is the `bye` reason
     ├── TimedOut                   no reply (or event) within the timeout; a TimeoutError too
@@ -17,6 +19,7 @@ other reply; `raise_for_error(reply)` turns one into the exception when that rea
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 Frame = dict[str, Any]
@@ -42,6 +45,47 @@ class CertificateNotTrusted(TLSFailed):
         # OpenSSL's own words ("self-signed certificate in certificate chain", "Hostname
         # mismatch, ..."), kept apart so the CLI can phrase its advice around them.
         self.verify_message = verify_message
+
+
+class ClientCertificateRefused(TLSFailed):
+    """The server requires a client certificate (mutual TLS): none was given, or it refused it."""
+
+    def __init__(self, message: str, *, alert: str, missing: bool) -> None:
+        super().__init__(message)
+        self.alert = alert  # OpenSSL's name for the server's alert
+        self.missing = missing  # True: the server said a certificate is required
+
+
+# The server's TLS alerts that are about the client's certificate. With TLS 1.3 they come
+# after our side of the handshake is complete, on the first read.
+_CERTIFICATE_REQUIRED = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+_CERTIFICATE_REFUSED = frozenset({
+    "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED",
+    "TLSV1_ALERT_DECRYPT_ERROR",
+})
+
+
+def certificate_refusal(
+    failure: BaseException | None, peer: str
+) -> ClientCertificateRefused | None:
+    """The error for a TLS failure that was the server refusing our certificate, else None."""
+    alert = failure.reason if isinstance(failure, ssl.SSLError) else None
+    if alert == _CERTIFICATE_REQUIRED:
+        return ClientCertificateRefused(
+            f"the server at {peer} requires a client certificate (mutual TLS) "
+            "and none was given",
+            alert=alert, missing=True,
+        )
+    if alert in _CERTIFICATE_REFUSED:
+        return ClientCertificateRefused(
+            f"the server at {peer} refused the client certificate ({alert}): it must be "
+            "issued by a CA the server trusts, valid today, and meant for client "
+            "authentication",
+            alert=alert, missing=False,
+        )
+    return None
 
 
 class IncompatibleServer(ClientError):

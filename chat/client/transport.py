@@ -14,8 +14,9 @@ read end of a wake-up socketpair.
 - Receiving: the I/O thread reads what is there, then drains `pending()` (bytes OpenSSL has
   decrypted already are invisible to select) and hands each chunk to `on_data`, in order.
 - Ending: when the peer closes, the socket fails or `close()` is called, the I/O thread
-  marks the transport closed (later `send`s raise ConnectionClosed), closes the sockets and
-  calls `on_close` once. Both callbacks run in the I/O thread and must not block.
+  marks the transport closed (later `send`s raise ConnectionClosed), keeps the error that
+  ended it in `failure` (a TLS alert, say), closes the sockets and calls `on_close` once.
+  Both callbacks run in the I/O thread and must not block.
 
 `_lock` guards `_closed` and the wake-up socket's life, so no thread writes to that socket
 once it is closed; it is never held while blocking.
@@ -31,10 +32,24 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from chat.client.errors import CertificateNotTrusted, ConnectFailed, ConnectionClosed, TLSFailed
+from chat.client.errors import (
+    CertificateNotTrusted,
+    ConnectFailed,
+    ConnectionClosed,
+    TLSFailed,
+    certificate_refusal,
+)
 
 READ_CHUNK = 65536  # bytes per recv; one TLS record is at most 16 KiB
 WRITE_BATCH = 65536  # queued sends are joined up to this size before one write
+DEFAULT_PORT = 7072  # the protocol's default port, named in the advice below
+
+# OpenSSL's reasons for a peer whose first bytes are not a TLS record: a plain-HTTP server's
+# answer, an SSH banner, a text protocol (the names differ between OpenSSL versions).
+_NOT_TLS = frozenset({
+    "WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "UNEXPECTED_RECORD",
+})
 
 
 def open_tls(
@@ -48,7 +63,9 @@ def open_tls(
     """Connect and complete the TLS handshake (blocking, each step within `timeout`).
 
     Raises ConnectFailed if the server cannot be reached, CertificateNotTrusted if its
-    certificate does not verify, TLSFailed if the handshake fails otherwise.
+    certificate does not verify, ClientCertificateRefused if it wants a client
+    certificate, TLSFailed if the handshake fails otherwise; each message says what the
+    failure usually means.
     """
     deadline = time.monotonic() + timeout
     try:
@@ -71,9 +88,35 @@ def open_tls(
         ) from exc
     except OSError as exc:  # SSLError, a reset or a timeout during the handshake
         (tls or raw).close()
-        raise TLSFailed(f"TLS handshake with {where(host, port)} failed: {_why(exc)}") from exc
+        raise handshake_failure(exc, where(host, port), timeout) from exc
     tls.setblocking(False)
     return tls
+
+
+def handshake_failure(exc: OSError, peer: str, timeout: float) -> TLSFailed:
+    """The error for a failed TLS handshake with `peer`, saying what it usually means."""
+    refusal = certificate_refusal(exc, peer)
+    if refusal is not None:
+        return refusal
+    reason = exc.reason if isinstance(exc, ssl.SSLError) else None
+    if reason in _NOT_TLS:
+        return TLSFailed(
+            f"the server at {peer} does not speak TLS ({reason}): is it a chat server? "
+            f"The chat port is {DEFAULT_PORT}."
+        )
+    if isinstance(exc, TimeoutError):
+        return TLSFailed(
+            f"the TLS handshake with {peer} timed out after {timeout:g} s: something "
+            "accepted the connection but never answered. That is usually not a chat server "
+            f"(the chat port is {DEFAULT_PORT}), a firewall or proxy in between, or a "
+            "server too busy to answer."
+        )
+    if isinstance(exc, ssl.SSLEOFError | ConnectionError):
+        return TLSFailed(
+            f"{peer} closed the connection during the TLS handshake ({_why(exc)}): "
+            f"is it a chat server? The chat port is {DEFAULT_PORT}."
+        )
+    return TLSFailed(f"TLS handshake with {peer} failed: {_why(exc)}")
 
 
 def certificate_names(
@@ -120,6 +163,7 @@ class Transport:
         self._lock = threading.Lock()
         self._closed = False
         self._closing = False
+        self.failure: OSError | None = None  # what ended the I/O thread, if not a plain close
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -164,8 +208,8 @@ class Transport:
     def _run(self) -> None:
         try:
             self._loop()
-        except OSError:
-            pass  # the connection failed; ending it is all there is to do
+        except OSError as exc:  # the connection failed: kept, for telling the user why
+            self.failure = exc
         finally:
             with self._lock:
                 self._closed = True
