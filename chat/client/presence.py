@@ -63,8 +63,7 @@ class PresenceBatch:
         name = str(frame.get("username", "?"))
         _event, cause, room = _kind(frame)
         key = (name.casefold(), cause, room)
-        self._held.pop(key, None)  # the latest event for this person and kind wins
-        self._held[key] = frame
+        self._held[key] = frame  # the latest event for this person wins, in the first's place
         if self._since is None:
             self._since = self._clock()
 
