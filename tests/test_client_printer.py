@@ -9,6 +9,7 @@ that never moves: held presence is shown when something else is, or at the end.
 from __future__ import annotations
 
 import queue
+from collections.abc import Sequence
 from typing import Any
 
 from chat.client.commands import ChatState
@@ -23,7 +24,7 @@ TS = "2026-11-23T19:50:16.123Z"
 
 
 class FakeClient:
-    def __init__(self, *, held: list[Frame] = (), events: list[Frame] = (),  # type: ignore[assignment]
+    def __init__(self, *, held: Sequence[Frame] = (), events: Sequence[Frame] = (),
                  who: dict[str, list[str]] | None = None,
                  history: dict[str, list[Frame]] | None = None) -> None:
         self.username = "me"
@@ -88,7 +89,7 @@ class Frozen:
         return 0.0
 
 
-def run(client: FakeClient, backlog: list[Frame | str] = (),  # type: ignore[assignment]
+def run(client: FakeClient, backlog: Sequence[Frame | str] = (),
         state: ChatState | None = None, recent: int = 20) -> tuple[list[str], Printer]:
     state = state or ChatState.start("general", ["general"])
     shown: list[str] = []

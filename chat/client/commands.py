@@ -41,7 +41,7 @@ commands (a ROOM may be written #dev or dev):
   TEXT            send TEXT to the current room (// at its start sends a /);
                   a text longer than the server takes is sent in several parts
   /me ACTION      send an action: "/me ACTION", shown as "* you ACTION"
-  /join ROOM      join ROOM and make it current; shows who is there
+  /join ROOM      join ROOM, now current: shows its last messages, who is there
   /leave [ROOM]   leave ROOM (default: the current one; never #{DEFAULT_ROOM})
   /switch ROOM    make ROOM, one you are in, the current room
   /rooms          the rooms you are in; * marks the current one
