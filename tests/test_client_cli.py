@@ -32,6 +32,7 @@ from chat.client.cli import (
     report_refusal,
 )
 from chat.client.commands import (
+    CANNOT_LEAVE_DEFAULT,
     NO_ROOM,
     ChatState,
     Help,
@@ -455,6 +456,8 @@ def test_interactive_session_in_a_terminal(chat_server: Any) -> None:
         child.sendline("/leave")  # the current room: back to #general, still joined
         child.expect_exact("-- ok: leave #dev")
         child.expect_exact("[general]>")
+        child.sendline("/leave")  # #general: refused here, as the server would
+        child.expect_exact(CANNOT_LEAVE_DEFAULT)
         child.sendline("/join dev")
         child.expect_exact("[dev]>")
         child.sendcontrol("d")
@@ -472,6 +475,7 @@ def test_line_mode_follows_the_room_after_leaving_it(chat_server: Any) -> None:
         "/join dev",
         "/leave",  # the current room: #general, still joined, becomes current
         "back in general",
+        "/leave general",  # refused here: everyone is in #general
         "/join Lobby",
         "in the lobby",
         "",
@@ -479,7 +483,7 @@ def test_line_mode_follows_the_room_after_leaving_it(chat_server: Any) -> None:
     result = run_cli("login", *server_args(chat_server, name), input=script, merged=True)
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
-    assert "-- ok: leave #dev" in lines
+    assert "-- ok: leave #dev" in lines and CANNOT_LEAVE_DEFAULT in result.stdout
     assert any(line.endswith(f"#general {name}: back in general") for line in lines)
     assert any(line.endswith(f"#lobby {name}: in the lobby") for line in lines)
     assert not any("error" in line for line in lines), lines

@@ -14,8 +14,10 @@ from chat.client.format import (
     format_event,
     name_color,
     parse_ts,
+    presence_text,
     sanitize,
     should_color,
+    who_summary,
 )
 
 TS = "2026-11-23T19:50:16.123Z"
@@ -101,6 +103,57 @@ def test_presence_error_and_bye() -> None:
     assert format_event({"type": "bye", "reason": "quit"}) == "-- bye"
     assert format_event({"type": "bye", "reason": "idle"}) == "-- disconnected: idle for too long"
     assert format_event({"type": "bye", "reason": "odd"}) == "-- disconnected: odd"
+
+
+def test_presence_says_online_and_offline_apart_from_joined_and_left() -> None:
+    now = datetime(2026, 1, 2, 8, 5, tzinfo=UTC)
+
+    def shown(event: str, cause: str) -> str | None:
+        frame = {"type": "presence", "room": "dev", "username": "carol", "event": event,
+                 "cause": cause}
+        return format_event(frame, tz=UTC, now=now)
+
+    assert shown("join", "connection") == "[08:05] -- carol is online"
+    assert shown("leave", "connection") == "[08:05] -- carol went offline"
+    assert shown("join", "room") == "[08:05] -- carol joined #dev"
+    assert shown("leave", "room") == "[08:05] -- carol left #dev"
+    assert shown("leave", "a newer cause") == "[08:05] -- carol left #dev"
+
+
+def test_a_coalesced_presence_line_names_everyone_up_to_a_point() -> None:
+    now = datetime(2026, 1, 2, 8, 5, tzinfo=UTC)
+    names = [f"user{n}" for n in range(12)]
+    assert presence_text("join", "connection", None, names[:3], tz=UTC, now=now) == (
+        "[08:05] -- 3 people came online: user0, user1, user2")
+    assert presence_text("leave", "room", "dev", names[:2], tz=UTC, now=now) == (
+        "[08:05] -- 2 people left #dev: user0, user1")
+    assert presence_text("join", "connection", None, names, tz=UTC, now=now) == (
+        "[08:05] -- 12 people came online: user0, user1, user2, user3, user4, user5, user6, "
+        "user7 and 4 others")
+    assert presence_text("leave", "connection", None, names[:9], tz=UTC, now=now).endswith(
+        "user7 and 1 other")
+
+
+def test_the_who_summary_is_short_and_leaves_out_oneself() -> None:
+    who = {"type": "who", "room": "dev", "users": ["alice", "Bob", "carol"]}
+    assert who_summary(who, me="bob") == "-- online in #dev: alice, carol"
+    many = {**who, "users": [f"u{n}" for n in range(8)]}
+    assert who_summary(many) == "-- online in #dev: u0, u1, u2, u3, u4 and 3 others"
+    assert who_summary({**who, "users": ["bob"]}, me="bob") == (
+        "-- nobody else is online in #dev")
+    assert who_summary({"type": "who", "room": "x", "users": 5}) == (
+        "-- nobody else is online in #x")
+
+
+def test_any_error_code_is_shown_with_its_text() -> None:
+    forbidden = {"type": "error", "code": "forbidden", "message": "everyone is in general"}
+    assert format_event(forbidden) == "! error forbidden: everyone is in general"
+    novel = {"type": "error", "code": "brand_new_code", "message": "something new", "re": 4}
+    assert format_event(novel) == "! error brand_new_code: something new"
+    assert format_event({"type": "error", "code": "terse"}) == "! error terse"
+    assert format_event({"type": "error", "code": 7, "message": "odd"}) == (
+        "! error unknown: odd")
+    assert format_event({"type": "error"}) == "! error unknown"
 
 
 def test_who_history_welcome_ok() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chat.client.format import format_event, is_mention, mentions
-from chat.client.ui import BELL, with_bell
+from chat.client.printer import BELL, with_bell
 
 TS = "2026-11-23T19:50:16.123Z"
 

@@ -294,7 +294,7 @@ def test_direct_messages_presence_errors_and_multi_line_messages_look_distinct(
         term.wait_for_input("[general]> ")
         peer = chat_server.user(other, register=False)
         try:
-            term.wait_for_line(rf"^{CLOCK} -- {other} joined #general$")
+            term.wait_for_line(rf"^{CLOCK} -- {other} is online$")  # not "joined": it logged in
             reply = peer.request({"type": "send", "to": me, "message": "psst, a secret"})
             assert reply["type"] == "message", reply
             term.wait_for_line(rf"^{CLOCK} \(dm\) {other} -> {me}: psst, a secret$")
@@ -313,10 +313,19 @@ def test_direct_messages_presence_errors_and_multi_line_messages_look_distinct(
             term.wait_for_line(r"^! unknown command /nonsense \(try /help\)$")
             term.send("/join\r")
             term.wait_for_line(r"^! usage: /join ROOM$")
+            term.send(f"/history {other}\r")  # the direct messages with one user
+            term.wait_for_line(rf"^-- history with {other}: 2 messages$")
+            term.wait_for_input("[general]> ")
+            assert peer.request({"type": "join", "room": "dev"})["type"] == "ok"
+            term.send("/join #dev\r")
+            term.wait_for_input("[dev]> ")
+            assert peer.request({"type": "leave", "room": "dev"})["type"] == "ok"
+            term.wait_for_line(rf"^{CLOCK} -- {other} left #dev$")  # left the room, still here
         finally:
             peer.close()
-        term.wait_for_line(rf"^{CLOCK} -- {other} left #general$")
-        term.wait_for_input("[general]> ")
+        term.wait_for_line(rf"^{CLOCK} -- {other} went offline$")  # not "left #general"
+        term.wait_for_input("[dev]> ")
+        assert not term.rows_matching(rf"-- {other} (joined|left) #general"), term.text()
         assert term.quit() == 0
 
 
@@ -330,10 +339,15 @@ def test_help_lists_every_command_and_me_is_an_action(chat_server: Any, tmp_path
             term.send("/help\r")
             term.wait_for_line(r"^  /quit ")
             term.wait_for_input("[general]> ")
-            top = term.row(r"^commands:$")
+            top = term.row(r"^commands")
             for command in ("rooms", "switch", "join", "leave", "history", "who", "msg",
                             "me", "passwd", "help", "quit"):
-                assert term.row(rf"^  /{command}\b") > top
+                assert term.rows_matching(rf"^  /{command}\b")[0] > top, command
+            keys = term.row(r"^keys:$")
+            for key in ("Tab", "Up, Down", "Ctrl-C", "Ctrl-D"):
+                assert term.row(rf"^  {key} ") > keys, key
+            bottom = term.screen.cursor.y
+            assert all(len(line) < 80 for line in term.lines()[top:bottom]), term.text()
             term.send("/me waves\r")
             term.wait_for_line(rf"^{CLOCK} #general \* {me} waves$")
             assert peer.recv_until("message", username=me)["message"] == "/me waves"
@@ -352,27 +366,27 @@ def test_tab_completes_commands_rooms_and_user_names(chat_server: Any, tmp_path:
     with interactive(chat_server, me, tmp_path) as term:
         term.wait_for_input("[general]> ")
         term.send("/swi" + TAB)
-        term.wait_for_input("[general]> ", "/switch")
+        term.wait_for_input("[general]> ", "/switch ")  # a space to type the room at once
         term.send("\x15")  # Ctrl-U: clear the line
         term.wait_for_input("[general]> ")
         term.send(f"/join {room}\r")
         term.wait_for_input(f"[{room}]> ")
         term.send("/switch gen" + TAB)
-        term.wait_for_input(f"[{room}]> ", "/switch general")
+        term.wait_for_input(f"[{room}]> ", "/switch general ")
         term.send("\r")
         term.wait_for_line(r"^-- now talking in #general$")
         term.wait_for_input("[general]> ")
-        term.send(f"/switch {room[:5]}" + TAB)
-        term.wait_for_input("[general]> ", f"/switch {room}")
+        term.send(f"/switch #{room[:5]}" + TAB)  # with the # the client shows rooms with
+        term.wait_for_input("[general]> ", f"/switch #{room} ")
         term.send("\r")
         term.wait_for_input(f"[{room}]> ")
 
         peer = chat_server.user(other, register=False)  # online: the roster learns the name
         try:
-            term.wait_for_line(rf"^{CLOCK} -- {other} joined #general$")
+            term.wait_for_line(rf"^{CLOCK} -- {other} is online$")
             term.send(f"/msg {other[:6]}" + TAB)
-            term.wait_for_input(f"[{room}]> ", f"/msg {other}")
-            term.send(" completed\r")
+            term.wait_for_input(f"[{room}]> ", f"/msg {other} ")
+            term.send("completed\r")
             term.wait_for_line(rf"^{CLOCK} \(dm\) {me} -> {other}: completed$")
             term.wait_for_input(f"[{room}]> ")
         finally:
@@ -508,6 +522,209 @@ def test_a_mention_is_highlighted_and_rings_the_bell(
             assert term.raw.count(b"\x07") == (1 if bell else 0)
             assert not any(c.reverse for c in _cells(term, own, f"note to {me}"))
             assert all(c.bold for c in _cells(term, own, me))  # one's own name is bold
+            assert term.quit() == 0
+    finally:
+        peer.close()
+
+
+# -- login, /join and presence (issue 15) -------------------------------------------------------
+
+
+def test_with_recent_0_the_banner_is_in_order_and_says_who_is_online(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    me, other = new_name(), new_name()
+    chat_server.register(me)
+    peer = chat_server.user(other)
+    try:
+        reply = peer.request({"type": "send", "to": me, "message": "while you were out"})
+        assert reply["type"] == "message", reply
+        with interactive(chat_server, me, tmp_path, "--recent", "0") as term:
+            term.wait_for_input("[general]> ")
+            rows = [term.row(r"^-- logged in as "), term.row(r"^-- while you were away$"),
+                    term.row(rf"^{CLOCK} \(dm\) {other} -> {me}: while you were out$"),
+                    term.row(rf"^-- online in #general: {other}$"),
+                    term.row(r"^-- type /help for commands")]
+            assert rows == sorted(rows) and rows[-1] == rows[0] + 4, term.text()
+            assert term.quit() == 0
+    finally:
+        peer.close()
+
+
+def test_a_user_online_before_login_completes_and_room_takes_its_hash(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    me, other, room = new_name(), new_name(), "dev" + uuid.uuid4().hex[:8]
+    chat_server.register(me)
+    peer = chat_server.user(other)
+    try:
+        assert peer.request({"type": "join", "room": room})["type"] == "ok"
+        with interactive(chat_server, me, tmp_path, "--room", f"#{room}") as term:
+            term.wait_for_input(f"[{room}]> ")
+            hint = term.row(r"^-- type /help for commands")
+            assert term.row(rf"^-- online in #{room}: {other}$") == hint - 1, term.text()
+            term.send(f"/msg {other[:6]}" + TAB)  # no /who needed: login asked
+            term.wait_for_input(f"[{room}]> ", f"/msg {other} ")
+            term.send("\x15")
+            term.wait_for_input(f"[{room}]> ")
+            term.send(other[:6] + TAB)  # a name at the start of a message: "name: "
+            term.wait_for_input(f"[{room}]> ", f"{other}: ")
+            term.send("hello\r")
+            term.wait_for_line(rf"^{CLOCK} #{room} {me}: {other}: hello$")
+            assert term.quit() == 0
+    finally:
+        peer.close()
+
+
+def test_join_shows_the_rooms_last_messages_and_who_is_there(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    me, other, room = new_name(), new_name(), "r" + uuid.uuid4().hex[:8]
+    chat_server.register(me)
+    peer = chat_server.user(other)
+    try:
+        assert peer.request({"type": "join", "room": room})["type"] == "ok"
+        for n in (1, 2, 3):
+            say(peer, room, f"earlier {n}")
+        with interactive(chat_server, me, tmp_path, "--recent", "2") as term:
+            term.wait_for_input("[general]> ")
+            term.send(f"/join #{room}\r")
+            term.wait_for_input(f"[{room}]> ")
+            ok = term.row(rf"^-- ok: join #{room}$")
+            view = term.lines()[ok + 1:ok + 5]
+            assert view[0] == f"-- last messages in #{room}", term.text()
+            for line, n in zip(view[1:3], (2, 3), strict=True):
+                assert re.fullmatch(rf"{CLOCK} #{room} {other}: earlier {n}", line), term.text()
+            assert view[3] == f"-- online in #{room}: {other}", term.text()
+            assert not term.rows_matching("earlier 1"), term.text()  # --recent 2
+            assert not term.rows_matching(rf"-- {me} joined"), term.text()  # our own: no line
+            assert term.quit() == 0
+    finally:
+        peer.close()
+
+
+def test_a_burst_of_logins_is_announced_once_each(chat_server: Any, tmp_path: Path) -> None:
+    me, others = new_name(), [new_name() for _ in range(4)]
+    chat_server.register(me)
+    for name in others:
+        chat_server.register(name)
+    peers = [chat_server.client() for _ in others]
+    try:
+        with interactive(chat_server, me, tmp_path) as term:
+            term.wait_for_input("[general]> ")
+            for peer, name in zip(peers, others, strict=True):  # pipelined: a burst
+                peer.send({"type": "login", "username": name, "password": PASSWORD})
+            for peer in peers:
+                assert peer.recv_until("welcome")["type"] == "welcome"
+
+            def announced() -> list[str]:
+                rows = term.rows_matching(r" -- (\d+ people came online: .*|\S+ is online)$")
+                return [term.lines()[n] for n in rows]
+
+            term.wait_for(lambda: all(any(n in line for line in announced()) for n in others),
+                          "every login announced")
+            for name in others:
+                assert sum(name in line for line in announced()) == 1, term.text()
+            assert not term.rows_matching(r"joined #general"), term.text()
+            assert term.quit() == 0
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+# -- two sessions of one user (issue 15, item 3) ------------------------------------------------
+
+
+def test_two_sessions_of_one_user_follow_each_others_rooms(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    me, room = new_name(), "ops" + uuid.uuid4().hex[:8]
+    chat_server.register(me)
+    with interactive(chat_server, me, tmp_path) as first, \
+            interactive(chat_server, me, tmp_path) as second:
+        first.wait_for_input("[general]> ")
+        second.wait_for_input("[general]> ")
+        second.send(f"/join {room}\r")
+        second.wait_for_input(f"[{room}]> ")
+        first.wait_for_line(rf"^-- you joined #{room} in another session$")
+        first.send(f"/switch {room}\r")  # known at once: not "you are not in it"
+        first.wait_for_input(f"[{room}]> ")
+        first.send("from the first\r")
+        first.wait_for_line(rf"^{CLOCK} #{room} {me}: from the first$")
+        second.wait_for_line(rf"^{CLOCK} #{room} {me}: from the first$")
+
+        second.send("/leave\r")
+        second.wait_for_input("[general]> ")
+        first.wait_for_line(
+            rf"^-- you left #{room} in another session; now talking in #general$")
+        first.wait_for_input("[general]> ")
+        first.send("still heard\r")  # goes to #general, not refused with not_in_room
+        first.wait_for_line(rf"^{CLOCK} #general {me}: still heard$")
+        first.send(f"/switch {room}\r")
+        first.wait_for_line(rf"^! you are not in #{room}; /join it first$")
+        first.wait_for_input("[general]> ")
+        assert not first.rows_matching("not_in_room"), first.text()
+        assert second.quit() == 0
+        assert first.quit() == 0
+
+
+# -- keys and leaving ---------------------------------------------------------------------------
+
+
+def test_ctrl_c_clears_a_half_typed_line_and_leaves_on_an_empty_one(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    me = new_name()
+    chat_server.register(me)
+    with interactive(chat_server, me, tmp_path) as term:
+        term.wait_for_input("[general]> ")
+        term.send("a half-typed thought")
+        term.wait_for_input("[general]> ", "a half-typed thought")
+        term.send("\x03")
+        term.wait_for_input("[general]> ")  # cleared, the session goes on
+        term.send("after all\r")
+        term.wait_for_line(rf"^{CLOCK} #general {me}: after all$")
+        term.wait_for_input("[general]> ")
+        assert not term.rows_matching("half-typed thought$"), term.text()
+        term.send("\x03")  # on an empty line: leave
+        term.wait_for(lambda: term.eof, "the client to exit")
+        term.child.close()
+        assert term.child.exitstatus == 130
+
+
+def test_quit_while_reconnecting_is_the_users_quit(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    server = server_factory()
+    me = new_name()
+    server.register(me)
+    with interactive(server, me, tmp_path) as term:
+        term.wait_for_input("[general]> ")
+        server.server.stop()
+        term.wait_for_line(r"^-- connection lost; reconnecting in \d+ s$")
+        term.wait_for_input("[general]> ")
+        assert term.quit() == 0
+        assert not term.rows_matching("server closed the connection"), term.text()
+
+
+def test_a_message_longer_than_the_server_takes_is_sent_in_parts(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    me, other = new_name(), new_name()
+    chat_server.register(me)
+    peer = chat_server.user(other)
+    text = " ".join(f"w{n:04}" for n in range(1000))  # 5999 characters: two messages
+    try:
+        with interactive(chat_server, me, tmp_path) as term:
+            term.wait_for_input("[general]> ")
+            pasted = "\x1b[200~" + text + "\x1b[201~"  # a bracketed paste, as terminals send
+            for start in range(0, len(pasted), 512):  # and read what it draws meanwhile
+                term.send(pasted[start:start + 512])
+                term.pump(0.05)
+            term.send("\r")
+            term.wait_for_line(r"^-- long message sent as 2 parts$")
+            parts = [peer.recv_until("message", username=me)["message"] for _ in range(2)]
+            assert " ".join(parts) == text and all(len(p) <= 4000 for p in parts)
             assert term.quit() == 0
     finally:
         peer.close()

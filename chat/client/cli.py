@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from chat import __version__
+from chat.client.commands import normalize_room
 from chat.client.config import (
     DEFAULT_RECENT,
     DEFAULT_ROOM,
@@ -219,10 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     login.add_argument(
         "--recent", type=_count, metavar="N",
-        help="on login, show the last N messages of the room, then the direct messages "
-        f"that came while away (default: `recent` in the config file, else {DEFAULT_RECENT}; "
-        "0: none of the room's, and the direct messages without a heading; never with "
-        "--json)",
+        help="on login (and at the prompt on /join) show the last N messages of the room "
+        f"(default: `recent` in the config file, else {DEFAULT_RECENT}; 0: none; never with "
+        "--json); the direct messages that came while away are shown whatever N is",
     )
     _chat_flags(login)
     config = commands.add_parser(
@@ -431,7 +431,7 @@ def _login(
     if reply.get("type") == "error":
         client.quit(args.timeout)
         return report_refusal("login refused", reply)
-    room = args.room.lower()
+    room = normalize_room(args.room).lower()  # `--room '#dev'`, as the client shows it
     listed = reply.get("rooms")  # a broken server may send anything here
     rooms = [r.lower() for r in listed if isinstance(r, str)] if isinstance(listed, list) else []
     if room not in rooms:

@@ -1,15 +1,27 @@
 """Slash commands, shared by line mode and the terminal UI: one typed line, one action.
 
-`parse_command` is pure (a line and the current room in, an action out), so it is tested
-without a server; `perform` is the one place a command's request is sent, and `ChatState`
-follows the rooms the user is in from the replies: the `welcome`'s rooms to start with,
-then every successful /join and /leave. Leaving the current room makes another room the
-user is still in current (#general if possible), or none: then a plain line is not sent,
-the user is told to /join a room instead.
+`parse_command` is pure (a line, the current room and optionally the state in, an action
+out), so it is tested without a server; `perform` is the one place a command's request is
+sent. `ChatState` follows the rooms the user is in: the `welcome`'s rooms to start with,
+then every successful /join and /leave (`follow`, from the replies), and in the terminal UI
+also what the user's other sessions do (`observe`, from the frames received: the user's own
+`presence` of cause `room`, a `message` in a room it did not know) and a `not_in_room`
+refusal for a room it thought it was in (`lost`). Leaving the current room, here or
+elsewhere, makes another room the user is still in current (#general if possible), or
+none: then a plain line is not sent, the user is told to /join a room instead.
+
+Theory of operation
+-------------------
+In the terminal UI two threads use one ChatState: the command thread reads it for every
+line, and the printer thread changes the rooms as frames arrive. Every change happens under
+`_lock`; `rooms` is never changed in place but replaced by a new set, so a reader that took
+`state.rooms` (the completer, the reconnecting printer) holds a set no one changes under it.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -20,23 +32,36 @@ from chat.client.format import ME_PREFIX, sanitize
 DEFAULT_ROOM = "general"  # every user is in it from registration on
 DEFAULT_HISTORY = 50  # the server's own default; said here so /help can name it
 NO_ROOM = "you are in no room; /join one"
+CANNOT_LEAVE_DEFAULT = f"everyone is in #{DEFAULT_ROOM}: it cannot be left"
+MORE = "more"  # `/history more`: the page before the one last shown
 
 
 HELP = f"""\
-commands:
-  TEXT            send TEXT to the current room (start it with // to send a leading /)
-  /me ACTION      send an action: the message text "/me ACTION", which chat-client
-                  shows as "* you ACTION" (other clients show the text as it is)
-  /join ROOM      join ROOM and make it the current room
-  /leave [ROOM]   leave ROOM (default: the current room; another of yours becomes current)
+commands (a ROOM may be written #dev or dev):
+  TEXT            send TEXT to the current room (// at its start sends a /);
+                  a text longer than the server takes is sent in several parts
+  /me ACTION      send an action: "/me ACTION", shown as "* you ACTION"
+  /join ROOM      join ROOM, now current: shows its last messages, who is there
+  /leave [ROOM]   leave ROOM (default: the current one; never #{DEFAULT_ROOM})
   /switch ROOM    make ROOM, one you are in, the current room
   /rooms          the rooms you are in; * marks the current one
   /msg USER TEXT  send USER a direct message
   /who [ROOM]     who is online in ROOM (default: the current room)
-  /history [N]    the last N messages of the current room (default {DEFAULT_HISTORY})
-  /passwd         change your password (interactive only: asked for without echo)
+  /history [WHERE] [N]
+                  the last N messages (default {DEFAULT_HISTORY}) of WHERE: the current
+                  room, #ROOM, or USER (your direct messages with USER)
+  /history more   the messages before those /history showed last
+  /passwd         change your password (asked without echo, at the prompt only)
   /help           this text
-  /quit           leave (end of input or Ctrl-D does too)"""
+  /quit           leave (so does the end of input)"""
+
+# Only the interactive prompt has keys; line mode's /help leaves this out.
+HELP_KEYS = """\
+keys:
+  Tab             complete a command, room or name ("name: " first in a line)
+  Up, Down        recall the lines typed before
+  Ctrl-C          clear the line; on an empty line, leave
+  Ctrl-D          leave (on an empty line)"""
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,24 @@ INTERACTIVE_ONLY = (
 Action = Request | Quit | Help | Invalid | Notice | Rooms | Switch | Passwd
 
 
+def normalize_room(text: str) -> str:
+    """A room as a user may type it: `#dev` and ` dev ` are `dev` (case is the server's)."""
+    return text.strip().removeprefix("#")
+
+
+def _shown(room: str) -> str:
+    return "#" + sanitize(room, multiline=False)
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """The last history page shown: what it was of (`room` or `with`), where it began."""
+
+    target: Frame  # {"room": R} or {"with": U}
+    oldest: int  # the smallest msg_id in it: `/history more` asks `before` this
+    limit: int
+
+
 @dataclass
 class ChatState:
     """What the commands remember between lines: the rooms the user is in, the current one.
@@ -108,13 +151,16 @@ class ChatState:
     """
 
     room: str | None = DEFAULT_ROOM
-    rooms: set[str] = field(default_factory=set)
+    rooms: set[str] = field(default_factory=set)  # replaced on change, never changed in place
+    history: HistoryPage | None = None  # for `/history more`
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.rooms = {r.lower() for r in self.rooms}
+        rooms = {r.lower() for r in self.rooms}
         if self.room is not None:
             self.room = self.room.lower()
-            self.rooms.add(self.room)
+            rooms.add(self.room)
+        self.rooms = rooms
 
     @classmethod
     def start(cls, room: str | None, rooms: Iterable[object] = ()) -> ChatState:
@@ -127,34 +173,57 @@ class ChatState:
         return f"[{sanitize(self.room or '-', multiline=False)}]> "
 
     def joined(self, room: str) -> None:
-        self.rooms.add(room.lower())
-        self.room = room.lower()
+        """This session joined `room`: it is in it, and it becomes the current room."""
+        with self._lock:
+            self.rooms = self.rooms | {room.lower()}
+            self.room = room.lower()
 
-    def left(self, room: str) -> None:
+    def added(self, room: str) -> bool:
+        """Another session joined `room`: in it, the current room unchanged; False if known."""
         room = room.lower()
-        self.rooms.discard(room)
-        if self.room == room:  # talk on in #general if still there, else in another room
-            fallback = DEFAULT_ROOM if DEFAULT_ROOM in self.rooms else min(self.rooms, default=None)
-            self.room = fallback
+        with self._lock:
+            if room in self.rooms:
+                return False
+            self.rooms = self.rooms | {room}
+            return True
+
+    def left(self, room: str) -> bool:
+        """Out of `room`; True if it was the current one (another one is current now)."""
+        room = room.lower()
+        with self._lock:
+            self.rooms = self.rooms - {room}
+            if self.room != room:
+                return False
+            # Talk on in #general if still there, else in another room.
+            rooms = self.rooms
+            self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
+            return True
+
+    def _now_in(self) -> str:
+        return f"now talking in {_shown(self.room)}" if self.room else NO_ROOM
 
     def describe_rooms(self) -> str:
         """What /rooms shows: every room, sorted, the current one marked with `*`."""
-        if not self.rooms:
+        rooms, current = self.rooms, self.room
+        if not rooms:
             return NO_ROOM
-        names = [("*" if r == self.room else "") + "#" + sanitize(r, multiline=False)
-                 for r in sorted(self.rooms)]
+        names = [("*" if r == current else "") + _shown(r) for r in sorted(rooms)]
         return "rooms: " + " ".join(names)
 
     def switch(self, room: str) -> str | None:
         """Make `room` current; None if done, else why not (the user is not in it)."""
-        room = room.lower()
-        if room not in self.rooms:
-            return f"you are not in #{sanitize(room, multiline=False)}; /join it first"
-        self.room = room
-        return None
+        room = normalize_room(room).lower()
+        with self._lock:
+            if room not in self.rooms:
+                return f"you are not in {_shown(room)}; /join it first"
+            self.room = room
+            return None
 
     def follow(self, frame: Frame, reply: Frame) -> None:
-        """Note what a successful join or leave changed; anything else changes nothing."""
+        """Note what a successful request changed: a join, a leave, a history page."""
+        if reply.get("type") == "history" and frame.get("type") == "history":
+            self._follow_history(frame, reply)
+            return
         op = reply.get("op")
         if reply.get("type") != "ok" or op != frame.get("type"):
             return
@@ -166,72 +235,179 @@ class ChatState:
         elif op == "leave":
             self.left(room)
 
+    def _follow_history(self, frame: Frame, reply: Frame) -> None:
+        listed = reply.get("messages")
+        ids = [m["msg_id"] for m in (listed if isinstance(listed, list) else [])
+               if isinstance(m, dict) and type(m.get("msg_id")) is int]
+        target = {k: frame[k] for k in ("room", "with") if k in frame}
+        limit = frame.get("limit", DEFAULT_HISTORY)
+        with self._lock:
+            if ids and target:
+                self.history = HistoryPage(target, min(ids), limit)
+            elif "before" not in frame:
+                self.history = None  # an empty room: nothing to page back from
 
-def _join(args: str, room: str | None) -> Action:
-    if not args or " " in args:
+    def more_history(self) -> Frame | str:
+        """The request for the page before the last one shown, or why there is none."""
+        page = self.history
+        if page is None:
+            return "no history shown yet to page back from: /history first"
+        return {"type": "history", **page.target, "before": page.oldest, "limit": page.limit}
+
+    def observe(self, frame: Frame, me: str | None) -> list[str]:
+        """Follow the rooms from one received frame (the printer's); notes to show.
+
+        An `ok` to this session's own join or leave; the user's own `presence` of cause
+        `room`, which is how another session's join or leave shows (this session's own
+        join or leave has been followed from its `ok` already, so it changes nothing and
+        says nothing); a room `message` from a room not known, which means another
+        session joined it (its presence may come later, or never).
+        """
+        kind, room = frame.get("type"), frame.get("room")
+        if not isinstance(room, str) or not room:
+            return []
+        if kind == "ok" and frame.get("op") == "join":
+            self.joined(room)
+        elif kind == "ok" and frame.get("op") == "leave":
+            if self.left(room):
+                return [self._now_in()]
+        elif kind == "message" and "to" not in frame:
+            if self.added(room):
+                return [f"you are in {_shown(room.lower())}: joined in another session"]
+        elif kind == "presence" and _is_me(frame.get("username"), me):
+            if frame.get("cause", "room") != "room":
+                return []  # not sent to one's own sessions; a broken server's, ignored
+            if frame.get("event") == "join" and self.added(room):
+                return [f"you joined {_shown(room.lower())} in another session"]
+            if frame.get("event") == "leave" and room.lower() in self.rooms:
+                note = f"you left {_shown(room.lower())} in another session"
+                return [f"{note}; {self._now_in()}" if self.left(room) else note]
+        return []
+
+    def lost(self, room: str) -> str | None:
+        """The server said we are not in `room`: forget it; a note if we thought we were."""
+        room = room.lower()
+        if room not in self.rooms:
+            return None
+        note = f"you are no longer in {_shown(room)} (left in another session)"
+        return f"{note}; {self._now_in()}" if self.left(room) else note
+
+
+def _is_me(name: object, me: str | None) -> bool:
+    return isinstance(name, str) and me is not None and name.casefold() == me.casefold()
+
+
+@dataclass(frozen=True)
+class _Context:
+    room: str | None
+    state: ChatState | None
+
+
+def _room_arg(args: str) -> str | None:
+    """One room argument as typed (`#` allowed); None if it is not one word."""
+    room = normalize_room(args)
+    return room if room and " " not in room else None
+
+
+def _join(args: str, ctx: _Context) -> Action:
+    room = _room_arg(args)
+    if room is None:
         return Invalid("usage: /join ROOM")
-    return Request({"type": "join", "room": args})
+    return Request({"type": "join", "room": room})
 
 
-def _leave(args: str, room: str | None) -> Action:
-    if " " in args:
+def _leave(args: str, ctx: _Context) -> Action:
+    if args and _room_arg(args) is None:
         return Invalid("usage: /leave [ROOM]")
-    target = args or room
+    target = _room_arg(args) if args else ctx.room
     if target is None:
         return Notice(NO_ROOM)
+    if target.lower() == DEFAULT_ROOM:
+        return Invalid(CANNOT_LEAVE_DEFAULT)  # the server refuses it (`forbidden`)
     return Request({"type": "leave", "room": target})
 
 
-def _msg(args: str, room: str | None) -> Action:
+def _msg(args: str, ctx: _Context) -> Action:
     user, _, text = args.partition(" ")
     if not user or not text.strip():
         return Invalid("usage: /msg USER TEXT")
     return Request({"type": "send", "to": user, "message": text})
 
 
-def _who(args: str, room: str | None) -> Action:
-    if " " in args:
+def _who(args: str, ctx: _Context) -> Action:
+    if args and _room_arg(args) is None:
         return Invalid("usage: /who [ROOM]")
-    target = args or room
+    target = _room_arg(args) if args else ctx.room
     if target is None:
         return Notice(NO_ROOM)
     return Request({"type": "who", "room": target})
 
 
-def _me(args: str, room: str | None) -> Action:
+def _me(args: str, ctx: _Context) -> Action:
     if not args:
         return Invalid("usage: /me ACTION")
-    if room is None:
+    if ctx.room is None:
         return Notice(NO_ROOM)
-    return Request({"type": "send", "room": room, "message": ME_PREFIX + args})
+    return Request({"type": "send", "room": ctx.room, "message": ME_PREFIX + args})
 
 
-def _switch(args: str, room: str | None) -> Action:
-    if not args or " " in args:
+def _switch(args: str, ctx: _Context) -> Action:
+    room = _room_arg(args)
+    if room is None:
         return Invalid("usage: /switch ROOM")
-    return Switch(args.removeprefix("#"))
+    return Switch(room)
 
 
-def _rooms(args: str, room: str | None) -> Action:
+def _rooms(args: str, ctx: _Context) -> Action:
     return Invalid("usage: /rooms") if args else Rooms()
 
 
-def _passwd(args: str, room: str | None) -> Action:
+def _passwd(args: str, ctx: _Context) -> Action:
     return Invalid(ASK_NOT_ARGS) if args else Passwd()
 
 
-def _history(args: str, room: str | None) -> Action:
-    if args and (not args.isdigit() or int(args) < 1):
-        return Invalid("usage: /history [N], N a positive number")
-    if room is None:
-        return Notice(NO_ROOM)
-    frame: Frame = {"type": "history", "room": room}
-    if args:
-        frame["limit"] = int(args)
+# The protocol's user names (docs/protocol.md, Fields): anything else cannot be a user.
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}")
+HISTORY_USAGE = "usage: /history [#ROOM | USER] [N] (N a positive number), or /history more"
+
+
+def _history(args: str, ctx: _Context) -> Action:
+    words = args.split()
+    if words == [MORE]:
+        if ctx.state is None:
+            return Notice("/history more works at the interactive prompt; "
+                          "line mode can ask /history with a number")
+        more = ctx.state.more_history()
+        return Notice(more) if isinstance(more, str) else Request(more)
+    limit = None
+    if words and words[-1].isascii() and words[-1].isdigit():
+        limit = int(words.pop())
+        if limit < 1:
+            return Invalid(HISTORY_USAGE)
+    if len(words) > 1:
+        return Invalid(HISTORY_USAGE)
+    frame: Frame = {"type": "history"}
+    if not words:
+        if ctx.room is None:
+            return Notice(NO_ROOM)
+        frame["room"] = ctx.room
+    elif words[0].startswith("#"):
+        room = normalize_room(words[0])
+        if not room:
+            return Invalid(HISTORY_USAGE)
+        frame["room"] = room
+    elif ctx.state is not None and words[0].lower() in ctx.state.rooms:
+        frame["room"] = words[0]  # a room one is in, named without its `#`
+    elif USERNAME.fullmatch(words[0]):
+        frame["with"] = words[0]
+    else:
+        return Invalid(HISTORY_USAGE)
+    if limit is not None:
+        frame["limit"] = limit
     return Request(frame)
 
 
-_COMMANDS: dict[str, Callable[[str, str | None], Action]] = {
+_COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
     "join": _join,
     "leave": _leave,
     "msg": _msg,
@@ -241,13 +417,24 @@ _COMMANDS: dict[str, Callable[[str, str | None], Action]] = {
     "switch": _switch,
     "rooms": _rooms,
     "passwd": _passwd,
-    "help": lambda args, room: Help(),
-    "quit": lambda args, room: Quit(),
+    "help": lambda args, ctx: Help(),
+    "quit": lambda args, ctx: Quit(),
 }
 
+# The commands whose first argument is a room, and those whose first argument is a user
+# (the completer offers those); /history takes either.
+ROOM_COMMANDS = frozenset({"join", "leave", "switch", "who", "history"})
+USER_COMMANDS = frozenset({"msg", "history"})
 
-def parse_command(line: str, room: str | None) -> Action | None:
-    """What a typed line asks for in `room` (None: no room), or None for a blank line."""
+
+def parse_command(
+    line: str, room: str | None, *, state: ChatState | None = None
+) -> Action | None:
+    """What a typed line asks for in `room` (None: no room), or None for a blank line.
+
+    With `state`, `/history NAME` knows NAME is a room when the user is in one of that
+    name, and `/history more` knows what was shown last.
+    """
     text = line.rstrip("\r\n")
     if not text.strip():
         return None
@@ -260,7 +447,7 @@ def parse_command(line: str, room: str | None) -> Action | None:
     command = _COMMANDS.get(name.lower())
     if command is None:
         return Invalid(f"unknown command /{name} (try /help)")
-    return command(rest.strip(), room)
+    return command(rest.strip(), _Context(room, state))
 
 
 COMMAND_NAMES = tuple(sorted(_COMMANDS))
@@ -273,13 +460,19 @@ def run_local(action: Rooms | Switch, state: ChatState) -> str:
     problem = state.switch(action.room)
     if problem is not None:
         return f"! {problem}"
-    return f"-- now talking in #{sanitize(action.room.lower(), multiline=False)}"
+    return f"-- now talking in {_shown(normalize_room(action.room).lower())}"
 
 
 def perform(
-    client: ChatClient, request: Request, state: ChatState, timeout: float = DEFAULT_TIMEOUT
+    client: ChatClient, request: Request, state: ChatState, timeout: float = DEFAULT_TIMEOUT,
+    *, follow_rooms: bool = True,
 ) -> Frame:
-    """Send the request, wait for its reply, follow the room change if it succeeded."""
+    """Send the request, wait for its reply, follow what it changed if it succeeded.
+
+    `follow_rooms=False` leaves the rooms to `ChatState.observe` (the terminal UI, whose
+    printer sees the `ok` in its place among the other frames).
+    """
     reply = client.request(request.frame, timeout)
-    state.follow(request.frame, reply)
+    if follow_rooms or request.frame.get("type") == "history":
+        state.follow(request.frame, reply)
     return reply

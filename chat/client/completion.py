@@ -3,10 +3,14 @@
 Theory of operation
 -------------------
 A `Roster` remembers who is online in which room, from the frames the printer thread sees
-(`who` replies, `presence` events); the prompt's event loop reads it while completing, so
-it keeps its dict under a lock and hands out copies. The rooms the user is in come from
-`ChatState`, which only the main thread changes and the completer (run in the main
-thread's prompt loop) only reads.
+(`who` replies, `presence` events) and from the `who` the UI asks for each room at login and
+on /join; the prompt's event loop reads it while completing, so it keeps its dict under a
+lock and hands out copies. The rooms the user is in come from `ChatState`, whose `rooms` set
+is replaced, never changed in place, so reading it here needs no lock.
+
+A completed word is followed by a space, as in a shell, so the next word can be typed at
+once; a name completed at the very start of a message gets `: ` (the IRC way of addressing
+someone).
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ from typing import Any
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
-from chat.client.commands import COMMAND_NAMES, ChatState
+from chat.client.commands import COMMAND_NAMES, ROOM_COMMANDS, USER_COMMANDS, ChatState
 
-ROOM_COMMANDS = frozenset({"join", "leave", "switch", "who"})
-USER_COMMANDS = frozenset({"msg"})
+ADDRESS_SUFFIX = ": "  # after a name completed at the start of a message: "alice: hi"
 
 
 class Roster:
@@ -47,8 +50,11 @@ class Roster:
                 elif frame.get("event") == "leave":
                     members.discard(frame["username"])
 
-    def users(self) -> set[str]:
+    def users(self, room: str | None = None) -> set[str]:
+        """Everyone seen online, or only in `room`."""
         with self._lock:
+            if room is not None:
+                return set(self._rooms.get(room.lower(), ()))
             return set().union(*self._rooms.values())
 
     def rooms(self) -> set[str]:
@@ -57,7 +63,7 @@ class Roster:
 
 
 class ChatCompleter(Completer):
-    """Completes `/command`, then a room or a user name as the command's first argument."""
+    """Completes `/command`, a room or a user as its first argument, a name in a message."""
 
     def __init__(self, state: ChatState, roster: Roster) -> None:
         self._state = state
@@ -68,6 +74,7 @@ class ChatCompleter(Completer):
     ) -> Iterator[Completion]:
         text = document.text_before_cursor
         if not text.startswith("/") or text.startswith("//"):
+            yield from self._names_in_text(text)
             return
         words = text[1:].split(" ")
         if len(words) == 1:
@@ -76,15 +83,42 @@ class ChatCompleter(Completer):
         if len(words) != 2:
             return
         command, word = words[0].lower(), words[1]
+        bare = word.removeprefix("#")
         if command in ROOM_COMMANDS:
-            yield from _matching(word, self._state.rooms | self._roster.rooms())
-        elif command in USER_COMMANDS:
+            rooms = self._state.rooms | self._roster.rooms()
+            if bare != word or command not in USER_COMMANDS:  # a room, `#` kept if typed
+                yield from _matching(bare, rooms, prefix=word[: len(word) - len(bare)])
+                return
+            # /history NAME: a user, or one of the rooms, offered with its `#`
+            yield from _matching(word, rooms, prefix="#", typed_prefix="")
+        if command in USER_COMMANDS:
             yield from _matching(word, self._roster.users())
 
+    def _names_in_text(self, text: str) -> Iterator[Completion]:
+        """In a message: the word before the cursor, as a name online in the current room."""
+        word = text.rsplit(" ", 1)[-1]
+        if not word:
+            return
+        room = self._state.room
+        names = self._roster.users(room) if room is not None else set()
+        suffix = ADDRESS_SUFFIX if word == text else " "
+        yield from _matching(word, names, suffix=suffix)
 
-def _matching(word: str, candidates: Iterable[str]) -> Iterator[Completion]:
-    """The candidates that start with `word`, case-insensitively, sorted; each replaces it."""
+
+def _matching(
+    word: str, candidates: Iterable[str], *, prefix: str = "", typed_prefix: str | None = None,
+    suffix: str = " ",
+) -> Iterator[Completion]:
+    """The candidates that start with `word`, case-insensitively, sorted; each replaces it.
+
+    Each is offered as `prefix` + candidate + `suffix`; it replaces `typed_prefix` + `word`
+    (by default, the `prefix` was typed: a room's `#`).
+    """
     key = word.lower()
+    typed = prefix if typed_prefix is None else typed_prefix
     for candidate in sorted(set(candidates), key=str.lower):
         if candidate.lower().startswith(key):
-            yield Completion(candidate, start_position=-len(word))
+            yield Completion(
+                prefix + candidate + suffix, start_position=-len(typed + word),
+                display=prefix + candidate,
+            )

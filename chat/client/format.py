@@ -180,14 +180,73 @@ def _message(frame: Mapping[str, Any], style: _Style) -> str:
     return f"{style.clock(frame.get('ts'))} {where}{separator}" + f"\n{INDENT}".join(lines)
 
 
+# Presence as a person reads it: `cause` "connection" is someone coming online or going
+# offline (one line, whichever rooms they are in), "room" an explicit join or leave. A
+# server that sends no `cause` (before it was added) only ever meant joins and leaves.
+_ONLINE_VERBS = {"join": ("is online", "came online"), "leave": ("went offline", "went offline")}
+_ROOM_VERBS = {"join": "joined", "leave": "left"}
+NAMES_IN_SUMMARY = 8  # names listed in a coalesced presence line; "and N others" for the rest
+NAMES_IN_WHO_SUMMARY = 5  # on login and /join; /who lists every name
+
+
+def presence_text(
+    event: str, cause: str, room: object, names: list[str], *, me: str | None = None,
+    color: bool = False, ts: object = None, tz: tzinfo | None = None,
+    now: datetime | None = None,
+) -> str:
+    """One presence line for one name or several (coalesced), e.g. `-- 3 people came online`."""
+    style = _Style(me=me, color=color, tz=tz, now=now)
+    if cause == "connection" and event in _ONLINE_VERBS:
+        one, many = _ONLINE_VERBS[event]
+        where = ""
+    else:
+        one = many = _ROOM_VERBS.get(event, "is in")
+        where = " " + style.room(room if room is not None else "?")
+    if len(names) == 1:
+        line = f"{style.name(names[0])} {one}{where}"
+    else:
+        line = f"{len(names)} people {many}{where}: {_some_names(names, style, NAMES_IN_SUMMARY)}"
+    return f"{style.clock(ts)} -- {line}"
+
+
+def _some_names(names: list[Any], style: _Style, shown: int) -> str:
+    """`a, b, c` or, past `shown` names, `a, b and 4 others`."""
+    listed = ", ".join(style.name(n) for n in names[:shown])
+    rest = len(names) - shown
+    if rest <= 0:
+        return listed
+    return f"{listed} and {rest} other{'' if rest == 1 else 's'}"
+
+
 def _presence(frame: Mapping[str, Any], style: _Style) -> str:
-    verb = {"join": "joined", "leave": "left"}.get(str(frame.get("event")), "is in")
-    who = style.name(frame.get("username", "?"))
-    return f"{style.clock(frame.get('ts'))} -- {who} {verb} {style.room(frame.get('room', '?'))}"
+    return presence_text(
+        str(frame.get("event")), str(frame.get("cause", "room")), frame.get("room", "?"),
+        [frame.get("username", "?")], me=style.me, color=style.color, ts=frame.get("ts"),
+        tz=style.tz, now=style.now,
+    )
+
+
+def who_summary(
+    frame: Mapping[str, Any], *, me: str | None = None, color: bool = False
+) -> str:
+    """A `who` reply in one short line: `-- online in #dev: alice, bob and 3 others`."""
+    style = _Style(me=me, color=color, tz=None, now=None)
+    room = style.room(frame.get("room", "?"))
+    mine = (me or "").casefold()
+    others = [u for u in _items(frame.get("users")) if str(u).casefold() != mine]
+    if not others:
+        return style.note(f"nobody else is online in {room}")
+    return style.note(f"online in {room}: ") + _some_names(others, style, NAMES_IN_WHO_SUMMARY)
 
 
 def _error(frame: Mapping[str, Any], style: _Style) -> str:
-    text = f"! error {_field(frame.get('code', 'unknown'))}: {_field(frame.get('message', ''))}"
+    # Any code is shown as it came, with its text, so a code this client does not know yet
+    # (`forbidden`, or a newer server's) still says what went wrong.
+    code = frame.get("code")
+    text = f"! error {_field(code) if isinstance(code, str) and code else 'unknown'}"
+    message = frame.get("message")
+    if message not in (None, ""):
+        text += f": {_field(message)}"
     retry_after = seconds(frame.get("retry_after"))
     if retry_after is not None:
         text += f" (retry after {retry_after} s)"

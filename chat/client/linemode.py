@@ -138,7 +138,7 @@ def run_line_mode(
         if item is _END_OF_INPUT:
             quitting = True
             break
-        action = parse_command(item, state.room)
+        action = parse_command(item, state.room, state=state)
         if isinstance(action, Quit):
             quitting = True
         elif isinstance(action, Help):

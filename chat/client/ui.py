@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 The main thread runs the prompt and the slash commands (chat.client.commands). A daemon
-thread, the printer, takes every frame from the ChatClient and shows it formatted. Only the
-main thread reads or changes `state` (the current room, the rooms joined).
+thread, the printer (chat.client.printer), takes every frame from the ChatClient and shows
+it formatted, and follows from those frames the rooms the user is in (`state`, shared, with
+its own lock). The main thread waits, after each request, until the printer has shown its
+reply, so the next prompt names the right room.
 
 Every line the UI shows, from either thread, goes through one `Screen`, which knows whether
 a prompt is on the terminal. With no prompt up, it writes at once. While a prompt is up it
@@ -17,15 +19,18 @@ prompt line, and every line ends with a newline. (patch_stdout stays on as a saf
 stray writes by anything else.)
 
 The printer never touches the prompt except to end it when the connection has ended: it
-sets `ended`, then asks the prompt's event loop to exit it; a prompt that starts after
-that sees `ended` in its pre_run hook and exits at once.
+sets `ended`, then asks the prompt's event loop to exit it (with `SessionEnded`, never
+mistaken for the user's Ctrl-D); a prompt that starts after that sees `ended` in its
+pre_run hook and exits at once.
 
 Unless reconnecting is off (--no-reconnect), a connection that ends without our quit is
 taken up again by the printer (chat.client.reconnect.Link): `-- connection lost;
 reconnecting in N s`, a new login with the password kept in memory (updated by a successful
 /passwd), the rooms rejoined, `-- reconnected as NAME`, then the messages missed, each
 message shown once (by msg_id). Only then does `ended` get set, if it gave up. A command
-typed while reconnecting is not sent (it says so); /quit or Ctrl-D stop it (0), Ctrl-C (130).
+typed while reconnecting is not sent (it says so). Leaving is the user's choice whenever it
+comes: /quit or Ctrl-D exit 0, Ctrl-C on an empty line 130, reconnecting or not; only the
+server ending the session (or reconnecting giving up) exits 3.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ from collections.abc import Callable, Iterable
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.history import InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from chat.client.backlog import login_backlog, show_backlog
+from chat.client.backlog import login_backlog
 from chat.client.commands import (
+    DEFAULT_HISTORY,
     HELP,
+    HELP_KEYS,
     ChatState,
     Help,
     Invalid,
@@ -57,10 +65,17 @@ from chat.client.commands import (
 )
 from chat.client.commands import perform as perform_command
 from chat.client.completion import ChatCompleter, Roster
-from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
+from chat.client.connection import DEFAULT_TIMEOUT, ChatClient, split_message
 from chat.client.errors import ConnectionClosed, Frame, TimedOut
-from chat.client.format import format_event, is_mention, sanitize
+from chat.client.format import ME_PREFIX, sanitize
+from chat.client.printer import Printer
 from chat.client.reconnect import Link
+
+EXIT_OK, EXIT_ENDED, EXIT_INTERRUPTED = 0, 3, 130  # as chat.client.cli documents them
+
+
+class SessionEnded(Exception):
+    """The prompt was ended because the session is over (not by the user)."""
 
 
 class Screen:
@@ -129,14 +144,6 @@ class Screen:
             self._write(text)
 
 
-BELL = "\a"
-
-
-def with_bell(text: str, frame: Frame, me: str | None, bell: bool) -> str:
-    """`text`, led by the terminal bell when it is a live message mentioning `me`."""
-    return BELL + text if bell and is_mention(frame, me) else text
-
-
 def change_password_frame(ask: Callable[[str], str]) -> Frame | str:
     """Ask for the old password and the new one twice; the passwd frame, or why not."""
     old = ask("current password: ")
@@ -148,6 +155,25 @@ def change_password_frame(ask: Callable[[str], str]) -> Frame | str:
     if ask("the new password again: ") != new:
         return "password not changed: the two new passwords differ"
     return {"type": "passwd", "old": old, "new": new}
+
+
+def message_parts(frame: Frame, limit: int) -> list[Frame]:
+    """A `send` frame as frames whose texts fit `limit`; an action stays one in every part."""
+    text = frame.get("message")
+    if frame.get("type") != "send" or not isinstance(text, str) or len(text) <= limit:
+        return [frame]
+    prefix = ME_PREFIX if text.startswith(ME_PREFIX) and limit > len(ME_PREFIX) else ""
+    return [{**frame, "message": prefix + part}
+            for part in split_message(text[len(prefix):], limit - len(prefix))]
+
+
+def clear_or_quit(event: KeyPressEvent) -> None:
+    """Ctrl-C: clear a half-typed line, as a shell does; on an empty line, leave."""
+    buffer = event.app.current_buffer
+    if buffer.text:
+        buffer.reset()
+    else:
+        event.app.exit(exception=KeyboardInterrupt, style="class:aborting")
 
 
 def run_interactive(
@@ -167,16 +193,19 @@ def run_interactive(
     With `connect`, a lost connection is reconnected, logging in with `password` (kept in
     memory only, and replaced by a successful /passwd). With `recent`, the last `recent`
     messages of the room are shown first, then the direct messages stored while away
-    (chat.client.backlog).
+    (chat.client.backlog), and as many of a room's on /join.
     """
     state = ChatState.start(room, rooms)
     kept = [password]  # the password to log in again with; never written anywhere
     link = Link(client, state, connect=connect, password=lambda: kept[0], timeout=timeout)
     backlog = login_backlog(client, link.seen, state.room, recent, timeout)
     roster = Roster()
+    keys = KeyBindings()
+    keys.add("c-c")(clear_or_quit)
     session: PromptSession[str] = PromptSession(
         history=InMemoryHistory(), completer=ChatCompleter(state, roster),
         complete_while_typing=False,  # Tab asks; typing a message stays undisturbed
+        key_bindings=keys,
     )
     output = session.app.output
 
@@ -187,34 +216,20 @@ def run_interactive(
 
     screen = Screen(write)
     ended = threading.Event()
+    printer = Printer(link, state, roster, screen.show, color=color, bell=bell,
+                      recent=recent, timeout=timeout)
 
     def end_prompt() -> None:
         app = session.app
         if app.is_running and not app.is_done:
-            app.exit(exception=EOFError())
-
-    def show(frame: Frame) -> None:
-        roster.note(frame)
-        me = link.client.username
-        text = format_event(frame, me=me, color=color)
-        if text is not None:
-            screen.show(with_bell(text, frame, me, bell))
-
-    def notify(text: str) -> None:
-        screen.show(f"-- {sanitize(text, multiline=False)}")
+            app.exit(exception=SessionEnded())
 
     def print_events() -> None:
-        show_backlog(backlog, show, notify)
-        # From this thread, so the hint never lands inside the backlog's block.
-        screen.show("-- type /help for commands, /quit or Ctrl-D to leave")
-        while True:
-            for frame in link.client.events():
-                if link.seen.fresh(frame):
-                    show(frame)
-            if not link.resume(show, notify):
-                break
-        ended.set()
-        screen.call_in_prompt(end_prompt)  # a prompt not up yet sees `ended` in pre_run
+        try:
+            printer.run(backlog)
+        finally:
+            ended.set()
+            screen.call_in_prompt(end_prompt)  # a prompt not up yet sees `ended` in pre_run
 
     def pre_run() -> None:
         loop = session.app.loop
@@ -244,73 +259,115 @@ def run_interactive(
         finally:
             screen.prompt_ended()
 
+    class ServerEnded(Exception):
+        """The connection ended under a request, and it is not reconnected."""
+
+    def send(current: ChatClient, request: Request) -> Frame | None:
+        """One request, its reply shown by the printer; None if there was no reply."""
+        try:
+            reply = perform_command(current, request, state, timeout, follow_rooms=False)
+        except ValueError as exc:  # refused here: larger than the server takes
+            screen.show(f"! {exc}")
+            return None
+        except ConnectionClosed:
+            if not link.enabled:
+                raise ServerEnded from None
+            screen.show("! the connection was lost before the reply; "
+                        "it may or may not have been carried out")
+            return None
+        except TimedOut as exc:
+            screen.show(f"! {exc}")
+            return None
+        printer.handled.wait(current, reply.get("re"), timeout)
+        room = request.frame.get("room")
+        if reply.get("code") == "not_in_room" and isinstance(room, str):
+            note = state.lost(room)  # left elsewhere, and no presence said so (yet)
+            if note is not None:
+                screen.show(f"-- {note}")
+        return reply
+
+    def carry_out(request: Request) -> None:
+        current = link.current(wait=False)
+        if current is None:
+            screen.show("! not sent: reconnecting (/quit to give up)")
+            return
+        parts = message_parts(request.frame, current.limits.max_message_chars)
+        for n, part in enumerate(parts):
+            reply = send(current, Request(part))
+            if reply is None or reply.get("type") == "error":
+                if n:
+                    screen.show(f"! only {n} of the {len(parts)} parts were sent")
+                return
+            if part.get("type") == "passwd" and reply.get("type") == "ok":
+                kept[0] = str(part["new"])
+            elif part.get("type") == "history" and reply.get("type") == "history":
+                listed = reply.get("messages")
+                count = len(listed) if isinstance(listed, list) else 0
+                if count and count >= part.get("limit", DEFAULT_HISTORY):
+                    screen.show("-- older messages: /history more")
+        if len(parts) > 1:
+            screen.show(f"-- long message sent as {len(parts)} parts")
+
+    quit_code: int | None = None
     with patch_stdout(raw=True):
-        printer = threading.Thread(target=print_events, name="chat-client-printer", daemon=True)
-        printer.start()
-        server_ended = False
-        while not ended.is_set():
-            try:
-                line = prompt()
-            except EOFError:
-                break
-            except KeyboardInterrupt:
-                link.stop()
-                link.client.close()
-                return 130
-            action = parse_command(line, state.room)
-            if isinstance(action, Quit):
-                break
-            if isinstance(action, Help):
-                screen.show(HELP)
-            elif isinstance(action, Invalid):
-                screen.show(f"! {action.message}")
-            elif isinstance(action, Notice):
-                screen.show(f"-- {action.message}")
-            elif isinstance(action, Rooms | Switch):
-                screen.show(run_local(action, state))
-            elif isinstance(action, Passwd):
+        printer_thread = threading.Thread(
+            target=print_events, name="chat-client-printer", daemon=True)
+        printer_thread.start()
+        try:
+            while True:
                 try:
-                    frame = change_password_frame(ask_secret)
-                except (EOFError, KeyboardInterrupt):
-                    screen.show("-- password not changed")
-                    continue
-                if isinstance(frame, str):
-                    screen.show(f"! {frame}")
-                    continue
-                action = Request(frame)
-            if isinstance(action, Request):
-                current = link.current(wait=False)
-                if current is None:
-                    screen.show("! not sent: reconnecting (/quit to give up)")
-                    continue
-                try:
-                    reply = perform_command(current, action, state, timeout)
-                except ValueError as exc:
-                    screen.show(f"! {exc}")
-                except ConnectionClosed:
-                    if not link.enabled:
-                        server_ended = True
-                        break
-                    screen.show("! the connection was lost before the reply; "
-                                "it may or may not have been carried out")
-                except TimedOut as exc:
-                    screen.show(f"! {exc}")
-                else:
-                    if action.frame.get("type") == "passwd" and reply.get("type") == "ok":
-                        kept[0] = str(action.frame["new"])
+                    line = prompt()
+                except SessionEnded:
+                    break
+                except EOFError:  # Ctrl-D on an empty line
+                    quit_code = EXIT_OK
+                    break
+                except KeyboardInterrupt:  # Ctrl-C on an empty line
+                    quit_code = EXIT_INTERRUPTED
+                    break
+                action = parse_command(line, state.room, state=state)
+                if isinstance(action, Quit):
+                    quit_code = EXIT_OK
+                    break
+                if isinstance(action, Help):
+                    screen.show(f"{HELP}\n{HELP_KEYS}")
+                elif isinstance(action, Invalid):
+                    screen.show(f"! {action.message}")
+                elif isinstance(action, Notice):
+                    screen.show(f"-- {action.message}")
+                elif isinstance(action, Rooms | Switch):
+                    screen.show(run_local(action, state))
+                elif isinstance(action, Passwd):
+                    try:
+                        frame = change_password_frame(ask_secret)
+                    except (EOFError, KeyboardInterrupt):
+                        screen.show("-- password not changed")
+                        continue
+                    if isinstance(frame, str):
+                        screen.show(f"! {frame}")
+                        continue
+                    carry_out(Request(frame))
+                elif isinstance(action, Request):
+                    carry_out(action)
+        except ServerEnded:
+            pass
         link.stop()
-        if link.interrupted:  # quit while reconnecting: the user's choice, not the server's
-            return 0
+        printer.stopping.set()
         current = link.client
-        if server_ended or ended.is_set() or link.reconnecting or current.closed:
+        if quit_code is None:  # the session ended under us
             current.close(timeout)
-            printer.join(timeout)
+            printer_thread.join(timeout)
             current = link.client
             reason = current.bye_reason and f" ({sanitize(current.bye_reason, multiline=False)})"
             print(f"-- the server closed the connection{reason or ''}", file=sys.stderr, flush=True)
-            return 3
-        current.quit(timeout)  # the printer shows the server's bye before the stream ends
-        printer.join(timeout)
+            return EXIT_ENDED
+        if link.reconnecting or current.closed:
+            if link.reconnecting:
+                screen.show("-- stopped reconnecting")
+            current.close(timeout)
+        else:
+            current.quit(timeout)  # the printer shows the server's bye before the stream ends
+        printer_thread.join(timeout)
         if link.client is not current:  # reconnected just as we quit
             link.client.close(timeout)
-    return 0
+    return quit_code
