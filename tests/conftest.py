@@ -173,6 +173,32 @@ def chat_server(server_factory: Any) -> RunningServer:
     return server_factory()
 
 
+@pytest.fixture
+def refusing_sends(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make the test servers refuse `send`s for the rate, as an older release (or another
+    implementation) does; ours paces instead. `refuse(every, retry_after)` refuses every
+    `every`-th send of each connection (1: all of them), answering `rate_limited`."""
+    from chat import connection
+    from chat import messages as m
+    from chat.errors import RateLimited
+
+    real = connection._HANDLERS[m.Send]
+
+    def refuse(every: int, retry_after: float = 1.0) -> None:
+        counts: dict[int, int] = {}
+
+        def send(conn: Any, req: Any) -> None:
+            n = counts[id(conn)] = counts.get(id(conn), 0) + 1
+            if n % every == 0:
+                raise RateLimited(retry_after, "too many frames; slow down")
+            real.fn(conn, req)
+
+        monkeypatch.setitem(connection._HANDLERS, m.Send,
+                            connection._Handler(send, real.before_login))
+
+    return refuse
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Tests run the CLI as `python -m ...`; make sure it is this interpreter's package.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

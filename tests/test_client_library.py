@@ -728,12 +728,13 @@ def test_real_ping_and_quit(chat_server: Any, user: str) -> None:
 
 
 def test_real_a_client_that_outruns_the_server_has_every_refused_message_resent_in_order(
-    server_factory: Any,
+    server_factory: Any, refusing_sends: Any,
 ) -> None:
-    # The server today refuses a frame over its rate (rate_limited, retry_after); the
-    # client, made to send as fast as it can, must wait and resend each refused one.
-    # Two frames a second: even a slow machine sends faster than that.
-    server = server_factory(frames_per_second=2.0, frame_burst=5)
+    # A server that refuses frames over its rate (rate_limited, retry_after), as older
+    # releases did (ours now paces them): the client, sending as fast as it can, must
+    # wait and resend each refused one, in order.
+    refusing_sends(every=3)
+    server = server_factory()
     name, other = new_name(), new_name()
     server.register(name, PASSWORD)
     server.register(other, PASSWORD)

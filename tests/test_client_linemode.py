@@ -64,10 +64,11 @@ def run_in_process(client: ChatClient, script: str) -> tuple[int, str, str]:
 
 
 def test_lines_the_server_refused_for_the_rate_are_sent_again_in_order(
-    server_factory: Any,
+    server_factory: Any, refusing_sends: Any,
 ) -> None:
-    # Three frames a second: even a slow machine sends faster than that.
-    server = server_factory(frames_per_second=3.0, frame_burst=4)
+    # A server that refuses frames over its rate, as older releases did (ours paces).
+    refusing_sends(every=3)
+    server = server_factory()
     me, other = new_name(), new_name()
     server.register(me)
     server.register(other)
@@ -83,10 +84,11 @@ def test_lines_the_server_refused_for_the_rate_are_sent_again_in_order(
 
 
 def test_a_line_the_server_still_refuses_makes_the_exit_code_non_zero(
-    server_factory: Any,
+    server_factory: Any, refusing_sends: Any,
 ) -> None:
-    # One token every 100 s: the server asks for a wait the client will not sit out.
-    server = server_factory(frames_per_second=0.01, frame_burst=3)
+    # The server asks for a wait the client will not sit out.
+    refusing_sends(every=1, retry_after=100)
+    server = server_factory()
     me = new_name()
     server.register(me)
     writer = session(server, me, replies_as_events=True)
