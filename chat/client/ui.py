@@ -361,6 +361,11 @@ def run_interactive(
             reason = current.bye_reason and f" ({sanitize(current.bye_reason, multiline=False)})"
             print(f"-- the server closed the connection{reason or ''}", file=sys.stderr, flush=True)
             return EXIT_ENDED
+        if link.interrupted:
+            # Quit while reconnecting: nobody to say goodbye to, and the printer (a daemon)
+            # may sit in a TLS handshake that stop() closes only once it is made.
+            screen.show("-- stopped reconnecting")
+            return quit_code
         if link.reconnecting or current.closed:
             if link.reconnecting:
                 screen.show("-- stopped reconnecting")
