@@ -138,6 +138,7 @@ def login(conn: Connection, req: m.Login) -> None:
             if new_hash is not None:
                 server.store.set_password_hash(db, rec.id, new_hash)
             rooms = server.store.rooms_of(db, rec.id)
+            waiting, first_waiting = server.store.undelivered(db, rec.id)
             backlog, more = server.store.take_undelivered(db, rec.id, budget)
             # Everything stored after this reaches the session live (the writer attaches
             # it before any later fan-out), so a client catching up after a reconnect
@@ -147,6 +148,10 @@ def login(conn: Connection, req: m.Login) -> None:
             def after() -> None:
                 welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
                            "session": session.session_id, "last_msg_id": last_msg_id}
+                if waiting:
+                    # The stored direct messages that follow, in pages: a client whose
+                    # connection drops before it has them all catches up from `first`.
+                    welcome["backlog"] = {"count": waiting, "first_msg_id": first_waiting}
                 if rid is not None:
                     welcome["re"] = rid
                 first = [encode(welcome)] + [encode(f) for f in backlog]

@@ -254,6 +254,14 @@ class Store:
             )
         )
 
+    def undelivered(self, conn: Connection, user_id: int) -> tuple[int, int | None]:
+        """How many direct messages wait for the user's next session, and the oldest's id."""
+        count, first = conn.execute(
+            select(func.count(), func.min(messages_t.c.id)).where(
+                and_(messages_t.c.recipient_id == user_id, messages_t.c.delivered.is_(False)))
+        ).one()
+        return count, first
+
     def take_undelivered(
         self, conn: Connection, user_id: int, max_bytes: int = 1 << 20
     ) -> tuple[list[Frame], bool]:

@@ -33,6 +33,18 @@ def test_welcome_says_where_the_store_stands(chat_server):
     assert chat_server.client().login("bob")["last_msg_id"] == sent["msg_id"]
 
 
+def test_welcome_announces_the_stored_direct_messages_that_follow(chat_server):
+    chat_server.register("bob")
+    alice = chat_server.user("alice")
+    first = alice.request({"type": "send", "to": "bob", "message": "one"})["msg_id"]
+    alice.request({"type": "send", "to": "bob", "message": "two"})
+    bob = chat_server.client()
+    welcome = bob.login("bob")
+    assert welcome["backlog"] == {"count": 2, "first_msg_id": first}
+    assert [bob.recv_until("message")["message"] for _ in range(2)] == ["one", "two"]
+    assert "backlog" not in chat_server.client().login("bob")  # handed over: none left
+
+
 def test_history_direct_is_every_direct_message_of_the_user(chat_server):
     a, b, c = (chat_server.user(name) for name in ("alice", "bob", "carol"))
     ids = [a.request({"type": "send", "to": "bob", "message": "a to b"})["msg_id"],
