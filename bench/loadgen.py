@@ -361,9 +361,10 @@ def workload_c(args, ctx) -> dict:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     rss0 = proc_rss(args.pid)
     t0 = time.perf_counter()
-    # Idle users leave `general` and join nothing: were all 10,000 in one room, each
-    # login would announce itself to every member online, 50 million presence frames,
-    # which measures presence fan-out (and a generator that must read it), not holding.
+    # Idle users try to leave `general` (older servers let them; ours keeps everyone in
+    # it, and does not announce logins in a room of more than presence_room_limit
+    # online): 10,000 logins announced to every member would be 50 million presence
+    # frames, which measures presence fan-out, not holding connections.
     idle = _parallel(lambda i: PROTOCOLS[args.proto][0](
         args.port, ctx, f"{args.prefix}idle{i}", register=args.register,
         room=None, leave_general=True), args.idle)

@@ -189,6 +189,11 @@ class Settings:
         1.0, "Presence changes are sent at most this often, each (room, user) once with its "
         "net change: a user toggling a room costs its members one frame per interval."
     )
+    presence_room_limit: int = _setting(
+        1000, "In a room with more sessions than this, coming online and going offline are "
+        "not announced (joins and leaves still are): each login would be news for every "
+        "session there, and a restart would cost n squared frames."
+    )
     max_outbound_bytes: int = _setting(
         4 * 1024 * 1024, "Bytes queued for one slow client before bye slow_consumer."
     )
@@ -285,7 +290,7 @@ class Settings:
                      "login_max_consecutive", "max_rooms_per_user", "max_room_members",
                      "max_errors_in_row", "frame_burst", "max_connections_per_ip",
                      "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
-                     "writer_queue_limit"):
+                     "writer_queue_limit", "presence_room_limit"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):

@@ -149,7 +149,7 @@ class Server:
         self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
         self.hello = encode(hello_frame(self.server_id, s))
         self.throttle = Throttle(s.throttle_limits())
-        self.hub = LocalHub(s.presence_interval)
+        self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
         self.store = Store(self.engine, self.hub)
         self.store.start()
         self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth", nice=s.auth_nice)

@@ -146,3 +146,26 @@ def test_the_first_change_after_a_quiet_interval_goes_out_at_once(hub):
     assert hub.presence_due() == 0.0
     hub.flush_presence()
     assert [p[1] for p in presence(bob)] == ["carol", "dave"]
+
+
+def test_online_and_offline_are_not_told_in_a_very_full_room(hub):
+    hub.presence_room_limit = 5
+    crowd = [online(hub, f"c{i}", ["general", "lobby"] if i < 3 else ["general"])
+             for i in range(6)]
+    flush(hub)
+    for c in crowd:
+        c.out.writes.clear()  # type: ignore[attr-defined]
+    late = online(hub, "late", ["general", "lobby"])
+    assert late.user is not None
+    late.user.rooms.add("dev")
+    hub.joined(late.user, "dev")
+    flush(hub)
+    # general has 7 sessions, over the limit: no online; lobby has 4: told.
+    assert presence(crowd[0]) == [("lobby", "late", "join", "connection")]
+    assert presence(crowd[4]) == []
+    crowd[0].user.rooms.add("dev")  # type: ignore[union-attr]
+    hub.joined(crowd[0].user, "dev")  # type: ignore[arg-type]
+    crowd[0].user.rooms.discard("general")  # type: ignore[union-attr]
+    hub.left(crowd[0].user, "general")  # type: ignore[arg-type]
+    flush(hub)
+    assert ("general", "c0", "leave", "room") in presence(crowd[5])  # a leave still is
