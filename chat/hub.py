@@ -97,6 +97,7 @@ class LocalHub:
         self._rooms: dict[str, set[Session]] = {}
         self.presence_interval = presence_interval
         self.presence_room_limit = presence_room_limit
+        self._who: dict[str, list[str]] = {}  # room -> who's sorted names, while unchanged
         self._clock = clock
         self._pending: dict[str, dict[str, _Change]] = {}  # room -> user key -> change
         self._last_flush = -presence_interval
@@ -123,6 +124,7 @@ class LocalHub:
             if first_session:
                 self._mark(room, user, CONNECTION)
             self._rooms.setdefault(room, set()).add(session)
+            self._who.pop(room, None)
             session.rooms_in.add(room)
         return True
 
@@ -144,6 +146,7 @@ class LocalHub:
             if members is None:
                 continue
             members.discard(session)
+            self._who.pop(room, None)
             if not members:
                 del self._rooms[room]
         session.rooms_in.clear()
@@ -167,6 +170,7 @@ class LocalHub:
             return
         self._mark(room, user, ROOM)
         members = self._rooms.setdefault(room, set())
+        self._who.pop(room, None)
         for session in user.sessions:
             members.add(session)
             session.rooms_in.add(room)
@@ -179,12 +183,18 @@ class LocalHub:
         for session in user.sessions:
             members.discard(session)
             session.rooms_in.discard(room)
+        self._who.pop(room, None)
         if not members:
             del self._rooms[room]
 
     def who(self, room: str) -> list[str]:
-        names = {s.key: s.name for s in self._rooms.get(room, ())}
-        return [names[k] for k in sorted(names)]
+        """Who is online in the room, sorted; kept until its members change, so that
+        asking again and again of a room of thousands costs the writer nothing."""
+        users = self._who.get(room)
+        if users is None:
+            names = {s.key: s.name for s in self._rooms.get(room, ())}
+            users = self._who[room] = [names[k] for k in sorted(names)]
+        return users
 
     # --- presence -------------------------------------------------------------------
     def _visible(self, room: str, user: UserState) -> bool:

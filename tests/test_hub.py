@@ -169,3 +169,13 @@ def test_online_and_offline_are_not_told_in_a_very_full_room(hub):
     hub.left(crowd[0].user, "general")  # type: ignore[arg-type]
     flush(hub)
     assert ("general", "c0", "leave", "room") in presence(crowd[5])  # a leave still is
+
+
+def test_who_is_kept_until_the_room_changes(hub):
+    online(hub, "bob", ["lobby"])
+    first = hub.who("lobby")
+    assert first == ["bob"] and hub.who("lobby") is first  # not built again
+    carol = online(hub, "Carol", ["lobby"])
+    assert hub.who("lobby") == ["bob", "Carol"]
+    hub.detach(carol)
+    assert hub.who("lobby") == ["bob"]
