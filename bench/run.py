@@ -31,9 +31,21 @@ PY = sys.executable
 PEERS = ("ngircd", "inspircd", "miniircd")
 BENCH_LIMITS = [
     "--frames-per-second", "1000000", "--frame-burst", "1000000",
+    "--read-bytes-per-second", "1000000000",
     "--max-connections-per-ip", "100000", "--registrations-per-ip", "1000000",
     "--login-ip-failures", "1000000", "--log-level", "WARNING",
 ]
+
+
+def _limits_for(python: str, code: Path) -> list[str]:
+    """BENCH_LIMITS less the flags an older checkout's server does not know."""
+    out = subprocess.run([python, "-m", "chat.server", "--help"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(code)}).stdout
+    kept = []
+    for flag, value in zip(BENCH_LIMITS[::2], BENCH_LIMITS[1::2], strict=True):
+        if flag in out:
+            kept += [flag, value]
+    return kept
 
 
 def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
@@ -47,9 +59,10 @@ def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subproc
         if not Path(python).exists():
             raise SystemExit(f"{python} is missing: run {code}/scripts/test once")
     if kind == "chat":
+        limits = BENCH_LIMITS if code == REPO else _limits_for(python, code)
         cmd = [python, "-m", "chat.server", "--port", "0", "--data-dir", str(data),
                "--certfile", str(certs / "server.crt"), "--keyfile", str(certs / "server.key"),
-               *BENCH_LIMITS, *extra]
+               *limits, *extra]
     elif kind in PEERS:
         cmd = [PY, str(BENCH / "peers" / "start.py"), kind, "--cert", str(certs / "server.crt"),
                "--key", str(certs / "server.key"), "--workdir", str(data)]

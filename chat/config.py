@@ -169,6 +169,11 @@ class Settings:
         "connection's next frame waits for a token (nothing is refused)."
     )
     frame_burst: int = _setting(30, "Frames a connection may send at once before the rate applies.")
+    read_bytes_per_second: int = _setting(
+        16 * 1024, "Bytes of frames one connection may send per second (bursts of two "
+        "maximal frames); past it its next frame waits. Parsing costs up to ~65 us per KiB "
+        "(a frame of thousands of numbers), so this bounds what a connection can cost."
+    )
     reply_bytes_per_second: int = _setting(
         1024 * 1024, "Reply bytes (history, who) one connection may ask for per second; past "
         "that its next request waits. A 1 MiB history page costs the server ~5 ms of CPU."
@@ -176,6 +181,10 @@ class Settings:
     reply_bytes_burst: int = _setting(
         2 * 1024 * 1024, "Reply bytes a connection may ask for at once before the rate "
         "applies; at least max_history_bytes, so that one full page is always possible."
+    )
+    history_row_cost: int = _setting(
+        4096, "What each message in a history reply costs the reply budget beside its bytes: "
+        "a row takes ~20 us to read and encode, as much as ~4 KiB of text."
     )
     max_requests_in_flight: int = _setting(
         32, "Requests of one connection waiting for the store's writer before the "
@@ -290,7 +299,7 @@ class Settings:
                      "login_max_consecutive", "max_rooms_per_user", "max_room_members",
                      "max_errors_in_row", "frame_burst", "max_connections_per_ip",
                      "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
-                     "writer_queue_limit", "presence_room_limit"):
+                     "writer_queue_limit", "presence_room_limit", "read_bytes_per_second"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):
@@ -298,6 +307,8 @@ class Settings:
         if not 32 <= self.ipv6_prefix <= 128:
             # Shorter than /32 would count a whole provider's customers as one address.
             raise bad("ipv6_prefix", "must be from 32 to 128")
+        if self.history_row_cost < 0:
+            raise bad("history_row_cost", "may not be negative")
         if self.max_requests_in_flight < 2:
             raise bad("max_requests_in_flight", "must be at least 2")
         if not 0 <= self.auth_nice <= 19:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HOLD_AUTH", "HOLD_RATE", "HOLD_SHUTDOWN", "HOLD_WRITER", "RECV_SIZE",
+__all__ = ["HOLD_AUTH", "HOLD_RATE", "HOLD_READ", "HOLD_SHUTDOWN", "HOLD_WRITER", "RECV_SIZE",
            "Connection", "State"]
 
 # Reads per readiness event before other connections get a turn.
@@ -63,8 +63,11 @@ HOLD_AUTH = 1  # a password check is running: replies keep request order
 HOLD_RATE = 2  # over its frame rate or reply budget, until the tokens are there
 HOLD_WRITER = 4  # too much of its work waits for the store's writer
 HOLD_SHUTDOWN = 8  # the server is stopping
+HOLD_READ = 16  # its history read is running; the next history waits for it
 
 PING = encode({"type": "ping"})  # the same bytes every time
+# Seconds before asking again for a page of stored direct messages whose job failed.
+BACKLOG_RETRY = 1.0
 
 
 class Connection(TlsStream):
@@ -93,7 +96,11 @@ class Connection(TlsStream):
         # What this connection's replies (history, who) may cost; see `charge_reply`.
         self.reply_budget = TokenBucket(settings.reply_bytes_per_second,
                                         settings.reply_bytes_burst)
+        # What parsing its frames may cost, in bytes read: a frame's CPU grows with its size.
+        self.read_budget = TokenBucket(settings.read_bytes_per_second,
+                                       2 * settings.max_frame_bytes)
         self._holds = 0  # why no frame is handled now: a mask of the HOLD_* reasons
+        self.reads_in_flight = 0  # history reads on the read pool (loop thread only)
         self._waiting: Any = None  # a parsed frame waiting for its token
         self._read_scheduled = False
         # Requests handed to the store's writer, and how many it has finished: the
@@ -232,19 +239,30 @@ class Connection(TlsStream):
                 event = self.decoder.next_event()
                 if event is None:
                     return True
-            # A pong to our ping and a quit cost no token: keeping the connection alive
-            # or ending it never uses up what the user has for chatting.
+                # What it took to parse, whatever it was: a frame of thousands of
+                # numbers costs a millisecond, an empty line microseconds.
+                self.read_budget.spend(self.decoder.last_size)
+            # A pong to our ping and a quit never wait: keeping the connection alive or
+            # ending it must not queue behind the user's chatting. They still spend their
+            # token (into debt if need be), so a flood of them is paced all the same:
+            # the next frame that may wait, waits for it.
             kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "history" and self.reads_in_flight:
+                # One history read at a time per connection: the read pool is everyone's.
+                self._waiting = event
+                self._hold(HOLD_READ)
+                return False
             if kind == "pong" and self._pongs_owed > 0:
                 self._pongs_owed -= 1
             elif kind != "quit":
-                wait = self.bucket.wait(1.0) or self.reply_budget.wait(0.0)
+                wait = (self.bucket.wait(1.0) or self.reply_budget.wait(0.0)
+                        or self.read_budget.wait(0.0))
                 if wait:
                     self._waiting = event  # parsed once; handled when its token is there
                     self._hold(HOLD_RATE)
                     self.loop.call_later(wait, self._release, HOLD_RATE)
                     return False
-                self.bucket.spend(1.0)
+            self.bucket.spend(1.0)
             self._handle(event)
         self._schedule_read()
         return False
@@ -351,10 +369,20 @@ class Connection(TlsStream):
         self.submit(Job(lambda db: fn, lambda exc: self.send_error(exc, rid), owner=self))
 
     def charge_reply(self, reserved: int, actual: int) -> None:
-        """Loop thread: a reply weighed `actual` bytes, of which `reserved` were spent."""
+        """Loop thread: a history read is over; it weighed `actual`, `reserved` was spent."""
+        self.reads_in_flight -= 1
         self.reply_budget.spend(actual - reserved)
+        self._release(HOLD_READ)
         if actual < reserved:
             self._release(HOLD_RATE)  # it may be enough now; _process checks again
+
+    def reply_weighed(self, rid: m.RequestId, frame: dict[str, Any]) -> None:
+        """Loop thread: encode and send a reply whose size is what it costs (`who`)."""
+        if rid is not None:
+            frame["re"] = rid
+        data = encode(frame)
+        self.deliver(data)
+        self.reply_budget.spend(len(data))
 
     def submit_auth(
         self, work: Callable[[], None], on_busy: Callable[[], object] | None = None
@@ -422,7 +450,13 @@ class Connection(TlsStream):
 
             return after
 
-        store.submit(Job(run, lambda exc: log.error("%s: backlog: %s", self.peer, exc)))
+        def failed(exc: ChatError) -> None:
+            # The page stays stored (its marks were rolled back): try again in a while,
+            # not never, nor at once against a database that just failed.
+            log.error("%s: backlog: %s", self.peer, exc)
+            self.loop.call_soon(self.loop.call_later, BACKLOG_RETRY, self._want_more_backlog)
+
+        store.submit(Job(run, failed))
 
     def _want_more_backlog(self) -> None:
         self.backlog_more = True
@@ -444,10 +478,16 @@ class Connection(TlsStream):
         session.closed = True
         if self.server.stopping:
             return  # nobody is told of a shutdown's leaves, and the writer is finishing
-        hub = self.server.hub
-        # The hub belongs to the writer thread; a refusal (shutdown) leaves it alone.
-        self.server.store.submit(Job(lambda db: (lambda: hub.detach(session)),
-                                     lambda exc: None))
+        hub, store = self.server.hub, self.server.store
+
+        def failed(exc: ChatError) -> None:
+            # A batch that failed to commit still detaches (nothing was to be stored),
+            # or the session stays in the hub for good; a refusal at shutdown comes on
+            # this thread, and then the hub, the writer's, is left alone.
+            if store.on_writer_thread():
+                hub.detach(session)
+
+        store.submit(Job(lambda db: (lambda: hub.detach(session)), failed))
 
     # --- closing (loop thread) ------------------------------------------------------
     def close(self, reason: str | None, detail: str = "") -> None:

@@ -104,7 +104,8 @@ class LocalHub:
 
     # --- sessions -------------------------------------------------------------------
     def attach(self, session: Session, rooms: list[str], first: list[bytes]) -> bool:
-        """Register a session, give it `first` frames, tell its rooms if it is the first.
+        """Register a session in `rooms` (the user's, when the writer ran the login), give
+        it `first` frames, and tell its rooms if it is the user's first session.
 
         Returns False (and does nothing) if the session was detached in the meantime,
         that is, its connection closed while the login was in progress.
@@ -120,7 +121,7 @@ class LocalHub:
         user.sessions.append(session)
         for data in first:
             session.out.deliver(data)
-        for room in user.rooms:
+        for room in rooms:
             if first_session:
                 self._mark(room, user, CONNECTION)
             self._rooms.setdefault(room, set()).add(session)
@@ -165,8 +166,12 @@ class LocalHub:
 
     # --- rooms ----------------------------------------------------------------------
     def joined(self, user: UserState, room: str) -> None:
-        """After the join is stored: the user's sessions receive the room; members hear it."""
-        if room not in user.rooms or user.key not in self._users:
+        """After the join is stored: the user's sessions receive the room; members hear it.
+
+        Applied as decided, whatever `user.rooms` says by now: in a batch with a join, a
+        send and a leave, the send's fan-out (between the two) must find the joiner in.
+        """
+        if user.key not in self._users:
             return
         self._mark(room, user, ROOM)
         members = self._rooms.setdefault(room, set())

@@ -137,7 +137,10 @@ def login(conn: Connection, req: m.Login) -> None:
                 raise InvalidCredentials()  # a passwd got in between: check again
             if new_hash is not None:
                 server.store.set_password_hash(db, rec.id, new_hash)
-            rooms = server.store.rooms_of(db, rec.id)
+            # The user's rooms as of this point in the writer's order: an online user's
+            # are in the hub (the writer's own), else in the database.
+            online = server.hub.user_state(rec.key)
+            rooms = sorted(online.rooms) if online else server.store.rooms_of(db, rec.id)
             waiting, first_waiting = server.store.undelivered(db, rec.id)
             backlog, more = server.store.take_undelivered(db, rec.id, budget)
             # Everything stored after this reaches the session live (the writer attaches

@@ -104,6 +104,7 @@ class FrameDecoder:
         self._pos = 0  # where the unconsumed bytes start
         self._scanned = 0  # bytes from _pos on known to hold no newline
         self._discarding = False  # inside an oversized frame, reported already
+        self.last_size = 0  # bytes the last event took from the stream (its cost to parse)
 
     @property
     def buffered(self) -> int:
@@ -134,6 +135,7 @@ class FrameDecoder:
                     del buf[:]
                     self._pos = self._scanned = 0
                     self._discarding = True
+                    self.last_size = held
                     return FrameTooLarge()
                 self._scanned = held
                 return None
@@ -141,7 +143,8 @@ class FrameDecoder:
             if self._discarding:
                 self._discarding = False  # the oversized frame ends here; reported
                 continue
-            if nl + 1 - start > limit:
+            self.last_size = nl + 1 - start
+            if self.last_size > limit:
                 return FrameTooLarge()
             return _parse(bytes(buf[start:nl]))
 

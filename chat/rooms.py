@@ -114,12 +114,14 @@ def who(conn: Connection, req: m.Who) -> None:
 
     def run(db: Any) -> Callable[[], None]:
         _member(conn, room)
-        data = encode(_with_re({"type": "who", "room": room, "users": hub.who(room)}, rid))
 
         def after() -> None:
-            conn.deliver(data)
-            # A big room's `who` costs what it weighs, like a history page.
-            conn.loop.call_soon(conn.charge_reply, 0, len(data))
+            # Here, not in `run`: a join pipelined before this is in the hub only once its
+            # own continuation ran. The list is kept by the hub until the room changes;
+            # encoding and sending it is the connection's loop's work, not the writer's.
+            users = hub.who(room)
+            conn.loop.call_soon(conn.reply_weighed, rid, {"type": "who", "room": room,
+                                                          "users": users})
 
         return after
 
@@ -134,8 +136,10 @@ def history(conn: Connection, req: m.History) -> None:
         raise NoSuchUser()
     # Spent now, before the reply exists, so that pipelined requests cannot all start
     # before the first one is weighed; the difference comes back with the reply.
-    reserved = min(req.limit * MESSAGE_BYTES_BOUND, max_bytes)
+    row_cost = conn.settings.history_row_cost
+    reserved = min(req.limit * MESSAGE_BYTES_BOUND, max_bytes) + req.limit * row_cost
     conn.reply_budget.spend(reserved)
+    conn.reads_in_flight += 1  # one at a time: Connection._process holds the next
 
     def read(upto: int) -> None:
         size = 0
@@ -159,7 +163,9 @@ def history(conn: Connection, req: m.History) -> None:
                     db, **where, before=req.before, after=req.after, limit=req.limit,
                     max_bytes=max_bytes, upto=upto)
             data = encode(_with_re(reply, rid))
-            size = len(data)
+            # Bytes, and each row's share of the work: 200 short messages are 25 KB but
+            # as much CPU as 900 KB of long ones.
+            size = len(data) + len(reply["messages"]) * row_cost
             conn.deliver(data)
         except ChatError as exc:
             conn.send_error(exc, rid)

@@ -413,6 +413,8 @@ def hello_frame(server_id: str, s: Settings) -> dict[str, Any]:
         "max_frame_bytes": s.max_frame_bytes, "min_password_length": s.min_password_length,
         "limits": {
             "frames_per_second": s.frames_per_second, "frame_burst": s.frame_burst,
+            "read_bytes_per_second": s.read_bytes_per_second,
+            "read_bytes_burst": 2 * s.max_frame_bytes,
             "reply_bytes_per_second": s.reply_bytes_per_second,
             "reply_bytes_burst": s.reply_bytes_burst,
             "max_message_chars": MAX_MESSAGE_CHARS, "max_history_limit": MAX_HISTORY_LIMIT,

@@ -161,6 +161,9 @@ class Store:
             return
         self._queue.put(job)
 
+    def on_writer_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
     @property
     def backlog(self) -> int:
         """Jobs waiting for the writer (approximate, from any thread)."""

@@ -262,7 +262,9 @@ class TlsStream:
             return
         with self._ssl_lock:
             outcome = self._send_queued()
-        self._write_wants_read = outcome is _WANTS_READ
+        wanted_read, self._write_wants_read = self._write_wants_read, outcome is _WANTS_READ
+        if wanted_read and not self._write_wants_read:
+            self._update_interest()  # no more reading for the write's sake while held
         if outcome is _BLOCKED:
             self._want_write(True)
             return

@@ -143,7 +143,7 @@ def make_settings(tmp_path: Path, cert_paths: certs.CertPaths, **overrides: Any)
         # Every test connects and registers from 127.0.0.1 and sends as fast as it can;
         # the throttling tests set their own limits.
         registrations_per_ip=100000, max_connections_per_ip=1000,
-        frames_per_second=1e6, frame_burst=1000000,
+        frames_per_second=1e6, frame_burst=1000000, read_bytes_per_second=1 << 30,
         # Presence still coalesces, but a test waiting for one waits a fifth of a second.
         presence_interval=0.2,
     )

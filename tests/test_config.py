@@ -167,7 +167,8 @@ SAMPLES = {
     "max_rooms_per_user": "7", "max_room_members": "9", "ipv6_prefix": "56",
     "reply_bytes_per_second": "4096", "reply_bytes_burst": "2000000",
     "max_requests_in_flight": "5", "writer_queue_limit": "77", "presence_interval": "0.5",
-    "presence_room_limit": "12",
+    "presence_room_limit": "12", "read_bytes_per_second": "2048",
+    "history_row_cost": "100",
 }
 
 

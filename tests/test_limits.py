@@ -44,11 +44,20 @@ def wait_for(condition, what: str) -> None:
 
 
 class FrozenClock:
+    """A token bucket's clock that stands still until the test moves it; once thawed, an
+    hour passes at each look, so that no wait is ever needed again."""
+
     def __init__(self) -> None:
         self.now = 1000.0
+        self.thawed = False
 
     def __call__(self) -> float:
+        if self.thawed:
+            self.now += 3600
         return self.now
+
+    def thaw(self) -> None:
+        self.thawed = True
 
 
 # --- the newline flood ---------------------------------------------------------------------
@@ -103,18 +112,53 @@ def test_frames_over_the_rate_wait_for_tokens_and_are_all_handled(server_factory
     assert [c.recv() for _ in range(3)] == [{"type": "pong", "re": i} for i in (5, 6, 7)]
 
 
-def test_quit_and_owed_pongs_cost_no_token(server_factory):
-    server = server_factory(frames_per_second=10, frame_burst=2)
+def test_quit_and_owed_pongs_never_wait(server_factory):
+    server = server_factory(frames_per_second=10, frame_burst=3)
     c = server.client()
     conn = server_side(server, c)
     clock = FrozenClock()
-    conn.bucket = TokenBucket(10, 2, clock=clock)
+    conn.bucket = TokenBucket(10, 3, clock=clock)
     conn._pongs_owed = 1  # as if the server had pinged
     c.send_raw(_lines({"type": "pong"}, {"type": "ping", "id": 1}, {"type": "ping", "id": 2},
                       {"type": "quit"}))
     assert c.recv() == {"type": "pong", "re": 1}
     assert c.recv() == {"type": "pong", "re": 2}
     assert c.recv() == {"type": "bye", "reason": "quit"}  # with the bucket empty
+
+
+def test_quits_that_are_refused_still_spend_their_tokens(server_factory):
+    """A quit never waits, so a refused one (a bad id) used to cost nothing: nine of them
+    and a ping, over and over, made ten times the frame rate."""
+    server = server_factory(frames_per_second=10, frame_burst=5)
+    c = server.client()
+    conn = server_side(server, c)
+    clock = FrozenClock()
+    conn.bucket = TokenBucket(10, 5, clock=clock)
+    c.send_raw(_lines(*[{"type": "quit", "id": True}] * 9, {"type": "ping", "id": "p"}))
+    assert [c.recv()["code"] for _ in range(9)] == ["invalid_field"] * 9
+    wait_for(lambda: conn._holds & HOLD_RATE, "the ping waits for the tokens the quits spent")
+    clock.now += 0.5  # 5 tokens: the debt of 4 paid, one for the ping
+    conn.loop.call_soon(conn._release, HOLD_RATE)
+    assert c.recv() == {"type": "pong", "re": "p"}
+
+
+def test_frames_are_also_paced_by_the_bytes_they_take_to_parse(server_factory):
+    """A frame of thousands of numbers takes a millisecond to parse, an empty line
+    microseconds: the frame rate alone let 128 connections take a whole core."""
+    server = server_factory(read_bytes_per_second=1000)
+    c = server.client()
+    conn = server_side(server, c)
+    clock = FrozenClock()
+    conn.read_budget = TokenBucket(1000, 25000, clock=clock)
+    heavy = {"type": "ping", "pad": [1.5] * 2000}  # about 10 KB
+    c.send_raw(_lines(*[{**heavy, "id": i} for i in range(5)]))
+    # Two fit; the third puts the budget in debt, and waits for it to be paid.
+    assert [c.recv()["re"] for _ in range(2)] == [0, 1]
+    wait_for(lambda: conn._holds & HOLD_RATE, "held until the bytes are paid for")
+    assert conn.read_budget.wait(0.0) > 0
+    clock.thaw()
+    conn.loop.call_soon(conn._release, HOLD_RATE)
+    assert [c.recv()["re"] for _ in range(3)] == [2, 3, 4]
 
 
 def test_a_send_flood_is_delivered_whole_and_in_order(server_factory):
@@ -161,7 +205,7 @@ def test_history_replies_are_weighed_and_a_connection_in_debt_waits(server_facto
     # and is held, with the ping still unread.
     wait_for(lambda: conn._holds & HOLD_RATE and conn.reply_budget.wait(0.0) > 0,
              "held until the debt is paid")
-    clock.now += 1000  # the debt is paid; the loop's timer (real time) is told at once
+    clock.thaw()  # the debt is paid quickly from now on; the loop's timer is told at once
     conn.loop.call_soon(conn._release, HOLD_RATE)
     replies = {r["re"]: r for r in (reader.recv() for _ in range(5))}  # any order
     assert replies["after"] == {"type": "pong", "re": "after"}
@@ -286,3 +330,90 @@ def test_no_io_loop_waits_for_a_fan_out(chat_server):
     finally:
         stuck.set()
     assert bob.recv_until("ok")["re"] == "j"
+
+
+# --- found by the second review ------------------------------------------------------------
+
+def test_one_history_read_at_a_time_per_connection(chat_server):
+    """The read pool is everyone's: a connection pipelining history requests has one read
+    on it at a time, the next waits (it used to fill the pool's queue, and others got
+    server_busy)."""
+    writer = chat_server.user("writer")
+    for i in range(5):
+        writer.request({"type": "send", "room": "general", "message": f"m{i}"})
+    reader = chat_server.user("reader")
+    conn = server_side(chat_server, reader)
+    started = []
+    real = chat_server.server.read_pool.submit
+
+    def submit(fn):
+        started.append(conn.reads_in_flight)
+        real(fn)
+
+    chat_server.server.read_pool.submit = submit
+    reader.send_raw(_lines(*[{"type": "history", "room": "general", "id": i}
+                             for i in range(6)]))
+    replies = [reader.recv_until("history") for _ in range(6)]
+    assert [r["re"] for r in replies] == list(range(6))  # and so in order
+    assert started == [1] * 6  # never two of its reads on the pool at once
+
+
+def test_a_history_page_of_short_messages_is_charged_for_its_rows(server_factory):
+    server = server_factory(history_row_cost=1000)
+    writer = server.user("writer")
+    for i in range(10):
+        writer.request({"type": "send", "room": "general", "message": f"m{i}"})
+    reader = server.user("reader")
+    conn = server_side(server, reader)
+    clock = FrozenClock()
+    conn.reply_budget = TokenBucket(1000, 1_000_000, clock=clock)
+    page = reader.request({"type": "history", "room": "general", "limit": 10})
+    assert len(page["messages"]) == 10
+    reader.request({"type": "ping"})  # the charge is settled on the loop before this
+    spent = 1_000_000 - conn.reply_budget._tokens
+    assert 10 * 1000 < spent < 10 * 1000 + 5000  # the rows, and the reply's ~1 KB
+
+
+def test_a_session_whose_detach_was_in_a_failed_batch_still_leaves_the_hub(chat_server):
+    """A detach is no database work; when the batch it is in fails to commit, it must
+    still happen, or the user stays online for good."""
+    alice = chat_server.user("alice")
+    carol = chat_server.user("carol")
+    alice.recv_until("presence", username="carol")
+    store = chat_server.server.store
+    real = store._insert_rows
+
+    def failing(conn, rows):
+        raise RuntimeError("database is locked")
+
+    with HeldWriter(chat_server):
+        store._insert_rows = failing
+        alice.send({"type": "send", "room": "general", "message": "lost", "id": 1})
+        carol.close()
+        _wait_queue(chat_server, 2)  # alice's message, then carol's detach: one batch
+    assert alice.recv_until("error")["code"] == "internal"
+    store._insert_rows = real
+    assert alice.recv_until("presence", username="carol")["event"] == "leave"
+    assert alice.request({"type": "who", "room": "general"})["users"] == ["alice"]
+
+
+def test_a_send_between_a_join_and_a_leave_in_one_write_is_answered(chat_server):
+    alice = chat_server.user("alice")
+    alice.send_raw(_lines({"type": "join", "room": "brief", "id": 1},
+                          {"type": "send", "room": "brief", "message": "hi", "id": 2},
+                          {"type": "leave", "room": "brief", "id": 3}))
+    replies = {}
+    while len(replies) < 3:
+        frame = alice.recv()
+        if "re" in frame:
+            replies[frame["re"]] = frame
+    assert replies[2]["type"] == "message" and replies[2]["message"] == "hi"
+
+
+def test_who_pipelined_after_a_join_includes_the_joiner(chat_server):
+    bob = chat_server.user("bob")
+    assert bob.request({"type": "join", "room": "den"})["type"] == "ok"
+    alice = chat_server.user("alice")
+    alice.send_raw(_lines({"type": "join", "room": "den", "id": 1},
+                          {"type": "who", "room": "den", "id": 2}))
+    assert alice.recv_until("who")["users"] == ["alice", "bob"]

@@ -11,12 +11,14 @@ from chat.errors import ERROR_CODES
 
 
 def test_hello_announces_limits(server_factory):
-    c = server_factory(frames_per_second=10.0, frame_burst=30).client()
+    c = server_factory(frames_per_second=10.0, frame_burst=30,
+                       read_bytes_per_second=16384).client()
     assert c.hello == {
         "type": "hello", "protocol": 1, "server": "chat/0.1.0",
         "max_frame_bytes": 16384, "min_password_length": 15,
         "limits": {
             "frames_per_second": 10.0, "frame_burst": 30,
+            "read_bytes_per_second": 16384, "read_bytes_burst": 32768,
             "reply_bytes_per_second": 1048576, "reply_bytes_burst": 2097152,
             "max_message_chars": 4000, "max_history_limit": 200,
         },
