@@ -530,6 +530,95 @@ def _presence_storm(host, port, ctx, src, room: str, online=400, togglers=16, se
                                                      "rate_limited")), dict(codes)
 
 
+def _cpu_s(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
+def _flood_for(conns: list[Conn], payload: bytes, seconds: float, reply: bytes) -> Counter:
+    """Each connection writes `payload` again and again for `seconds`, its replies read and
+    counted by a thread of its own; the server's CPU over the while is in the outcome."""
+    outcome: Counter = Counter()
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+    cpu0 = _cpu_s(SERVER_PID)
+
+    def reader(c: Conn) -> None:
+        c.sock.settimeout(0.5)
+        while time.monotonic() < end + 1:
+            try:
+                data = c.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            with lock:
+                outcome["answered"] += data.count(reply)
+
+    def writer(c: Conn) -> None:
+        while time.monotonic() < end:
+            try:
+                c.sock.sendall(payload)
+            except TimeoutError:
+                continue  # the server reads no faster than it lets us: pacing
+            except (OSError, ValueError):
+                with lock:
+                    outcome["closed by server"] += 1
+                return
+
+    threads = [threading.Thread(target=f, args=(c,)) for c in conns for f in (reader, writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cpu1 = _cpu_s(SERVER_PID)
+    if cpu0 is not None and cpu1 is not None:
+        outcome["server CPU %"] = round((cpu1 - cpu0) / seconds * 100)
+    for c in conns:
+        c.close()
+    return outcome
+
+
+def attack_heavy_frames(host, port, ctx, src, conns=48, seconds=10.0):
+    """48 connections from 3 addresses, never logged in, each sending valid pings padded
+    with 4,000 numbers (16 KB, about a millisecond to parse each)."""
+    payload = b'{"type":"ping","x":[' + b",".join([b"1e1"] * 4000) + b']}\n'
+    base = src.rsplit(".", 1)[0]
+    clients = [Conn(host, port, ctx, f"{base}.{200 + i // 16}", timeout=2.0)
+               for i in range(conns)]
+    return conns, dict(_flood_for(clients, payload, seconds, b'"type":"pong"'))
+
+
+def attack_history_rows(host, port, ctx, src, sessions=16, seconds=10.0):
+    """200 short messages in a room, then 16 sessions of one account each pipelining
+    history pages of 200 of them: little in bytes, much in rows."""
+    names = [f"rowfill{i}" for i in range(10)] + ["rowreader"]
+    _register_many(host, port, ctx, names, "rows rows rows rows 7")
+    base = src.rsplit(".", 1)[0]
+    fillers = [_login(host, port, ctx, f"{base}.199", name, "rows rows rows rows 7")
+               for name in names[:10]]
+    for c in fillers:
+        c.request({"type": "join", "room": "rows"})
+        for k in range(20):  # within the frame burst
+            c.send({"type": "send", "room": "rows", "message": f"r{k}"})
+    for c in fillers:
+        c.close()
+    readers = [_login(host, port, ctx, src, "rowreader", "rows rows rows rows 7")
+               for _ in range(sessions)]
+    for c in readers:
+        c.request({"type": "join", "room": "rows"})
+    payload = b'{"type":"history","room":"rows","limit":200}\n' * 20
+    return sessions, dict(_flood_for(readers, payload, seconds, b'"type":"history"'))
+
+
 def attack_presence_control(host, port, ctx, src):
     """The same 400 online and 10 s, nobody toggling: what 400 members cost by themselves."""
     return _presence_storm(host, port, ctx, src, "quiet", togglers=0)
@@ -554,6 +643,8 @@ ATTACKS = [
     ("client that never reads (80 history requests)", attack_never_reads),
     ("login storm, 100/s for 10 s, 25 addresses", attack_login_rate),
     ("newline flood before login (16 connections)", attack_newline_flood),
+    ("heavy frames: 16 KB of numbers, 48 connections, no login", attack_heavy_frames),
+    ("history pages of 200 short messages, 16 sessions", attack_history_rows),
     ("presence control: 400 online in a room, nobody toggles", attack_presence_control),
     ("presence storm: 16 toggle general, 400 online", attack_presence_general),
     ("presence storm: 16 toggle a room of 400", attack_presence_room),
