@@ -128,14 +128,14 @@ class FakeClient:
         self.closed = True
 
 
-def test_reconnect_backs_off_logs_in_rejoins_and_catches_up_without_repeats() -> None:
+def test_reconnect_backs_off_logs_in_and_catches_up_without_repeats() -> None:
     seen = Seen("alice")
     for frame in (message(1), message(2, room="dev"), message(3, sender="carol", to="alice")):
         seen.fresh(frame)
     store = [message(1), message(2, room="dev"), message(3, sender="carol", to="alice"),
              *(message(i, room="dev") for i in range(10, 10 + CATCH_UP_LIMIT + 5)),
              message(400), message(401, sender="alice", to="carol")]
-    fake = FakeClient(store, rooms=["general"])
+    fake = FakeClient(store, rooms=["dev", "general"])
     attempts = iter([ConnectFailed("refused"), ConnectFailed("refused"), fake])
 
     def connect() -> FakeClient:
@@ -159,10 +159,58 @@ def test_reconnect_backs_off_logs_in_rejoins_and_catches_up_without_repeats() ->
                      "reconnect failed: refused; trying again in 4 s",
                      "reconnected as alice"]
     assert fake.requests[0]["password"] == "the password"
-    assert {"type": "join", "room": "dev"} in fake.requests
+    assert not [r for r in fake.requests if r["type"] == "join"]
     shown = [m["msg_id"] for m in missed if seen.fresh(m)]
     assert shown == [*range(10, 10 + CATCH_UP_LIMIT + 5), 400, 401]
     assert [m["msg_id"] for m in missed if seen.fresh(m)] == []  # a second pass shows none
+
+
+def test_the_servers_rooms_are_adopted_never_rejoined_and_the_changes_said() -> None:
+    # While the connection was down, another session left #dev (the current room) and
+    # joined #ops: the server's list is the truth, and #ops is caught up too.
+    store = [message(41, room="dev"), message(42, room="ops"), message(43)]
+    fake = FakeClient(store, rooms=["general", "ops"])
+    state = ChatState.start("dev", ["general", "dev"])
+    notes: list[str] = []
+    _, missed = reconnect(
+        lambda: fake, "alice", lambda: "pw", state, Seen("alice"), notify=notes.append,
+        timeout=5, sleep=lambda _: None, delays=iter([0.0]), position=40,
+    )
+    assert not [r for r in fake.requests if r["type"] == "join"]
+    assert sorted(m["msg_id"] for m in missed) == [42, 43]
+    assert state.rooms == {"general", "ops"} and state.room == "general"
+    assert notes[1:] == [
+        "reconnected as alice",
+        "while you were away you left #dev (in another session); now talking in #general",
+        "while you were away you joined #ops (in another session)",
+    ]
+
+
+def test_a_reconnect_with_the_same_rooms_says_nothing_of_them() -> None:
+    fake = FakeClient([], rooms=["dev", "general"])
+    state = ChatState.start("dev", ["general"])
+    notes: list[str] = []
+    reconnect(lambda: fake, "alice", lambda: "pw", state, Seen("alice"), notify=notes.append,
+              timeout=5, sleep=lambda _: None, delays=iter([0.0]), position=40)
+    assert notes[1:] == ["reconnected as alice"] and state.room == "dev"
+
+
+def test_adopting_the_servers_rooms() -> None:
+    state = ChatState.start("ops", ["general", "ops", "dev"])
+    assert state.adopt(["general", "ops", "dev"]) == []
+    assert state.adopt(["GENERAL", "ops"]) == [
+        "while you were away you left #dev (in another session)"]
+    assert state.room == "ops"
+    assert state.adopt(["dev", "qa"]) == [
+        "while you were away you left #general, #ops (in another session); "
+        "now talking in #dev",
+        "while you were away you joined #dev, #qa (in another session)",
+    ]
+    assert state.room == "dev" and state.rooms == {"dev", "qa"}
+    assert state.adopt([]) == [
+        "while you were away you left #dev, #qa (in another session); "
+        "you are in no room; /join one"]
+    assert state.room is None
 
 
 def test_the_catch_up_starts_at_the_position_whatever_was_shown() -> None:

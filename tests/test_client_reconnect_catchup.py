@@ -119,7 +119,7 @@ class Proxy:
 
 @contextmanager
 def line_client(
-    proxy: Proxy, cafile: Path, username: str
+    proxy: Proxy, cafile: Path, username: str, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[str], Lines, Lines]]:
     """`chat-client login --reconnect --recent 0` through `proxy`: (process, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
@@ -127,7 +127,7 @@ def line_client(
     proc = subprocess.Popen(
         [sys.executable, "-m", "chat.client.cli", "login", "--reconnect", "--recent", "0",
          "--timeout", str(WAIT), "--server", f"127.0.0.1:{proxy.port}", "--cafile",
-         str(cafile), "--username", username],
+         str(cafile), "--username", username, *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, cwd=ROOT,
     )
@@ -147,12 +147,12 @@ def session(server: Any, username: str) -> ChatClient:
     return client
 
 
-def ready(proc: subprocess.Popen[str], out: Lines) -> None:
+def ready(proc: subprocess.Popen[str], out: Lines, room: str = "general") -> None:
     """Wait until the client is logged in, without showing any message (a /who)."""
     assert proc.stdin is not None
     proc.stdin.write("/who\n")
     proc.stdin.flush()
-    out.wait_for(lambda line: line.startswith("-- online in #general"), "who")
+    out.wait_for(lambda line: line.startswith(f"-- online in #{room}"), "who")
 
 
 def finish(proc: subprocess.Popen[str], out: Lines, err: Lines) -> list[str]:
@@ -231,6 +231,46 @@ def test_a_dm_another_session_of_mine_received_meanwhile_is_caught_up(
         proxy.close()
     for text in ("to all your sessions", "and to the room"):
         assert sum(line.endswith(text) for line in lines) == 1, lines
+
+
+def test_after_reconnecting_the_rooms_are_the_servers_never_rejoined(chat_server: Any) -> None:
+    # While the connection is down, another session of mine leaves #dev (this client's
+    # current room) and joins #ops, where something is said (issue 15, item 1).
+    me, other = new_name(), new_name()
+    dev, ops = "dev" + new_name()[:8], "ops" + new_name()[:8]
+    chat_server.register(me)
+    chat_server.register(other)
+    proxy = Proxy(chat_server.port)
+    try:
+        with line_client(proxy, chat_server.cafile, me, "--room", dev) as (proc, out, err):
+            ready(proc, out, dev)
+            proxy.hold()
+            proxy.cut()
+            err.wait_for(lambda line: line.startswith("-- connection lost"), "connection lost")
+            with session(chat_server, me) as elsewhere, session(chat_server, other) as talker:
+                raise_for_error(elsewhere.leave(dev, WAIT))
+                raise_for_error(elsewhere.join(ops, WAIT))
+                raise_for_error(talker.join(ops, WAIT))
+                raise_for_error(talker.say(ops, "said in ops meanwhile", WAIT))
+            proxy.wait_held()
+            proxy.release()
+            err.wait_for(lambda line: line == f"-- reconnected as {me}", "reconnected")
+            err.wait_for(lambda line: line == f"-- while you were away you left #{dev} (in "
+                         "another session); now talking in #general", "left")
+            err.wait_for(lambda line: line == f"-- while you were away you joined #{ops} (in "
+                         "another session)", "joined")
+            out.wait_for(lambda line: line.endswith(f"#{ops} {other}: said in ops meanwhile"),
+                         "the message in the room joined elsewhere")
+            assert proc.stdin is not None
+            proc.stdin.write("/rooms\nback in general\n")
+            proc.stdin.flush()
+            out.wait_for(lambda line: line.endswith(f"#general {me}: back in general"), "back")
+            lines = finish(proc, out, err)
+            with session(chat_server, me) as check:  # #dev was not joined again
+                assert check.who(dev, WAIT).get("code") == "not_in_room"
+    finally:
+        proxy.close()
+    assert f"-- rooms: *#general #{ops}" in lines, lines
 
 
 def test_the_end_of_input_while_reconnecting_exits_3_and_says_why(chat_server: Any) -> None:

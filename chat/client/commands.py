@@ -3,12 +3,14 @@
 `parse_command` is pure (a line, the current room and optionally the state in, an action
 out), so it is tested without a server; `perform` is the one place a command's request is
 sent. `ChatState` follows the rooms the user is in: the `welcome`'s rooms to start with,
-then every successful /join and /leave (`follow`, from the replies), and in the terminal UI
-also what the user's other sessions do (`observe`, from the frames received: the user's own
-`presence` of cause `room`, a `message` in a room it did not know) and a `not_in_room`
-refusal for a room it thought it was in (`lost`). Leaving the current room, here or
-elsewhere, makes another room the user is still in current (#general if possible), or
-none: then a plain line is not sent, the user is told to /join a room instead.
+then every successful /join and /leave (`follow`, from the replies), what the user's other
+sessions do (`observe`, from the frames received: the user's own `presence` of cause
+`room`, a `message` in a room it did not know), a `not_in_room` refusal for a room it
+thought it was in (`lost`), and after a reconnect the new `welcome`'s rooms (`adopt`: the
+server's membership is the truth, whatever changed while the connection was down).
+Leaving the current room, here or elsewhere, makes another room the user is still in
+current (#general if possible), or none: then a plain line is not sent, the user is told
+to /join a room instead.
 
 Theory of operation
 -------------------
@@ -189,15 +191,20 @@ class ChatState:
 
     def left(self, room: str) -> bool:
         """Out of `room`; True if it was the current one (another one is current now)."""
+        return self._drop(room)[1]
+
+    def _drop(self, room: str) -> tuple[bool, bool]:
+        """Out of `room`, in one step: (the user was in it, it was the current one)."""
         room = room.lower()
         with self._lock:
+            was_in = room in self.rooms
             self.rooms = self.rooms - {room}
             if self.room != room:
-                return False
+                return was_in, False
             # Talk on in #general if still there, else in another room.
             rooms = self.rooms
             self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
-            return True
+            return was_in, True
 
     def _now_in(self) -> str:
         return f"now talking in {_shown(self.room)}" if self.room else NO_ROOM
@@ -279,18 +286,46 @@ class ChatState:
                 return []  # not sent to one's own sessions; a broken server's, ignored
             if frame.get("event") == "join" and self.added(room):
                 return [f"you joined {_shown(room.lower())} in another session"]
-            if frame.get("event") == "leave" and room.lower() in self.rooms:
-                note = f"you left {_shown(room.lower())} in another session"
-                return [f"{note}; {self._now_in()}" if self.left(room) else note]
+            if frame.get("event") == "leave":
+                was_in, current = self._drop(room)
+                if was_in:
+                    note = f"you left {_shown(room.lower())} in another session"
+                    return [f"{note}; {self._now_in()}" if current else note]
         return []
+
+    def adopt(self, rooms: Iterable[str]) -> list[str]:
+        """After reconnecting: the `welcome`'s `rooms` are the user's; notes on the change.
+
+        The server's membership is the truth: a room left in another session while this
+        one was cut off stays left, one joined elsewhere is the user's too. If the current
+        room is gone, another becomes current, as after a /leave.
+        """
+        rooms = {r.lower() for r in rooms}
+        with self._lock:
+            gone, came = sorted(self.rooms - rooms), sorted(rooms - self.rooms)
+            self.rooms = rooms
+            moved = self.room is not None and self.room not in rooms
+            if moved:
+                self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
+        notes = []
+        if gone:
+            note = f"while you were away you left {_listed(gone)} (in another session)"
+            notes.append(f"{note}; {self._now_in()}" if moved else note)
+        if came:
+            notes.append(f"while you were away you joined {_listed(came)} (in another session)")
+        return notes
 
     def lost(self, room: str) -> str | None:
         """The server said we are not in `room`: forget it; a note if we thought we were."""
-        room = room.lower()
-        if room not in self.rooms:
-            return None
-        note = f"you are no longer in {_shown(room)} (left in another session)"
-        return f"{note}; {self._now_in()}" if self.left(room) else note
+        was_in, current = self._drop(room)
+        if not was_in:
+            return None  # known already (from a presence, say): said then
+        note = f"you are no longer in {_shown(room.lower())} (left in another session)"
+        return f"{note}; {self._now_in()}" if current else note
+
+
+def _listed(rooms: list[str]) -> str:
+    return ", ".join(_shown(r) for r in rooms)
 
 
 def _is_me(name: object, me: str | None) -> bool:

@@ -19,11 +19,14 @@ once, and the highest `msg_id` per room and per peer for an old server's catch-u
 `reconnect` runs in the thread that noticed the end (the printer): it waits out the
 backoff schedule (1 s doubling to 60 s, each +-20% jitter; `sleep` and `rng` injectable),
 connects with the `connect` callable, logs in with the password kept in memory (never
-written anywhere), joins the rooms the state says we are in but the `welcome` does not,
-and catches up. The replies to these requests are `quiet`: they are not queued as events,
-so nothing is shown but the missed messages, which it returns, oldest first per room, for
-the printer to show through `Seen`. Until it succeeds the position stays the lost
-connection's: a failed attempt's messages were never shown, so they are caught up again.
+written anywhere), and catches up on the rooms the new `welcome` lists. Those rooms, not
+the ones the client thought it was in, are the user's from then on (`ChatState.adopt`): a
+room left or joined in another session while the connection was down stays so, and the
+user is told. Nothing is ever joined again on the user's behalf. The replies to these
+requests are `quiet`: they are not queued as events, so nothing is shown but the missed
+messages, which it returns, oldest first per room, for the printer to show through `Seen`.
+Until it succeeds the position stays the lost connection's: a failed attempt's messages
+were never shown, so they are caught up again.
 
 When to reconnect: the connection ended without a `bye`, or with `bye` `shutdown`, `idle`
 or `slow_consumer`. Not after `quit` (ours, or another session's `passwd` logging us out),
@@ -196,7 +199,8 @@ def reconnect(
     delays: Iterator[float] | None = None,
     max_attempts: int | None = None,
 ) -> tuple[Any, list[Frame]]:
-    """Connect and log in again, rejoin, catch up: (the new client, the missed messages).
+    """Connect and log in again, take the server's rooms, catch up: (the new client, the
+    missed messages).
 
     `position` is the lost connection's `last_msg_id` (None: the server did not say).
     """
@@ -229,19 +233,21 @@ def reconnect(
                 continue
             client.username = str(welcome.get("username", username))
             listed = welcome.get("rooms")
-            joined = {r.lower() for r in listed if isinstance(r, str)} if isinstance(
-                listed, list) else set()
-            for room in sorted(state.rooms - joined):
-                client.request({"type": "join", "room": room}, timeout, quiet=True)
-            # Rooms joined from another session meanwhile are the user's too.
+            # The server's rooms, never ours: a room left in another session meanwhile is
+            # not joined again, and one joined elsewhere is caught up too.
+            rooms = {r.lower() for r in listed if isinstance(r, str)} if isinstance(
+                listed, list) else None
             missed = catch_up(
-                client, seen, state.rooms | joined, timeout, position=position, notify=notify
+                client, seen, state.rooms if rooms is None else rooms, timeout,
+                position=position, notify=notify,
             )
         except ClientError as exc:
             client.close()
             failed = f"reconnect failed: {exc}"
             continue
         notify(f"reconnected as {client.username}")
+        for note in state.adopt(rooms) if rooms is not None else []:
+            notify(note)
         return client, missed
     raise GaveUp("gave up reconnecting" + (f" ({failed})" if failed else ""))
 
