@@ -279,10 +279,12 @@ def test_reconnect_gives_up_after_max_attempts() -> None:
 class Ended:
     """A client whose connection has ended, with `bye_reason`."""
 
-    def __init__(self, bye_reason: str | None = None, last_msg_id: int | None = None) -> None:
+    def __init__(self, bye_reason: str | None = None, last_msg_id: int | None = None,
+                 direct_position: int | None = None) -> None:
         self.username = "alice"
         self.bye_reason = bye_reason
         self.last_msg_id = last_msg_id
+        self.direct_position = direct_position
         self.closed = True
 
 
@@ -319,6 +321,24 @@ def test_a_link_gives_up_on_a_refused_password() -> None:
     notes: list[str] = []
     assert not link.resume(lambda _: None, notes.append)
     assert link.ended and fake.closed and "password was refused" in notes[-1]
+
+
+def test_a_backlog_cut_short_is_caught_up_from_before_its_first_message() -> None:
+    assert Seen("alice").catch_up_requests({"general"}, 40, 9) == [
+        {"type": "history", "room": "general", "after": 40},
+        {"type": "history", "direct": True, "after": 9},
+    ]
+    # Stored direct messages 10..12 were announced; 10 came and was shown, 11 and 12 were
+    # lost with the connection. They are older than the position (40).
+    store = [message(n, sender="carol", to="alice") for n in (10, 11, 12)]
+    fake = FakeClient([*store, message(41)], rooms=["general"])
+    link = Link(Ended(last_msg_id=40, direct_position=9), ChatState.start("general"),
+                connect=lambda: fake, password=lambda: "pw", timeout=5,
+                delays=lambda: iter([0.0]))
+    assert link.seen.fresh(store[0])
+    shown: list[Any] = []
+    assert link.resume(shown.append, lambda _: None)
+    assert sorted(m["msg_id"] for m in shown) == [11, 12, 41]
 
 
 def test_stopping_a_link_ends_the_backoff_wait_at_once() -> None:

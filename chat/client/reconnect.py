@@ -16,6 +16,13 @@ prints events): a bounded set of recent ids, so that a message that comes twice 
 catch-up page and live, or as a stored direct message and in `history with`) is shown
 once, and the highest `msg_id` per room and per peer for an old server's catch-up.
 
+The direct messages stored while the user had no session are handed to the first session
+after its `welcome`, which announces them (`backlog`: how many, the first id); they are
+older than its `last_msg_id`. A connection lost before all of them came has missed the
+rest for good (the server counts them delivered), so its direct messages are caught up
+from just before the first (`ChatClient.direct_position`); those already shown are
+dropped by `Seen`.
+
 `reconnect` runs in the thread that noticed the end (the printer): it waits out the
 backoff schedule (1 s doubling to 60 s, each +-20% jitter; `sleep` and `rng` injectable),
 connects with the `connect` callable, logs in with the password kept in memory (never
@@ -111,20 +118,25 @@ class Seen:
         peer = to if isinstance(sender, str) and sender.casefold() == me else sender
         return (peer.lower() if isinstance(peer, str) else None), self.peers
 
-    def catch_up_requests(self, rooms: set[str], position: int | None) -> list[Frame]:
+    def catch_up_requests(
+        self, rooms: set[str], position: int | None, direct: int | None = None
+    ) -> list[Frame]:
         """The history requests to catch up on `rooms` and the direct messages.
 
         From `position` (the lost connection's `last_msg_id`) when the server said one:
-        each room, and the direct messages with everyone. Else from what was shown: a room
-        with no message shown uses the highest id shown anywhere (msg_id grows across all
-        rooms, and a session sees messages in msg_id order); with none shown at all there
-        is nothing to catch up from, and the room is left to /history.
+        each room, and the direct messages with everyone, those from `direct` if it is
+        earlier (the connection was lost before all the stored direct messages announced
+        in its `welcome` came: the rest are older than `position`). Else from what was
+        shown: a room with no message shown uses the highest id shown anywhere (msg_id
+        grows across all rooms, and a session sees messages in msg_id order); with none
+        shown at all there is nothing to catch up from, and the room is left to /history.
         """
         if position is not None:
             requests: list[Frame] = [
                 {"type": "history", "room": room, "after": position} for room in sorted(rooms)
             ]
-            requests.append({"type": "history", "direct": True, "after": position})
+            after = position if direct is None else min(direct, position)
+            requests.append({"type": "history", "direct": True, "after": after})
             return requests
         everywhere = max([*self.rooms.values(), *self.peers.values()], default=None)
         requests = []
@@ -153,18 +165,19 @@ class Client(Protocol):
 
 def catch_up(
     client: Client, seen: Seen, rooms: set[str], timeout: float, *,
-    position: int | None = None, notify: Callable[[str], None] = lambda text: None,
+    position: int | None = None, direct: int | None = None,
+    notify: Callable[[str], None] = lambda text: None,
 ) -> list[Frame]:
     """Every message missed in `rooms` and the direct messages, oldest first per request."""
     missed: list[Frame] = []
-    requests = seen.catch_up_requests(rooms, position)
+    requests = seen.catch_up_requests(rooms, position, direct)
     while requests:
         request = requests.pop(0)
         for _ in range(MAX_CATCH_UP_PAGES):
             reply = client.request({**request, "limit": CATCH_UP_LIMIT}, timeout, quiet=True)
             if reply.get("type") != "history":
                 if request.get("direct"):  # a server without `history direct`: by peer
-                    requests.extend(seen.peer_requests(position))
+                    requests.extend(seen.peer_requests(request["after"]))
                 break
             listed = reply.get("messages")
             messages = [m for m in listed if isinstance(m, dict)] if isinstance(
@@ -195,6 +208,7 @@ def reconnect(
     notify: Callable[[str], None],
     timeout: float,
     position: int | None = None,
+    direct: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     delays: Iterator[float] | None = None,
     max_attempts: int | None = None,
@@ -202,7 +216,8 @@ def reconnect(
     """Connect and log in again, take the server's rooms, catch up: (the new client, the
     missed messages).
 
-    `position` is the lost connection's `last_msg_id` (None: the server did not say).
+    `position` is the lost connection's `last_msg_id` (None: the server did not say);
+    `direct`, if earlier, where its direct messages stand (see `Seen.catch_up_requests`).
     """
     attempts = 0
     failed: str | None = None  # why the last attempt failed: said with the next wait
@@ -239,7 +254,7 @@ def reconnect(
                 listed, list) else None
             missed = catch_up(
                 client, seen, state.rooms if rooms is None else rooms, timeout,
-                position=position, notify=notify,
+                position=position, direct=direct, notify=notify,
             )
         except ClientError as exc:
             client.close()
@@ -363,6 +378,7 @@ class Link:
                 self._connect_attempt, old.username or "", self._password, self.state,
                 self.seen, notify=tell, timeout=self._timeout, sleep=self._sleep,
                 delays=self._delays(), position=getattr(old, "last_msg_id", None),
+                direct=getattr(old, "direct_position", None),
             )
         except GaveUp as exc:
             tell(str(exc))
