@@ -14,10 +14,11 @@ to /join a room instead.
 
 Theory of operation
 -------------------
-In the terminal UI two threads use one ChatState: the command thread reads it for every
-line, and the printer thread changes the rooms as frames arrive. Every change happens under
-`_lock`; `rooms` is never changed in place but replaced by a new set, so a reader that took
-`state.rooms` (the completer, the reconnecting printer) holds a set no one changes under it.
+Two threads use one ChatState, in the terminal UI and in line mode alike: the command
+thread reads it for every line, and the printer thread changes the rooms as frames
+arrive. Every change happens under `_lock`; `rooms` is never changed in place but replaced
+by a new set, so a reader that took `state.rooms` (the completer, the reconnecting
+printer) holds a set no one changes under it.
 """
 
 from __future__ import annotations
@@ -504,8 +505,8 @@ def perform(
 ) -> Frame:
     """Send the request, wait for its reply, follow what it changed if it succeeded.
 
-    `follow_rooms=False` leaves the rooms to `ChatState.observe` (the terminal UI, whose
-    printer sees the `ok` in its place among the other frames).
+    `follow_rooms=False` leaves the rooms to `ChatState.observe` (the terminal UI and line
+    mode, whose printer sees the `ok` in its place among the other frames).
     """
     reply = client.request(request.frame, timeout)
     if follow_rooms or request.frame.get("type") == "history":

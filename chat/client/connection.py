@@ -242,6 +242,11 @@ class ChatClient:
         return self._backlog_before
 
     @property
+    def replies_are_events(self) -> bool:
+        """Whether every reply is also an event (`replies_as_events=True`)."""
+        return self._replies_as_events is True
+
+    @property
     def closed(self) -> bool:
         """True once the connection has ended (the event queue may still hold frames)."""
         return self._transport.closed
