@@ -152,6 +152,21 @@ def test_history_with_a_user_is_shown_in_line_mode(chat_server: Any) -> None:
     assert lines[header + 1].endswith(f"(dm) {me} -> {other}: first")
 
 
+def test_history_of_a_room_written_without_its_hash_is_explained(chat_server: Any) -> None:
+    # Found trying it as a new user: `/history dev` for a room one has left asks for the
+    # direct messages with a user `dev` ("no such user"), and `/history qa` was a usage error.
+    me, room = new_name(), "dev" + new_name()[:6]
+    chat_server.register(me)
+    result = run_cli("login", *server_args(chat_server, me, "--recent", "0"),
+                     input=f"/join {room}\n/leave {room}\n/history {room}\n/history qa\n")
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.splitlines()
+    assert f"-- /history {room} is for your direct messages with a user; for the room, " \
+        f"write /history #{room}" in err, err
+    assert any(line.startswith("! error not_in_room") for line in err), err  # qa: a room
+    assert "usage" not in result.stderr
+
+
 def test_two_threads_sending_through_one_paced_client_each_keep_their_order(
     server_factory: Any,
 ) -> None:

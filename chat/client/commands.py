@@ -402,8 +402,10 @@ def _passwd(args: str, ctx: _Context) -> Action:
     return Invalid(ASK_NOT_ARGS) if args else Passwd()
 
 
-# The protocol's user names (docs/protocol.md, Fields): anything else cannot be a user.
+# The protocol's user names and room names (docs/protocol.md, Fields): `/history NAME`
+# takes NAME as a user when it can be one, else as a room when it can be one.
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}")
+ROOM = re.compile(r"[A-Za-z0-9_-]{1,32}")
 HISTORY_USAGE = "usage: /history [#ROOM | USER] [N] (N a positive number), or /history more"
 
 
@@ -436,11 +438,28 @@ def _history(args: str, ctx: _Context) -> Action:
         frame["room"] = words[0]  # a room one is in, named without its `#`
     elif USERNAME.fullmatch(words[0]):
         frame["with"] = words[0]
+    elif ROOM.fullmatch(words[0]):
+        frame["room"] = words[0]  # `qa`: too short for a user; the server says if not in it
     else:
         return Invalid(HISTORY_USAGE)
     if limit is not None:
         frame["limit"] = limit
     return Request(frame)
+
+
+def explain(frame: Frame, reply: Frame) -> str | None:
+    """A note for a refusal of `frame` that is easy to misread, or None.
+
+    `/history dev`, for a room one is not (or no longer) in, asks for the direct messages
+    with a user `dev` (a room one is in would have been taken as the room), and the server
+    answers `no_such_user`.
+    """
+    peer = frame.get("with")
+    if (reply.get("code") == "no_such_user" and frame.get("type") == "history"
+            and isinstance(peer, str) and ROOM.fullmatch(peer)):
+        return (f"/history {sanitize(peer, multiline=False)} is for your direct messages with "
+                f"a user; for the room, write /history {_shown(peer.lower())}")
+    return None
 
 
 _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {

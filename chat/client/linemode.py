@@ -73,6 +73,7 @@ from chat.client.commands import (
     Request,
     Rooms,
     Switch,
+    explain,
     parse_command,
     perform,
     run_local,
@@ -261,6 +262,9 @@ def _carry_out(
             lost = state.lost(room)  # left in another session, and no presence said so yet
             if lost is not None:
                 note(lost)
+        hint = explain(request.frame, reply)
+        if hint is not None:
+            note(hint)
         if reply.get("type") == "error" and (
             _is_send(request) or reply.get("code") == "rate_limited"
         ):

@@ -62,6 +62,7 @@ from chat.client.commands import (
     Request,
     Rooms,
     Switch,
+    explain,
     parse_command,
     run_local,
 )
@@ -286,12 +287,15 @@ def run_interactive(
             note = state.lost(room)  # left elsewhere, and no presence said so (yet)
             if note is not None:
                 screen.show(f"-- {note}")
+        hint = explain(request.frame, reply)
+        if hint is not None:
+            screen.show(f"-- {hint}")
         return reply
 
     def carry_out(request: Request) -> None:
         current = link.current(wait=False)
         if current is None:
-            screen.show("! not sent: reconnecting (/quit to give up)")
+            screen.show("! not sent: reconnecting; Up recalls the line (/quit to give up)")
             return
         parts = message_parts(request.frame, current.limits.max_message_chars)
         for n, part in enumerate(parts):
