@@ -407,10 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server certificate: {paths.server_cert}  (expires {expires:%Y-%m-%d %H:%M} UTC)")
     print(f"server key:         {paths.server_key}  (keep private)")
     print(f"server:  chat-server --certfile {paths.server_cert} --keyfile {paths.server_key}")
-    print(
-        "clients: chat-client login --server localhost:7072 "
-        f"--cafile {paths.ca_cert} --username NAME"
-    )
+    print(f"clients: chat-client login --cafile {paths.ca_cert} --username NAME")
+    print("         (and --server HOST:PORT on another machine; without --cafile, chat-client")
+    print("         trusts only the development CA that chat-server makes in its data directory)")
     return 0
 
 

@@ -191,8 +191,10 @@ class Server:
                 except OSError as exc:
                     raise SettingError("data_dir", "cannot make development certificates in "
                                        f"{certfile.parent}: {exc}", exit_code=1) from None
-                log.warning("made development certificates in %s; clients trust them with "
-                            "--cafile %s", certfile.parent, paths.ca_cert)
+                log.warning("made development certificates in %s; chat-client on this "
+                            "machine trusts them by itself when that is the default data "
+                            "directory; otherwise, or on another machine, give it --cafile %s",
+                            certfile.parent, paths.ca_cert)
         files.check_secret_mode(keyfile, key_names, "keyfile")
         files.check_server_pair(certfile, keyfile, cert_names, key_names)
         if s.client_cafile:

@@ -253,7 +253,7 @@ def test_commands_become_requests() -> None:
 
 
 @pytest.mark.parametrize(
-    "line", ["/join", "/join a b", "/msg bob", "/msg", "/history x", "/history 0", "/nope"]
+    "line", ["/join", "/join a b", "/msg bob", "/msg", "/history a!b", "/history 0", "/nope"]
 )
 def test_bad_commands_say_how(line: str) -> None:
     assert isinstance(parse_command(line, "general"), Invalid)

@@ -238,6 +238,27 @@ def test_register_says_how_long_a_password_must_be_and_asks_again(chat_server: A
     assert child.exitstatus == 0
 
 
+def test_register_asks_again_for_a_password_the_server_finds_weak(chat_server: Any) -> None:
+    name = new_name()
+    child = spawn("register", *server_args(chat_server, name))
+    try:
+        weak = f"{name} is my name"  # holds the username: the server refuses it
+        child.expect("choose a password")
+        child.sendline(weak)
+        child.expect("the same password again")
+        child.sendline(weak)
+        child.expect("the server refused that password: .*username")
+        child.expect("choose a password")  # asked again, the command goes on
+        child.sendline(PASSWORD)
+        child.expect("the same password again")
+        child.sendline(PASSWORD)
+        child.expect(f"registered {name}")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_a_slow_typist_outlasting_the_login_timeout_is_still_logged_in(
     server_factory: Any,
 ) -> None:

@@ -24,6 +24,7 @@ from chat.client.commands import (
     Request,
     Rooms,
     Switch,
+    explain,
     normalize_room,
     parse_command,
     run_local,
@@ -171,10 +172,22 @@ def test_history_of_the_room_of_a_room_or_with_a_user() -> None:
     assert parsed("/history dev") == Request({"type": "history", "room": "dev"})  # one of ours
     assert parsed("/history bob") == Request({"type": "history", "with": "bob"})
     assert parsed("/history Bob 3") == Request({"type": "history", "with": "Bob", "limit": 3})
-    for line in ("/history 0", "/history bob 0", "/history a b", "/history x", "/history #"):
+    # Too short for a user name: a room, not a usage error (the server says if not in it).
+    assert parsed("/history qa 3") == Request({"type": "history", "room": "qa", "limit": 3})
+    for line in ("/history 0", "/history bob 0", "/history a b", "/history a!b", "/history #"):
         assert isinstance(parsed(line), Invalid), line
     assert parse_command("/history bob", None) == Request({"type": "history", "with": "bob"})
     assert parse_command("/history", None) == Notice(NO_ROOM)
+
+
+def test_a_history_of_a_user_that_is_not_there_hints_at_the_room() -> None:
+    refused = {"type": "error", "code": "no_such_user", "message": "no such user"}
+    assert explain({"type": "history", "with": "Dev"}, refused) == (
+        "/history Dev is for your direct messages with a user; for the room, write "
+        "/history #dev")
+    assert explain({"type": "history", "with": "bob.smith"}, refused) is None  # no room name
+    assert explain({"type": "send", "to": "dev", "message": "hi"}, refused) is None
+    assert explain({"type": "history", "with": "dev"}, {"type": "history"}) is None
 
 
 def _page(*ids: int) -> dict[str, Any]:

@@ -511,6 +511,39 @@ def test_last_msg_id_starts_at_the_welcome_and_follows_the_messages(pki: Pki) ->
         assert client.last_msg_id == 42
 
 
+@pytest.mark.parametrize("received", [2, 3])
+def test_direct_position_says_where_a_backlog_cut_short_began(pki: Pki, received: int) -> None:
+    def script(peer: Peer) -> None:
+        login = peer.recv()
+        peer.send({"type": "welcome", "username": "alice", "rooms": [], "session": "s",
+                   "last_msg_id": 40, "backlog": {"count": 3, "first_msg_id": 10},
+                   "re": login["id"]})
+        peer.send(message(10, to="alice"))
+        peer.send(message(41, to="alice"))  # live, meanwhile: not one of the three
+        for n in (20, 30)[:received - 1]:
+            peer.send(message(n, to="alice"))
+        # The connection ends here (the script returns and the peer closes).
+
+    with FakeServer(pki, script) as server, connect(pki, server) as client:
+        client.login("alice", PASSWORD, WAIT)
+        assert len(list(client.events(timeout=WAIT))) == received + 1
+        assert client.last_msg_id == 41
+        # Short of the three: the direct messages are caught up from before the first.
+        assert client.direct_position == (9 if received < 3 else None)
+
+
+def test_direct_position_is_none_without_a_backlog(pki: Pki) -> None:
+    def script(peer: Peer) -> None:
+        login = peer.recv()
+        peer.send({"type": "welcome", "username": "alice", "rooms": [], "session": "s",
+                   "last_msg_id": 40, "re": login["id"]})
+
+    with FakeServer(pki, script) as server, connect(pki, server) as client:
+        client.login("alice", PASSWORD, WAIT)
+        assert list(client.events(timeout=WAIT)) == []
+        assert client.direct_position is None
+
+
 def test_history_direct_asks_for_every_direct_message(pki: Pki) -> None:
     asked: list[dict[str, Any]] = []
 

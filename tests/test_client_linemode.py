@@ -8,7 +8,12 @@ ChatClient whose pacer is taken away, so that every refusal is the server's.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -18,7 +23,8 @@ from chat.client.commands import Request, parse_command
 from chat.client.limits import SendPacer
 from chat.client.linemode import EXIT_UNDELIVERED, run_line_mode
 from chat.tls import client_context
-from tests.test_client_cli import PASSWORD, new_name, run_cli, server_args
+from tests.test_client_cli import NOWHERE, PASSWORD, ROOT, new_name, run_cli, server_args
+from tests.test_client_reconnect_e2e import Lines
 
 WAIT = 30.0
 
@@ -146,6 +152,21 @@ def test_history_with_a_user_is_shown_in_line_mode(chat_server: Any) -> None:
     assert lines[header + 1].endswith(f"(dm) {me} -> {other}: first")
 
 
+def test_history_of_a_room_written_without_its_hash_is_explained(chat_server: Any) -> None:
+    # Found trying it as a new user: `/history dev` for a room one has left asks for the
+    # direct messages with a user `dev` ("no such user"), and `/history qa` was a usage error.
+    me, room = new_name(), "dev" + new_name()[:6]
+    chat_server.register(me)
+    result = run_cli("login", *server_args(chat_server, me, "--recent", "0"),
+                     input=f"/join {room}\n/leave {room}\n/history {room}\n/history qa\n")
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.splitlines()
+    assert f"-- /history {room} is for your direct messages with a user; for the room, " \
+        f"write /history #{room}" in err, err
+    assert any(line.startswith("! error not_in_room") for line in err), err  # qa: a room
+    assert "usage" not in result.stderr
+
+
 def test_two_threads_sending_through_one_paced_client_each_keep_their_order(
     server_factory: Any,
 ) -> None:
@@ -166,3 +187,94 @@ def test_two_threads_sending_through_one_paced_client_each_keep_their_order(
         got = received(reader, me, 30)
     for tag in "ab":
         assert [t for t in got if t.startswith(tag)] == [f"{tag}{n}" for n in range(15)]
+
+
+# -- following the user's other sessions (issue 15, item 3) ----------------------------------
+
+
+@contextmanager
+def piped(server: Any, username: str) -> Iterator[tuple[subprocess.Popen[str], Lines, Lines]]:
+    """`chat-client login` in line mode with a pipe kept open: (process, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env.update(CHAT_PASSWORD=PASSWORD, XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=NOWHERE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chat.client.cli", "login", *server_args(server, username),
+         "--recent", "0", "--timeout", str(WAIT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        yield proc, Lines(proc.stdout), Lines(proc.stderr)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=WAIT)
+
+
+def typed(proc: subprocess.Popen[str], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def ended(proc: subprocess.Popen[str], err: Lines) -> int:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    code = proc.wait(timeout=WAIT)
+    err.rest()
+    return code
+
+
+def test_line_mode_follows_joins_and_leaves_made_in_another_session(chat_server: Any) -> None:
+    me, room = new_name(), "ops" + new_name()[:8]
+    chat_server.register(me)
+    with piped(chat_server, me) as (proc, out, err):
+        typed(proc, "/who")
+        out.wait_for(lambda line: line.startswith("-- online in #general"), "who")
+        elsewhere = session(chat_server, me)
+        try:
+            raise_for_error(elsewhere.join(room, WAIT))
+            err.wait_for(lambda line: line == f"-- you joined #{room} in another session",
+                         "the join elsewhere")
+            typed(proc, f"/switch {room}")  # known: not "you are not in it"
+            typed(proc, "hello there")
+            out.wait_for(lambda line: line.endswith(f"#{room} {me}: hello there"), "hello")
+            raise_for_error(elsewhere.leave(room, WAIT))
+            err.wait_for(lambda line: line == f"-- you left #{room} in another session; "
+                         "now talking in #general", "the leave elsewhere")
+            typed(proc, "still heard")  # to #general, not refused with not_in_room
+            out.wait_for(lambda line: line.endswith(f"#general {me}: still heard"), "heard")
+        finally:
+            elsewhere.close()
+        assert ended(proc, err) == 0, err.lines
+    assert not any("not_in_room" in line for line in err.lines), err.lines
+    assert f"-- now talking in #{room}" in out.lines
+
+
+def test_line_mode_learns_from_a_message_and_from_not_in_room(server_factory: Any) -> None:
+    # Presence held back for the whole test (it is coalesced): a join elsewhere shows only
+    # as a message in the room, and a leave elsewhere only as a refusal.
+    server = server_factory(presence_interval=3600.0)
+    me, other, room = new_name(), new_name(), "qa" + new_name()[:8]
+    server.register(me)
+    server.register(other)
+    with piped(server, me) as (proc, out, err), session(server, other) as talker:
+        raise_for_error(talker.join(room, WAIT))
+        typed(proc, "/who")
+        out.wait_for(lambda line: line.startswith("-- online in #general"), "who")
+        with session(server, me) as elsewhere:
+            raise_for_error(elsewhere.join(room, WAIT))
+            raise_for_error(talker.say(room, "anyone here?", WAIT))
+            err.wait_for(lambda line: line == f"-- you are in #{room}: joined in another "
+                         "session", "the message's room")
+            out.wait_for(lambda line: line.endswith(f"#{room} {other}: anyone here?"), "asked")
+            raise_for_error(elsewhere.leave(room, WAIT))
+        typed(proc, f"/switch {room}")
+        typed(proc, "too late")
+        err.wait_for(lambda line: line == f"-- you are no longer in #{room} (left in another "
+                     "session); now talking in #general", "the refusal's correction")
+        typed(proc, "here instead")
+        out.wait_for(lambda line: line.endswith(f"#general {me}: here instead"), "instead")
+        assert ended(proc, err) == EXIT_UNDELIVERED  # "too late" was refused, and said so
+    assert any(line.startswith("! error not_in_room") for line in err.lines), err.lines

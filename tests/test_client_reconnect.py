@@ -128,14 +128,14 @@ class FakeClient:
         self.closed = True
 
 
-def test_reconnect_backs_off_logs_in_rejoins_and_catches_up_without_repeats() -> None:
+def test_reconnect_backs_off_logs_in_and_catches_up_without_repeats() -> None:
     seen = Seen("alice")
     for frame in (message(1), message(2, room="dev"), message(3, sender="carol", to="alice")):
         seen.fresh(frame)
     store = [message(1), message(2, room="dev"), message(3, sender="carol", to="alice"),
              *(message(i, room="dev") for i in range(10, 10 + CATCH_UP_LIMIT + 5)),
              message(400), message(401, sender="alice", to="carol")]
-    fake = FakeClient(store, rooms=["general"])
+    fake = FakeClient(store, rooms=["dev", "general"])
     attempts = iter([ConnectFailed("refused"), ConnectFailed("refused"), fake])
 
     def connect() -> FakeClient:
@@ -159,10 +159,58 @@ def test_reconnect_backs_off_logs_in_rejoins_and_catches_up_without_repeats() ->
                      "reconnect failed: refused; trying again in 4 s",
                      "reconnected as alice"]
     assert fake.requests[0]["password"] == "the password"
-    assert {"type": "join", "room": "dev"} in fake.requests
+    assert not [r for r in fake.requests if r["type"] == "join"]
     shown = [m["msg_id"] for m in missed if seen.fresh(m)]
     assert shown == [*range(10, 10 + CATCH_UP_LIMIT + 5), 400, 401]
     assert [m["msg_id"] for m in missed if seen.fresh(m)] == []  # a second pass shows none
+
+
+def test_the_servers_rooms_are_adopted_never_rejoined_and_the_changes_said() -> None:
+    # While the connection was down, another session left #dev (the current room) and
+    # joined #ops: the server's list is the truth, and #ops is caught up too.
+    store = [message(41, room="dev"), message(42, room="ops"), message(43)]
+    fake = FakeClient(store, rooms=["general", "ops"])
+    state = ChatState.start("dev", ["general", "dev"])
+    notes: list[str] = []
+    _, missed = reconnect(
+        lambda: fake, "alice", lambda: "pw", state, Seen("alice"), notify=notes.append,
+        timeout=5, sleep=lambda _: None, delays=iter([0.0]), position=40,
+    )
+    assert not [r for r in fake.requests if r["type"] == "join"]
+    assert sorted(m["msg_id"] for m in missed) == [42, 43]
+    assert state.rooms == {"general", "ops"} and state.room == "general"
+    assert notes[1:] == [
+        "reconnected as alice",
+        "while you were away you left #dev (in another session); now talking in #general",
+        "while you were away you joined #ops (in another session)",
+    ]
+
+
+def test_a_reconnect_with_the_same_rooms_says_nothing_of_them() -> None:
+    fake = FakeClient([], rooms=["dev", "general"])
+    state = ChatState.start("dev", ["general"])
+    notes: list[str] = []
+    reconnect(lambda: fake, "alice", lambda: "pw", state, Seen("alice"), notify=notes.append,
+              timeout=5, sleep=lambda _: None, delays=iter([0.0]), position=40)
+    assert notes[1:] == ["reconnected as alice"] and state.room == "dev"
+
+
+def test_adopting_the_servers_rooms() -> None:
+    state = ChatState.start("ops", ["general", "ops", "dev"])
+    assert state.adopt(["general", "ops", "dev"]) == []
+    assert state.adopt(["GENERAL", "ops"]) == [
+        "while you were away you left #dev (in another session)"]
+    assert state.room == "ops"
+    assert state.adopt(["dev", "qa"]) == [
+        "while you were away you left #general, #ops (in another session); "
+        "now talking in #dev",
+        "while you were away you joined #dev, #qa (in another session)",
+    ]
+    assert state.room == "dev" and state.rooms == {"dev", "qa"}
+    assert state.adopt([]) == [
+        "while you were away you left #dev, #qa (in another session); "
+        "you are in no room; /join one"]
+    assert state.room is None
 
 
 def test_the_catch_up_starts_at_the_position_whatever_was_shown() -> None:
@@ -231,10 +279,12 @@ def test_reconnect_gives_up_after_max_attempts() -> None:
 class Ended:
     """A client whose connection has ended, with `bye_reason`."""
 
-    def __init__(self, bye_reason: str | None = None, last_msg_id: int | None = None) -> None:
+    def __init__(self, bye_reason: str | None = None, last_msg_id: int | None = None,
+                 direct_position: int | None = None) -> None:
         self.username = "alice"
         self.bye_reason = bye_reason
         self.last_msg_id = last_msg_id
+        self.direct_position = direct_position
         self.closed = True
 
 
@@ -271,6 +321,24 @@ def test_a_link_gives_up_on_a_refused_password() -> None:
     notes: list[str] = []
     assert not link.resume(lambda _: None, notes.append)
     assert link.ended and fake.closed and "password was refused" in notes[-1]
+
+
+def test_a_backlog_cut_short_is_caught_up_from_before_its_first_message() -> None:
+    assert Seen("alice").catch_up_requests({"general"}, 40, 9) == [
+        {"type": "history", "room": "general", "after": 40},
+        {"type": "history", "direct": True, "after": 9},
+    ]
+    # Stored direct messages 10..12 were announced; 10 came and was shown, 11 and 12 were
+    # lost with the connection. They are older than the position (40).
+    store = [message(n, sender="carol", to="alice") for n in (10, 11, 12)]
+    fake = FakeClient([*store, message(41)], rooms=["general"])
+    link = Link(Ended(last_msg_id=40, direct_position=9), ChatState.start("general"),
+                connect=lambda: fake, password=lambda: "pw", timeout=5,
+                delays=lambda: iter([0.0]))
+    assert link.seen.fresh(store[0])
+    shown: list[Any] = []
+    assert link.resume(shown.append, lambda _: None)
+    assert sorted(m["msg_id"] for m in shown) == [11, 12, 41]
 
 
 def test_stopping_a_link_ends_the_backoff_wait_at_once() -> None:

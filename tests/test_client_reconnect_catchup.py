@@ -35,6 +35,8 @@ class Proxy:
     `hold()` makes new connections wait (accepted, nothing relayed) until `release()`;
     `cut()` closes every connection relayed so far; `held` counts the waiting ones, so a
     test can wait for the client's reconnection attempt instead of sleeping.
+    `cut_after(n)` makes the next connection end after n bytes from the server (a TLS
+    record cut in the middle, as a lost network does).
     """
 
     def __init__(self, target: int) -> None:
@@ -45,6 +47,7 @@ class Proxy:
         self._passing.set()
         self._cond = threading.Condition()
         self._sockets: list[socket.socket] = []
+        self._budget: int | None = None  # bytes from the server the next connection gets
         self.held = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -60,6 +63,7 @@ class Proxy:
         with self._cond:
             self._sockets.append(conn)
             self.held += not self._passing.is_set()
+            budget, self._budget = self._budget, None
             self._cond.notify_all()
         if not self._passing.wait(WAIT):
             conn.close()
@@ -72,14 +76,20 @@ class Proxy:
         upstream.settimeout(None)
         with self._cond:
             self._sockets.append(upstream)
-        for source, sink in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        for source, sink, limit in ((conn, upstream, None), (upstream, conn, budget)):
+            threading.Thread(target=self._pump, args=(source, sink, limit),
+                             daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
         try:
             while data := source.recv(65536):
+                if limit is not None:
+                    data = data[:limit]
+                    limit -= len(data)
                 sink.sendall(data)
+                if limit == 0:
+                    break
         except OSError:
             pass
         for sock in (source, sink):
@@ -92,6 +102,10 @@ class Proxy:
         with self._cond:
             self.held = 0
             self._passing.clear()
+
+    def cut_after(self, nbytes: int) -> None:
+        with self._cond:
+            self._budget = nbytes
 
     def release(self) -> None:
         self._passing.set()
@@ -119,7 +133,7 @@ class Proxy:
 
 @contextmanager
 def line_client(
-    proxy: Proxy, cafile: Path, username: str
+    proxy: Proxy, cafile: Path, username: str, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[str], Lines, Lines]]:
     """`chat-client login --reconnect --recent 0` through `proxy`: (process, stdout, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
@@ -127,7 +141,7 @@ def line_client(
     proc = subprocess.Popen(
         [sys.executable, "-m", "chat.client.cli", "login", "--reconnect", "--recent", "0",
          "--timeout", str(WAIT), "--server", f"127.0.0.1:{proxy.port}", "--cafile",
-         str(cafile), "--username", username],
+         str(cafile), "--username", username, *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, cwd=ROOT,
     )
@@ -147,12 +161,12 @@ def session(server: Any, username: str) -> ChatClient:
     return client
 
 
-def ready(proc: subprocess.Popen[str], out: Lines) -> None:
+def ready(proc: subprocess.Popen[str], out: Lines, room: str = "general") -> None:
     """Wait until the client is logged in, without showing any message (a /who)."""
     assert proc.stdin is not None
     proc.stdin.write("/who\n")
     proc.stdin.flush()
-    out.wait_for(lambda line: line.startswith("-- online in #general"), "who")
+    out.wait_for(lambda line: line.startswith(f"-- online in #{room}"), "who")
 
 
 def finish(proc: subprocess.Popen[str], out: Lines, err: Lines) -> list[str]:
@@ -233,6 +247,46 @@ def test_a_dm_another_session_of_mine_received_meanwhile_is_caught_up(
         assert sum(line.endswith(text) for line in lines) == 1, lines
 
 
+def test_after_reconnecting_the_rooms_are_the_servers_never_rejoined(chat_server: Any) -> None:
+    # While the connection is down, another session of mine leaves #dev (this client's
+    # current room) and joins #ops, where something is said (issue 15, item 1).
+    me, other = new_name(), new_name()
+    dev, ops = "dev" + new_name()[:8], "ops" + new_name()[:8]
+    chat_server.register(me)
+    chat_server.register(other)
+    proxy = Proxy(chat_server.port)
+    try:
+        with line_client(proxy, chat_server.cafile, me, "--room", dev) as (proc, out, err):
+            ready(proc, out, dev)
+            proxy.hold()
+            proxy.cut()
+            err.wait_for(lambda line: line.startswith("-- connection lost"), "connection lost")
+            with session(chat_server, me) as elsewhere, session(chat_server, other) as talker:
+                raise_for_error(elsewhere.leave(dev, WAIT))
+                raise_for_error(elsewhere.join(ops, WAIT))
+                raise_for_error(talker.join(ops, WAIT))
+                raise_for_error(talker.say(ops, "said in ops meanwhile", WAIT))
+            proxy.wait_held()
+            proxy.release()
+            err.wait_for(lambda line: line == f"-- reconnected as {me}", "reconnected")
+            err.wait_for(lambda line: line == f"-- while you were away you left #{dev} (in "
+                         "another session); now talking in #general", "left")
+            err.wait_for(lambda line: line == f"-- while you were away you joined #{ops} (in "
+                         "another session)", "joined")
+            out.wait_for(lambda line: line.endswith(f"#{ops} {other}: said in ops meanwhile"),
+                         "the message in the room joined elsewhere")
+            assert proc.stdin is not None
+            proc.stdin.write("/rooms\nback in general\n")
+            proc.stdin.flush()
+            out.wait_for(lambda line: line.endswith(f"#general {me}: back in general"), "back")
+            lines = finish(proc, out, err)
+            with session(chat_server, me) as check:  # #dev was not joined again
+                assert check.who(dev, WAIT).get("code") == "not_in_room"
+    finally:
+        proxy.close()
+    assert f"-- rooms: *#general #{ops}" in lines, lines
+
+
 def test_the_end_of_input_while_reconnecting_exits_3_and_says_why(chat_server: Any) -> None:
     me = new_name()
     chat_server.register(me)
@@ -281,3 +335,32 @@ def test_quit_at_the_prompt_while_reconnecting_exits_0(chat_server: Any, tmp_pat
         if child.isalive():
             child.terminate(force=True)
         proxy.close()
+
+
+def test_stored_direct_messages_cut_off_mid_backlog_are_caught_up(chat_server: Any) -> None:
+    # The direct messages stored while I was away are handed over after the welcome, and
+    # counted delivered as they are queued for me. The connection is cut a little way into
+    # them: the rest are older than where the catch-up would start from (welcome's
+    # last_msg_id), so only `backlog.first_msg_id` can bring them (issue 15, item 2).
+    me, other = new_name(), new_name()
+    chat_server.register(me)
+    chat_server.register(other)
+    count = 60
+    texts = [f"stored {n:03} " + "x" * 3000 for n in range(count)]  # 60 x 3 KB
+    with session(chat_server, other) as talker:
+        for text in texts:
+            raise_for_error(talker.direct(me, text, WAIT))
+    proxy = Proxy(chat_server.port)
+    proxy.cut_after(48 * 1024)  # the handshake, hello, welcome and a dozen of them
+    try:
+        with line_client(proxy, chat_server.cafile, me) as (proc, out, err):
+            err.wait_for(lambda line: line.startswith("-- connection lost"), "connection lost")
+            err.wait_for(lambda line: line == f"-- reconnected as {me}", "reconnected")
+            out.wait_for(lambda line: texts[-1][:10] in line, "the last stored message")
+            ready(proc, out)  # every catch-up line comes before the /who reply
+            lines = finish(proc, out, err)
+    finally:
+        proxy.close()
+    for text in texts:
+        assert sum(line.endswith(f"{other} -> {me}: {text}") for line in lines) == 1, (
+            text[:10], [line[:60] for line in lines])

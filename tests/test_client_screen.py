@@ -19,10 +19,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from conftest import PASSWORD
+
+from tests.test_client_reconnect_catchup import Proxy
 
 pexpect = pytest.importorskip("pexpect")
 pyte = pytest.importorskip("pyte")
@@ -705,6 +708,50 @@ def test_quit_while_reconnecting_is_the_users_quit(
         term.wait_for_input("[general]> ")
         assert term.quit() == 0
         assert not term.rows_matching("server closed the connection"), term.text()
+
+
+def test_after_reconnecting_the_rooms_are_the_servers(chat_server: Any, tmp_path: Path) -> None:
+    # While the connection is down, another session of mine leaves #dev, the current room,
+    # and joins #ops, where something is said: on reconnecting, the screen says so, talks
+    # in #general, and #ops is caught up; #dev is not joined again (issue 15, item 1).
+    me, other = new_name(), new_name()
+    dev, ops = "dev" + uuid.uuid4().hex[:8], "ops" + uuid.uuid4().hex[:8]
+    chat_server.register(me)
+    peer = chat_server.user(other)
+    proxy = Proxy(chat_server.port)
+    relayed = SimpleNamespace(address=f"127.0.0.1:{proxy.port}", cafile=chat_server.cafile)
+    try:
+        with interactive(relayed, me, tmp_path, "--room", dev) as term:
+            term.wait_for_input(f"[{dev}]> ")
+            proxy.hold()
+            proxy.cut()
+            term.wait_for_line(r"^-- connection lost; reconnecting in \d+ s$")
+            elsewhere = chat_server.user(me, register=False)
+            try:
+                for request in ({"type": "leave", "room": dev}, {"type": "join", "room": ops}):
+                    assert elsewhere.request(request)["type"] == "ok"
+            finally:
+                elsewhere.close()
+            assert peer.request({"type": "join", "room": ops})["type"] == "ok"
+            say(peer, ops, "said in ops meanwhile")
+            proxy.wait_held()
+            proxy.release()
+            reconnected = term.wait_for_line(rf"^-- reconnected as {me}$")
+            left = term.wait_for_line(rf"^-- while you were away you left #{dev} \(in another "
+                                      r"session\); now talking in #general$")
+            joined = term.wait_for_line(rf"^-- while you were away you joined #{ops} \(in "
+                                        r"another session\)$")
+            caught = term.wait_for_line(rf"^{CLOCK} #{ops} {other}: said in ops meanwhile$")
+            assert reconnected < left < joined < caught, term.text()
+            term.wait_for_input("[general]> ")
+            term.send(f"/switch {ops}\r")
+            term.wait_for_input(f"[{ops}]> ")
+            term.send("/rooms\r")
+            term.wait_for_line(rf"^-- rooms: #general \*#{ops}$")
+            assert term.quit() == 0
+    finally:
+        proxy.close()
+        peer.close()
 
 
 def test_a_message_longer_than_the_server_takes_is_sent_in_parts(

@@ -409,8 +409,29 @@ def report_refusal(what: str, reply: Mapping[str, object]) -> int:
     return EXIT_REFUSED
 
 
-def _register(client: ChatClient, args: argparse.Namespace, password: str) -> int:
-    reply = client.register(args.username, password, args.timeout)
+def _register(
+    client: ChatClient, args: argparse.Namespace, password: str,
+    connect: Callable[[], ChatClient], again: Callable[[], str] | None = None,
+) -> int:
+    """Register; with `again` (the password was typed at a prompt), a password the server
+    finds weak (it contains the username, it is a common one, ...) is asked for again,
+    MAX_PASSWORD_TRIES times in all, rather than ending the command."""
+    tries = 1
+    while True:
+        if client.closed:  # the server's login timeout ran out while the user typed
+            client = connect()
+        reply = client.register(args.username, password, args.timeout)
+        if reply.get("code") != "weak_password" or again is None or tries >= MAX_PASSWORD_TRIES:
+            break
+        tries += 1
+        _err("the server refused that password: "
+             f"{sanitize(str(reply.get('message', '')), multiline=False)}")
+        try:
+            password = again()
+        except UsageError as exc:
+            client.quit(args.timeout)
+            _err(f"error: {exc}")
+            return EXIT_USAGE
     if reply.get("type") == "error":
         client.quit(args.timeout)
         return report_refusal("registration refused", reply)
@@ -523,15 +544,20 @@ def _run(args: argparse.Namespace) -> int:
         clients.append(client)
         return client
 
+    def ask() -> str:
+        min_length = client.hello.get("min_password_length")
+        return read_password(
+            None, username=args.username, environ=os.environ, stdin=sys.stdin,
+            confirm=confirm, min_length=min_length if type(min_length) is int else None,
+        )
+
+    again: Callable[[], str] | None = None  # a password typed at the prompt: ask again
     try:
         client = connect()
         if password is None:  # asked only now that the server is known to be there
-            min_length = client.hello.get("min_password_length")
+            again = ask
             try:
-                password = read_password(
-                    None, username=args.username, environ=os.environ, stdin=sys.stdin,
-                    confirm=confirm, min_length=min_length if type(min_length) is int else None,
-                )
+                password = ask()
             except UsageError as exc:
                 _err(f"error: {exc}")
                 return EXIT_USAGE
@@ -539,7 +565,7 @@ def _run(args: argparse.Namespace) -> int:
                 client = connect()
         try:
             if confirm:
-                return _register(client, args, password)
+                return _register(client, args, password, connect, again)
             return _login(client, args, password, connect)
         except ConnectionClosed:
             if client.bye_reason != "login_timeout":
@@ -547,7 +573,7 @@ def _run(args: argparse.Namespace) -> int:
         # The login timeout ran out between the check above and our request: once more.
         client = connect()
         if confirm:
-            return _register(client, args, password)
+            return _register(client, args, password, connect, again)
         return _login(client, args, password, connect)
     except ClientError as exc:
         return _report(exc, args)

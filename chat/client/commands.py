@@ -3,19 +3,22 @@
 `parse_command` is pure (a line, the current room and optionally the state in, an action
 out), so it is tested without a server; `perform` is the one place a command's request is
 sent. `ChatState` follows the rooms the user is in: the `welcome`'s rooms to start with,
-then every successful /join and /leave (`follow`, from the replies), and in the terminal UI
-also what the user's other sessions do (`observe`, from the frames received: the user's own
-`presence` of cause `room`, a `message` in a room it did not know) and a `not_in_room`
-refusal for a room it thought it was in (`lost`). Leaving the current room, here or
-elsewhere, makes another room the user is still in current (#general if possible), or
-none: then a plain line is not sent, the user is told to /join a room instead.
+then every successful /join and /leave (`follow`, from the replies), what the user's other
+sessions do (`observe`, from the frames received: the user's own `presence` of cause
+`room`, a `message` in a room it did not know), a `not_in_room` refusal for a room it
+thought it was in (`lost`), and after a reconnect the new `welcome`'s rooms (`adopt`: the
+server's membership is the truth, whatever changed while the connection was down).
+Leaving the current room, here or elsewhere, makes another room the user is still in
+current (#general if possible), or none: then a plain line is not sent, the user is told
+to /join a room instead.
 
 Theory of operation
 -------------------
-In the terminal UI two threads use one ChatState: the command thread reads it for every
-line, and the printer thread changes the rooms as frames arrive. Every change happens under
-`_lock`; `rooms` is never changed in place but replaced by a new set, so a reader that took
-`state.rooms` (the completer, the reconnecting printer) holds a set no one changes under it.
+Two threads use one ChatState, in the terminal UI and in line mode alike: the command
+thread reads it for every line, and the printer thread changes the rooms as frames
+arrive. Every change happens under `_lock`; `rooms` is never changed in place but replaced
+by a new set, so a reader that took `state.rooms` (the completer, the reconnecting
+printer) holds a set no one changes under it.
 """
 
 from __future__ import annotations
@@ -189,15 +192,20 @@ class ChatState:
 
     def left(self, room: str) -> bool:
         """Out of `room`; True if it was the current one (another one is current now)."""
+        return self._drop(room)[1]
+
+    def _drop(self, room: str) -> tuple[bool, bool]:
+        """Out of `room`, in one step: (the user was in it, it was the current one)."""
         room = room.lower()
         with self._lock:
+            was_in = room in self.rooms
             self.rooms = self.rooms - {room}
             if self.room != room:
-                return False
+                return was_in, False
             # Talk on in #general if still there, else in another room.
             rooms = self.rooms
             self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
-            return True
+            return was_in, True
 
     def _now_in(self) -> str:
         return f"now talking in {_shown(self.room)}" if self.room else NO_ROOM
@@ -279,18 +287,46 @@ class ChatState:
                 return []  # not sent to one's own sessions; a broken server's, ignored
             if frame.get("event") == "join" and self.added(room):
                 return [f"you joined {_shown(room.lower())} in another session"]
-            if frame.get("event") == "leave" and room.lower() in self.rooms:
-                note = f"you left {_shown(room.lower())} in another session"
-                return [f"{note}; {self._now_in()}" if self.left(room) else note]
+            if frame.get("event") == "leave":
+                was_in, current = self._drop(room)
+                if was_in:
+                    note = f"you left {_shown(room.lower())} in another session"
+                    return [f"{note}; {self._now_in()}" if current else note]
         return []
+
+    def adopt(self, rooms: Iterable[str]) -> list[str]:
+        """After reconnecting: the `welcome`'s `rooms` are the user's; notes on the change.
+
+        The server's membership is the truth: a room left in another session while this
+        one was cut off stays left, one joined elsewhere is the user's too. If the current
+        room is gone, another becomes current, as after a /leave.
+        """
+        rooms = {r.lower() for r in rooms}
+        with self._lock:
+            gone, came = sorted(self.rooms - rooms), sorted(rooms - self.rooms)
+            self.rooms = rooms
+            moved = self.room is not None and self.room not in rooms
+            if moved:
+                self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
+        notes = []
+        if gone:
+            note = f"while you were away you left {_listed(gone)} (in another session)"
+            notes.append(f"{note}; {self._now_in()}" if moved else note)
+        if came:
+            notes.append(f"while you were away you joined {_listed(came)} (in another session)")
+        return notes
 
     def lost(self, room: str) -> str | None:
         """The server said we are not in `room`: forget it; a note if we thought we were."""
-        room = room.lower()
-        if room not in self.rooms:
-            return None
-        note = f"you are no longer in {_shown(room)} (left in another session)"
-        return f"{note}; {self._now_in()}" if self.left(room) else note
+        was_in, current = self._drop(room)
+        if not was_in:
+            return None  # known already (from a presence, say): said then
+        note = f"you are no longer in {_shown(room.lower())} (left in another session)"
+        return f"{note}; {self._now_in()}" if current else note
+
+
+def _listed(rooms: list[str]) -> str:
+    return ", ".join(_shown(r) for r in rooms)
 
 
 def _is_me(name: object, me: str | None) -> bool:
@@ -366,8 +402,10 @@ def _passwd(args: str, ctx: _Context) -> Action:
     return Invalid(ASK_NOT_ARGS) if args else Passwd()
 
 
-# The protocol's user names (docs/protocol.md, Fields): anything else cannot be a user.
+# The protocol's user names and room names (docs/protocol.md, Fields): `/history NAME`
+# takes NAME as a user when it can be one, else as a room when it can be one.
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}")
+ROOM = re.compile(r"[A-Za-z0-9_-]{1,32}")
 HISTORY_USAGE = "usage: /history [#ROOM | USER] [N] (N a positive number), or /history more"
 
 
@@ -400,11 +438,28 @@ def _history(args: str, ctx: _Context) -> Action:
         frame["room"] = words[0]  # a room one is in, named without its `#`
     elif USERNAME.fullmatch(words[0]):
         frame["with"] = words[0]
+    elif ROOM.fullmatch(words[0]):
+        frame["room"] = words[0]  # `qa`: too short for a user; the server says if not in it
     else:
         return Invalid(HISTORY_USAGE)
     if limit is not None:
         frame["limit"] = limit
     return Request(frame)
+
+
+def explain(frame: Frame, reply: Frame) -> str | None:
+    """A note for a refusal of `frame` that is easy to misread, or None.
+
+    `/history dev`, for a room one is not (or no longer) in, asks for the direct messages
+    with a user `dev` (a room one is in would have been taken as the room), and the server
+    answers `no_such_user`.
+    """
+    peer = frame.get("with")
+    if (reply.get("code") == "no_such_user" and frame.get("type") == "history"
+            and isinstance(peer, str) and ROOM.fullmatch(peer)):
+        return (f"/history {sanitize(peer, multiline=False)} is for your direct messages with "
+                f"a user; for the room, write /history {_shown(peer.lower())}")
+    return None
 
 
 _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
@@ -469,8 +524,8 @@ def perform(
 ) -> Frame:
     """Send the request, wait for its reply, follow what it changed if it succeeded.
 
-    `follow_rooms=False` leaves the rooms to `ChatState.observe` (the terminal UI, whose
-    printer sees the `ok` in its place among the other frames).
+    `follow_rooms=False` leaves the rooms to `ChatState.observe` (the terminal UI and line
+    mode, whose printer sees the `ok` in its place among the other frames).
     """
     reply = client.request(request.frame, timeout)
     if follow_rooms or request.frame.get("type") == "history":

@@ -39,9 +39,10 @@ frame that is an event goes on the event queue in the order received; a reply wh
 matches a waiting `request` is handed to that waiter after it is queued (if it is queued
 at all), so whoever reads events sees it in its place. A server `ping` is answered with
 `pong` right there. The I/O thread also follows `last_msg_id`: the `welcome`'s, raised by
-every `message` received. When the transport ends, `_on_close` fails every waiting request
-with ConnectionClosed and queues the end-of-stream marker after the last frame, so
-`events()` ends only after it has delivered everything, `bye` included.
+every `message` received; and it counts the stored direct messages the `welcome`
+announced as they come (`direct_position`). When the transport ends, `_on_close` fails
+every waiting request with ConnectionClosed and queues the end-of-stream marker after the
+last frame, so `events()` ends only after it has delivered everything, `bye` included.
 
 `_lock` guards `_waiters`; a request registers its waiter before its bytes are queued, and
 the transport refuses bytes once closed, so no waiter is ever left behind.
@@ -146,6 +147,14 @@ class ChatClient:
         # raised by each message received. None before login, or from a server that does
         # not say. Where a catch-up after a lost connection starts (chat.client.reconnect).
         self.last_msg_id: int | None = None
+        # The stored direct messages the welcome announced (`backlog`): the id before the
+        # first, how many, and how many of them came (direct messages at or below the
+        # welcome's last_msg_id: later ones are live). Written by the I/O thread only, read
+        # (direct_position) once the connection has ended.
+        self._backlog_before: int | None = None
+        self._backlog_count = 0
+        self._backlog_received = 0
+        self._welcome_msg_id: int | None = None
         self.bye_reason: str | None = None
         self.bad_frames = 0  # undecodable lines from the server, dropped (a server bug)
         # Called (frame, seconds) in the requesting thread before a refused request is
@@ -218,6 +227,24 @@ class ChatClient:
         self.pacer = SendPacer.for_server(self.limits, self._clock)
 
     # -- sending and requests ---------------------------------------------------------------
+
+    @property
+    def direct_position(self) -> int | None:
+        """Where this session's direct messages stand, if short of `last_msg_id`.
+
+        None unless the `welcome` announced stored direct messages (`backlog`) and fewer
+        of them came than it said (the connection was lost while they were being handed
+        over): then the id just before the first, from which a catch-up of the direct
+        messages must start, as the rest are older than `last_msg_id`.
+        """
+        if self._backlog_before is None or self._backlog_received >= self._backlog_count:
+            return None
+        return self._backlog_before
+
+    @property
+    def replies_are_events(self) -> bool:
+        """Whether every reply is also an event (`replies_as_events=True`)."""
+        return self._replies_as_events is True
 
     @property
     def closed(self) -> bool:
@@ -466,8 +493,11 @@ class ChatClient:
             return  # answered: a keep-alive is no news to anyone
         if kind == "bye":
             self.bye_reason = str(frame.get("reason"))
-        elif kind in ("welcome", "message"):
-            self._note_msg_id(frame.get("last_msg_id" if kind == "welcome" else "msg_id"))
+        elif kind == "welcome":
+            self._note_welcome(frame)
+        elif kind == "message":
+            self._note_backlog(frame)
+            self._note_msg_id(frame.get("msg_id"))
         waiter = None
         re_id = frame.get("re")
         if type(re_id) is int:  # not bool, which would match id 1
@@ -485,6 +515,23 @@ class ChatClient:
         if self._replies_as_events is None:
             return frame.get("type") == "message"  # the sender's own copy of its message
         return self._replies_as_events
+
+    def _note_welcome(self, frame: Frame) -> None:
+        last, backlog = frame.get("last_msg_id"), frame.get("backlog")
+        self._note_msg_id(last)
+        if type(last) is not int or not isinstance(backlog, dict):
+            return
+        count, first = backlog.get("count"), backlog.get("first_msg_id")
+        if type(count) is int and type(first) is int and count > 0:
+            self._welcome_msg_id = last
+            self._backlog_count = count
+            self._backlog_before = first - 1
+
+    def _note_backlog(self, frame: Frame) -> None:
+        msg_id = frame.get("msg_id")
+        if (self._welcome_msg_id is not None and "to" in frame and type(msg_id) is int
+                and msg_id <= self._welcome_msg_id):
+            self._backlog_received += 1
 
     def _note_msg_id(self, msg_id: object) -> None:
         if type(msg_id) is int and (self.last_msg_id is None or msg_id > self.last_msg_id):

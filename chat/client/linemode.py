@@ -22,10 +22,17 @@ Theory of operation
 -------------------
 Three threads. The main thread runs the commands: it takes the next input from `inputs`, a
 queue fed by the stdin reader (a line, or the end of input) and by the printer (the
-connection has ended), sends it as a request and waits for the reply before taking the next,
-so a script sees the same transcript every time. The printer prints every frame received,
-replies included, in the order they arrived: it alone writes events; /help and local
-complaints are written under the same `lock`, so lines never interleave. The stdin reader is a
+connection has ended), sends it as a request and waits until the printer has printed the
+reply before taking the next, so a script sees the same transcript every time. The printer
+prints every frame received, replies included, in the order they arrived: it alone writes
+events; /help and local complaints are written under the same `lock`, so lines never
+interleave. The printer also follows the rooms the user is in from those frames, as the
+terminal UI does (chat.client.commands.ChatState.observe): this session's joins and leaves
+from their `ok`, another session's from its presence (`-- you left #dev in another
+session; now talking in #general` on stderr) or from a message in a room not known; and a
+`not_in_room` refusal for a room the client thought it was in corrects it too. Since the
+main thread waits for the printer, the next plain line goes to the room the transcript
+says is current. The stdin reader is a
 daemon thread: a blocking read cannot be interrupted and must not keep the process alive.
 
 At the end of input the client sends `quit`, lets the printer drain everything up to the
@@ -34,8 +41,10 @@ connection first, the transcript is still printed in full and the exit code is 3
 
 With `connect` (the CLI's --reconnect), a connection that ends without our quit is taken up
 again by the printer (chat.client.reconnect.Link): it prints `-- connection lost;
-reconnecting in N s`, logs in again, rejoins, prints `-- reconnected as NAME` and the
-messages missed, each message shown once (by msg_id). Meanwhile the next command waits for
+reconnecting in N s`, logs in again, prints `-- reconnected as NAME`, takes the rooms the
+server lists as the user's (saying which were left or joined in another session meanwhile,
+and the new current room if the old one is gone), then prints the messages missed in each,
+each message shown once (by msg_id). Meanwhile the next command waits for
 the new connection, so no line is sent into the gap. A command whose reply was lost with
 the connection is reported, not repeated (it may have been carried out). The end of input
 (or /quit) while reconnecting stops it, and the exit code is 3: unlike a person at the
@@ -64,6 +73,7 @@ from chat.client.commands import (
     Request,
     Rooms,
     Switch,
+    explain,
     parse_command,
     perform,
     run_local,
@@ -72,6 +82,7 @@ from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, Frame, TimedOut
 from chat.client.format import ME_PREFIX, format_event, sanitize
 from chat.client.limits import split_message, split_note
+from chat.client.printer import Handled
 from chat.client.reconnect import Link
 
 EXIT_OK, EXIT_CONNECTION = 0, 3
@@ -109,9 +120,10 @@ def run_line_mode(
     backlog = login_backlog(client, link.seen, state.room, 0 if as_json else recent, timeout)
     inputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
     lock = threading.Lock()
+    handled = Handled()
     printer = threading.Thread(
         target=_print_events,
-        args=(link, stdout, stderr, lock, inputs, as_json, color, backlog),
+        args=(link, handled, stdout, stderr, lock, inputs, as_json, color, backlog),
         name="chat-client-printer",
         daemon=True,
     )
@@ -157,7 +169,7 @@ def run_line_mode(
         elif isinstance(action, Passwd):
             complain(INTERACTIVE_ONLY)
         elif isinstance(action, Request):
-            outcome = _carry_out(action, item, link, state, timeout, note, complain)
+            outcome = _carry_out(action, item, link, handled, timeout, note, complain)
             if outcome is _ENDED:
                 break
             if outcome is _TIMED_OUT:
@@ -198,11 +210,16 @@ _TIMED_OUT = object()  # no reply in time: the client gives up
 
 
 def _carry_out(
-    action: Request, line: str, link: Link, state: ChatState, timeout: float,
+    action: Request, line: str, link: Link, handled: Handled, timeout: float,
     note: Callable[[str], None], complain: Callable[[str], None],
 ) -> int | object:
     """Send `action`, split if too long; how many messages were not delivered, or
-    _ENDED (the connection is gone for good) or _TIMED_OUT."""
+    _ENDED (the connection is gone for good) or _TIMED_OUT.
+
+    Each reply is waited for until the printer has printed it and followed what it changed
+    (a join's or a leave's current room), so the next line goes where the transcript says.
+    """
+    state = link.state
 
     def paused(frame: Frame, wait: float) -> None:
         note(f"the server asked to slow down: sending again in {wait:g} s")
@@ -217,7 +234,11 @@ def _carry_out(
     undelivered = 0
     for request in requests:
         try:
-            reply = perform(client, request, state, timeout)
+            # The printer follows the rooms from the replies it prints (and from what other
+            # sessions do), in the order the frames came; a client whose replies are not
+            # events (a library caller's) leaves it to this thread.
+            reply = perform(client, request, state, timeout,
+                            follow_rooms=not client.replies_are_events)
         except ValueError as exc:  # refused locally: larger than the server accepts
             complain(str(exc))
             undelivered += _is_send(request)
@@ -234,6 +255,16 @@ def _carry_out(
         except TimedOut as exc:
             complain(f"{exc}; giving up")
             return _TIMED_OUT
+        if client.replies_are_events:
+            handled.wait(client, reply.get("re"), timeout)
+        room = request.frame.get("room")
+        if reply.get("code") == "not_in_room" and isinstance(room, str):
+            lost = state.lost(room)  # left in another session, and no presence said so yet
+            if lost is not None:
+                note(lost)
+        hint = explain(request.frame, reply)
+        if hint is not None:
+            note(hint)
         if reply.get("type") == "error" and (
             _is_send(request) or reply.get("code") == "rate_limited"
         ):
@@ -278,6 +309,7 @@ def _read_lines(stdin: TextIO, inputs: queue.SimpleQueue[Any]) -> None:
 
 def _print_events(
     link: Link,
+    handled: Handled,
     stdout: TextIO,
     stderr: TextIO,
     lock: threading.Lock,
@@ -298,18 +330,34 @@ def _print_events(
     def notify(text: str) -> None:
         _write(stderr, lock, f"-- {sanitize(text, multiline=False)}")
 
+    def follow(frame: Frame) -> None:
+        # The rooms follow what the frames say (this session's joins and leaves from their
+        # `ok`, another session's from its presence or messages), with a note on stderr:
+        # before the line it explains, or after an `ok`, which it follows from.
+        notes = link.state.observe(frame, link.client.username)
+        if frame.get("type") != "ok":
+            for text in notes:
+                notify(text)
+        show(frame)
+        if frame.get("type") == "ok":
+            for text in notes:
+                notify(text)
+
     try:
         if as_json:
             _write(stdout, lock, json.dumps(link.client.hello))
-        show_backlog(backlog, show, notify)
+        show_backlog(backlog, follow, notify)
         while True:
-            for frame in link.client.events():
+            client = link.client
+            for frame in client.events():
                 if link.seen.fresh(frame):
-                    show(frame)
-            if not link.resume(show, notify):
+                    follow(frame)
+                handled.mark(client, frame.get("re"))
+            if not link.resume(follow, notify):
                 break
     finally:
         link.stop()
+        handled.close()
         inputs.put(_CONNECTION_ENDED)
 
 

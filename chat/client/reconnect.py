@@ -16,14 +16,24 @@ prints events): a bounded set of recent ids, so that a message that comes twice 
 catch-up page and live, or as a stored direct message and in `history with`) is shown
 once, and the highest `msg_id` per room and per peer for an old server's catch-up.
 
+The direct messages stored while the user had no session are handed to the first session
+after its `welcome`, which announces them (`backlog`: how many, the first id); they are
+older than its `last_msg_id`. A connection lost before all of them came has missed the
+rest for good (the server counts them delivered), so its direct messages are caught up
+from just before the first (`ChatClient.direct_position`); those already shown are
+dropped by `Seen`.
+
 `reconnect` runs in the thread that noticed the end (the printer): it waits out the
 backoff schedule (1 s doubling to 60 s, each +-20% jitter; `sleep` and `rng` injectable),
 connects with the `connect` callable, logs in with the password kept in memory (never
-written anywhere), joins the rooms the state says we are in but the `welcome` does not,
-and catches up. The replies to these requests are `quiet`: they are not queued as events,
-so nothing is shown but the missed messages, which it returns, oldest first per room, for
-the printer to show through `Seen`. Until it succeeds the position stays the lost
-connection's: a failed attempt's messages were never shown, so they are caught up again.
+written anywhere), and catches up on the rooms the new `welcome` lists. Those rooms, not
+the ones the client thought it was in, are the user's from then on (`ChatState.adopt`): a
+room left or joined in another session while the connection was down stays so, and the
+user is told. Nothing is ever joined again on the user's behalf. The replies to these
+requests are `quiet`: they are not queued as events, so nothing is shown but the missed
+messages, which it returns, oldest first per room, for the printer to show through `Seen`.
+Until it succeeds the position stays the lost connection's: a failed attempt's messages
+were never shown, so they are caught up again.
 
 When to reconnect: the connection ended without a `bye`, or with `bye` `shutdown`, `idle`
 or `slow_consumer`. Not after `quit` (ours, or another session's `passwd` logging us out),
@@ -108,20 +118,25 @@ class Seen:
         peer = to if isinstance(sender, str) and sender.casefold() == me else sender
         return (peer.lower() if isinstance(peer, str) else None), self.peers
 
-    def catch_up_requests(self, rooms: set[str], position: int | None) -> list[Frame]:
+    def catch_up_requests(
+        self, rooms: set[str], position: int | None, direct: int | None = None
+    ) -> list[Frame]:
         """The history requests to catch up on `rooms` and the direct messages.
 
         From `position` (the lost connection's `last_msg_id`) when the server said one:
-        each room, and the direct messages with everyone. Else from what was shown: a room
-        with no message shown uses the highest id shown anywhere (msg_id grows across all
-        rooms, and a session sees messages in msg_id order); with none shown at all there
-        is nothing to catch up from, and the room is left to /history.
+        each room, and the direct messages with everyone, those from `direct` if it is
+        earlier (the connection was lost before all the stored direct messages announced
+        in its `welcome` came: the rest are older than `position`). Else from what was
+        shown: a room with no message shown uses the highest id shown anywhere (msg_id
+        grows across all rooms, and a session sees messages in msg_id order); with none
+        shown at all there is nothing to catch up from, and the room is left to /history.
         """
         if position is not None:
             requests: list[Frame] = [
                 {"type": "history", "room": room, "after": position} for room in sorted(rooms)
             ]
-            requests.append({"type": "history", "direct": True, "after": position})
+            after = position if direct is None else min(direct, position)
+            requests.append({"type": "history", "direct": True, "after": after})
             return requests
         everywhere = max([*self.rooms.values(), *self.peers.values()], default=None)
         requests = []
@@ -150,18 +165,19 @@ class Client(Protocol):
 
 def catch_up(
     client: Client, seen: Seen, rooms: set[str], timeout: float, *,
-    position: int | None = None, notify: Callable[[str], None] = lambda text: None,
+    position: int | None = None, direct: int | None = None,
+    notify: Callable[[str], None] = lambda text: None,
 ) -> list[Frame]:
     """Every message missed in `rooms` and the direct messages, oldest first per request."""
     missed: list[Frame] = []
-    requests = seen.catch_up_requests(rooms, position)
+    requests = seen.catch_up_requests(rooms, position, direct)
     while requests:
         request = requests.pop(0)
         for _ in range(MAX_CATCH_UP_PAGES):
             reply = client.request({**request, "limit": CATCH_UP_LIMIT}, timeout, quiet=True)
             if reply.get("type") != "history":
                 if request.get("direct"):  # a server without `history direct`: by peer
-                    requests.extend(seen.peer_requests(position))
+                    requests.extend(seen.peer_requests(request["after"]))
                 break
             listed = reply.get("messages")
             messages = [m for m in listed if isinstance(m, dict)] if isinstance(
@@ -192,13 +208,16 @@ def reconnect(
     notify: Callable[[str], None],
     timeout: float,
     position: int | None = None,
+    direct: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     delays: Iterator[float] | None = None,
     max_attempts: int | None = None,
 ) -> tuple[Any, list[Frame]]:
-    """Connect and log in again, rejoin, catch up: (the new client, the missed messages).
+    """Connect and log in again, take the server's rooms, catch up: (the new client, the
+    missed messages).
 
-    `position` is the lost connection's `last_msg_id` (None: the server did not say).
+    `position` is the lost connection's `last_msg_id` (None: the server did not say);
+    `direct`, if earlier, where its direct messages stand (see `Seen.catch_up_requests`).
     """
     attempts = 0
     failed: str | None = None  # why the last attempt failed: said with the next wait
@@ -229,19 +248,21 @@ def reconnect(
                 continue
             client.username = str(welcome.get("username", username))
             listed = welcome.get("rooms")
-            joined = {r.lower() for r in listed if isinstance(r, str)} if isinstance(
-                listed, list) else set()
-            for room in sorted(state.rooms - joined):
-                client.request({"type": "join", "room": room}, timeout, quiet=True)
-            # Rooms joined from another session meanwhile are the user's too.
+            # The server's rooms, never ours: a room left in another session meanwhile is
+            # not joined again, and one joined elsewhere is caught up too.
+            rooms = {r.lower() for r in listed if isinstance(r, str)} if isinstance(
+                listed, list) else None
             missed = catch_up(
-                client, seen, state.rooms | joined, timeout, position=position, notify=notify
+                client, seen, state.rooms if rooms is None else rooms, timeout,
+                position=position, direct=direct, notify=notify,
             )
         except ClientError as exc:
             client.close()
             failed = f"reconnect failed: {exc}"
             continue
         notify(f"reconnected as {client.username}")
+        for note in state.adopt(rooms) if rooms is not None else []:
+            notify(note)
         return client, missed
     raise GaveUp("gave up reconnecting" + (f" ({failed})" if failed else ""))
 
@@ -357,6 +378,7 @@ class Link:
                 self._connect_attempt, old.username or "", self._password, self.state,
                 self.seen, notify=tell, timeout=self._timeout, sleep=self._sleep,
                 delays=self._delays(), position=getattr(old, "last_msg_id", None),
+                direct=getattr(old, "direct_position", None),
             )
         except GaveUp as exc:
             tell(str(exc))

@@ -26,11 +26,13 @@ pre_run hook and exits at once.
 Unless reconnecting is off (--no-reconnect), a connection that ends without our quit is
 taken up again by the printer (chat.client.reconnect.Link): `-- connection lost;
 reconnecting in N s`, a new login with the password kept in memory (updated by a successful
-/passwd), the rooms rejoined, `-- reconnected as NAME`, then the messages missed, each
-message shown once (by msg_id). Only then does `ended` get set, if it gave up. A command
-typed while reconnecting is not sent (it says so). Leaving is the user's choice whenever it
-comes: /quit or Ctrl-D exit 0, Ctrl-C on an empty line 130, reconnecting or not; only the
-server ending the session (or reconnecting giving up) exits 3.
+/passwd), `-- reconnected as NAME`, the rooms the server lists taken as the user's (with a
+note on each left or joined in another session meanwhile, never joined again), then the
+messages missed, each message shown once (by msg_id). Only then does `ended` get set, if
+it gave up. A command typed while reconnecting is not sent (it says so). Leaving is the
+user's choice whenever it comes: /quit or Ctrl-D exit 0, Ctrl-C on an empty line 130,
+reconnecting or not; only the server ending the session (or reconnecting giving up)
+exits 3.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from chat.client.commands import (
     Request,
     Rooms,
     Switch,
+    explain,
     parse_command,
     run_local,
 )
@@ -284,12 +287,15 @@ def run_interactive(
             note = state.lost(room)  # left elsewhere, and no presence said so (yet)
             if note is not None:
                 screen.show(f"-- {note}")
+        hint = explain(request.frame, reply)
+        if hint is not None:
+            screen.show(f"-- {hint}")
         return reply
 
     def carry_out(request: Request) -> None:
         current = link.current(wait=False)
         if current is None:
-            screen.show("! not sent: reconnecting (/quit to give up)")
+            screen.show("! not sent: reconnecting; Up recalls the line (/quit to give up)")
             return
         parts = message_parts(request.frame, current.limits.max_message_chars)
         for n, part in enumerate(parts):
