@@ -23,8 +23,10 @@ from typing import Any
 from chat.throttle import Limits
 
 
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME", "")
+    if not Path(base).is_absolute():  # the XDG spec: a relative value is to be ignored
+        base = str(Path.home() / ".local" / "share")
     return Path(base) / "chat"
 
 
@@ -90,7 +92,7 @@ class Settings:
     )
     # --- storage and secrets ---
     data_dir: str = _setting(
-        str(_default_data_dir()), "Where the database, pepper and dev certificates live."
+        str(default_data_dir()), "Where the database, pepper and dev certificates live."
     )
     db: str = _setting("", "SQLAlchemy database URL. Empty: sqlite:///DATA_DIR/chat.db.")
     pepper_file: str = _setting(

@@ -50,7 +50,7 @@ def _member(conn: Connection, room: str) -> UserState:
 def send(conn: Connection, req: m.Send) -> None:
     session = conn.require_session()
     if req.to is not None and not m.valid_username(req.to):
-        raise NoSuchUser()
+        raise NoSuchUser(f"no user named {req.to[:40]!r}")
     rid = req.id
     # Membership is checked by the writer, with the message (Store._insert_messages).
     conn.submit(MessageJob(
@@ -133,7 +133,7 @@ def history(conn: Connection, req: m.History) -> None:
     store, rid, read_pool = conn.server.store, req.id, conn.server.read_pool
     max_bytes = conn.settings.max_history_bytes
     if req.with_ is not None and not m.valid_username(req.with_):
-        raise NoSuchUser()
+        raise NoSuchUser(f"no user named {req.with_[:40]!r}")
     # Spent now, before the reply exists, so that pipelined requests cannot all start
     # before the first one is weighed; the difference comes back with the reply.
     row_cost = conn.settings.history_row_cost
@@ -156,7 +156,7 @@ def history(conn: Connection, req: m.History) -> None:
                     assert req.with_ is not None
                     other = store.find_user(req.with_.lower())
                     if other is None:
-                        raise NoSuchUser()
+                        raise NoSuchUser(f"no user named {req.with_[:40]!r}")
                     reply["with"] = other.name
                     where = {"pair": dm_pair(session.user_id, other.id)}
                 reply["messages"] = store.history(

@@ -38,7 +38,13 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from chat import SERVER_NAME, __version__, certs, files, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
-from chat.config import SettingError, Settings, file_problem, load_settings_and_sources
+from chat.config import (
+    SettingError,
+    Settings,
+    default_data_dir,
+    file_problem,
+    load_settings_and_sources,
+)
 from chat.connection import Connection
 from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
@@ -165,8 +171,13 @@ class Server:
                 (s.host, s.port), family=family, backlog=1024, reuse_port=False
             )
         except OSError as exc:
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = ("; is a chat server (or another program) already listening there? "
+                        "Stop it, or choose another port with --port")
             raise SettingError(("host", "port"), f"cannot listen on {s.host} port {s.port}: "
-                               f"{exc.strerror or exc}", exit_code=1) from None
+                               f"{os.strerror(exc.errno) if exc.errno else exc}{hint}",
+                               exit_code=1) from None
         self.listen_sock.setblocking(False)
         self.address = self.listen_sock.getsockname()[:2]
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
@@ -191,10 +202,13 @@ class Server:
                 except OSError as exc:
                     raise SettingError("data_dir", "cannot make development certificates in "
                                        f"{certfile.parent}: {exc}", exit_code=1) from None
-                log.warning("made development certificates in %s; chat-client on this "
-                            "machine trusts them by itself when that is the default data "
-                            "directory; otherwise, or on another machine, give it --cafile %s",
-                            certfile.parent, paths.ca_cert)
+                if Path(s.data_dir) == default_data_dir():
+                    log.warning("made development certificates in %s; chat-client on this "
+                                "machine trusts them by itself; on another machine, give it "
+                                "--cafile %s", certfile.parent, paths.ca_cert)
+                else:
+                    log.warning("made development certificates in %s; give chat-client "
+                                "--cafile %s", certfile.parent, paths.ca_cert)
         files.check_secret_mode(keyfile, key_names, "keyfile")
         files.check_server_pair(certfile, keyfile, cert_names, key_names)
         if s.client_cafile:

@@ -338,3 +338,11 @@ def test_missing_type_error_still_carries_re(chat_server):
     c = chat_server.client()
     c.send({"id": "no-type"})
     assert c.recv()["re"] == "no-type"
+
+
+def test_an_unknown_user_is_named_the_same_way_by_send_and_history(chat_server):
+    alice = chat_server.user("alice")
+    for request in ({"type": "send", "to": "nosuch", "message": "hi"},
+                    {"type": "history", "with": "nosuch"}):
+        reply = alice.request(request)
+        assert (reply["code"], reply["message"]) == ("no_such_user", "no user named 'nosuch'")

@@ -248,7 +248,9 @@ def test_a_port_that_is_taken_is_named(run_main, tmp_path, cert_dir):
         code, log_text = run_main(*argv)
     assert code == 1
     assert f"cannot listen on 127.0.0.1 port {port}" in log_text
+    assert "already listening there?" in log_text and "--port" in log_text
     assert "(host at its default; port set by the flag --port)" in log_text
+    assert "while attempting to bind" not in log_text  # said once, not twice
 
 
 def test_a_database_url_that_cannot_work_is_named_without_its_password(
@@ -422,3 +424,13 @@ def test_a_failed_reload_names_the_file_and_its_source(server_factory, tmp_path,
             f"match certfile {certfile}") in caplog.text
     assert "keyfile set by the flag --keyfile" in caplog.text
     assert running.client().hello["type"] == "hello"  # still serving, on the old pair
+
+
+def test_a_relative_xdg_data_home_is_ignored(monkeypatch, tmp_path):
+    from chat.config import default_data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")  # the XDG spec: ignore it
+    assert default_data_dir() == tmp_path / ".local" / "share" / "chat"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "abs"))
+    assert default_data_dir() == tmp_path / "abs" / "chat"
