@@ -40,7 +40,8 @@ BENCH_LIMITS = [
 def _limits_for(python: str, code: Path) -> list[str]:
     """BENCH_LIMITS less the flags an older checkout's server does not know."""
     out = subprocess.run([python, "-m", "chat.server", "--help"], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(code)}).stdout
+                         text=True, env={**os.environ, "PYTHONPATH": str(code)},
+                         cwd=str(code)).stdout
     kept = []
     for flag, value in zip(BENCH_LIMITS[::2], BENCH_LIMITS[1::2], strict=True):
         if flag in out:
@@ -83,7 +84,8 @@ def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subproc
         raise SystemExit(f"unknown server {kind}")
     env = {**os.environ, "PYTHONPATH": str(code)}
     # chat-server prints its ready line whatever the log level: wait for it.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    # `python -m` looks in the working directory first: run it in the checkout it is for.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=str(code))
     assert proc.stderr is not None
     for line in proc.stderr:
         if m := re.search(r"listening on [^ ]+:(\d+)", line):
