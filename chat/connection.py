@@ -255,8 +255,8 @@ class Connection(TlsStream):
             if kind == "pong" and self._pongs_owed > 0:
                 self._pongs_owed -= 1
             elif kind != "quit":
-                wait = (self.bucket.wait(1.0) or self.reply_budget.wait(0.0)
-                        or self.read_budget.wait(0.0))
+                wait = (self.bucket.ready(1.0) or self.reply_budget.ready(0.0)
+                        or self.read_budget.ready(0.0))
                 if wait:
                     self._waiting = event  # parsed once; handled when its token is there
                     self._hold(HOLD_RATE)

@@ -61,7 +61,7 @@ def parse_frame(line: bytes) -> Frame:
     return result
 
 
-def _parse(line: bytes) -> Frame | ProtocolError:
+def _parse(line: bytes | bytearray) -> Frame | ProtocolError:
     # Errors are returned, not raised: an error object that was never raised carries no
     # traceback, and one that chained the parser's exception would keep its frames alive.
     if line.endswith(b"\r"):
@@ -146,7 +146,7 @@ class FrameDecoder:
             self.last_size = nl + 1 - start
             if self.last_size > limit:
                 return FrameTooLarge()
-            return _parse(bytes(buf[start:nl]))
+            return _parse(buf[start:nl])  # a bytearray parses as well: no second copy
 
     def feed(self, data: bytes) -> list[Frame | ProtocolError]:
         """Push `data` and return every event it completes, in order."""

@@ -233,6 +233,17 @@ class TokenBucket:
         tokens = self._refill()
         return 0.0 if tokens >= need else (need - tokens) / self.rate
 
+    def ready(self, need: float = 1.0) -> float:
+        """As `wait`, but without reading the clock while the tokens are there anyway.
+
+        Tokens accrue from the last refill whenever it next happens, so skipping the
+        refill loses nothing but accrual past the burst, which is capped away regardless.
+        This is the per-frame path: one attribute read instead of a clock read.
+        """
+        if self._tokens >= need:
+            return 0.0
+        return self.wait(need)
+
     def spend(self, amount: float) -> None:
         """Take `amount` tokens, into debt if need be; a negative amount gives back."""
         self._tokens = min(self.burst, self._tokens - amount)
