@@ -11,6 +11,9 @@
     └── RequestRefused            a well-formed request the server says no to
         ├── AlreadyAuthenticated, InvalidCredentials, InvalidUsername, WeakPassword,
         ├── UsernameTaken, NoSuchUser, NotInRoom, Forbidden, ServerBusy, Internal
+        ├── NoSuchRoom, RoomTaken, Banned, LastOwner, Blocked      (v1.1: rooms)
+        ├── RegistrationClosed, InvalidToken, AccountDisabled      (v1.1: accounts;
+        │                                   in ERROR_CODES once the server sends them)
         └── RateLimited           carries retry_after (seconds)
 
 Errors become wire `error` frames in exactly one place: `ChatError.to_frame`, called by
@@ -111,6 +114,48 @@ class NotInRoom(RequestRefused):
 class Forbidden(RequestRefused):
     code = "forbidden"
     default_message = "that is not allowed"
+
+
+class NoSuchRoom(RequestRefused):
+    code = "no_such_room"
+    # One text for a room that does not exist and a private one the asker may not see.
+    default_message = "no such room"
+
+
+class RoomTaken(RequestRefused):
+    code = "room_taken"
+    default_message = "a room by that name exists"
+
+
+class Banned(RequestRefused):
+    code = "banned"
+    default_message = "banned from that room"
+
+
+class LastOwner(RequestRefused):
+    code = "last_owner"
+    default_message = "a room with members keeps at least one owner: make another first"
+
+
+class Blocked(RequestRefused):
+    code = "blocked"
+    default_message = "that user does not take this from you"
+
+
+class RegistrationClosed(RequestRefused):
+    code = "registration_closed"
+    default_message = "registration is closed on this server"
+
+
+class InvalidToken(RequestRefused):
+    code = "invalid_token"
+    # One text for unknown, expired, used-up and revoked tokens.
+    default_message = "that registration token is not valid"
+
+
+class AccountDisabled(RequestRefused):
+    code = "account_disabled"
+    default_message = "this account is disabled"
 
 
 class ServerBusy(RequestRefused):
