@@ -6,7 +6,7 @@ display names beside their ids: history needs no join.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -61,11 +61,20 @@ class Message(Base):
 
     __table_args__ = (
         Index("ix_messages_room_id", "room", "id"),
-        Index("ix_messages_dm_pair_id", "dm_pair", "id"),
-        Index("ix_messages_undelivered", "recipient_id", "delivered"),
+        # Partial, as the ones below: only direct messages have entries in them.
+        Index("ix_messages_dm_pair_id", "dm_pair", "id",
+              sqlite_where=text("dm_pair IS NOT NULL"),
+              postgresql_where=text("dm_pair IS NOT NULL")),
+        Index("ix_messages_undelivered", "recipient_id", "delivered",
+              sqlite_where=text("recipient_id IS NOT NULL"),
+              postgresql_where=text("recipient_id IS NOT NULL")),
         # Every direct message of one user (history direct: catching up after a reconnect).
-        Index("ix_messages_recipient_id", "recipient_id", "id"),
-        Index("ix_messages_sender_id", "sender_id", "id"),
+        # Partial: a room message, nearly every INSERT, has no entry to write in them
+        # (two more index entries per message cost bench (b) a tenth of its rate).
+        Index("ix_messages_recipient_id", "recipient_id", "id",
+              sqlite_where=text("room IS NULL"), postgresql_where=text("room IS NULL")),
+        Index("ix_messages_sender_id", "sender_id", "id",
+              sqlite_where=text("room IS NULL"), postgresql_where=text("room IS NULL")),
         # msg_id must grow with every message and never be reused.
         {"sqlite_autoincrement": True},
     )

@@ -326,23 +326,32 @@ class Store:
         nearest the anchor (the newest ones, or with `after` the oldest ones), so paging
         on with `before`/`after` still sees every message.
         """
+        m = messages_t.c
         if room is not None:
-            where = messages_t.c.room == room
+            wheres = [m.room == room]
         elif pair is not None:
-            where = messages_t.c.dm_pair == pair
+            wheres = [m.dm_pair == pair]
         else:
-            where = and_(messages_t.c.room.is_(None), or_(
-                messages_t.c.recipient_id == direct_of, messages_t.c.sender_id == direct_of))
-        query = select(messages_t).where(where)
-        if upto is not None:
-            query = query.where(messages_t.c.id <= upto)
-        if after is not None:
-            query = query.where(messages_t.c.id > after).order_by(messages_t.c.id.asc())
-            rows = conn.execute(query.limit(limit)).all()
-        else:
-            if before is not None:
-                query = query.where(messages_t.c.id < before)
-            rows = conn.execute(query.order_by(messages_t.c.id.desc()).limit(limit)).all()
+            # Received, and sent to others: each an index range of its own (the partial
+            # indexes of direct messages), merged below; an OR would scan every DM.
+            direct = m.room.is_(None)
+            wheres = [and_(direct, m.recipient_id == direct_of),
+                      and_(direct, m.sender_id == direct_of, m.recipient_id != direct_of)]
+        rows: list[Any] = []
+        for where in wheres:
+            query = select(messages_t).where(where)
+            if upto is not None:
+                query = query.where(m.id <= upto)
+            if after is not None:
+                query = query.where(m.id > after).order_by(m.id.asc())
+            else:
+                if before is not None:
+                    query = query.where(m.id < before)
+                query = query.order_by(m.id.desc())
+            rows += conn.execute(query.limit(limit)).all()
+        if len(wheres) > 1:
+            rows.sort(key=lambda r: r.id, reverse=after is None)
+            del rows[limit:]
         frames, size = [], 0
         for row in rows:  # nearest the anchor first
             size += _frame_size(row)

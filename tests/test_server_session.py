@@ -63,6 +63,31 @@ def test_history_direct_is_every_direct_message_of_the_user(chat_server):
         assert a.request({"type": "history", **bad})["code"] == "invalid_field"
 
 
+def test_history_direct_pages_through_sent_and_received_alike(chat_server):
+    """Sent and received are read apart (an index each) and merged: paging sees each once."""
+    a, b = chat_server.user("alice"), chat_server.user("bob")
+    ids = []
+    for i in range(7):
+        sender, to = (a, "bob") if i % 3 else (b, "alice")
+        ids.append(sender.request({"type": "send", "to": to, "message": str(i)})["msg_id"])
+    ids.append(a.request({"type": "send", "to": "alice", "message": "to self"})["msg_id"])
+    seen, before = [], None
+    while True:
+        page = a.request({"type": "history", "direct": True, "limit": 2,
+                          **({"before": before} if before else {})})["messages"]
+        if not page:
+            break
+        seen = [m["msg_id"] for m in page] + seen
+        before = page[0]["msg_id"]
+    assert seen == ids
+    forward, after = [], 0
+    while page := a.request({"type": "history", "direct": True, "limit": 3,
+                             "after": after})["messages"]:
+        forward += [m["msg_id"] for m in page]
+        after = page[-1]["msg_id"]
+    assert forward == ids
+
+
 def test_register_then_login(chat_server):
     c = chat_server.client()
     reply = c.request({"type": "register", "username": "Alice", "password": PASSWORD})

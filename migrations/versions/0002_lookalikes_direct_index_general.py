@@ -7,7 +7,8 @@ Create Date: 2026-12-05
 - `users.username_skeleton` (unique): a look-alike of an existing name cannot register.
   Existing users get theirs here; where two already look alike, the later account's
   skeleton is suffixed with its id, so both keep working and no third can join them.
-- Indexes for every direct message of one user (`history` with `direct`).
+- Indexes for every direct message of one user (`history` with `direct`), and the
+  direct-message indexes made partial: a room message writes no entry in them.
 - Every account is in `general` (the protocol says so; an older release let users leave).
 """
 
@@ -50,9 +51,24 @@ def upgrade() -> None:
                               nullable=False)
         batch_op.create_unique_constraint("uq_users_username_skeleton", ["username_skeleton"])
 
+    # Partial: room messages, nearly every INSERT, write no entry in them (the two
+    # indexes of direct messages that 0001 made whole are made partial too).
+    direct_only = {"sqlite_where": sa.text("room IS NULL"),
+                   "postgresql_where": sa.text("room IS NULL")}
     with op.batch_alter_table("messages", schema=None) as batch_op:
-        batch_op.create_index("ix_messages_recipient_id", ["recipient_id", "id"], unique=False)
-        batch_op.create_index("ix_messages_sender_id", ["sender_id", "id"], unique=False)
+        batch_op.drop_index("ix_messages_dm_pair_id")
+        batch_op.drop_index("ix_messages_undelivered")
+        batch_op.create_index("ix_messages_dm_pair_id", ["dm_pair", "id"], unique=False,
+                              sqlite_where=sa.text("dm_pair IS NOT NULL"),
+                              postgresql_where=sa.text("dm_pair IS NOT NULL"))
+        batch_op.create_index("ix_messages_undelivered", ["recipient_id", "delivered"],
+                              unique=False,
+                              sqlite_where=sa.text("recipient_id IS NOT NULL"),
+                              postgresql_where=sa.text("recipient_id IS NOT NULL"))
+        batch_op.create_index("ix_messages_recipient_id", ["recipient_id", "id"], unique=False,
+                              **direct_only)
+        batch_op.create_index("ix_messages_sender_id", ["sender_id", "id"], unique=False,
+                              **direct_only)
 
     memberships = sa.table("memberships", sa.column("user_id", sa.Integer),
                            sa.column("room", sa.String), sa.column("joined_ms", sa.BigInteger))
@@ -67,6 +83,11 @@ def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index("ix_messages_sender_id")
         batch_op.drop_index("ix_messages_recipient_id")
+        batch_op.drop_index("ix_messages_undelivered")
+        batch_op.drop_index("ix_messages_dm_pair_id")
+        batch_op.create_index("ix_messages_dm_pair_id", ["dm_pair", "id"], unique=False)
+        batch_op.create_index("ix_messages_undelivered", ["recipient_id", "delivered"],
+                              unique=False)
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.drop_constraint("uq_users_username_skeleton", type_="unique")
         batch_op.drop_column("username_skeleton")
