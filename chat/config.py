@@ -214,6 +214,13 @@ class Settings:
     max_room_members: int = _setting(
         10000, "Members one room may have; fan-out work grows with it."
     )
+    invite_ttl: float = _setting(
+        7 * 24 * 3600.0, "Seconds an invitation to a room stays valid (unused)."
+    )
+    max_listed_rooms: int = _setting(
+        1000, "Public rooms one list_rooms reply names at most, the fullest first (the "
+        "user's own rooms and invitations always): a reply must stay a sane size."
+    )
     max_history_bytes: int = _setting(
         1024 * 1024, "Largest history reply; older messages are left for the next page."
     )
@@ -277,7 +284,7 @@ class Settings:
         if self.tls_profile not in ("intermediate", "modern"):
             raise bad("tls_profile", "must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
-                     "checkpoint_interval", "presence_interval",
+                     "checkpoint_interval", "presence_interval", "invite_ttl",
                      "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
@@ -301,7 +308,8 @@ class Settings:
                      "login_max_consecutive", "max_rooms_per_user", "max_room_members",
                      "max_errors_in_row", "frame_burst", "max_connections_per_ip",
                      "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
-                     "writer_queue_limit", "presence_room_limit", "read_bytes_per_second"):
+                     "writer_queue_limit", "presence_room_limit", "read_bytes_per_second",
+                     "max_listed_rooms"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chat import login, rooms
+from chat import login, moderation, rooms
 from chat import messages as m
 from chat.errors import (
     AuthRequired,
@@ -528,4 +528,17 @@ _HANDLERS: dict[type, _Handler] = {
     m.Who: _Handler(rooms.who, False),
     m.History: _Handler(rooms.history, False),
     m.Passwd: _Handler(login.passwd, False),
+    m.Create: _Handler(rooms.create, False),
+    m.RoomInfo: _Handler(rooms.room_info, False),
+    m.Members: _Handler(rooms.members, False),
+    m.ListRooms: _Handler(rooms.list_rooms, False),
+    m.Invite: _Handler(moderation.invite, False),
+    m.Kick: _Handler(moderation.kick, False),
+    m.Ban: _Handler(moderation.ban, False),
+    m.Unban: _Handler(moderation.unban, False),
+    m.SetRole: _Handler(moderation.set_role, False),
+    m.Topic: _Handler(moderation.topic, False),
+    m.SetHistory: _Handler(moderation.set_history, False),
+    m.BlockUser: _Handler(moderation.block, False),
+    m.UnblockUser: _Handler(moderation.unblock, False),
 }

@@ -12,8 +12,7 @@
         ├── AlreadyAuthenticated, InvalidCredentials, InvalidUsername, WeakPassword,
         ├── UsernameTaken, NoSuchUser, NotInRoom, Forbidden, ServerBusy, Internal
         ├── NoSuchRoom, RoomTaken, Banned, LastOwner, Blocked      (v1.1: rooms)
-        ├── RegistrationClosed, InvalidToken, AccountDisabled      (v1.1: accounts;
-        │                                   in ERROR_CODES once the server sends them)
+        ├── RegistrationClosed, InvalidToken, AccountDisabled      (v1.1: accounts)
         └── RateLimited           carries retry_after (seconds)
 
 Errors become wire `error` frames in exactly one place: `ChatError.to_frame`, called by
@@ -189,5 +188,7 @@ ERROR_CODES = frozenset(
         BadFrame, FrameTooLarge, UnknownType, InvalidField, AuthRequired,
         AlreadyAuthenticated, InvalidCredentials, InvalidUsername, WeakPassword,
         UsernameTaken, NoSuchUser, NotInRoom, Forbidden, ServerBusy, Internal, RateLimited,
+        NoSuchRoom, RoomTaken, Banned, LastOwner, Blocked, RegistrationClosed, InvalidToken,
+        AccountDisabled,
     )
 )

@@ -192,6 +192,23 @@ class LocalHub:
         if not members:
             del self._rooms[room]
 
+    def removed(self, user: UserState, room: str, data: bytes) -> None:
+        """A kick or ban: each of the user's sessions gets `data` (the `removed` frame),
+        then leaves the room's fan-out, before any later room traffic is delivered."""
+        user.rooms.discard(room)
+        for session in user.sessions:
+            if room in session.rooms_in:
+                session.out.deliver(data)
+        self.left(user, room)
+
+    def sessions_in(self, room: str) -> set[Session]:
+        return self._rooms.get(room, set())
+
+    def publish_room(self, room: str, data: bytes) -> None:
+        """One frame to every session in the room (an event: a role, a topic)."""
+        for session in self._rooms.get(room, ()):
+            session.out.deliver(data)
+
     def who(self, room: str) -> list[str]:
         """Who is online in the room, sorted; kept until its members change, so that
         asking again and again of a room of thousands costs the writer nothing."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from chat import messages as m
 from chat.auth import check_new_password
 from chat.errors import (
+    AccountDisabled,
     AlreadyAuthenticated,
     ChatError,
     Internal,
@@ -135,6 +136,8 @@ def login(conn: Connection, req: m.Login) -> None:
         def run(db: Any) -> Callable[[], None]:
             if not server.store.password_hash_is(db, rec.id, rec.password_hash):
                 raise InvalidCredentials()  # a passwd got in between: check again
+            if server.store.disabled(db, rec.id):
+                raise AccountDisabled()  # only now: the right password was given
             if new_hash is not None:
                 server.store.set_password_hash(db, rec.id, new_hash)
             # The user's rooms as of this point in the writer's order: an online user's

@@ -20,6 +20,12 @@ MAX_ID_CHARS = 64
 # JSON parsers, so an integer id must fit in 53 bits.
 MAX_SAFE_INT = 2**53 - 1
 MAX_MESSAGE_CHARS = 4000
+# v1.1 field rules: a topic is one line; a reason may be empty.
+MAX_TOPIC_CHARS = 300
+MAX_REASON_CHARS = 300
+# A registration token as `chat-admin token create` makes them (43 characters), with room
+# for another tool's.
+MAX_TOKEN_CHARS = 128
 MAX_PASSWORD_CHARS = 256
 DEFAULT_HISTORY_LIMIT = 50
 MAX_HISTORY_LIMIT = 200
@@ -28,6 +34,8 @@ USERNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{2,31}\Z")
 ROOM_RE = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
 # C0 controls except \t and \n, DEL, and C1 controls: these could drive a peer's terminal.
 _FORBIDDEN_IN_MESSAGE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# A topic or a reason is one line: no control character at all.
+_FORBIDDEN_IN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 RequestId = str | int | None
 
@@ -93,6 +101,19 @@ def message_text(value: Any) -> str:
     return value
 
 
+def line_text(value: Any, field: str, max_chars: int) -> str:
+    """A topic or a reason: one line of at most `max_chars`, possibly empty."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not _encodable(value):
+        raise InvalidField(f"{field}: a string is required")
+    if len(value) > max_chars:
+        raise InvalidField(f"{field}: at most {max_chars} characters")
+    if _FORBIDDEN_IN_LINE.search(value):
+        raise InvalidField(f"{field}: one line, without control characters")
+    return value.strip()
+
+
 def normalize_password(password: str) -> str:
     return unicodedata.normalize("NFKC", password)
 
@@ -124,6 +145,7 @@ class Request:
 class Register(Request):
     username: str
     password: str
+    token: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "password", _Secret(self.password))
@@ -197,6 +219,126 @@ class Passwd(Request):
         object.__setattr__(self, "new", _Secret(self.new))
 
 
+# --- v1.1: rooms with access control -----------------------------------------------
+VISIBILITIES = ("public", "private")
+HISTORIES = ("shared", "joined")
+ROLES = ("owner", "moderator", "member")
+
+
+@dataclass(frozen=True, slots=True)
+class Create(Request):
+    room: str
+    visibility: str
+    history: str
+
+
+@dataclass(frozen=True, slots=True)
+class Invite(Request):
+    room: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kick(Request):
+    room: str
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ban(Request):
+    room: str
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unban(Request):
+    room: str
+    username: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetRole(Request):
+    room: str
+    username: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class Topic(Request):
+    room: str
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetHistory(Request):
+    room: str
+    history: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo(Request):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class Members(Request):
+    room: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListRooms(Request):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BlockUser(Request):
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnblockUser(Request):
+    username: str
+
+
+def _choice(frame: dict[str, Any], name: str, choices: tuple[str, ...],
+            default: str | None = None) -> str:
+    value = frame.get(name, default)
+    if value not in choices:
+        raise InvalidField(f"{name}: one of {', '.join(choices)}")
+    return value
+
+
+def _username(frame: dict[str, Any]) -> str:
+    """A username field as typed (the store finds it regardless of case)."""
+    value = _string(frame, "username")
+    assert value is not None
+    return value
+
+
+def _parse_create(rid: RequestId, frame: dict[str, Any]) -> Request:
+    visibility = _choice(frame, "visibility", VISIBILITIES, "public")
+    history = _choice(frame, "history", HISTORIES,
+                      "joined" if visibility == "private" else "shared")
+    return Create(rid, room_name(frame.get("room")), visibility, history)
+
+
+def _parse_removal(cls: type) -> Any:
+    def parse(rid: RequestId, frame: dict[str, Any]) -> Request:
+        return cls(rid, room_name(frame.get("room")), _username(frame),
+                   line_text(frame.get("reason"), "reason", MAX_REASON_CHARS))
+    return parse
+
+
+def _parse_topic(rid: RequestId, frame: dict[str, Any]) -> Request:
+    if not isinstance(frame.get("topic"), str):  # "" clears it; a missing one is a mistake
+        raise InvalidField("topic: a string is required (\"\" clears the topic)")
+    return Topic(rid, room_name(frame.get("room")),
+                 line_text(frame["topic"], "topic", MAX_TOPIC_CHARS))
+
+
 def _credentials(frame: dict[str, Any]) -> tuple[str, str]:
     username = _string(frame, "username")
     password = _string(frame, "password")
@@ -208,7 +350,10 @@ def _credentials(frame: dict[str, Any]) -> tuple[str, str]:
 
 
 def _parse_register(rid: RequestId, frame: dict[str, Any]) -> Request:
-    return Register(rid, *_credentials(frame))
+    token = _string(frame, "token", required=False)
+    if token is not None and len(token) > MAX_TOKEN_CHARS:
+        raise InvalidField(f"token: at most {MAX_TOKEN_CHARS} characters")
+    return Register(rid, *_credentials(frame), token)
 
 
 def _parse_login(rid: RequestId, frame: dict[str, Any]) -> Request:
@@ -268,6 +413,21 @@ _PARSERS = {
     "who": lambda rid, frame: Who(rid, room_name(frame.get("room"))),
     "history": _parse_history,
     "passwd": _parse_passwd,
+    "create": _parse_create,
+    "invite": lambda rid, frame: Invite(rid, room_name(frame.get("room")), _username(frame)),
+    "kick": _parse_removal(Kick),
+    "ban": _parse_removal(Ban),
+    "unban": _parse_removal(Unban),
+    "set_role": lambda rid, frame: SetRole(rid, room_name(frame.get("room")), _username(frame),
+                                           _choice(frame, "role", ROLES)),
+    "topic": _parse_topic,
+    "set_history": lambda rid, frame: SetHistory(rid, room_name(frame.get("room")),
+                                                 _choice(frame, "history", HISTORIES)),
+    "room_info": lambda rid, frame: RoomInfo(rid, room_name(frame.get("room"))),
+    "members": lambda rid, frame: Members(rid, room_name(frame.get("room"))),
+    "list_rooms": lambda rid, frame: ListRooms(rid),
+    "block": lambda rid, frame: BlockUser(rid, _username(frame)),
+    "unblock": lambda rid, frame: UnblockUser(rid, _username(frame)),
 }
 
 

@@ -28,6 +28,24 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     created_ms: Mapped[int] = mapped_column(BigInteger)
     updated_ms: Mapped[int] = mapped_column(BigInteger)
+    # Set by the operator: the account cannot log in, and its sessions were ended.
+    disabled_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Room(Base):
+    """A room by its (lower-case) name: one live room per name. Deleting a room deletes
+    its row, members, bans, invitations and messages, so a new room of the same name
+    starts empty; `first_msg_id` keeps even a leftover message out of its history."""
+
+    __tablename__ = "rooms"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    visibility: Mapped[str] = mapped_column(String(8))  # public | private
+    history: Mapped[str] = mapped_column(String(8))  # shared | joined
+    topic: Mapped[str] = mapped_column(Text, default="")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    # Messages of this room have ids above it (the newest id when the room was made).
+    first_msg_id: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Membership(Base):
@@ -36,10 +54,85 @@ class Membership(Base):
     user_id: Mapped[int] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
     )
-    room: Mapped[str] = mapped_column(String(32), primary_key=True)
+    room: Mapped[str] = mapped_column(
+        ForeignKey("rooms.name", ondelete="CASCADE"), primary_key=True)
     joined_ms: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    # The newest msg_id at this join: a `joined` room's history starts after it.
+    since_msg_id: Mapped[int] = mapped_column(BigInteger, default=0)
 
     __table_args__ = (Index("ix_memberships_room", "room"),)
+
+
+class Ban(Base):
+    __tablename__ = "bans"
+
+    room: Mapped[str] = mapped_column(
+        ForeignKey("rooms.name", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    by_name: Mapped[str] = mapped_column(String(64))  # a username, or "operator"
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Invite(Base):
+    __tablename__ = "invites"
+
+    room: Mapped[str] = mapped_column(
+        ForeignKey("rooms.name", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    by_name: Mapped[str] = mapped_column(String(64))
+    expires_ms: Mapped[int] = mapped_column(BigInteger)
+
+    # list_rooms: the rooms a user is invited to.
+    __table_args__ = (Index("ix_invites_user_id", "user_id"),)
+
+
+class Block(Base):
+    """`user_id` takes no direct messages or invitations from `blocked_id`."""
+
+    __tablename__ = "blocks"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    blocked_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class RegistrationToken(Base):
+    """Only the SHA-256 of a token is kept: the token itself is shown once, at creation."""
+
+    __tablename__ = "registration_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    uses_allowed: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEntry(Base):
+    """Every moderation and operator action: who, what, whom, where, why, when."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts_ms: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(64))  # a username, or "operator"
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(String(64))  # a username, or a token id
+    room: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_audit_ts_ms", "ts_ms"), Index("ix_audit_room", "room"),
+                      Index("ix_audit_target", "target"))
 
 
 class Message(Base):

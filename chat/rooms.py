@@ -1,4 +1,5 @@
-"""The requests of a logged-in user: send, join, leave, who, history.
+"""The requests of a logged-in user about rooms: send, join, leave, who, history, and
+(protocol v1.1) create, room_info, members, list_rooms. Moderation is in chat.moderation.
 
 Each runs on the connection's loop thread, checks the field rules, and hands the rest to
 the store's writer queue. Membership is decided there and only there, in the order the
@@ -7,8 +8,14 @@ them only after the database agreed, and every request that needs membership is 
 against them on that thread. So a `send`, `who` or `history` pipelined behind a refused
 `join` (or after a `leave`) is refused, whatever the connection believed.
 
-History is then read on the read pool, off the writer, but only up to the last message
-stored when the writer decided: a reply never holds what was stored after a leave.
+Who may do what is `chat.acl`'s rule over the facts the writer's `RoomBook` holds. A
+private room is answered `no_such_room` for whoever is neither member nor invited, with
+the very bytes a room that does not exist gets.
+
+History is then read on the read pool, off the writer, but only the window the writer
+decided: nothing newer than the last message stored at that point (a reply never holds
+what was stored after a leave or a kick), nothing older than where the asker's reading
+begins (the room's start; in a `joined` room, the asker's current join).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from chat import acl
 from chat import messages as m
-from chat.errors import ChatError, Forbidden, Internal, InvalidField, NoSuchUser, NotInRoom
+from chat.errors import ChatError, Internal, InvalidField, NoSuchUser, RoomTaken
 from chat.hub import UserState
 from chat.protocol import encode
-from chat.store import DEFAULT_ROOM, Job, MessageJob, dm_pair
+from chat.roombook import RoomState, missing, rooms_listed
+from chat.store import DEFAULT_ROOM, Job, MessageJob, dm_pair, now_ms
 
 if TYPE_CHECKING:
     from chat.connection import Connection
@@ -40,11 +49,25 @@ def _user(conn: Connection) -> UserState:
     return session.user
 
 
-def _member(conn: Connection, room: str) -> UserState:
+def room_view(conn: Connection, db: Any, name: str) -> tuple[RoomState | None, acl.View]:
+    """Writer thread: the room, and the requester's standing in it."""
+    room = conn.server.store.rooms.get(db, name)
+    uid = conn.require_session().user_id
+    return room, (room.view(uid, now_ms()) if room else missing(name))
+
+
+def _member(conn: Connection, db: Any, name: str) -> tuple[UserState, RoomState]:
+    """Writer thread: the requester is a member of the room (else the error acl says)."""
     user = _user(conn)
-    if room not in user.rooms:
-        raise NotInRoom()
-    return user
+    room, view = room_view(conn, db, name)
+    acl.member(view)
+    assert room is not None
+    return user, room
+
+
+def submit(conn: Connection, rid: m.RequestId, run: Callable[[Any], Callable[[], None]]) -> None:
+    """Hand a request's decision to the writer; a refusal is answered to `rid`."""
+    conn.submit(Job(run, lambda exc: conn.send_error(exc, rid), owner=conn))
 
 
 def send(conn: Connection, req: m.Send) -> None:
@@ -60,52 +83,140 @@ def send(conn: Connection, req: m.Send) -> None:
 
 
 def join(conn: Connection, req: m.Join) -> None:
+    _enter(conn, req.id, req.room, None)
+
+
+def create(conn: Connection, req: m.Create) -> None:
+    _enter(conn, req.id, req.room, req)
+
+
+def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | None) -> None:
+    """join (which makes a public room of a name nobody uses) and create."""
     session = conn.require_session()
-    hub, store, rid, room = conn.server.hub, conn.server.store, req.id, req.room
+    hub, store = conn.server.hub, conn.server.store
     limit, max_members = conn.settings.max_rooms_per_user, conn.settings.max_room_members
-    ok = {"type": "ok", "op": "join", "room": room}
+    op = "create" if create else "join"
+    ok = {"type": "ok", "op": op, "room": name}
 
     def run(db: Any) -> Callable[[], None]:
         user = _user(conn)
-        if room in user.rooms:
-            return lambda: conn.reply(rid, ok)  # already in: no presence
+        room, view = room_view(conn, db, name)
+        if create is not None and room is not None:
+            raise RoomTaken()
+        if room is not None:
+            acl.join(view)
+            if view.member:
+                return lambda: conn.reply(rid, ok)  # already in: no presence
         if len(user.rooms) >= limit:
             raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
+        ms, last = now_ms(), store.last_msg_id
+        if room is None:
+            visibility, history = ((create.visibility, create.history) if create
+                                   else (acl.PUBLIC, acl.SHARED))
+            room = store.rooms.create(db, name, visibility, history, last, ms)
         # general holds everyone from registration on, so it has no member limit.
-        if room != DEFAULT_ROOM and store.member_count(db, room) >= max_members:
-            raise InvalidField(f"room: {room} is full ({max_members} members)")
-        store.add_member(db, session.user_id, room)
-        user.rooms.add(room)
-        store.on_rollback(lambda: user.rooms.discard(room))
+        elif name != DEFAULT_ROOM and len(room.members) >= max_members:
+            raise InvalidField(f"room: {name} is full ({max_members} members)")
+        # Whoever makes a room owns it; so does the first to enter a room nobody is in
+        # (a v1 room whose members all left): a room with members keeps an owner.
+        role = acl.OWNER if not room.members and name != DEFAULT_ROOM else acl.MEMBER
+        store.rooms.add_member(db, room, session.user_id, session.name, role, last, ms)
+        user.rooms.add(name)
+        store.on_rollback(lambda: user.rooms.discard(name))
 
         def after() -> None:
             conn.reply(rid, ok)
-            hub.joined(user, room)
+            hub.joined(user, name)
 
         return after
 
-    conn.submit(Job(run, lambda exc: conn.send_error(exc, rid), owner=conn))
+    submit(conn, rid, run)
 
 
 def leave(conn: Connection, req: m.Leave) -> None:
     conn.require_session()
-    hub, store, rid, room = conn.server.hub, conn.server.store, req.id, req.room
-    if room == DEFAULT_ROOM:
-        raise Forbidden(f"everyone is in {DEFAULT_ROOM}; it cannot be left")
+    hub, store, rid, name = conn.server.hub, conn.server.store, req.id, req.room
 
     def run(db: Any) -> Callable[[], None]:
-        user = _member(conn, room)
-        store.remove_member(db, user.user_id, room)
-        user.rooms.discard(room)
-        store.on_rollback(lambda: user.rooms.add(room))
+        user = _user(conn)
+        room, view = room_view(conn, db, name)
+        acl.leave(view)
+        assert room is not None
+        store.rooms.remove_member(db, room, user.user_id)
+        user.rooms.discard(name)
+        store.on_rollback(lambda: user.rooms.add(name))
 
         def after() -> None:
-            conn.reply(rid, {"type": "ok", "op": "leave", "room": room})
-            hub.left(user, room)
+            conn.reply(rid, {"type": "ok", "op": "leave", "room": name})
+            hub.left(user, name)
 
         return after
 
-    conn.submit(Job(run, lambda exc: conn.send_error(exc, rid), owner=conn))
+    submit(conn, rid, run)
+
+
+def room_info(conn: Connection, req: m.RoomInfo) -> None:
+    conn.require_session()
+    rid = req.id
+
+    def run(db: Any) -> Callable[[], None]:
+        user, room = _member(conn, db, req.room)
+        frame = room.info(room.members[user.user_id].role)
+        return lambda: conn.reply(rid, frame)
+
+    submit(conn, rid, run)
+
+
+def members(conn: Connection, req: m.Members) -> None:
+    conn.require_session()
+    hub, rid = conn.server.hub, req.id
+
+    def run(db: Any) -> Callable[[], None]:
+        room = _member(conn, db, req.room)[1]
+        listed = sorted(((mb.name, mb.role) for mb in room.members.values()),
+                        key=lambda nr: nr[0].lower())
+
+        def after() -> None:
+            # Here, after the writer's earlier continuations: `online` as of this point.
+            frame = {"type": "members", "room": req.room, "members": [
+                {"username": name, "role": role, "online": hub.is_online(name.lower())}
+                for name, role in listed]}
+            conn.loop.call_soon(conn.reply_weighed, rid, frame)
+
+        return after
+
+    submit(conn, rid, run)
+
+
+def list_rooms(conn: Connection, req: m.ListRooms) -> None:
+    session = conn.require_session()
+    store, rid, read_pool = conn.server.store, req.id, conn.server.read_pool
+    limit = conn.settings.max_listed_rooms
+
+    def read() -> None:
+        try:
+            with store.engine.connect() as db:
+                rooms, more = rooms_listed(db, session.user_id, now_ms(), limit)
+            frame: dict[str, Any] = {"type": "rooms", "rooms": rooms}
+            if more:
+                frame["more"] = True
+            conn.loop.call_soon(conn.reply_weighed, rid, frame)
+        except Exception:
+            log.exception("%s: list_rooms failed", conn.peer)
+            conn.send_error(Internal(), rid)
+
+    def run(db: Any) -> Callable[[], None]:
+        # In order with this connection's earlier requests (a create just before is
+        # listed), then read off the writer: what is committed is what the store decided.
+        def after() -> None:
+            try:
+                read_pool.submit(read)
+            except ChatError as exc:
+                conn.send_error(exc, rid)
+
+        return after
+
+    submit(conn, rid, run)
 
 
 def who(conn: Connection, req: m.Who) -> None:
@@ -113,7 +224,7 @@ def who(conn: Connection, req: m.Who) -> None:
     hub, rid, room = conn.server.hub, req.id, req.room
 
     def run(db: Any) -> Callable[[], None]:
-        _member(conn, room)
+        _member(conn, db, room)
 
         def after() -> None:
             # Here, not in `run`: a join pipelined before this is in the hub only once its
@@ -141,7 +252,7 @@ def history(conn: Connection, req: m.History) -> None:
     conn.reply_budget.spend(reserved)
     conn.reads_in_flight += 1  # one at a time: Connection._process holds the next
 
-    def read(upto: int) -> None:
+    def read(upto: int, floor: int) -> None:
         size = 0
         try:
             reply: dict[str, Any] = {"type": "history"}
@@ -161,7 +272,7 @@ def history(conn: Connection, req: m.History) -> None:
                     where = {"pair": dm_pair(session.user_id, other.id)}
                 reply["messages"] = store.history(
                     db, **where, before=req.before, after=req.after, limit=req.limit,
-                    max_bytes=max_bytes, upto=upto)
+                    max_bytes=max_bytes, upto=upto, floor=floor)
             data = encode(_with_re(reply, rid))
             # Bytes, and each row's share of the work: 200 short messages are 25 KB but
             # as much CPU as 900 KB of long ones.
@@ -176,15 +287,17 @@ def history(conn: Connection, req: m.History) -> None:
             conn.loop.call_soon(conn.charge_reply, reserved, size)
 
     def run(db: Any) -> Callable[[], None]:
+        floor = 0
         if req.room is not None:
-            _member(conn, req.room)
-        # The writer only decides (membership, and where the history ends); a reader
-        # thread does the work, so a large history never holds up everyone's messages.
+            user, room = _member(conn, db, req.room)
+            floor = room.readable_after(user.user_id)
+        # The writer only decides (membership, and where the history begins and ends); a
+        # reader thread does the work, so a large history never holds up everyone else.
         upto = store.last_msg_id
 
         def after() -> None:
             try:
-                read_pool.submit(lambda: read(upto))
+                read_pool.submit(lambda: read(upto, floor))
             except ChatError as exc:
                 conn.send_error(exc, rid)
                 conn.loop.call_soon(conn.charge_reply, reserved, 0)

@@ -31,14 +31,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from chat import acl
 from chat.auth import username_skeleton
-from chat.errors import ChatError, Internal, NoSuchUser, NotInRoom, ServerBusy, UsernameTaken
+from chat.errors import (
+    Blocked,
+    ChatError,
+    Internal,
+    NoSuchUser,
+    NotInRoom,
+    ServerBusy,
+    UsernameTaken,
+)
 from chat.hub import LocalHub, Session, with_re
 from chat.models import Membership, Message, User
 from chat.protocol import Frame, encode
+from chat.roombook import RoomBook, missing
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +151,8 @@ class Store:
         self.last_msg_id = 0
         # Undo steps for in-memory state a batch changed, run if its COMMIT fails.
         self._undo: list[Callable[[], None]] = []
+        # Rooms, members, roles, bans: writer thread only (chat.roombook).
+        self.rooms = RoomBook()
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -215,7 +227,9 @@ class Store:
             ).inserted_primary_key[0]
         except IntegrityError:  # another server on the same database, an instant ago
             raise UsernameTaken() from None
-        conn.execute(insert(members_t).values(user_id=uid, room=DEFAULT_ROOM, joined_ms=ms))
+        general = self.rooms.get(conn, DEFAULT_ROOM)
+        assert general is not None  # made by the migrations
+        self.rooms.add_member(conn, general, uid, name, acl.MEMBER, self.last_msg_id, ms)
         rec = UserRecord(uid, name.lower(), name, password_hash)
         self._users[rec.key] = rec
         return rec
@@ -236,26 +250,9 @@ class Store:
         )
         return [r[0] for r in rows]
 
-    def member_count(self, conn: Connection, room: str) -> int:
-        return conn.execute(
-            select(func.count()).select_from(members_t).where(members_t.c.room == room)
-        ).scalar_one()
-
-    def add_member(self, conn: Connection, user_id: int, room: str) -> None:
-        exists = conn.execute(
-            select(members_t.c.room).where(
-                and_(members_t.c.user_id == user_id, members_t.c.room == room)
-            )
-        ).first()
-        if exists is None:
-            conn.execute(insert(members_t).values(user_id=user_id, room=room, joined_ms=now_ms()))
-
-    def remove_member(self, conn: Connection, user_id: int, room: str) -> None:
-        conn.execute(
-            delete(members_t).where(
-                and_(members_t.c.user_id == user_id, members_t.c.room == room)
-            )
-        )
+    def disabled(self, conn: Connection, user_id: int) -> bool:
+        return conn.execute(select(users_t.c.disabled_ms).where(users_t.c.id == user_id)
+                            ).scalar() is not None
 
     def undelivered(self, conn: Connection, user_id: int) -> tuple[int, int | None]:
         """How many direct messages wait for the user's next session, and the oldest's id."""
@@ -317,12 +314,13 @@ class Store:
     def history(
         self, conn: Connection, *, room: str | None = None, pair: str | None = None,
         direct_of: int | None = None, before: int | None = None, after: int | None = None,
-        limit: int = 50, max_bytes: int = 1 << 20, upto: int | None = None,
+        limit: int = 50, max_bytes: int = 1 << 20, upto: int | None = None, floor: int = 0,
     ) -> list[Frame]:
         """Stored messages, oldest first; fewer than `limit` if they would pass `max_bytes`.
 
         One conversation: a `room`, a direct-message `pair`, or every direct message to or
-        from the user `direct_of`; nothing newer than `upto`. Trimming keeps the messages
+        from the user `direct_of`; nothing newer than `upto`, nothing up to `floor` (where
+        a room's readable history begins for the asker). Trimming keeps the messages
         nearest the anchor (the newest ones, or with `after` the oldest ones), so paging
         on with `before`/`after` still sees every message.
         """
@@ -340,6 +338,8 @@ class Store:
         rows: list[Any] = []
         for where in wheres:
             query = select(messages_t).where(where)
+            if floor:
+                query = query.where(m.id > floor)
             if upto is not None:
                 query = query.where(m.id <= upto)
             if after is not None:
@@ -449,6 +449,7 @@ class Store:
             self._undo.clear()
             self._drop_writer_conn()
             self._users.clear()
+            self.rooms.forget()
             for job in batch:
                 job.fail(Internal())
             _done(batch)
@@ -486,8 +487,8 @@ class Store:
             sess = job.session
             if job.room is not None and (sess.user is None or job.room not in sess.user.rooms):
                 # Membership is what this thread decided, in order: a send pipelined
-                # behind a refused join (or after a leave) is refused here.
-                afters[i] = _failing(job.fail, NotInRoom(f"join {job.room} first"))
+                # behind a refused join (or after a leave, a kick, a ban) is refused here.
+                afters[i] = _failing(job.fail, self._not_sendable(conn, job.room, sess))
                 continue
             row = {
                 "ts_ms": ms, "sender_id": sess.user_id, "sender_name": sess.name,
@@ -499,6 +500,9 @@ class Store:
                 rec = self.user(conn, job.to.lower())
                 if rec is None:
                     afters[i] = _failing(job.fail, NoSuchUser(f"no user named {job.to[:40]!r}"))
+                    continue
+                if self.rooms.blocked(conn, sess.user_id, rec.id):
+                    afters[i] = _failing(job.fail, Blocked())
                     continue
                 row.update(
                     recipient_id=rec.id, recipient_name=rec.name,
@@ -539,6 +543,16 @@ class Store:
         if run:
             afters[run_at] = self._room_fanout_later(run)
         return afters
+
+    def _not_sendable(self, conn: Connection, name: str, sess: Session) -> ChatError:
+        """Why a session may not send to a room it is not in: the room's own answer."""
+        room = self.rooms.get(conn, name)
+        view = room.view(sess.user_id, now_ms()) if room else missing(name)
+        try:
+            acl.member(view)
+        except ChatError as exc:
+            return exc
+        return NotInRoom(f"join {name} first")  # a session that closed meanwhile
 
     def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
         """INSERT the rows as one statement; their ids, in row order."""

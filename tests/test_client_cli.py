@@ -373,7 +373,7 @@ def test_line_mode_transcript(chat_server: Any, tmp_path: Path) -> None:
     assert any(line.endswith(f"(dm) {name} -> {other}: psst") for line in lines)
     # Errors go to stderr, the server's and the client's alike; messages to stdout.
     assert not any("error" in line for line in lines), lines
-    assert "! error not_in_room" in result.stderr
+    assert "! error no_such_room" in result.stderr  # v1.1: no room by that name
     assert "unknown command /bogus" in result.stderr
     history = lines.index("-- history #dev: 1 message")
     assert lines[history + 1].endswith(f"#dev {name}: in dev now")

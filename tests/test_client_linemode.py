@@ -132,7 +132,7 @@ def test_stdout_has_the_conversation_stderr_the_errors_and_notes(chat_server: An
     out, err = result.stdout.splitlines(), result.stderr.splitlines()
     assert any(line.endswith(f"#general {me}: hello") for line in out)
     assert not any(line.startswith(("!", "chat-client:")) for line in out), out
-    assert any(line.startswith("! error not_in_room") for line in err)
+    assert any(line.startswith("! error no_such_room") for line in err)
     assert any(line.startswith("! error no_such_user") for line in err)
     assert "chat-client: unknown command /bogus (try /help)" in err
     assert not any(f"{me}: hello" in line for line in err)
@@ -163,7 +163,7 @@ def test_history_of_a_room_written_without_its_hash_is_explained(chat_server: An
     err = result.stderr.splitlines()
     assert f"-- /history {room} is for your direct messages with a user; for the room, " \
         f"write /history #{room}" in err, err
-    assert any(line.startswith("! error not_in_room") for line in err), err  # qa: a room
+    assert any(line.startswith("! error no_such_room") for line in err), err  # qa: a room
     assert "usage" not in result.stderr
 
 

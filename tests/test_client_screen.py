@@ -322,6 +322,9 @@ def test_direct_messages_presence_errors_and_multi_line_messages_look_distinct(
             assert peer.request({"type": "join", "room": "dev"})["type"] == "ok"
             term.send("/join #dev\r")
             term.wait_for_input("[dev]> ")
+            # dev's owner (its first joiner) hands it on: a room keeps an owner (v1.1)
+            assert peer.request({"type": "set_role", "room": "dev", "username": me,
+                                 "role": "owner"})["type"] == "ok"
             assert peer.request({"type": "leave", "room": "dev"})["type"] == "ok"
             term.wait_for_line(rf"^{CLOCK} -- {other} left #dev$")  # left the room, still here
         finally:

@@ -1,9 +1,10 @@
 """The migrations build exactly the schema the models describe."""
 
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from chat.db import make_engine, upgrade_to_head
+from chat.db import make_engine, upgrade, upgrade_to_head
 from chat.models import Base
 
 
@@ -13,3 +14,38 @@ def test_models_and_migrations_agree(tmp_path):
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models differ from migrations; run scripts/new_migration.sh: {diff}"
+
+
+def test_upgrade_to_rooms_keeps_every_user_message_and_membership(tmp_path):
+    """A database of the previous release (0002) upgrades with everything kept: each
+    room becomes a public, shared room, owned by its first member (general by nobody)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(engine, "0002")
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO users (id, username_key, username, username_skeleton, password_hash, "
+            "created_ms, updated_ms) VALUES (1, 'alice', 'alice', 'allce', 'h', 0, 0), "
+            "(2, 'bob', 'bob', 'bob', 'h', 0, 0)"))
+        conn.execute(sa.text("INSERT INTO memberships VALUES (1, 'general', 1), "
+                             "(2, 'general', 2), (2, 'dev', 5), (1, 'dev', 9)"))
+        conn.execute(sa.text(
+            "INSERT INTO messages (ts_ms, sender_id, sender_name, room, body, delivered) "
+            "VALUES (0, 2, 'bob', 'dev', 'kept', 1), (0, 1, 'alice', 'gone', 'old', 1)"))
+        conn.execute(sa.text(
+            "INSERT INTO messages (ts_ms, sender_id, sender_name, recipient_id, "
+            "recipient_name, dm_pair, body, delivered) VALUES (0, 1, 'alice', 2, 'bob', '1:2', "
+            "'dm', 0)"))
+    upgrade_to_head(engine)
+    with engine.connect() as conn:
+        rooms = conn.execute(sa.text(
+            "SELECT name, visibility, history, topic FROM rooms ORDER BY name")).all()
+        members = conn.execute(sa.text(
+            "SELECT user_id, room, role FROM memberships ORDER BY room, user_id")).all()
+        bodies = conn.execute(sa.text("SELECT body, delivered FROM messages ORDER BY id")).all()
+        users = conn.execute(sa.text("SELECT username, disabled_ms FROM users")).all()
+    assert rooms == [("dev", "public", "shared", ""), ("general", "public", "shared", ""),
+                     ("gone", "public", "shared", "")]
+    assert members == [(1, "dev", "member"), (2, "dev", "owner"), (1, "general", "member"),
+                       (2, "general", "member")]
+    assert bodies == [("kept", 1), ("old", 1), ("dm", 0)]
+    assert users == [("alice", None), ("bob", None)]

@@ -42,13 +42,14 @@ def test_message_of_4000_chars_accepted(chat_server):
 
 
 def test_send_to_room_not_joined(chat_server):
+    """v1.1: a public room one is not in is `not_in_room`; a name nobody uses, `no_such_room`."""
     c = chat_server.user("alice")
-    assert c.request({"type": "send", "room": "elsewhere", "message": "x"})["code"] == (
-        "not_in_room"
-    )
-    assert c.request({"type": "who", "room": "elsewhere"})["code"] == "not_in_room"
-    assert c.request({"type": "history", "room": "elsewhere"})["code"] == "not_in_room"
-    assert c.request({"type": "leave", "room": "elsewhere"})["code"] == "not_in_room"
+    chat_server.user("bob").request({"type": "join", "room": "elsewhere"})
+    for name, code in (("elsewhere", "not_in_room"), ("nowhere", "no_such_room")):
+        assert c.request({"type": "send", "room": name, "message": "x"})["code"] == code
+        assert c.request({"type": "who", "room": name})["code"] == code
+        assert c.request({"type": "history", "room": name})["code"] == code
+        assert c.request({"type": "leave", "room": name})["code"] == code
     for bad in ("", "a" * 33, "no spaces", "dot.ted"):
         assert c.request({"type": "join", "room": bad})["code"] == "invalid_field"
 

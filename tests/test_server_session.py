@@ -269,7 +269,9 @@ def test_error_codes_are_the_protocol_list():
         "already_authenticated", "invalid_credentials", "invalid_username", "weak_password",
         "username_taken", "rate_limited", "no_such_user", "not_in_room", "server_busy",
         "internal",
-        "forbidden",  # from v1.1: leaving general
+        # v1.1
+        "forbidden", "no_such_room", "room_taken", "banned", "last_owner", "blocked",
+        "registration_closed", "invalid_token", "account_disabled",
     } == ERROR_CODES
 
 
