@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import sys
@@ -28,6 +29,18 @@ def default_data_dir() -> Path:
     if not Path(base).is_absolute():  # the XDG spec: a relative value is to be ignored
         base = str(Path.home() / ".local" / "share")
     return Path(base) / "chat"
+
+
+REGISTRATION_POLICIES = ("open", "token", "closed")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class SettingError(ValueError):
@@ -79,6 +92,11 @@ class Settings:
     # --- network ---
     host: str = _setting("127.0.0.1", "Address to listen on; loopback unless you say otherwise.")
     port: int = _setting(7072, "TCP port; 0 takes a free port.")
+    registration: str = _setting(
+        "", "Who may register: 'open' (anyone who reaches the port), 'token' (with a token "
+        "from chat-admin token create) or 'closed'. Unset: open on a loopback address; "
+        "on any other address the server will not start until you choose."
+    )
     # --- TLS ---
     certfile: str = _setting(
         "", "Server certificate (PEM). Empty: DATA_DIR/certs/server.crt, made if missing."
@@ -231,6 +249,19 @@ class Settings:
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
     config: str = _setting("", "TOML file to read settings from (flat keys as in this table).")
 
+    @property
+    def registration_policy(self) -> str:
+        """`registration`, or when unset: open on loopback, else a SettingError."""
+        if self.registration:
+            return self.registration
+        if _loopback(self.host):
+            return "open"
+        raise SettingError("registration", f"the server listens on {self.host}, beyond this "
+                           "machine: choose who may register with registration = open "
+                           "(anyone who reaches the port), token (with a token from "
+                           "chat-admin token create) or closed (--registration, "
+                           "CHAT_REGISTRATION)")
+
     # Derived paths: the settings above leave them empty to mean "inside data_dir".
     @property
     def data_path(self) -> Path:
@@ -273,6 +304,8 @@ class Settings:
 
         if not 4 <= self.bcrypt_rounds <= 31:
             raise bad("bcrypt_rounds", "must be between 4 and 31")
+        if self.registration not in ("", *REGISTRATION_POLICIES):
+            raise bad("registration", "must be open, token or closed")
         if self.min_password_length < 8:
             raise bad("min_password_length", "may not be below 8 (the protocol's floor)")
         if self.max_frame_bytes < 1024:

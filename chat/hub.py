@@ -55,6 +55,9 @@ class UserState:
     # on the writer thread, in order (never by a connection's own guess).
     rooms: set[str] = field(default_factory=set)
     sessions: list[Session] = field(default_factory=list)
+    # Set by the writer when the operator ends the user's sessions (disable, logout):
+    # what they pipelined after it is refused while their `bye` is on its way.
+    ended: bool = False
 
 
 @dataclass(eq=False)

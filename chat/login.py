@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from chat import messages as m
+from chat.accounts import consume_token, token_usable
 from chat.auth import check_new_password
 from chat.errors import (
     AccountDisabled,
@@ -31,11 +32,14 @@ from chat.errors import (
     ChatError,
     Internal,
     InvalidCredentials,
+    InvalidToken,
     InvalidUsername,
+    RegistrationClosed,
 )
 from chat.hub import Session
 from chat.protocol import encode
-from chat.store import Job
+from chat.roombook import audit
+from chat.store import Job, now_ms
 
 if TYPE_CHECKING:
     from chat.connection import Connection
@@ -74,6 +78,13 @@ def register(conn: Connection, req: m.Register) -> None:
     )
     ip = conn.ip
     counted_at = server.throttle.register_attempt(ip)
+    # After the count: refusals by policy count toward the address's limit, so that
+    # guessing tokens is as slow as registering.
+    token = req.token if server.registration == "token" else None
+    if server.registration == "closed":
+        raise RegistrationClosed()
+    if server.registration == "token" and not token:
+        raise InvalidToken()
     hashed = False
 
     def give_back() -> None:
@@ -84,12 +95,23 @@ def register(conn: Connection, req: m.Register) -> None:
 
     def work() -> None:
         nonlocal hashed
+        if token is not None:
+            with server.store.engine.connect() as db:
+                usable = token_usable(db, token, now_ms())
+            if not usable:  # not worth a bcrypt hash; consumed for real below
+                conn.finish_auth(rid, InvalidToken())
+                return
         # Hash first, even for a taken name: the reply takes as long either way.
         password_hash = server.hasher.hash(password)
         hashed = True
 
         def run(db: Any) -> Callable[[], None]:
+            ms = now_ms()
+            # In this job's savepoint: a name found taken below gives the use back.
+            token_id = consume_token(db, token, ms) if token is not None else None
             rec = server.store.create_user(db, req.username, password_hash)
+            if token_id is not None:
+                audit(db, ms, rec.name, "register", target=rec.name, detail=f"token {token_id}")
             log.info("%s: registered %s", conn.peer, rec.name)
             return lambda: conn.finish_auth(
                 rid, {"type": "ok", "op": "register", "username": rec.name}

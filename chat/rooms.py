@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from chat import acl
 from chat import messages as m
-from chat.errors import ChatError, Internal, InvalidField, NoSuchUser, RoomTaken
+from chat.errors import ChatError, Forbidden, Internal, InvalidField, NoSuchUser, RoomTaken
 from chat.hub import UserState
 from chat.protocol import encode
 from chat.roombook import RoomState, missing, rooms_listed
@@ -46,6 +46,8 @@ def _user(conn: Connection) -> UserState:
     """Writer thread: the requester's online state (attached before its first request)."""
     session = conn.require_session()
     assert session.user is not None
+    if session.user.ended:
+        raise Forbidden("this session is ending")
     return session.user
 
 
@@ -288,6 +290,7 @@ def history(conn: Connection, req: m.History) -> None:
 
     def run(db: Any) -> Callable[[], None]:
         floor = 0
+        _user(conn)  # a session being ended reads nothing more
         if req.room is not None:
             user, room = _member(conn, db, req.room)
             floor = room.readable_after(user.user_id)

@@ -46,6 +46,7 @@ from chat.config import (
     load_settings_and_sources,
 )
 from chat.connection import Connection
+from chat.control import ControlServer, socket_path
 from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
@@ -136,6 +137,8 @@ class Server:
     def start(self) -> None:
         """Prepare storage, TLS and threads, then listen. Returns once listening."""
         s = self.settings
+        # First: a server on the network must not start open to anyone by accident.
+        self.registration = s.registration_policy
         if s.bcrypt_rounds < 10:
             log.warning("bcrypt_rounds=%d is below 10: fine for tests, weak in production",
                         s.bcrypt_rounds)
@@ -153,7 +156,7 @@ class Server:
             self.checkpointer = WalCheckpointer(self.engine, s.checkpoint_interval)
             self.checkpointer.start()
         self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
-        self.hello = encode(hello_frame(self.server_id, s))
+        self.hello = encode(hello_frame(self.server_id, s, self.registration))
         self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
         self.store = Store(self.engine, self.hub)
@@ -179,6 +182,10 @@ class Server:
                                f"{os.strerror(exc.errno) if exc.errno else exc}{hint}",
                                exit_code=1) from None
         self.listen_sock.setblocking(False)
+        # The operator's way in (chat-admin), once the port is ours.
+        files.private_dir(s.data_path, "data_dir")
+        self.control = ControlServer(socket_path(s.data_path), self.store, self.hub)
+        self.control.start()
         self.address = self.listen_sock.getsockname()[:2]
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
         for loop in self.loops:
@@ -391,6 +398,7 @@ class Server:
                     handler.stop_reading()
 
         self._on_every_loop(stop_reading)
+        self.control.stop()
         self.auth_pool.stop()
         self.read_pool.stop()
         self.store.stop()  # everything submitted is stored and delivered
@@ -422,11 +430,12 @@ class Server:
 READ_WORKERS = 2  # history reads, beside the writer thread
 
 
-def hello_frame(server_id: str, s: Settings) -> dict[str, Any]:
+def hello_frame(server_id: str, s: Settings, registration: str) -> dict[str, Any]:
     """The greeting: the contract's fields, and the limits a client should pace itself to."""
     return {
         "type": "hello", "protocol": PROTOCOL_VERSION, "server": server_id,
         "max_frame_bytes": s.max_frame_bytes, "min_password_length": s.min_password_length,
+        "features": ["acl"], "registration": registration,
         "limits": {
             "frames_per_second": s.frames_per_second, "frame_burst": s.frame_burst,
             "read_bytes_per_second": s.read_bytes_per_second,

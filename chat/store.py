@@ -39,6 +39,7 @@ from chat.auth import username_skeleton
 from chat.errors import (
     Blocked,
     ChatError,
+    Forbidden,
     Internal,
     NoSuchUser,
     NotInRoom,
@@ -497,6 +498,9 @@ class Store:
             }
             rec = None
             if job.to is not None:
+                if sess.user is None or sess.user.ended:
+                    afters[i] = _failing(job.fail, Forbidden("this session is ending"))
+                    continue
                 rec = self.user(conn, job.to.lower())
                 if rec is None:
                     afters[i] = _failing(job.fail, NoSuchUser(f"no user named {job.to[:40]!r}"))

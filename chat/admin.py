@@ -1,0 +1,369 @@
+"""chat-admin: the operator's tool, on the server's host, as the server's user.
+
+    chat-admin [--data-dir DIR] [--config FILE] [--db URL] [--json] COMMAND ...
+
+While the server runs, each command goes through its control socket (DATA_DIR/control.sock)
+and is done by the server itself, in order with everything else: `user disable` ends the
+user's sessions at once. With the server stopped, it opens the database and does the same
+there, and says so. It reads the server's settings (flags, CHAT_* variables, the TOML file)
+to find the data directory, the database and the pepper.
+
+Exit codes, like chat-client's: 0 done; 1 refused (no such user, say); 2 usage or a bad
+setting; 3 neither the server nor the database could be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import secrets
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from chat import admin_actions, control
+from chat.auth import PasswordHasher, check_new_password, read_pepper
+from chat.config import SettingError, Settings, load_settings_and_sources
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# `user add` and `reset-password` without --password: 20 random characters (~119 bits).
+GENERATED_PASSWORD_BYTES = 15
+
+
+class AdminError(Exception):
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chat-admin", description="Administer a chat server: users, registration "
+        "tokens, rooms, the audit log, backups. Run it on the server's host as its user.")
+    p.add_argument("--data-dir", help="the server's data directory (as chat-server's)")
+    p.add_argument("--config", help="the server's TOML configuration file")
+    p.add_argument("--db", help="the server's database URL")
+    p.add_argument("--pepper-file", help="the server's pepper file")
+    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    top = p.add_subparsers(dest="area", required=True, metavar="{user,token,room,audit,backup}")
+
+    user = top.add_parser("user", help="accounts").add_subparsers(dest="cmd", required=True)
+    user.add_parser("list", help="every account")
+    for cmd, text in (("show", "one account: rooms, sessions, state"),
+                      ("enable", "let a disabled account log in again"),
+                      ("logout", "end every session of the account (bye logged_out)")):
+        user.add_parser(cmd, help=text).add_argument("username")
+    dis = user.add_parser("disable", help="refuse the account's logins and end its sessions")
+    dis.add_argument("username")
+    dis.add_argument("--reason", default="")
+    for cmd, text in (("add", "make an account (prints a generated password)"),
+                      ("reset-password", "set a new password and end every session")):
+        sp = user.add_parser(cmd, help=text)
+        sp.add_argument("username")
+        sp.add_argument("--password-stdin", action="store_true",
+                        help="read the password from standard input instead of generating one")
+
+    token = top.add_parser("token", help="registration tokens").add_subparsers(
+        dest="cmd", required=True)
+    tc = token.add_parser("create", help="a new token, shown once")
+    tc.add_argument("--uses", type=int, default=1, help="registrations it allows (1)")
+    tc.add_argument("--expires", default="7d",
+                    help="lifetime: seconds, or with s, m, h or d (7d)")
+    tc.add_argument("--note", default="", help="what it is for (shown in token list)")
+    token.add_parser("list", help="every token (never the tokens themselves)")
+    token.add_parser("revoke", help="make a token unusable").add_argument("id", type=int)
+
+    room = top.add_parser("room", help="rooms").add_subparsers(dest="cmd", required=True)
+    room.add_parser("list", help="every room, private ones included")
+    room.add_parser("show", help="one room: settings, members, bans").add_argument("room")
+    so = room.add_parser("set-owner", help="make a user an owner of a room")
+    so.add_argument("room")
+    so.add_argument("username")
+    for cmd in ("kick", "ban"):
+        sp = room.add_parser(cmd, help=f"{cmd} a user from a room, live")
+        sp.add_argument("room")
+        sp.add_argument("username")
+        sp.add_argument("--reason", default="")
+    ub = room.add_parser("unban", help="lift a ban")
+    ub.add_argument("room")
+    ub.add_argument("username")
+    rd = room.add_parser("delete", help="delete a room with its history; its name is free")
+    rd.add_argument("room")
+    rd.add_argument("--reason", default="")
+
+    au = top.add_parser("audit", help="moderation and operator actions, oldest first")
+    au.add_argument("--room")
+    au.add_argument("--user", help="as actor or target")
+    au.add_argument("--since", help="a date (2026-12-01), a time (2026-12-01T10:00) or an "
+                    "age (2h, 7d)")
+    au.add_argument("--limit", type=int, default=1000)
+
+    top.add_parser("backup", help="an online, consistent copy of the database").add_argument(
+        "path", help="the file to write (must not exist)")
+    return p
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise AdminError(f"not a duration: {text!r} (like 3600, 90m, 12h or 7d)",
+                         EXIT_USAGE) from None
+
+
+def _since_ms(text: str) -> int:
+    if text[-1:] in "smhd" and text[:-1].replace(".", "", 1).isdigit():
+        return int((time.time() - _duration(text)) * 1000)
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise AdminError(f"--since: not a date, time or age: {text!r}", EXIT_USAGE) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    argv = []
+    for name in ("data_dir", "config", "db", "pepper_file"):
+        value = getattr(args, name)
+        if value:
+            argv += ["--" + name.replace("_", "-"), value]
+    try:
+        return load_settings_and_sources(argv)[0]
+    except SettingError as exc:
+        raise AdminError(str(exc), EXIT_USAGE) from None
+
+
+def _new_password(args: argparse.Namespace, settings: Settings, username: str
+                  ) -> tuple[str, bool]:
+    """The password to set, and whether it was generated (then it is printed)."""
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else \
+            getpass.getpass(f"new password for {username}: ")
+        from chat.errors import ChatError
+
+        try:
+            password = check_new_password(password, username,
+                                          min_length=settings.min_password_length)
+        except ChatError as exc:
+            raise AdminError(exc.message) from None
+        return password, False
+    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES), True
+
+
+def _hash(settings: Settings, password: str) -> str:
+    try:
+        pepper = read_pepper(settings.pepper_path)
+    except (OSError, ValueError) as exc:
+        raise AdminError(f"cannot read the pepper file {settings.pepper_path}: {exc} (run "
+                         "chat-admin as the server's user, with its settings)",
+                         EXIT_UNREACHABLE) from None
+    return PasswordHasher(pepper, settings.bcrypt_rounds).hash(password)
+
+
+def _request(args: argparse.Namespace, settings: Settings) -> tuple[str, dict[str, Any], str]:
+    """The action, its arguments, and what to print beside the result (a password)."""
+    area, cmd = args.area, getattr(args, "cmd", None)
+    if area == "user":
+        if cmd in ("add", "reset-password"):
+            password, generated = _new_password(args, settings, args.username)
+            note = f"password for {args.username}: {password}" if generated else ""
+            action = "user_add" if cmd == "add" else "user_reset_password"
+            return action, {"name": args.username,
+                            "password_hash": _hash(settings, password)}, note
+        if cmd == "list":
+            return "user_list", {}, ""
+        args_ = {"name": args.username}
+        if cmd == "disable":
+            args_["reason"] = args.reason
+        return f"user_{cmd}", args_, ""
+    if area == "token":
+        if cmd == "create":
+            return "token_create", {"uses": args.uses, "ttl": _duration(args.expires),
+                                    "note": args.note}, ""
+        if cmd == "list":
+            return "token_list", {}, ""
+        return "token_revoke", {"token_id": args.id}, ""
+    if area == "room":
+        if cmd == "list":
+            return "room_list", {}, ""
+        if cmd == "show":
+            return "room_show", {"name": args.room}, ""
+        if cmd == "set-owner":
+            return "room_set_owner", {"name": args.room, "username": args.username}, ""
+        if cmd in ("kick", "ban"):
+            return f"room_{cmd}", {"name": args.room, "username": args.username,
+                                   "reason": args.reason}, ""
+        if cmd == "unban":
+            return "room_unban", {"name": args.room, "username": args.username}, ""
+        return "room_delete", {"name": args.room, "reason": args.reason}, ""
+    assert area == "audit"
+    return "audit", {"room": args.room, "user": args.user, "limit": args.limit,
+                     "since_ms": _since_ms(args.since) if args.since else None}, ""
+
+
+def perform(settings: Settings, action: str, args: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Do it through the running server, else on the database. The flag: was it live?"""
+    path = control.socket_path(settings.data_path)
+    if path.exists():
+        try:
+            answer = control.call(path, action, args)
+        except ConnectionRefusedError:
+            pass  # a socket left by a server that did not stop cleanly: it is not running
+        except OSError as exc:
+            raise AdminError(f"cannot use the control socket {path}: {exc}",
+                             EXIT_UNREACHABLE) from None
+        else:
+            if not answer.get("ok"):
+                raise AdminError(str(answer.get("error")))
+            return answer["result"], True
+    return _offline(settings, action, args), False
+
+
+def _offline(settings: Settings, action: str, args: dict[str, Any]) -> dict[str, Any]:
+    from chat.db import make_engine, upgrade_to_head
+    from chat.hub import LocalHub
+    from chat.store import Store
+
+    if settings.db_url.startswith("sqlite") and not Path(
+            settings.db_url.split("///", 1)[-1]).exists():
+        raise AdminError(f"no database at {settings.db_url}: is --data-dir (or --db) the "
+                         "server's?", EXIT_UNREACHABLE)
+    try:
+        engine = make_engine(settings.db_url)
+        upgrade_to_head(engine)
+    except Exception as exc:
+        raise AdminError(f"cannot open the database {settings.db_url}: {exc}",
+                         EXIT_UNREACHABLE) from None
+    store = Store(engine, LocalHub())  # a hub with nobody in it: nobody to tell
+    try:
+        with engine.begin() as db:
+            ops = admin_actions.Ops(db, store, store.hub)
+            result = admin_actions.ACTIONS[action](ops, **args)
+        ops.run_later()
+    except admin_actions.Refused as exc:
+        raise AdminError(str(exc)) from None
+    finally:
+        engine.dispose()
+    return result
+
+
+def backup(settings: Settings, target: Path) -> dict[str, Any]:
+    """SQLite's online backup: a consistent copy while the server writes."""
+    url = settings.db_url
+    if not url.startswith("sqlite:///"):
+        raise AdminError("backup copies SQLite databases; for PostgreSQL use pg_dump "
+                         "(see docs/security.md)", EXIT_USAGE)
+    source = Path(url[len("sqlite:///"):])
+    if not source.exists():
+        raise AdminError(f"no database at {source}", EXIT_UNREACHABLE)
+    if target.exists():
+        raise AdminError(f"{target} exists: choose a new file", EXIT_USAGE)
+    # The copy holds every password hash: readable by this user only, from the start.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)  # all pages in one step: one snapshot, whatever is written meanwhile
+        ok = dst.execute("PRAGMA quick_check").fetchone()[0]
+        messages = dst.execute("SELECT count(*), max(id) FROM messages").fetchone()
+    finally:
+        dst.close()
+        src.close()
+    if ok != "ok":
+        raise AdminError(f"the copy failed its check: {ok}", EXIT_REFUSED)
+    return {"path": str(target), "messages": messages[0], "last_msg_id": messages[1] or 0,
+            "bytes": target.stat().st_size}
+
+
+def _ts(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _human(action: str, result: dict[str, Any]) -> list[str]:
+    if action == "user_list":
+        return [f"{u['username']:<32} {'disabled' if u['disabled'] else 'active':<8} "
+                f"{'online' if u['online'] else '':<6} since {_ts(u['created_ms'])}"
+                for u in result["users"]] or ["no users"]
+    if action == "user_show":
+        rooms = ", ".join(f"#{r['room']}" + (f" ({r['role']})" if r["role"] != "member" else "")
+                          for r in result["rooms"])
+        return [f"user      {result['username']}", f"created   {_ts(result['created_ms'])}",
+                f"state     {'disabled since ' + _ts(result['disabled_ms']) if result['disabled'] else 'active'}",  # noqa: E501
+                f"sessions  {result['sessions']}", f"rooms     {rooms}"]
+    if action == "token_create":
+        return [f"token {result['id']}: {result['token']}",
+                f"  allows {result['uses_allowed']} registration(s) until "
+                f"{_ts(result['expires_ms'])} UTC; shown only now: give it to the person "
+                "who registers (chat-client register --token TOKEN)"]
+    if action == "token_list":
+        return [f"{t['id']:>4}  {t['state']:<8} used {t['uses']}/{t['uses_allowed']}  "
+                f"expires {_ts(t['expires_ms'])}  {t['note']}"
+                for t in result["tokens"]] or ["no tokens"]
+    if action == "room_list":
+        return [f"#{r['room']:<32} {r['visibility']:<7} {r['history']:<6} "
+                f"{r['members']:>6} members  {r['topic']}" for r in result["rooms"]]
+    if action == "room_show":
+        lines = [f"room      #{result['room']} ({result['visibility']}, history "
+                 f"{result['history']})", f"topic     {result['topic']}"]
+        lines += [f"member    {m['username']} ({m['role']})" for m in result["members"]]
+        lines += [f"banned    {b['username']} by {b['by']}: {b['reason']}"
+                  for b in result["bans"]]
+        return lines
+    if action == "audit":
+        return [f"{_ts(e['ts_ms'])}  {e['actor']:<12} {e['action']:<14} "
+                + " ".join(x for x in (e["target"] or "", f"#{e['room']}" if e["room"] else "",
+                                       e["detail"], f"({e['reason']})" if e["reason"] else "")
+                           if x) for e in result["entries"]] or ["nothing logged"]
+    return [", ".join(f"{k} {v}" for k, v in result.items())]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+        if args.area == "backup":
+            result, live, note = backup(settings, Path(args.path)), None, (
+                "the pepper is not in the copy: back up "
+                f"{settings.pepper_path} apart from it; without it no password can be checked")
+            action = "backup"
+        else:
+            action, request, note = _request(args, settings)
+            result, live = perform(settings, action, request)
+    except AdminError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        else:
+            print(f"chat-admin: {exc}", file=sys.stderr)
+        return exc.code
+    if args.json:
+        print(json.dumps({"ok": True, "live": live, "result": result}))
+        if note and action != "backup":
+            print(note, file=sys.stderr)
+        return EXIT_OK
+    for line in _human(action, result):
+        print(line)
+    if note:
+        print(note)
+    if live is False:
+        print("(the server is not running: this was done on the database directly)",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
