@@ -64,6 +64,9 @@ HOLD_RATE = 2  # over its frame rate or reply budget, until the tokens are there
 HOLD_WRITER = 4  # too much of its work waits for the store's writer
 HOLD_SHUTDOWN = 8  # the server is stopping
 HOLD_READ = 16  # its history read is running; the next history waits for it
+# Requests whose reply is read or built apart and charged to the reply budget when done:
+# one at a time per connection (`reads_in_flight`).
+WEIGHED_READS = frozenset({"history", "list_rooms", "members"})
 
 PING = encode({"type": "ping"})  # the same bytes every time
 # Seconds before asking again for a page of stored direct messages whose job failed.
@@ -247,8 +250,9 @@ class Connection(TlsStream):
             # token (into debt if need be), so a flood of them is paced all the same:
             # the next frame that may wait, waits for it.
             kind = event.get("type") if isinstance(event, dict) else None
-            if kind == "history" and self.reads_in_flight:
-                # One history read at a time per connection: the read pool is everyone's.
+            if kind in WEIGHED_READS and self.reads_in_flight:
+                # One weighed read at a time per connection: the read pool is everyone's,
+                # and each reply is charged before the next one starts.
                 self._waiting = event
                 self._hold(HOLD_READ)
                 return False

@@ -197,8 +197,9 @@ class LocalHub:
 
     def removed(self, user: UserState, room: str, data: bytes) -> None:
         """A kick or ban: each of the user's sessions gets `data` (the `removed` frame),
-        then leaves the room's fan-out, before any later room traffic is delivered."""
-        user.rooms.discard(room)
+        then leaves the room's fan-out, before any later room traffic is delivered.
+        (`user.rooms` is the writer's decision, changed when the kick was decided: a join
+        decided after it may have put the room back by now.)"""
         for session in user.sessions:
             if room in session.rooms_in:
                 session.out.deliver(data)

@@ -25,7 +25,7 @@ from chat.errors import Blocked, InvalidField, NoSuchUser
 from chat.hub import LocalHub
 from chat.protocol import encode
 from chat.roombook import RoomState, audit
-from chat.rooms import _user, room_view, submit
+from chat.rooms import _user, drop_if_abandoned, room_view, submit
 from chat.store import Store, UserRecord, now_ms
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ def remove(store: Store, hub: LocalHub, db: Any, room: RoomState, target: UserRe
         store.rooms.ban(db, room, target.id, by, reason, ms)
     audit(db, ms, by, how, target=target.name, room=room.name, reason=reason)
     name = room.name
+    drop_if_abandoned(store, db, room, ms)
     state = hub.user_state(target.key)
     if state is not None and name in state.rooms:
         # Now, not after the COMMIT: the target's requests later in this batch (a send,
@@ -72,9 +73,13 @@ def remove(store: Store, hub: LocalHub, db: Any, room: RoomState, target: UserRe
     data = encode(frame)
 
     def after() -> None:
-        # Looked up again: a login decided before the kick may have attached since.
+        # Looked up again: a login decided before the kick may have attached since, with
+        # the rooms it read then; the state the kick changed above is right as it is (a
+        # join decided after the kick may have put the room back).
         online = hub.user_state(target.key)
         if online is not None and was_member:
+            if online is not state:
+                online.rooms.discard(name)
             hub.removed(online, name, data)
 
     return after
@@ -99,6 +104,7 @@ def invite(conn: Connection, req: m.Invite) -> None:
     session = conn.require_session()
     store, hub, rid = conn.server.store, conn.server.hub, req.id
     ttl_ms = int(conn.settings.invite_ttl * 1000)
+    cap = conn.settings.max_rooms_per_user  # pending invitations: as many as rooms
     ok = {"type": "ok", "op": "invite", "room": req.room}
 
     def run(db: Any) -> Callable[[], None]:
@@ -109,7 +115,8 @@ def invite(conn: Connection, req: m.Invite) -> None:
         if tview.member:
             return lambda: conn.reply(rid, ok)  # nothing to do
         ms = now_ms()
-        store.rooms.invite(db, room, target.id, session.name, ms + ttl_ms)
+        if room.private:  # a public room needs no invitation: it is only news
+            store.rooms.invite(db, room, target.id, session.name, ms + ttl_ms, cap)
         audit(db, ms, session.name, "invite", target=target.name, room=room.name)
         data = encode({"type": "invited", "room": room.name, "by": session.name})
 

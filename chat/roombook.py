@@ -56,6 +56,9 @@ class RoomState:
     members: dict[int, Member] = field(default_factory=dict)  # by user id
     bans: set[int] = field(default_factory=set)
     invites: dict[int, int] = field(default_factory=dict)  # user id -> expires_ms
+    # (name, role) of every member, sorted by name: kept until the members change, so
+    # `members` of a room of thousands costs the writer nothing after the first.
+    listed: tuple[tuple[str, str], ...] | None = None
 
     @property
     def private(self) -> bool:
@@ -75,6 +78,17 @@ class RoomState:
             owners=self.owners() if member and member.role == acl.OWNER else 0,
             members=len(self.members),
         )
+
+    def member_list(self) -> tuple[tuple[str, str], ...]:
+        if self.listed is None:
+            self.listed = tuple(sorted(((m.name, m.role) for m in self.members.values()),
+                                       key=lambda nr: nr[0].lower()))
+        return self.listed
+
+    def abandoned(self, now_ms: int) -> bool:
+        """A private room nobody is in or may enter: nobody could ever reach it again."""
+        return (self.private and not self.members
+                and not any(exp > now_ms for exp in self.invites.values()))
 
     def readable_after(self, user_id: int) -> int:
         """History of this room for a member: messages with ids above this."""
@@ -103,6 +117,9 @@ class RoomBook:
         self._rooms: OrderedDict[str, RoomState] = OrderedDict()
         self._blocks: OrderedDict[int, set[int]] = OrderedDict()
         self.cache_rooms = cache_rooms
+        # Counts changes to what is held: a job that fails after changing something has
+        # the book forgotten (Store._run_job), one refused before any change does not.
+        self.changes = 0
 
     def forget(self) -> None:
         """A batch failed: what was changed in memory may not be in the database."""
@@ -154,6 +171,7 @@ class RoomBook:
     # --- changing (inside the writer's transaction) ----------------------------------
     def create(self, db: Connection, name: str, visibility: str, history: str,
                first_msg_id: int, now_ms: int) -> RoomState:
+        self.changes += 1
         db.execute(insert(rooms_t).values(name=name, visibility=visibility, history=history,
                                           topic="", created_ms=now_ms,
                                           first_msg_id=first_msg_id))
@@ -163,34 +181,52 @@ class RoomBook:
 
     def add_member(self, db: Connection, room: RoomState, user_id: int, name: str,
                    role: str, since_msg_id: int, now_ms: int) -> None:
+        self.changes += 1
         db.execute(insert(members_t).values(user_id=user_id, room=room.name, joined_ms=now_ms,
                                             role=role, since_msg_id=since_msg_id))
         room.members[user_id] = Member(name, role, since_msg_id)
+        room.listed = None
         if room.invites.pop(user_id, None) is not None:  # used up by the join
             db.execute(delete(invites_t).where(and_(invites_t.c.room == room.name,
                                                     invites_t.c.user_id == user_id)))
 
     def remove_member(self, db: Connection, room: RoomState, user_id: int) -> None:
+        self.changes += 1
         db.execute(delete(members_t).where(and_(members_t.c.room == room.name,
                                                 members_t.c.user_id == user_id)))
         room.members.pop(user_id, None)
+        room.listed = None
 
     def set_role(self, db: Connection, room: RoomState, user_id: int, role: str) -> None:
+        self.changes += 1
         db.execute(update(members_t).where(and_(members_t.c.room == room.name,
                                                 members_t.c.user_id == user_id))
                    .values(role=role))
         room.members[user_id].role = role
+        room.listed = None
 
     def invite(self, db: Connection, room: RoomState, user_id: int, by: str,
-               expires_ms: int) -> None:
+               expires_ms: int, cap: int) -> None:
+        """Invite; past `cap` pending invitations, the user's oldest ones lapse (a user
+        who is spammed can block the sender; an unbounded list would be everyone's cost)."""
+        self.changes += 1
         db.execute(delete(invites_t).where(and_(invites_t.c.room == room.name,
                                                 invites_t.c.user_id == user_id)))
+        pending = db.execute(select(invites_t.c.room).where(invites_t.c.user_id == user_id)
+                             .order_by(invites_t.c.expires_ms)).scalars().all()
+        for old in pending[:max(0, len(pending) - cap + 1)]:
+            db.execute(delete(invites_t).where(and_(invites_t.c.room == old,
+                                                    invites_t.c.user_id == user_id)))
+            cached = self._rooms.get(old)
+            if cached is not None:
+                cached.invites.pop(user_id, None)
         db.execute(insert(invites_t).values(room=room.name, user_id=user_id, by_name=by,
                                             expires_ms=expires_ms))
         room.invites[user_id] = expires_ms
 
     def ban(self, db: Connection, room: RoomState, user_id: int, by: str, reason: str,
             now_ms: int) -> None:
+        self.changes += 1
         if user_id in room.bans:
             return
         db.execute(insert(bans_t).values(room=room.name, user_id=user_id, by_name=by,
@@ -201,20 +237,24 @@ class RoomBook:
                                                     invites_t.c.user_id == user_id)))
 
     def unban(self, db: Connection, room: RoomState, user_id: int) -> None:
+        self.changes += 1
         db.execute(delete(bans_t).where(and_(bans_t.c.room == room.name,
                                              bans_t.c.user_id == user_id)))
         room.bans.discard(user_id)
 
     def set_topic(self, db: Connection, room: RoomState, topic: str) -> None:
+        self.changes += 1
         db.execute(update(rooms_t).where(rooms_t.c.name == room.name).values(topic=topic))
         room.topic = topic
 
     def set_history(self, db: Connection, room: RoomState, history: str) -> None:
+        self.changes += 1
         db.execute(update(rooms_t).where(rooms_t.c.name == room.name).values(history=history))
         room.history = history
 
     def delete(self, db: Connection, room: RoomState) -> int:
         """The room, its members, bans, invitations and messages; how many messages."""
+        self.changes += 1
         deleted = db.execute(delete(messages_t).where(messages_t.c.room == room.name)).rowcount
         for table in (members_t, bans_t, invites_t):
             db.execute(delete(table).where(table.c.room == room.name))
@@ -223,6 +263,7 @@ class RoomBook:
         return deleted
 
     def block(self, db: Connection, user_id: int, blocked_id: int, now_ms: int) -> None:
+        self.changes += 1
         if self.blocked(db, blocked_id, user_id):
             return
         db.execute(insert(blocks_t).values(user_id=user_id, blocked_id=blocked_id,
@@ -230,6 +271,7 @@ class RoomBook:
         self._blocks[user_id].add(blocked_id)
 
     def unblock(self, db: Connection, user_id: int, blocked_id: int) -> None:
+        self.changes += 1
         self.blocked(db, blocked_id, user_id)  # loads the set
         db.execute(delete(blocks_t).where(and_(blocks_t.c.user_id == user_id,
                                                blocks_t.c.blocked_id == blocked_id)))
@@ -260,6 +302,7 @@ def rooms_listed(db: Connection, user_id: int, now_ms: int,
                         .order_by(n.desc(), rooms_t.c.name).limit(limit + 1)).all()
     more = len(public) > limit
     own = db.execute(query.where(rooms_t.c.name.in_(set(mine) | invited))).all()
+    # (Invitations are kept for private rooms only: a public room needs none.)
     rows = {row[0]: row for row in public[:limit] + own}
     listed = [{"room": name, "topic": topic, "members": count, "visibility": visibility,
                "role": mine.get(name)} for name, topic, visibility, count in rows.values()]

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # The most one stored message can weigh in a reply: 4 UTF-8 bytes a character, and the
 # frame's other fields.
 MESSAGE_BYTES_BOUND = 4 * m.MAX_MESSAGE_CHARS + 200
+# What one room in a list_rooms reply is taken to weigh before it is read.
+LISTED_ROOM_BYTES = 200
 
 
 def _user(conn: Connection) -> UserState:
@@ -65,6 +67,15 @@ def _member(conn: Connection, db: Any, name: str) -> tuple[UserState, RoomState]
     acl.member(view)
     assert room is not None
     return user, room
+
+
+def drop_if_abandoned(store: Any, db: Any, room: RoomState, ms: int) -> bool:
+    """Delete a private room that nobody is in or invited to (its history with it): nobody
+    could reach it again, and its name would be taken for good."""
+    if not room.abandoned(ms):
+        return False
+    store.rooms.delete(db, room)
+    return True
 
 
 def submit(conn: Connection, rid: m.RequestId, run: Callable[[Any], Callable[[], None]]) -> None:
@@ -103,6 +114,8 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
     def run(db: Any) -> Callable[[], None]:
         user = _user(conn)
         room, view = room_view(conn, db, name)
+        if room is not None and drop_if_abandoned(store, db, room, now_ms()):
+            room, view = None, missing(name)  # its invitations lapsed since its last left
         if create is not None and room is not None:
             raise RoomTaken()
         if room is not None:
@@ -145,6 +158,7 @@ def leave(conn: Connection, req: m.Leave) -> None:
         acl.leave(view)
         assert room is not None
         store.rooms.remove_member(db, room, user.user_id)
+        drop_if_abandoned(store, db, room, now_ms())
         user.rooms.discard(name)
         store.on_rollback(lambda: user.rooms.add(name))
 
@@ -172,40 +186,60 @@ def room_info(conn: Connection, req: m.RoomInfo) -> None:
 def members(conn: Connection, req: m.Members) -> None:
     conn.require_session()
     hub, rid = conn.server.hub, req.id
+    conn.reads_in_flight += 1  # one at a time, charged when sent (Connection._process)
+
+    def send(listed: tuple[tuple[str, str], ...], online_names: list[str]) -> None:
+        # The loop thread's work: the writer only handed over two lists it keeps.
+        online = set(online_names)
+        frame = {"type": "members", "room": req.room, "members": [
+            {"username": name, "role": role, "online": name in online}
+            for name, role in listed]}
+        if rid is not None:
+            frame["re"] = rid
+        data = encode(frame)
+        conn.deliver(data)
+        conn.charge_reply(0, len(data))
 
     def run(db: Any) -> Callable[[], None]:
         room = _member(conn, db, req.room)[1]
-        listed = sorted(((mb.name, mb.role) for mb in room.members.values()),
-                        key=lambda nr: nr[0].lower())
+        listed = room.member_list()
+        # `online` as of this point in the writer's order (after earlier continuations).
+        return lambda: conn.loop.call_soon(send, listed, hub.who(req.room))
 
-        def after() -> None:
-            # Here, after the writer's earlier continuations: `online` as of this point.
-            frame = {"type": "members", "room": req.room, "members": [
-                {"username": name, "role": role, "online": hub.is_online(name.lower())}
-                for name, role in listed]}
-            conn.loop.call_soon(conn.reply_weighed, rid, frame)
+    def fail(exc: ChatError) -> None:
+        conn.send_error(exc, rid)
+        conn.loop.call_soon(conn.charge_reply, 0, 0)
 
-        return after
-
-    submit(conn, rid, run)
+    conn.submit(Job(run, fail, owner=conn))
 
 
 def list_rooms(conn: Connection, req: m.ListRooms) -> None:
     session = conn.require_session()
     store, rid, read_pool = conn.server.store, req.id, conn.server.read_pool
-    limit = conn.settings.max_listed_rooms
+    limit, row_cost = conn.settings.max_listed_rooms, conn.settings.history_row_cost
+    # Like a history read: charged up front, one at a time, the difference given back.
+    reserved = min(limit * LISTED_ROOM_BYTES, conn.settings.max_history_bytes)
+    conn.reply_budget.spend(reserved)
+    conn.reads_in_flight += 1
 
     def read() -> None:
+        size = 0
         try:
             with store.engine.connect() as db:
                 rooms, more = rooms_listed(db, session.user_id, now_ms(), limit)
             frame: dict[str, Any] = {"type": "rooms", "rooms": rooms}
             if more:
                 frame["more"] = True
-            conn.loop.call_soon(conn.reply_weighed, rid, frame)
+            data = encode(_with_re(frame, rid))
+            size = len(data) + len(rooms) * row_cost
+            conn.deliver(data)
+        except ChatError as exc:
+            conn.send_error(exc, rid)
         except Exception:
             log.exception("%s: list_rooms failed", conn.peer)
             conn.send_error(Internal(), rid)
+        finally:
+            conn.loop.call_soon(conn.charge_reply, reserved, size)
 
     def run(db: Any) -> Callable[[], None]:
         # In order with this connection's earlier requests (a create just before is
@@ -215,10 +249,15 @@ def list_rooms(conn: Connection, req: m.ListRooms) -> None:
                 read_pool.submit(read)
             except ChatError as exc:
                 conn.send_error(exc, rid)
+                conn.loop.call_soon(conn.charge_reply, reserved, 0)
 
         return after
 
-    submit(conn, rid, run)
+    def fail(exc: ChatError) -> None:
+        conn.send_error(exc, rid)
+        conn.loop.call_soon(conn.charge_reply, reserved, 0)
+
+    conn.submit(Job(run, fail, owner=conn))
 
 
 def who(conn: Connection, req: m.Who) -> None:

@@ -468,14 +468,25 @@ class Store:
             self._apply_corrections()
 
     def _run_job(self, conn: Connection, job: Job) -> tuple[After, bool]:
+        undo_from, book = len(self._undo), self.rooms.changes
         try:
             with conn.begin_nested():
                 return job.run(conn), True
         except ChatError as exc:
+            self._unwind(undo_from, book)
             return _failing(job.fail, exc), False
         except Exception:
             log.exception("store: a job failed")
+            self._unwind(undo_from, book)
             return _failing(job.fail, Internal()), False
+
+    def _unwind(self, undo_from: int, book: int) -> None:
+        """A job failed and its savepoint was rolled back: so is what it changed in memory."""
+        for undo in reversed(self._undo[undo_from:]):
+            undo()
+        del self._undo[undo_from:]
+        if self.rooms.changes != book:
+            self.rooms.forget()  # read again from the database, which is right
 
     def _insert_messages(
         self, conn: Connection, jobs: list[MessageJob], logging_in: set[str]
