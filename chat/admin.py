@@ -328,6 +328,27 @@ def _human(action: str, result: dict[str, Any]) -> list[str]:
                 + " ".join(x for x in (e["target"] or "", f"#{e['room']}" if e["room"] else "",
                                        e["detail"], f"({e['reason']})" if e["reason"] else "")
                            if x) for e in result["entries"]] or ["nothing logged"]
+    sessions = result.get("sessions_ended")
+    ended = (f"; {sessions} session{'s' if sessions != 1 else ''} ended"
+             if sessions is not None else "")
+    said = {
+        "user_add": f"made the account {result.get('username')}",
+        "user_disable": f"disabled {result.get('username')}{ended}",
+        "user_enable": f"enabled {result.get('username')}",
+        "user_logout": f"logged {result.get('username')} out{ended}",
+        "user_reset_password": f"set a new password for {result.get('username')}{ended}",
+        "token_revoke": f"revoked token {result.get('id')}",
+        "room_set_owner": f"{result.get('owner')} owns #{result.get('room')}",
+        "room_kick": f"kicked {result.get('username')} from #{result.get('room')}",
+        "room_ban": f"banned {result.get('username')} from #{result.get('room')}",
+        "room_unban": f"lifted the ban of {result.get('username')} from #{result.get('room')}",
+        "room_delete": f"deleted #{result.get('room')} and its "
+                       f"{result.get('messages_deleted')} messages",
+        "backup": f"wrote {result.get('path')}: {result.get('messages')} messages, up to "
+                  f"msg_id {result.get('last_msg_id')}, {result.get('bytes')} bytes",
+    }
+    if action in said:
+        return [said[action]]
     return [", ".join(f"{k} {v}" for k, v in result.items())]
 
 

@@ -158,8 +158,16 @@ def token_create(ops: Ops, uses: int = 1, ttl: float = accounts.DEFAULT_TOKEN_TT
     except ValueError as exc:
         raise Refused(str(exc)) from None
     audit(ops.db, ms, OPERATOR, "token_create", target=f"token {tid}",
-          detail=f"uses {uses}, expires in {ttl:g} s" + (f": {note}" if note else ""))
+          detail=f"uses {uses}, lasts {_span(ttl)}" + (f": {note}" if note else ""))
     return {"id": tid, "token": token, "uses_allowed": uses, "expires_ms": ms + int(ttl * 1000)}
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds:g} s"
 
 
 def token_list(ops: Ops) -> dict[str, Any]:
