@@ -245,3 +245,32 @@ def test_a_ban_in_the_middle_of_a_burst_cuts_the_target_off_at_one_point(chat_se
         if frame["type"] == "message" and frame.get("room") == "race":
             got.append(frame["msg_id"])
     assert got == ids
+
+
+def test_invite_ban_join_race_ends_as_if_the_join_came_after_the_ban(chat_server):
+    """Whatever order the writer takes them in, a user banned after an invitation ends
+    up out of the room, banned, and told so if the join got in first."""
+    owner, target = chat_server.user("owner"), chat_server.user("target")
+    for i in range(20):
+        room = f"race{i}"
+        owner.request({"type": "create", "room": room, "visibility": "private"})
+        owner.request({"type": "invite", "room": room, "username": "target"})
+        ban = {"type": "ban", "room": room, "username": "target", "id": "b"}
+        join = {"type": "join", "room": room, "id": "j"}
+        # Sent as near together as two connections allow, in both orders.
+        if i % 2:
+            owner.send(ban)
+            target.send(join)
+        else:
+            target.send(join)
+            owner.send(ban)
+        while True:
+            frame = target.recv()
+            if frame.get("re") == "j":
+                joined = frame
+                break
+        assert joined["type"] == "ok" or joined["code"] == "no_such_room"
+        if joined["type"] == "ok":
+            assert target.recv_until("removed")["how"] == "ban"
+        assert target.request({"type": "room_info", "room": room})["code"] == "no_such_room"
+        assert owner.request({"type": "join", "room": room})["type"] == "ok"  # owner, still in
