@@ -21,7 +21,7 @@ from chat.client.commands import (
 )
 from chat.client.completion import ChatCompleter, Roster
 from chat.client.format import bye_text, format_event
-from chat.client.reconnect import should_reconnect
+from chat.client.reconnect import Seen, should_reconnect
 from chat.client.roomcommands import USAGE, about_the_asker
 
 
@@ -241,6 +241,9 @@ def test_a_removal_drops_the_room_and_moves_on() -> None:
     notes = state.observe({"type": "removed", "room": "DEV", "by": "a", "how": "ban"}, "me")
     assert notes == ["now talking in #general"]
     assert (state.room, state.rooms, state.roles) == ("general", {"general", "ops"}, {})
+    # Nothing of the room is asked for when catching up after a reconnect.
+    asked = Seen("me").catch_up_requests(state.rooms, position=5)
+    assert {r.get("room") for r in asked} == {"general", "ops", None}  # None: the direct ones
     assert state.observe({"type": "removed", "room": "ops", "by": "a", "how": "kick"},
                          "me") == []  # not the current room: the event line says it all
     assert state.observe({"type": "removed", "room": "ops", "by": "a", "how": "kick"},

@@ -198,3 +198,23 @@ def test_the_prompt_shows_the_role_and_a_kick_takes_the_room_away(
             assert term.quit() == 0
     finally:
         peer.close()
+
+
+def test_tab_completes_a_user_online_before_login_in_another_room(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    # Online in #general only, before we log in to start in another room: the roster
+    # thread's `who` of our other rooms finds them (the banner asks only the current one).
+    me, other, room = new_name(), new_name(), new_room("dev")
+    chat_server.register(me)
+    peer = chat_server.user(other)
+    try:
+        with interactive(chat_server, me, tmp_path, "--room", room, "--recent", "0") as term:
+            term.wait_for_input(f"[{room} owner]> ")
+            term.send(f"/msg {other[:6]}" + TAB)
+            term.wait_for_input(f"[{room} owner]> ", f"/msg {other} ")
+            term.send("\x15")  # Ctrl-U: clear the line
+            term.wait_for_input(f"[{room} owner]> ")
+            assert term.quit() == 0
+    finally:
+        peer.close()
