@@ -149,7 +149,9 @@ def test_line_mode_ends_at_once_on_an_ending_bye_even_with_reconnect(
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("-- logged in as")
         end_sessions(chat_server, me, reason)
-        out, err = proc.communicate(timeout=WAIT)  # stdin still open: the server ended it
+        proc.wait(timeout=WAIT)  # stdin still open: the server ended it, not the input
+        assert proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
