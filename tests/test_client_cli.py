@@ -452,14 +452,14 @@ def test_interactive_session_in_a_terminal(chat_server: Any) -> None:
         child.sendline("hello from a terminal")
         child.expect_exact(f"{name}: hello from a terminal")
         child.sendline("/join dev")
-        child.expect_exact("[dev]>")
+        child.expect_exact("[dev owner]>")  # the first to join a new room owns it
         child.sendline("/leave")  # the current room: back to #general, still joined
         child.expect_exact("-- ok: leave #dev")
         child.expect_exact("[general]>")
         child.sendline("/leave")  # #general: refused here, as the server would
         child.expect_exact(CANNOT_LEAVE_DEFAULT)
         child.sendline("/join dev")
-        child.expect_exact("[dev]>")
+        child.expect_exact("[dev owner]>")  # a room nobody is in: the first to join owns it
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
     finally:

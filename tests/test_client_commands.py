@@ -22,7 +22,6 @@ from chat.client.commands import (
     Notice,
     Passwd,
     Request,
-    Rooms,
     Switch,
     explain,
     normalize_room,
@@ -50,11 +49,17 @@ def test_help_fits_an_80_column_terminal_and_names_the_keys() -> None:
     assert "/history more" in HELP
 
 
-def test_rooms_lists_them_with_the_current_one_marked() -> None:
+def test_rooms_asks_the_server_and_marks_the_current_one() -> None:
     state = ChatState.start("dev", ["general", "dev", "ops"])
-    assert parse_command("/rooms", state.room) == Rooms()
-    assert run_local(Rooms(), state) == "-- rooms: *#dev #general #ops"
+    assert parse_command("/rooms", state.room) == Request({"type": "list_rooms"})
     assert isinstance(parse_command("/rooms extra", state.room), Invalid)
+    listed = {"type": "rooms", "re": 1, "rooms": [
+        {"room": "dev", "topic": "", "members": 2, "visibility": "public", "role": "owner"},
+        {"room": "general", "topic": "", "members": 9, "visibility": "public", "role": "member"},
+        {"room": "ops", "topic": "", "members": 1, "visibility": "private", "role": "member"},
+    ]}
+    text = format_event(listed, current=state.room)
+    assert text is not None and text.splitlines()[0] == "-- rooms: *#dev #general #ops"
 
 
 def test_switch_changes_the_current_room_among_joined_ones() -> None:

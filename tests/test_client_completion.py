@@ -24,7 +24,7 @@ def make() -> tuple[ChatCompleter, ChatState, Roster]:
 def test_command_names_after_a_slash_with_a_space_to_go_on() -> None:
     completer, _, _ = make()
     assert offered(completer, "/j") == [("join ", -1)]
-    assert offered(completer, "/S") == [("switch ", -1)]
+    assert offered(completer, "/Sw") == [("switch ", -2)]
     names = [text.strip() for text, _ in offered(completer, "/")]
     assert {"join", "leave", "me", "msg", "passwd", "rooms", "switch", "who"} <= set(names)
     assert offered(completer, "hello /j") == []

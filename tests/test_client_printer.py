@@ -26,7 +26,8 @@ TS = "2026-11-23T19:50:16.123Z"
 class FakeClient:
     def __init__(self, *, held: Sequence[Frame] = (), events: Sequence[Frame] = (),
                  who: dict[str, list[str]] | None = None,
-                 history: dict[str, list[Frame]] | None = None) -> None:
+                 history: dict[str, list[Frame]] | None = None,
+                 roles: dict[str, str | None] | None = None) -> None:
         self.username = "me"
         self.hello: Frame = {}
         self.limits = ServerLimits()
@@ -39,11 +40,19 @@ class FakeClient:
             self._events.put(frame)
         self._who = who or {}
         self._history = history or {}
+        self._roles = roles or {}  # v1.1: the user's role in each room (None: invited)
 
     def request(self, frame: Frame, timeout: float = 10, *, quiet: bool = False) -> Frame:
         assert quiet, frame  # the printer's own requests are never events
         self.asked.append(frame)
+        if frame["type"] == "list_rooms":
+            return {"type": "rooms", "rooms": [
+                {"room": r, "topic": "", "members": 1, "visibility": "private", "role": x}
+                for r, x in sorted(self._roles.items())]}
         room = frame["room"]
+        if frame["type"] == "room_info":
+            return {"type": "room", "room": room, "visibility": "public", "history": "shared",
+                    "topic": "", "role": self._roles.get(room), "members": 1}
         if frame["type"] == "who":
             return {"type": "who", "room": room, "users": self._who.get(room, [])}
         return {"type": "history", "room": room, "messages": self._history.get(room, [])}
@@ -203,3 +212,51 @@ def test_waiting_for_a_reply_ends_when_the_printer_does() -> None:
     assert not handled.wait(object(), 1, 0)  # another connection's reply 1
     handled.close()
     assert handled.wait(client, 2, 0)
+
+
+# -- version 1.1 --------------------------------------------------------------------------------
+
+
+def test_roles_come_from_list_rooms_at_login_and_room_info_on_join() -> None:
+    ok = {"type": "ok", "op": "join", "room": "ops", "re": 3}
+    client = FakeClient(events=[ok], roles={"general": "member", "dev": "moderator",
+                                            "ops": "owner", "secret": None})
+    state = ChatState.start("dev", ["general", "dev"])
+    roster = Roster()
+    link = Link(client, state, connect=None, password=lambda: "", timeout=5)
+    printer = Printer(link, state, roster, lambda line: None, color=False, recent=0)
+    printer.run([])
+    assert {"type": "list_rooms"} in client.asked
+    assert {"type": "room_info", "room": "ops"} in client.asked
+    assert state.roles == {"general": "member", "dev": "moderator", "ops": "owner"}
+    assert state.prompt == "[ops owner]> "
+    assert state.switch("dev") is None and state.prompt == "[dev moderator]> "
+    assert state.switch("general") is None and state.prompt == "[general]> "
+    assert "secret" in roster.rooms()  # an invitation: Tab offers it to /join
+
+
+def test_being_kicked_from_the_current_room_switches_and_says_who_and_why() -> None:
+    state = ChatState.start("dev", ["general", "dev"])
+    removed = {"type": "removed", "room": "dev", "by": "alice", "how": "kick",
+               "reason": "too loud"}
+    client = FakeClient(events=[removed])
+    lines, _ = run(client, state=state)
+    assert lines[-2:] == ["-- alice kicked you from #dev: too loud", "-- now talking in #general"]
+    assert (state.room, state.rooms) == ("general", {"general"})
+
+
+def test_a_ban_elsewhere_forgets_the_room_and_its_role_quietly() -> None:
+    state = ChatState.start("general", ["general", "dev"])
+    state.set_role("dev", "moderator")
+    removed = {"type": "removed", "room": "dev", "by": "alice", "how": "ban", "reason": ""}
+    role = {"type": "role", "room": "general", "username": "me", "role": "moderator",
+            "by": "root"}
+    client = FakeClient(events=[removed, role])
+    lines, _ = run(client, state=state)
+    assert lines[-2:] == [
+        "-- alice banned you from #dev (you cannot rejoin until unbanned)",
+        "-- root made you moderator in #general",
+    ]
+    assert (state.room, state.rooms) == ("general", {"general"})
+    assert state.roles == {"general": "moderator"}
+    assert state.prompt == "[general moderator]> "

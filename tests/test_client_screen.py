@@ -330,7 +330,7 @@ def test_direct_messages_presence_errors_and_multi_line_messages_look_distinct(
         finally:
             peer.close()
         term.wait_for_line(rf"^{CLOCK} -- {other} went offline$")  # not "left #general"
-        term.wait_for_input("[dev]> ")
+        term.wait_for_input("[dev owner]> ")  # the role event reached the prompt
         assert not term.rows_matching(rf"-- {other} (joined|left) #general"), term.text()
         assert term.quit() == 0
 
@@ -376,25 +376,25 @@ def test_tab_completes_commands_rooms_and_user_names(chat_server: Any, tmp_path:
         term.send("\x15")  # Ctrl-U: clear the line
         term.wait_for_input("[general]> ")
         term.send(f"/join {room}\r")
-        term.wait_for_input(f"[{room}]> ")
+        term.wait_for_input(f"[{room} owner]> ")  # the first to join a new room owns it
         term.send("/switch gen" + TAB)
-        term.wait_for_input(f"[{room}]> ", "/switch general ")
+        term.wait_for_input(f"[{room} owner]> ", "/switch general ")
         term.send("\r")
         term.wait_for_line(r"^-- now talking in #general$")
         term.wait_for_input("[general]> ")
         term.send(f"/switch #{room[:5]}" + TAB)  # with the # the client shows rooms with
         term.wait_for_input("[general]> ", f"/switch #{room} ")
         term.send("\r")
-        term.wait_for_input(f"[{room}]> ")
+        term.wait_for_input(f"[{room} owner]> ")
 
         peer = chat_server.user(other, register=False)  # online: the roster learns the name
         try:
             term.wait_for_line(rf"^{CLOCK} -- {other} is online$")
             term.send(f"/msg {other[:6]}" + TAB)
-            term.wait_for_input(f"[{room}]> ", f"/msg {other} ")
+            term.wait_for_input(f"[{room} owner]> ", f"/msg {other} ")
             term.send("completed\r")
             term.wait_for_line(rf"^{CLOCK} \(dm\) {me} -> {other}: completed$")
-            term.wait_for_input(f"[{room}]> ")
+            term.wait_for_input(f"[{room} owner]> ")
         finally:
             peer.close()
         assert term.quit() == 0
@@ -651,10 +651,10 @@ def test_two_sessions_of_one_user_follow_each_others_rooms(
         first.wait_for_input("[general]> ")
         second.wait_for_input("[general]> ")
         second.send(f"/join {room}\r")
-        second.wait_for_input(f"[{room}]> ")
+        second.wait_for_input(f"[{room} owner]> ")
         first.wait_for_line(rf"^-- you joined #{room} in another session$")
         first.send(f"/switch {room}\r")  # known at once: not "you are not in it"
-        first.wait_for_input(f"[{room}]> ")
+        first.wait_for_input(f"[{room} owner]> ")  # the role asked for on learning of it
         first.send("from the first\r")
         first.wait_for_line(rf"^{CLOCK} #{room} {me}: from the first$")
         second.wait_for_line(rf"^{CLOCK} #{room} {me}: from the first$")
@@ -725,7 +725,7 @@ def test_after_reconnecting_the_rooms_are_the_servers(chat_server: Any, tmp_path
     relayed = SimpleNamespace(address=f"127.0.0.1:{proxy.port}", cafile=chat_server.cafile)
     try:
         with interactive(relayed, me, tmp_path, "--room", dev) as term:
-            term.wait_for_input(f"[{dev}]> ")
+            term.wait_for_input(f"[{dev} owner]> ")  # joined first: owner
             proxy.hold()
             proxy.cut()
             term.wait_for_line(r"^-- connection lost; reconnecting in \d+ s$")
@@ -748,7 +748,7 @@ def test_after_reconnecting_the_rooms_are_the_servers(chat_server: Any, tmp_path
             assert reconnected < left < joined < caught, term.text()
             term.wait_for_input("[general]> ")
             term.send(f"/switch {ops}\r")
-            term.wait_for_input(f"[{ops}]> ")
+            term.wait_for_input(f"[{ops} owner]> ")  # the roles asked for again
             term.send("/rooms\r")
             term.wait_for_line(rf"^-- rooms: #general \*#{ops}$")
             assert term.quit() == 0

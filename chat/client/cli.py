@@ -194,10 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
+    register = commands.add_parser(
         "register", parents=[common], help="create an account",
         description="Create an account; it does not log in.",
         epilog=EXIT_CODES, formatter_class=raw,
+    )
+    register.add_argument(
+        "--token", metavar="TOKEN",
+        help="a registration token from the server's operator, for a server that registers "
+        "only with one (else $CHAT_TOKEN, else `token` in the config file)",
     )
     login = commands.add_parser(
         "login", parents=[common], help="log in and chat",
@@ -230,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print each setting in effect and its source: flag, env, file or\n"
         "default. The file is $XDG_CONFIG_HOME/chat/client.toml (default\n"
         "~/.config/chat/client.toml) with the keys server, cafile, certfile,\n"
-        "keyfile, username, room, bell (true/false), color (true/false/\"auto\")\n"
-        "and recent (messages shown on login). It may not hold a password.",
+        "keyfile, username, room, bell (true/false), color (true/false/\"auto\"),\n"
+        "recent (messages shown on login) and token (for register). It may not\n"
+        "hold a password.",
         formatter_class=raw,
     )
     _settings_flags(config)
@@ -409,6 +415,30 @@ def report_refusal(what: str, reply: Mapping[str, object]) -> int:
     return EXIT_REFUSED
 
 
+# v1.1: a server may register only with a token from its operator, or not at all.
+REGISTRATION_HINTS = {
+    "invalid_token": "the token is wrong, used up or expired: ask the server's operator for a "
+    "new one (--token TOKEN, $CHAT_TOKEN or `token` in the config file)",
+    "registration_closed": "this server takes no new accounts; its operator can make one "
+    "for you",
+}
+LOGIN_HINTS = {
+    "account_disabled": "your account has been disabled by the server's operator; ask them",
+}
+
+
+def registration_closed(hello: Mapping[str, object], token: str | None) -> str | None:
+    """Why registering cannot work, from hello's `registration` (v1.1), before a password is
+    asked for; None if it may. A server that does not say is taken to be open."""
+    mode = hello.get("registration")
+    if mode == "closed":
+        return "this server takes no new accounts (its hello says registration is closed)"
+    if mode == "token" and not token:
+        return ("this server registers only with a token from its operator: give --token "
+                "TOKEN (or set $CHAT_TOKEN)")
+    return None
+
+
 def _register(
     client: ChatClient, args: argparse.Namespace, password: str,
     connect: Callable[[], ChatClient], again: Callable[[], str] | None = None,
@@ -420,7 +450,7 @@ def _register(
     while True:
         if client.closed:  # the server's login timeout ran out while the user typed
             client = connect()
-        reply = client.register(args.username, password, args.timeout)
+        reply = client.register(args.username, password, args.timeout, token=args.token)
         if reply.get("code") != "weak_password" or again is None or tries >= MAX_PASSWORD_TRIES:
             break
         tries += 1
@@ -434,7 +464,11 @@ def _register(
             return EXIT_USAGE
     if reply.get("type") == "error":
         client.quit(args.timeout)
-        return report_refusal("registration refused", reply)
+        code = report_refusal("registration refused", reply)
+        hint = REGISTRATION_HINTS.get(str(reply.get("code")))
+        if hint is not None:
+            _err(f"hint: {hint}")
+        return code
     name = sanitize(str(reply.get("username", args.username)), multiline=False)
     default = args.server == parse_server(DEFAULT_SERVER)
     more = "" if default else f" --server {where(*args.server)} ..."
@@ -451,7 +485,11 @@ def _login(
     reply = client.login(args.username, password, args.timeout)
     if reply.get("type") == "error":
         client.quit(args.timeout)
-        return report_refusal("login refused", reply)
+        code = report_refusal("login refused", reply)
+        hint = LOGIN_HINTS.get(str(reply.get("code")))
+        if hint is not None:
+            _err(f"hint: {hint}")
+        return code
     room = normalize_room(args.room).lower()  # `--room '#dev'`, as the client shows it
     listed = reply.get("rooms")  # a broken server may send anything here
     rooms = [r.lower() for r in listed if isinstance(r, str)] if isinstance(listed, list) else []
@@ -554,6 +592,11 @@ def _run(args: argparse.Namespace) -> int:
     again: Callable[[], str] | None = None  # a password typed at the prompt: ask again
     try:
         client = connect()
+        closed = registration_closed(client.hello, args.token) if confirm else None
+        if closed is not None:  # said before anyone types a password for nothing
+            client.quit(args.timeout)
+            _err(f"registration refused: {closed}")
+            return EXIT_REFUSED
         if password is None:  # asked only now that the server is known to be there
             again = ask
             try:

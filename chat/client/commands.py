@@ -28,26 +28,44 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from chat.client import roomcommands
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import Frame
 from chat.client.format import ME_PREFIX, sanitize
+from chat.client.roomcommands import NO_ROOM, NoRoom
 
 DEFAULT_ROOM = "general"  # every user is in it from registration on
+OWNER, MEMBER = "owner", "member"  # the roles the client treats apart (prompt, create)
 DEFAULT_HISTORY = 50  # the server's own default; said here so /help can name it
-NO_ROOM = "you are in no room; /join one"
 CANNOT_LEAVE_DEFAULT = f"everyone is in #{DEFAULT_ROOM}: it cannot be left"
 MORE = "more"  # `/history more`: the page before the one last shown
 
 
 HELP = f"""\
-commands (a ROOM may be written #dev or dev):
+commands (a ROOM may be written #dev or dev; left out, it is the current room):
   TEXT            send TEXT to the current room (// at its start sends a /);
                   a text longer than the server takes is sent in several parts
   /me ACTION      send an action: "/me ACTION", shown as "* you ACTION"
-  /join ROOM      join ROOM, now current: shows its last messages, who is there
-  /leave [ROOM]   leave ROOM (default: the current one; never #{DEFAULT_ROOM})
+  /join ROOM      join ROOM (or accept an invitation), now current
+  /leave [ROOM]   leave ROOM (never #{DEFAULT_ROOM})
   /switch ROOM    make ROOM, one you are in, the current room
-  /rooms          the rooms you are in; * marks the current one
+  /rooms          the public rooms and yours: topic, members, your role;
+                  * marks the current one
+  /create ROOM [public|private] [shared|joined]
+                  make a room and own it (default public; history shared,
+                  or joined: members read only what came after they joined)
+  /info [ROOM]    a room's visibility, history, topic, members, your role
+  /members [ROOM] everyone in a room, with their roles
+  /topic [#ROOM] [TEXT | -]
+                  set the topic (moderators); -: clear it; no TEXT: show it
+  /invite USER [ROOM]            invite USER (needed for a private room)
+  /kick USER [#ROOM] [REASON]    remove USER; they may come back
+  /ban USER [#ROOM] [REASON]     remove USER for good; /unban USER [ROOM]
+  /role USER owner|moderator|member [ROOM]
+                  change a role (owners); owners may step down themselves
+  /sethistory shared|joined [ROOM]
+                  what members may read: all, or since they joined (owners)
+  /block USER     refuse USER's direct messages and invitations; /unblock USER
   /msg USER TEXT  send USER a direct message
   /who [ROOM]     who is online in ROOM (default: the current room)
   /history [WHERE] [N]
@@ -57,6 +75,10 @@ commands (a ROOM may be written #dev or dev):
   /passwd         change your password (asked without echo, at the prompt only)
   /help           this text
   /quit           leave (so does the end of input)"""
+
+# Frames whose notes (from `ChatState.observe`) are shown after them, not before: an `ok`
+# the notes follow from, a `removed` whose "now talking in ..." follows from it.
+NOTES_AFTER = frozenset({"ok", "removed"})
 
 # Only the interactive prompt has keys; line mode's /help leaves this out.
 HELP_KEYS = """\
@@ -99,11 +121,6 @@ class Notice:
 
 
 @dataclass(frozen=True)
-class Rooms:
-    """List the rooms the user is in (nothing is sent)."""
-
-
-@dataclass(frozen=True)
 class Switch:
     """Make `room`, one the user is in, the current room (nothing is sent)."""
 
@@ -124,7 +141,7 @@ INTERACTIVE_ONLY = (
     "line mode does not read passwords from its input"
 )
 
-Action = Request | Quit | Help | Invalid | Notice | Rooms | Switch | Passwd
+Action = Request | Quit | Help | Invalid | Notice | Switch | Passwd
 
 
 def normalize_room(text: str) -> str:
@@ -156,6 +173,9 @@ class ChatState:
     room: str | None = DEFAULT_ROOM
     rooms: set[str] = field(default_factory=set)  # replaced on change, never changed in place
     history: HistoryPage | None = None  # for `/history more`
+    # The user's role in each room where the server said it (room_info, list_rooms, a
+    # `role` event about the user, a create): for the prompt. Replaced, never changed.
+    roles: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,8 +192,23 @@ class ChatState:
 
     @property
     def prompt(self) -> str:
-        """The interactive prompt: the current room, or `-` for none."""
-        return f"[{sanitize(self.room or '-', multiline=False)}]> "
+        """The interactive prompt: the current room, or `-` for none, and the user's role
+        there unless it is plain `member` (or not known): `[dev owner]> `."""
+        room = self.room
+        role = self.roles.get(room) if room is not None else None
+        shown = sanitize(room or "-", multiline=False)
+        if role is not None and role != MEMBER:
+            shown += " " + sanitize(role, multiline=False)
+        return f"[{shown}]> "
+
+    def set_role(self, room: str, role: object) -> None:
+        """The user's role in `room` is `role` (None or not a str: not known / not in it)."""
+        room = room.lower()
+        with self._lock:
+            roles = {r: x for r, x in self.roles.items() if r != room}
+            if isinstance(role, str) and role:
+                roles[room] = role
+            self.roles = roles
 
     def joined(self, room: str) -> None:
         """This session joined `room`: it is in it, and it becomes the current room."""
@@ -200,6 +235,8 @@ class ChatState:
         with self._lock:
             was_in = room in self.rooms
             self.rooms = self.rooms - {room}
+            if room in self.roles:
+                self.roles = {r: x for r, x in self.roles.items() if r != room}
             if self.room != room:
                 return was_in, False
             # Talk on in #general if still there, else in another room.
@@ -209,14 +246,6 @@ class ChatState:
 
     def _now_in(self) -> str:
         return f"now talking in {_shown(self.room)}" if self.room else NO_ROOM
-
-    def describe_rooms(self) -> str:
-        """What /rooms shows: every room, sorted, the current one marked with `*`."""
-        rooms, current = self.rooms, self.room
-        if not rooms:
-            return NO_ROOM
-        names = [("*" if r == current else "") + _shown(r) for r in sorted(rooms)]
-        return "rooms: " + " ".join(names)
 
     def switch(self, room: str) -> str | None:
         """Make `room` current; None if done, else why not (the user is not in it)."""
@@ -238,8 +267,10 @@ class ChatState:
         room = reply.get("room", frame.get("room"))  # the server's (lower-case) name
         if not isinstance(room, str) or not room:
             return
-        if op == "join":
+        if op in ("join", "create"):
             self.joined(room)
+            if op == "create":
+                self.set_role(room, OWNER)  # whoever makes a room owns it
         elif op == "leave":
             self.left(room)
 
@@ -270,12 +301,27 @@ class ChatState:
         join or leave has been followed from its `ok` already, so it changes nothing and
         says nothing); a room `message` from a room not known, which means another
         session joined it (its presence may come later, or never).
+
+        And the user's standing in rooms (v1.1): the role a `room` frame, a `rooms` list or
+        a `role` event about the user gives; a `removed` (kicked or banned) takes the room
+        away at once, as a leave does, so nothing is sent there or caught up from it.
         """
         kind, room = frame.get("type"), frame.get("room")
+        if kind == "rooms":
+            self._note_listed(frame.get("rooms"))
+            return []
         if not isinstance(room, str) or not room:
             return []
-        if kind == "ok" and frame.get("op") == "join":
+        if kind == "removed":
+            was_in, current = self._drop(room)
+            return [self._now_in()] if was_in and current else []
+        mine = kind == "role" and _is_me(frame.get("username"), me)
+        if (kind == "room" and "role" in frame) or mine:
+            self.set_role(room, frame.get("role"))
+        elif kind == "ok" and frame.get("op") in ("join", "create"):
             self.joined(room)
+            if frame.get("op") == "create":
+                self.set_role(room, OWNER)
         elif kind == "ok" and frame.get("op") == "leave":
             if self.left(room):
                 return [self._now_in()]
@@ -293,6 +339,14 @@ class ChatState:
                     note = f"you left {_shown(room.lower())} in another session"
                     return [f"{note}; {self._now_in()}" if current else note]
         return []
+
+    def _note_listed(self, listed: object) -> None:
+        """A `list_rooms` reply: the user's role in each room listed with one."""
+        for entry in listed if isinstance(listed, list) else []:
+            if not (isinstance(entry, dict) and isinstance(entry.get("room"), str)):
+                continue
+            if entry.get("role") is not None or entry["room"].lower() in self.roles:
+                self.set_role(entry["room"], entry.get("role"))
 
     def adopt(self, rooms: Iterable[str]) -> list[str]:
         """After reconnecting: the `welcome`'s `rooms` are the user's; notes on the change.
@@ -395,7 +449,19 @@ def _switch(args: str, ctx: _Context) -> Action:
 
 
 def _rooms(args: str, ctx: _Context) -> Action:
-    return Invalid("usage: /rooms") if args else Rooms()
+    return Invalid("usage: /rooms") if args else Request({"type": "list_rooms"})
+
+
+def _v11(parse: Callable[[str, str | None], Frame | str]) -> Callable[[str, _Context], Action]:
+    """One of chat.client.roomcommands' parsers as a command."""
+    def command(args: str, ctx: _Context) -> Action:
+        try:
+            frame = parse(args, ctx.room)
+        except NoRoom:
+            return Notice(NO_ROOM)
+        return Invalid(frame) if isinstance(frame, str) else Request(frame)
+
+    return command
 
 
 def _passwd(args: str, ctx: _Context) -> Action:
@@ -452,14 +518,16 @@ def explain(frame: Frame, reply: Frame) -> str | None:
 
     `/history dev`, for a room one is not (or no longer) in, asks for the direct messages
     with a user `dev` (a room one is in would have been taken as the room), and the server
-    answers `no_such_user`.
+    answers `no_such_user`. The v1.1 refusals get the command that helps, where one does
+    (chat.client.roomcommands.hint: `last_owner` says to make someone else owner first).
     """
     peer = frame.get("with")
     if (reply.get("code") == "no_such_user" and frame.get("type") == "history"
             and isinstance(peer, str) and ROOM.fullmatch(peer)):
         return (f"/history {sanitize(peer, multiline=False)} is for your direct messages with "
                 f"a user; for the room, write /history {_shown(peer.lower())}")
-    return None
+    note = roomcommands.hint(frame, reply)
+    return None if note is None else sanitize(note, multiline=False)
 
 
 _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
@@ -474,12 +542,14 @@ _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
     "passwd": _passwd,
     "help": lambda args, ctx: Help(),
     "quit": lambda args, ctx: Quit(),
+    **{name: _v11(parse) for name, parse in roomcommands.PARSERS.items()},
 }
 
 # The commands whose first argument is a room, and those whose first argument is a user
 # (the completer offers those); /history takes either.
-ROOM_COMMANDS = frozenset({"join", "leave", "switch", "who", "history"})
-USER_COMMANDS = frozenset({"msg", "history"})
+ROOM_COMMANDS = frozenset({"join", "leave", "switch", "who", "history",
+                           *roomcommands.ROOM_FIRST})
+USER_COMMANDS = frozenset({"msg", "history", *roomcommands.USER_FIRST})
 
 
 def parse_command(
@@ -508,10 +578,8 @@ def parse_command(
 COMMAND_NAMES = tuple(sorted(_COMMANDS))
 
 
-def run_local(action: Rooms | Switch, state: ChatState) -> str:
+def run_local(action: Switch, state: ChatState) -> str:
     """Carry out a command that sends nothing; the line to show (`! ...` for a refusal)."""
-    if isinstance(action, Rooms):
-        return "-- " + state.describe_rooms()
     problem = state.switch(action.room)
     if problem is not None:
         return f"! {problem}"

@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 A `Roster` remembers who is online in which room, from the frames the printer thread sees
 (`who` replies, `presence` events) and from the `who` the UI asks for each room at login and
-on /join; the prompt's event loop reads it while completing, so it keeps its dict under a
-lock and hands out copies. The rooms the user is in come from `ChatState`, whose `rooms` set
+on /join; the members a `members` list names (offline ones too: one may /invite or /kick
+them) and the rooms `list_rooms` and invitations name (one may /join them). The prompt's
+event loop reads it while completing, so it keeps its sets under a lock and hands out
+copies. The rooms the user is in come from `ChatState`, whose `rooms` set
 is replaced, never changed in place, so reading it here needs no lock.
 
 A completed word is followed by a space, as in a shell, so the next word can be typed at
@@ -33,15 +35,27 @@ class Roster:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rooms: dict[str, set[str]] = {}
+        self._members: set[str] = set()  # named by a `members` list, online or not
+        self._listed: set[str] = set()  # rooms named by `list_rooms` or an invitation
 
     def note(self, frame: Mapping[str, Any]) -> None:
-        """Learn from one received frame (anything but who and presence is ignored)."""
+        """Learn from one received frame: who, presence, members, rooms, invited."""
         kind, room = frame.get("type"), frame.get("room")
+        if kind == "rooms" and isinstance(frame.get("rooms"), list):
+            with self._lock:
+                self._listed |= {r["room"].lower() for r in frame["rooms"]
+                                 if isinstance(r, dict) and isinstance(r.get("room"), str)}
+            return
         if not isinstance(room, str):
             return
         room = room.lower()
         with self._lock:
-            if kind == "who" and isinstance(frame.get("users"), list):
+            if kind == "invited":
+                self._listed.add(room)
+            elif kind == "members" and isinstance(frame.get("members"), list):
+                self._members |= {m["username"] for m in frame["members"]
+                                  if isinstance(m, dict) and isinstance(m.get("username"), str)}
+            elif kind == "who" and isinstance(frame.get("users"), list):
                 self._rooms[room] = {u for u in frame["users"] if isinstance(u, str)}
             elif kind == "presence" and isinstance(frame.get("username"), str):
                 members = self._rooms.setdefault(room, set())
@@ -57,9 +71,14 @@ class Roster:
                 return set(self._rooms.get(room.lower(), ()))
             return set().union(*self._rooms.values())
 
+    def names(self) -> set[str]:
+        """Everyone seen online, and every member a `members` list named."""
+        with self._lock:
+            return set().union(self._members, *self._rooms.values())
+
     def rooms(self) -> set[str]:
         with self._lock:
-            return set(self._rooms)
+            return set(self._rooms) | self._listed
 
 
 class ChatCompleter(Completer):
@@ -80,19 +99,21 @@ class ChatCompleter(Completer):
         if len(words) == 1:
             yield from _matching(words[0], COMMAND_NAMES)
             return
-        if len(words) != 2:
-            return
-        command, word = words[0].lower(), words[1]
+        command, word = words[0].lower(), words[-1]
         bare = word.removeprefix("#")
+        rooms = self._state.rooms | self._roster.rooms()
+        if len(words) > 2:
+            if bare != word and command != "msg":  # `/kick bob #d`: a room after the user
+                yield from _matching(bare, rooms, prefix="#")
+            return
         if command in ROOM_COMMANDS:
-            rooms = self._state.rooms | self._roster.rooms()
             if bare != word or command not in USER_COMMANDS:  # a room, `#` kept if typed
                 yield from _matching(bare, rooms, prefix=word[: len(word) - len(bare)])
                 return
             # /history NAME: a user, or one of the rooms, offered with its `#`
             yield from _matching(word, rooms, prefix="#", typed_prefix="")
         if command in USER_COMMANDS:
-            yield from _matching(word, self._roster.users())
+            yield from _matching(word, self._roster.names())
 
     def _names_in_text(self, text: str) -> Iterator[Completion]:
         """In a message: the word before the cursor, as a name online in the current room."""

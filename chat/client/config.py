@@ -12,10 +12,11 @@ XDG_CONFIG_HOME is unset or empty, as the XDG Base Directory spec says), for exa
     bell = true                  # ring the terminal bell when someone mentions you
     color = "auto"               # true, false, or "auto" (on a terminal, unless NO_COLOR)
     recent = 20                  # messages of the room shown on login (0: none)
+    token = "..."                # a registration token, for a server that wants one
 
 The environment variables CHAT_SERVER, CHAT_CAFILE, CHAT_CERTFILE, CHAT_KEYFILE,
-CHAT_USERNAME and CHAT_ROOM stand in for the flags. With no cafile anywhere and the server
-on this machine (localhost, 127.0.0.1, ::1), the development CA that `chat-server` makes,
+CHAT_USERNAME, CHAT_ROOM and CHAT_TOKEN stand in for the flags. With no cafile anywhere and
+the server on this machine (localhost, 127.0.0.1, ::1), the development CA that `chat-server` makes,
 `$XDG_DATA_HOME/chat/certs/ca.crt`, is used if it exists (`dev_cafile`; the CLI decides).
 A password is never read from the file (nor written anywhere): a `password` key is
 refused with an error, so that no one keeps one there believing it is used.
@@ -39,15 +40,19 @@ DEV_CA = Path("chat") / "certs" / "ca.crt"  # under $XDG_DATA_HOME, as chat-serv
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # where the dev CA is trusted
 SOURCES = ("flag", "env", "file", "default", "dev CA")
 KEYS = ("server", "cafile", "certfile", "keyfile", "username", "room", "bell", "color",
-        "recent")
+        "recent", "token")
 _PATHS = ("cafile", "certfile", "keyfile")
 _ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "certfile": "CHAT_CERTFILE",
-        "keyfile": "CHAT_KEYFILE", "username": "CHAT_USERNAME", "room": "CHAT_ROOM"}
+        "keyfile": "CHAT_KEYFILE", "username": "CHAT_USERNAME", "room": "CHAT_ROOM",
+        "token": "CHAT_TOKEN"}
 _DEFAULTS: dict[str, Any] = {
     "server": DEFAULT_SERVER, "cafile": None, "certfile": None, "keyfile": None,
     "username": None, "room": DEFAULT_ROOM, "bell": True, "color": "auto",
-    "recent": DEFAULT_RECENT,
+    "recent": DEFAULT_RECENT, "token": None,
 }
+# Shown by `chat-client config` only as set or not: a registration token lets whoever
+# holds it make an account, so it is no more printed than a password would be.
+_HIDDEN = frozenset({"token"})
 _SECRET_KEYS = {"password", "passwd", "pass", "secret"}
 
 
@@ -96,7 +101,7 @@ class Settings:
         lines = [f"config file: {self.path}{exists}"]
         for key in KEYS:
             value = self.values.get(key)
-            shown = "(none)" if value is None else _show(value)
+            shown = "(none)" if value is None else "(set)" if key in _HIDDEN else _show(value)
             source = self.sources.get(key, "default")
             if source == "dev CA":
                 source = "default: chat-server's development CA, used for localhost"
@@ -137,7 +142,7 @@ def parse_file(text: str, path: Path) -> dict[str, Any]:
             )
         if key not in KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(KEYS)})")
-    for key in ("server", *_PATHS, "username", "room"):
+    for key in ("server", *_PATHS, "username", "room", "token"):
         if key in table and not (isinstance(table[key], str) and table[key].strip()):
             raise ConfigError(f"{path}: {key} must be a non-empty string")
     if "bell" in table and not isinstance(table["bell"], bool):

@@ -1,10 +1,12 @@
-"""The client library for protocol v1: requests, replies and events over one connection.
+"""The client library for protocol v1 and v1.1: requests, replies, events over one connection.
 
 What a caller sees
 ------------------
-`request` (and `login`, `say`, `history`, ...) sends a frame and returns its reply, an
-`error` frame included (`raise_for_error` turns one into an exception). `events()` yields
-what the server says of its own accord: messages, presence, and last the `bye`, if any;
+`request` (and `login`, `say`, `history`, and v1.1's `create`, `invite`, `kick`, `ban`,
+`set_role`, `list_rooms`, ...) sends a frame and returns its reply, an `error` frame
+included (`raise_for_error` turns one into an exception). `events()` yields what the
+server says of its own accord: messages, presence, v1.1's `invited`, `removed`, `role`
+and `room`, and last the `bye`, if any;
 it ends when the connection does. The sender's own copy of a message it sent is yielded
 too: it is a message in the room like any other. Other replies (`welcome`, `ok`, `who`,
 ...) are not events, and keep-alive pings are answered here and never yielded.
@@ -99,6 +101,13 @@ _UNPACED = frozenset({"quit", "pong"})
 _END = object()  # end-of-stream marker on the event queue
 
 __all__ = ["DEFAULT_TIMEOUT", "ChatClient", "ServerLimits", "split_message"]
+
+
+def _with_reason(kind: str, room: str, username: str, reason: str | None) -> Frame:
+    frame: Frame = {"type": kind, "room": room, "username": username}
+    if reason is not None:
+        frame["reason"] = reason
+    return frame
 
 
 def resend_wait(reply: Frame) -> float | None:
@@ -332,10 +341,16 @@ class ChatClient:
 
     # -- convenience requests (each returns the reply frame, errors included) ---------------
 
-    def register(self, username: str, password: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
-        return self.request(
-            {"type": "register", "username": username, "password": password}, timeout
-        )
+    def register(
+        self, username: str, password: str, timeout: float = DEFAULT_TIMEOUT, *,
+        token: str | None = None,
+    ) -> Frame:
+        """Create an account; `token` for a server whose registration needs one (v1.1:
+        hello's `"registration":"token"`)."""
+        frame: Frame = {"type": "register", "username": username, "password": password}
+        if token is not None:
+            frame["token"] = token
+        return self.request(frame, timeout)
 
     def login(self, username: str, password: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
         reply = self.request({"type": "login", "username": username, "password": password}, timeout)
@@ -360,6 +375,72 @@ class ChatClient:
 
     def ping(self, timeout: float = DEFAULT_TIMEOUT) -> Frame:
         return self.request({"type": "ping"}, timeout)
+
+    # -- version 1.1: rooms with access control (docs/protocol.md) ----------------------------
+
+    def create(
+        self, room: str, visibility: str | None = None, history: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Frame:
+        """Make `room` ("public" or "private"; history "shared" or "joined"), owned by us;
+        left out, the server's defaults (public; shared, or joined for a private room)."""
+        frame: Frame = {"type": "create", "room": room}
+        if visibility is not None:
+            frame["visibility"] = visibility
+        if history is not None:
+            frame["history"] = history
+        return self.request(frame, timeout)
+
+    def invite(self, room: str, username: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        return self.request({"type": "invite", "room": room, "username": username}, timeout)
+
+    def kick(
+        self, room: str, username: str, reason: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Frame:
+        return self.request(_with_reason("kick", room, username, reason), timeout)
+
+    def ban(
+        self, room: str, username: str, reason: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Frame:
+        return self.request(_with_reason("ban", room, username, reason), timeout)
+
+    def unban(self, room: str, username: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        return self.request({"type": "unban", "room": room, "username": username}, timeout)
+
+    def set_role(
+        self, room: str, username: str, role: str, timeout: float = DEFAULT_TIMEOUT
+    ) -> Frame:
+        """Make `username` "owner", "moderator" or "member" of `room` (owners only)."""
+        return self.request(
+            {"type": "set_role", "room": room, "username": username, "role": role}, timeout
+        )
+
+    def set_topic(self, room: str, topic: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        """Set the topic ("" clears it)."""
+        return self.request({"type": "topic", "room": room, "topic": topic}, timeout)
+
+    def set_history(self, room: str, history: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        """"shared" (members read all) or "joined" (only since their join); owners only."""
+        return self.request({"type": "set_history", "room": room, "history": history}, timeout)
+
+    def room_info(self, room: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        """The `room` frame: visibility, history, topic, members, our role."""
+        return self.request({"type": "room_info", "room": room}, timeout)
+
+    def members(self, room: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        return self.request({"type": "members", "room": room}, timeout)
+
+    def list_rooms(self, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        """The public rooms and ours (and those we are invited to): the `rooms` frame."""
+        return self.request({"type": "list_rooms"}, timeout)
+
+    def block(self, username: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        return self.request({"type": "block", "username": username}, timeout)
+
+    def unblock(self, username: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        return self.request({"type": "unblock", "username": username}, timeout)
 
     def history(
         self,

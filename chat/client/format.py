@@ -51,6 +51,8 @@ _BYE_REASONS = {
     "too_many_errors": "disconnected: too many protocol errors",
     "slow_consumer": "disconnected: not reading fast enough",
     "shutdown": "disconnected: the server is shutting down",
+    "account_disabled": "disconnected: your account has been disabled by the server's operator",
+    "logged_out": "disconnected: this session was logged out by the server (log in again)",
 }
 
 
@@ -97,6 +99,7 @@ class _Style:
     color: bool
     tz: tzinfo | None
     now: datetime | None
+    current: str | None = None  # the current room, marked `*` in a `rooms` list
 
     def paint(self, text: str, sgr: str) -> str:
         return f"\x1b[{sgr}m{text}\x1b[0m" if self.color else text
@@ -122,6 +125,13 @@ class _Style:
 
     def note(self, text: str) -> str:
         return self.paint(f"-- {text}", _DIM)
+
+    def who(self, value: object) -> str:
+        """A user name, `you` when it is the user's own."""
+        me = self.me
+        if me is not None and isinstance(value, str) and value.casefold() == me.casefold():
+            return "you"
+        return self.name(value)
 
 
 def _field(value: object) -> str:
@@ -253,9 +263,19 @@ def _error(frame: Mapping[str, Any], style: _Style) -> str:
     return style.paint(text, _RED)
 
 
+# The `bye` reasons (v1.1) that end the session for good: logging in again is refused, or
+# the operator meant the session to end. The client says so and does not reconnect.
+ENDING_BYES = frozenset({"account_disabled", "logged_out"})
+
+
+def bye_text(reason: object) -> str:
+    """What a `bye` reason means to the user: `disconnected: ...`, or `bye` for our quit."""
+    shown = _field(reason if reason is not None else "")
+    return _BYE_REASONS.get(shown, f"disconnected: {shown}")
+
+
 def _bye(frame: Mapping[str, Any], style: _Style) -> str:
-    reason = _field(frame.get("reason", ""))
-    return style.note(_BYE_REASONS.get(reason, f"disconnected: {reason}"))
+    return style.note(bye_text(frame.get("reason", "")))
 
 
 def _who(frame: Mapping[str, Any], style: _Style) -> str:
@@ -291,9 +311,101 @@ def _ok(frame: Mapping[str, Any], style: _Style) -> str:
     parts = [_field(frame.get("op", "done"))]
     if "room" in frame:
         parts.append(style.room(frame["room"]))
-    elif "username" in frame:
+    if "username" in frame:  # kick, ban, set_role, block, ...: whom it was done to
         parts.append(style.name(frame["username"]))
+    if isinstance(frame.get("role"), str):
+        parts.append(_field(frame["role"]))
     return style.note("ok: " + " ".join(parts))
+
+
+# -- version 1.1: rooms with access control ---------------------------------------------------
+
+_HISTORY_MEANS = {"shared": "members read all of it",
+                  "joined": "members read only what came after they joined"}
+
+
+def _invited(frame: Mapping[str, Any], style: _Style) -> str:
+    room = style.room(frame.get("room", "?"))
+    return style.note(f"{style.name(frame.get('by', '?'))} invited you to {room}: "
+                      f"/join {room} to accept")
+
+
+def _removed(frame: Mapping[str, Any], style: _Style) -> str:
+    how = "banned" if frame.get("how") == "ban" else "kicked"
+    line = f"{style.name(frame.get('by', '?'))} {how} you from {style.room(frame.get('room', '?'))}"
+    reason = frame.get("reason")
+    if isinstance(reason, str) and reason.strip():
+        line += f": {_field(reason)}"
+    if how == "banned":
+        line += " (you cannot rejoin until unbanned)"
+    return style.paint(f"-- {line}", _BOLD)
+
+
+def _role(frame: Mapping[str, Any], style: _Style) -> str:
+    by, user = frame.get("by", "?"), frame.get("username", "?")
+    target = "yourself" if style.who(by) == "you" and style.who(user) == "you" else style.who(user)
+    return style.note(f"{style.who(by)} made {target} {_field(frame.get('role', '?'))} "
+                      f"in {style.room(frame.get('room', '?'))}")
+
+
+def _topic(frame: Mapping[str, Any]) -> str:
+    topic = frame.get("topic")
+    return f"topic: {_field(topic)}" if isinstance(topic, str) and topic else "no topic"
+
+
+def _room_info(frame: Mapping[str, Any], style: _Style) -> str:
+    """A `room` frame: the reply to /info in full; unasked (a change), what it is now."""
+    room = style.room(frame.get("room", "?"))
+    history = _field(frame.get("history", "?"))
+    if "re" not in frame:  # a moderator changed the topic or the history setting
+        return style.note(f"{room} is now: {_topic(frame)}; history {history} "
+                          f"({_HISTORY_MEANS.get(history, '?')})")
+    count = frame.get("members")
+    role = frame.get("role")
+    head = (f"{room}: {_field(frame.get('visibility', '?'))}, history {history} "
+            f"({_HISTORY_MEANS.get(history, '?')}), {_field(count)} member"
+            f"{'' if count == 1 else 's'}")
+    if isinstance(role, str):
+        head += f", you are {_field(role)}"
+    return "\n".join([style.note(head), style.note(_topic(frame))])
+
+
+def _rooms(frame: Mapping[str, Any], style: _Style) -> str:
+    listed = [r for r in _items(frame.get("rooms")) if isinstance(r, Mapping)]
+    current = (style.current or "").lower()
+    mine = [r for r in listed if r.get("role") is not None]
+    names = [("*" if str(r.get("room")).lower() == current else "") + style.room(r.get("room"))
+             for r in mine]
+    lines = [style.note("rooms: " + (" ".join(names) or "none of yours"))]
+    width = max((len(_field(r.get("room"))) for r in listed), default=0) + 1
+    for r in listed:
+        role = r.get("role")
+        if role is None:
+            role = "invited" if r.get("visibility") == "private" else "-"
+        count = r.get("members")
+        topic = r.get("topic")
+        lines.append(
+            f"   {style.room(r.get('room')):<{width + 1}} {_field(role):<9} "
+            f"{_field(r.get('visibility', '?')):<7} {_field(count):>5} member"
+            f"{'' if count == 1 else 's'}" + (f"  {_field(topic)}" if topic else "")
+        )
+    if any(r.get("role") is None and r.get("visibility") == "private" for r in listed):
+        lines.append(style.note("invited: /join ROOM to accept"))
+    if frame.get("more") is True:
+        lines.append(style.note("more public rooms than listed: the fullest are shown"))
+    return "\n".join(lines)
+
+
+def _members(frame: Mapping[str, Any], style: _Style) -> str:
+    listed = [m for m in _items(frame.get("members")) if isinstance(m, Mapping)]
+    online = sum(1 for m in listed if m.get("online") is True)
+    lines = [style.note(f"members of {style.room(frame.get('room', '?'))}: {len(listed)}, "
+                        f"{online} online")]
+    for m in listed:
+        here = " (online)" if m.get("online") is True else ""
+        name = style.name(m.get("username", "?"))
+        lines.append(f"   {_field(m.get('role', '?')):<9} {name}{here}")
+    return "\n".join(lines)
 
 
 def _pong(frame: Mapping[str, Any], style: _Style) -> str:
@@ -311,6 +423,12 @@ _RENDERERS: dict[str, Callable[[Mapping[str, Any], _Style], str]] = {
     "hello": _hello,
     "ok": _ok,
     "pong": _pong,
+    "invited": _invited,
+    "removed": _removed,
+    "role": _role,
+    "room": _room_info,
+    "rooms": _rooms,
+    "members": _members,
 }
 
 
@@ -321,6 +439,7 @@ def format_event(
     color: bool = False,
     tz: tzinfo | None = None,
     now: datetime | None = None,
+    current: str | None = None,
 ) -> str | None:
     """One received frame as terminal text (maybe several lines), or None if not worth showing.
 
@@ -328,11 +447,12 @@ def format_event(
     stamped with `now` (default: the current time). `me` is drawn in bold when colouring,
     and a message from someone else that mentions `me` in bold reverse video.
     A server `ping` gives None: the client answers it, there is nothing to show.
+    `current` (the current room) is marked with `*` in a `rooms` list.
     """
     kind = str(frame.get("type"))
     if kind == "ping":
         return None
-    style = _Style(me=me, color=color, tz=tz, now=now)
+    style = _Style(me=me, color=color, tz=tz, now=now, current=current)
     render = _RENDERERS.get(kind)
     if render is None:
         return style.note(_field(f"{kind}: {json.dumps(dict(frame), default=str)}"))

@@ -64,6 +64,7 @@ from chat.client.backlog import login_backlog, show_backlog
 from chat.client.commands import (
     HELP,
     INTERACTIVE_ONLY,
+    NOTES_AFTER,
     ChatState,
     Help,
     Invalid,
@@ -71,7 +72,6 @@ from chat.client.commands import (
     Passwd,
     Quit,
     Request,
-    Rooms,
     Switch,
     explain,
     parse_command,
@@ -80,10 +80,11 @@ from chat.client.commands import (
 )
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import ConnectionClosed, Frame, TimedOut
-from chat.client.format import ME_PREFIX, format_event, sanitize
+from chat.client.format import ENDING_BYES, ME_PREFIX, bye_text, format_event, sanitize
 from chat.client.limits import split_message, split_note
 from chat.client.printer import Handled
 from chat.client.reconnect import Link
+from chat.client.roomcommands import about_the_asker
 
 EXIT_OK, EXIT_CONNECTION = 0, 3
 EXIT_UNDELIVERED = 4  # the input ended, but not every message was delivered (see above)
@@ -160,7 +161,7 @@ def run_line_mode(
         elif isinstance(action, Notice):  # nothing was sent
             complain(f"not sent: {action.message}")
             undelivered += _is_message(item)
-        elif isinstance(action, Rooms | Switch):
+        elif isinstance(action, Switch):
             text = run_local(action, state)
             if text.startswith("! "):
                 complain(text[2:])
@@ -258,7 +259,7 @@ def _carry_out(
         if client.replies_are_events:
             handled.wait(client, reply.get("re"), timeout)
         room = request.frame.get("room")
-        if reply.get("code") == "not_in_room" and isinstance(room, str):
+        if about_the_asker(request.frame, reply) and isinstance(room, str):
             lost = state.lost(room)  # left in another session, and no presence said so yet
             if lost is not None:
                 note(lost)
@@ -296,7 +297,10 @@ def _is_message(line: str) -> bool:
 def _ended_by_server(client: ChatClient) -> str:
     if client.bye_reason is None:
         return "the server closed the connection"
-    return f"the server closed the connection ({sanitize(client.bye_reason, multiline=False)})"
+    reason = sanitize(client.bye_reason, multiline=False)
+    if client.bye_reason in ENDING_BYES:  # said plainly: the session will not come back
+        return f"the server ended the session ({reason}): {bye_text(reason)}"
+    return f"the server closed the connection ({reason})"
 
 
 def _read_lines(stdin: TextIO, inputs: queue.SimpleQueue[Any]) -> None:
@@ -323,7 +327,8 @@ def _print_events(
             # ensure_ascii (the default) escapes every non-ASCII and control character.
             _write(stdout, lock, json.dumps(frame))
             return
-        text = format_event(frame, me=link.client.username, color=color)
+        text = format_event(frame, me=link.client.username, color=color,
+                            current=link.state.room)
         if text is not None:
             _write(stderr if frame.get("type") == "error" else stdout, lock, text)
 
@@ -335,11 +340,12 @@ def _print_events(
         # `ok`, another session's from its presence or messages), with a note on stderr:
         # before the line it explains, or after an `ok`, which it follows from.
         notes = link.state.observe(frame, link.client.username)
-        if frame.get("type") != "ok":
+        after = frame.get("type") in NOTES_AFTER
+        if not after:
             for text in notes:
                 notify(text)
         show(frame)
-        if frame.get("type") == "ok":
+        if after:
             for text in notes:
                 notify(text)
 

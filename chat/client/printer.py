@@ -15,7 +15,10 @@ hint. A frame that came meanwhile but is news (a presence, a new message) is sho
 Then the live frames. Presence is held in a `PresenceBatch` and shown coalesced, at the end
 of its window or as soon as anything else is to be shown, so order is kept. When this
 session's own `ok` to a join arrives, the printer asks (quietly: the replies are not events)
-for the room's last messages and who is there, and shows them right after it.
+for the room's last messages and who is there, and shows them right after it, and for
+the user's role there (room_info), which the prompt shows; so it does for a room another
+session joined. At login and after each reconnect it asks `list_rooms` for the user's role
+in every room.
 
 The command thread waits for the printer to have handled the reply to each request it sent
 (`Handled`), so the next prompt comes after the reply's lines and after the change it made
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from chat.client.backlog import DEFAULT_RECENT
-from chat.client.commands import ChatState
+from chat.client.commands import NOTES_AFTER, ChatState
 from chat.client.completion import Roster
 from chat.client.connection import DEFAULT_TIMEOUT
 from chat.client.errors import ClientError, ConnectionClosed, Frame, TimedOut
@@ -121,6 +124,7 @@ class Printer:
                 self._live(self.link.client)
                 if not self.link.resume(self._catch_up_frame, self.notify):
                     break
+                self._learn_rooms(self.link.client)  # roles may have changed meanwhile
                 self._fill_roster(self.link.client, skip=None)
         finally:
             self.handled.close()
@@ -160,6 +164,7 @@ class Printer:
         if who is not None and who.get("type") == "who":
             self.roster.note(who)
             self._show(who_summary(who, me=client.username, color=self._color))
+        self._learn_rooms(client)
         self.notify(HINT)
         for frame in later:
             self._handle(client, frame)
@@ -201,19 +206,25 @@ class Printer:
                 self._flush()
             return
         self._flush()
+        current = self.state.room  # before observing: a `rooms` list marks it
+        known = self.state.rooms
         notes = self.state.observe(frame, me)
-        text = None if own else format_event(frame, me=me, color=self._color)
-        if kind != "ok":  # a note explains the line after it; after an ok, it follows
+        text = None if own else format_event(frame, me=me, color=self._color, current=current)
+        after = kind in NOTES_AFTER  # else a note explains the line after it
+        if not after:
             for note in notes:
                 self.notify(note)
         if text is not None:
             self._show(with_bell(text, frame, me, self._bell and (live if ring is None else ring)))
-        if kind == "ok":
+        if after:
             for note in notes:
                 self.notify(note)
-            room = frame.get("room")
-            if frame.get("op") == "join" and isinstance(room, str) and live:
-                self._room_view(client, room)
+        room = frame.get("room")
+        if kind == "ok" and frame.get("op") == "join" and isinstance(room, str) and live:
+            self._room_view(client, room)
+        elif kind != "ok" and live and self.state.rooms - known:  # joined in another session
+            for added in sorted(self.state.rooms - known):
+                self._learn_role(client, added)
         self.handled.mark(client, frame.get("re"))
 
     def _flush(self) -> None:
@@ -232,6 +243,13 @@ class Printer:
         except ClientError:
             return None  # a lost connection shows by itself, as the end of the events
 
+    def _learn_rooms(self, client: Any) -> None:
+        """The user's role in each room (for the prompt), the rooms there are (for Tab)."""
+        listed = self._ask(client, {"type": "list_rooms"})
+        if listed is not None and listed.get("type") == "rooms":  # a v1 server: unknown_type
+            self.roster.note(listed)
+            self.state.observe(listed, client.username)
+
     def _room_view(self, client: Any, room: str) -> None:
         """After joining: the room's last messages (as many as on login), who is there."""
         if self._recent > 0:
@@ -249,6 +267,13 @@ class Printer:
         if who is not None and who.get("type") == "who":
             self.roster.note(who)
             self._show(who_summary(who, me=client.username, color=self._color))
+        self._learn_role(client, room)
+
+    def _learn_role(self, client: Any, room: str) -> None:
+        """The user's role in `room`, for the prompt (room_info; a v1 server has none)."""
+        info = self._ask(client, {"type": "room_info", "room": room})
+        if info is not None and info.get("type") == "room":
+            self.state.observe(info, client.username)
 
     def _fill_roster(self, client: Any, skip: str | None) -> None:
         rooms = sorted(self.state.rooms - {skip})

@@ -63,7 +63,11 @@ JITTER = 0.2  # +-20%, so that clients cut off together do not all come back tog
 CATCH_UP_LIMIT = 200  # the server's largest history page
 MAX_CATCH_UP_PAGES = 50  # 10,000 messages a room at most: past that, the rest is in /history
 SEEN_IDS = 10_000  # recent msg_ids remembered for dedupe
+# What the connection may be taken up again after: a connection lost without a bye, a
+# restart, a pause. Never after a `bye` that ends the session on purpose: our own quit, an
+# account disabled or a session logged out by the operator (v1.1), errors of ours.
 RECONNECT_BYES = frozenset({None, "shutdown", "idle", "slow_consumer"})
+FINAL_REFUSALS = frozenset({"account_disabled"})  # a login refused so is refused again
 DIRECT = "direct messages"  # how the catch-up of direct messages is named in notes
 
 
@@ -244,6 +248,8 @@ def reconnect(
                 client.close()
                 if welcome.get("code") == "invalid_credentials":
                     raise GaveUp("the password was refused on reconnecting")
+                if welcome.get("code") in FINAL_REFUSALS:  # trying again cannot help
+                    raise GaveUp(f"the login was refused on reconnecting: {welcome.get('code')}")
                 failed = f"reconnect refused: {welcome.get('code')}"
                 continue
             client.username = str(welcome.get("username", username))

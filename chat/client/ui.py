@@ -60,7 +60,6 @@ from chat.client.commands import (
     Passwd,
     Quit,
     Request,
-    Rooms,
     Switch,
     explain,
     parse_command,
@@ -70,9 +69,10 @@ from chat.client.commands import perform as perform_command
 from chat.client.completion import ChatCompleter, Roster
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient, split_message
 from chat.client.errors import ConnectionClosed, Frame, TimedOut
-from chat.client.format import ME_PREFIX, sanitize
+from chat.client.format import ENDING_BYES, ME_PREFIX, bye_text, sanitize
 from chat.client.printer import Printer
 from chat.client.reconnect import Link
+from chat.client.roomcommands import about_the_asker
 
 EXIT_OK, EXIT_ENDED, EXIT_INTERRUPTED = 0, 3, 130  # as chat.client.cli documents them
 
@@ -283,7 +283,7 @@ def run_interactive(
             return None
         printer.handled.wait(current, reply.get("re"), timeout)
         room = request.frame.get("room")
-        if reply.get("code") == "not_in_room" and isinstance(room, str):
+        if about_the_asker(request.frame, reply) and isinstance(room, str):
             note = state.lost(room)  # left elsewhere, and no presence said so (yet)
             if note is not None:
                 screen.show(f"-- {note}")
@@ -341,7 +341,7 @@ def run_interactive(
                     screen.show(f"! {action.message}")
                 elif isinstance(action, Notice):
                     screen.show(f"-- {action.message}")
-                elif isinstance(action, Rooms | Switch):
+                elif isinstance(action, Switch):
                     screen.show(run_local(action, state))
                 elif isinstance(action, Passwd):
                     try:
@@ -365,7 +365,10 @@ def run_interactive(
             printer_thread.join(timeout)
             current = link.client
             reason = current.bye_reason and f" ({sanitize(current.bye_reason, multiline=False)})"
-            print(f"-- the server closed the connection{reason or ''}", file=sys.stderr, flush=True)
+            ended_by = "the server closed the connection"
+            if current.bye_reason in ENDING_BYES:
+                ended_by = f"the server ended the session: {bye_text(current.bye_reason)}"
+            print(f"-- {ended_by}{reason or ''}", file=sys.stderr, flush=True)
             return EXIT_ENDED
         if link.interrupted:
             # Quit while reconnecting: nobody to say goodbye to, and the printer (a daemon)
