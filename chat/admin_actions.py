@@ -275,7 +275,7 @@ def room_topic(ops: Ops, name: str, topic: str) -> dict[str, Any]:
     room = ops.room(name)
     ops.store.rooms.set_topic(ops.db, room, topic)
     audit(ops.db, now_ms(), OPERATOR, "topic", room=room.name, detail=topic)
-    ops.later.append(announce_room(ops.hub, room))
+    ops.later.append(announce_room(ops.hub, room, OPERATOR))
     return {"room": room.name, "topic": topic}
 
 

@@ -85,10 +85,11 @@ def remove(store: Store, hub: LocalHub, db: Any, room: RoomState, target: UserRe
     return after
 
 
-def announce_room(hub: LocalHub, room: RoomState) -> Callable[[], None]:
-    """The `room` frame to every member's sessions, each with that member's own role."""
+def announce_room(hub: LocalHub, room: RoomState, by: str) -> Callable[[], None]:
+    """The `room` frame to every member's sessions, each with that member's own role, and
+    who made the change (`by`, beyond the contract's room_info fields)."""
     roles = {uid: mb.role for uid, mb in room.members.items()}  # as of now, in order
-    encoded = {role: encode(room.info(role)) for role in set(roles.values())}
+    encoded = {role: encode({**room.info(role), "by": by}) for role in set(roles.values())}
 
     def after() -> None:
         for session in hub.sessions_in(room.name):
@@ -218,7 +219,7 @@ def _room_setting(op: str) -> Callable[[Connection, Any], None]:
                 detail = req.history
             assert room is not None
             audit(db, now_ms(), session.name, op, room=room.name, detail=detail)
-            tell = announce_room(hub, room)
+            tell = announce_room(hub, room, session.name)
 
             def after() -> None:
                 tell()

@@ -173,7 +173,7 @@ def test_roles_act_only_downwards_and_a_room_keeps_an_owner(chat_server):
     assert owner.recv_until("room")["role"] == "owner"  # (the moderator's came before its ok)
     assert mem.recv_until("room") == {"type": "room", "room": "dev", "visibility": "public",
                                       "history": "shared", "topic": "hello",
-                                      "role": "member", "members": 3}
+                                      "role": "member", "members": 3, "by": "moe"}
     members = owner.request({"type": "members", "room": "dev"})["members"]
     assert members == [{"username": "mel", "role": "member", "online": True},
                        {"username": "moe", "role": "moderator", "online": True},
