@@ -30,8 +30,12 @@ from typing import Any
 from chat import admin_actions, control
 from chat.auth import PasswordHasher, check_new_password, read_pepper
 from chat.config import SettingError, Settings, load_settings_and_sources
+from chat.files import DataLock
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# A token's bounds: beyond them it is a mistake (or an overflow), not a policy.
+MAX_TOKEN_USES = 1_000_000
+MAX_TOKEN_TTL = 10 * 365 * 86400.0
 # `user add` and `reset-password` without --password: 20 random characters (~119 bits).
 GENERATED_PASSWORD_BYTES = 15
 
@@ -55,10 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     user = top.add_parser("user", help="accounts").add_subparsers(dest="cmd", required=True)
     user.add_parser("list", help="every account")
-    for cmd, text in (("show", "one account: rooms, sessions, state"),
-                      ("enable", "let a disabled account log in again"),
+    user.add_parser("show", help="one account: rooms, sessions, state").add_argument(
+        "username")
+    for cmd, text in (("enable", "let a disabled account log in again"),
                       ("logout", "end every session of the account (bye logged_out)")):
-        user.add_parser(cmd, help=text).add_argument("username")
+        sp = user.add_parser(cmd, help=text)
+        sp.add_argument("username")
+        sp.add_argument("--reason", default="", help="why (kept in the audit log)")
     dis = user.add_parser("disable", help="refuse the account's logins and end its sessions")
     dis.add_argument("username")
     dis.add_argument("--reason", default="")
@@ -68,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("username")
         sp.add_argument("--password-stdin", action="store_true",
                         help="read the password from standard input instead of generating one")
+        sp.add_argument("--reason", default="", help="why (kept in the audit log)")
 
     token = top.add_parser("token", help="registration tokens").add_subparsers(
         dest="cmd", required=True)
@@ -85,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     so = room.add_parser("set-owner", help="make a user an owner of a room")
     so.add_argument("room")
     so.add_argument("username")
+    so.add_argument("--reason", default="")
     for cmd in ("kick", "ban"):
         sp = room.add_parser(cmd, help=f"{cmd} a user from a room, live")
         sp.add_argument("room")
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ub = room.add_parser("unban", help="lift a ban")
     ub.add_argument("room")
     ub.add_argument("username")
+    ub.add_argument("--reason", default="")
     rd = room.add_parser("delete", help="delete a room with its history; its name is free")
     rd.add_argument("room")
     rd.add_argument("--reason", default="")
@@ -179,18 +189,23 @@ def _request(args: argparse.Namespace, settings: Settings) -> tuple[str, dict[st
             password, generated = _new_password(args, settings, args.username)
             note = f"password for {args.username}: {password}" if generated else ""
             action = "user_add" if cmd == "add" else "user_reset_password"
-            return action, {"name": args.username,
+            return action, {"name": args.username, "reason": args.reason,
                             "password_hash": _hash(settings, password)}, note
         if cmd == "list":
             return "user_list", {}, ""
-        args_ = {"name": args.username}
-        if cmd == "disable":
-            args_["reason"] = args.reason
-        return f"user_{cmd}", args_, ""
+        if cmd == "show":
+            return "user_show", {"name": args.username}, ""
+        return f"user_{cmd}", {"name": args.username, "reason": args.reason}, ""
     if area == "token":
         if cmd == "create":
-            return "token_create", {"uses": args.uses, "ttl": _duration(args.expires),
-                                    "note": args.note}, ""
+            ttl = _duration(args.expires)
+            if not 0 < ttl <= MAX_TOKEN_TTL:
+                raise AdminError(f"--expires: from a second to {MAX_TOKEN_TTL // 86400:g} "
+                                 f"days, not {args.expires!r}", EXIT_USAGE)
+            if not 1 <= args.uses <= MAX_TOKEN_USES:
+                raise AdminError(f"--uses: from 1 to {MAX_TOKEN_USES}, not {args.uses}",
+                                 EXIT_USAGE)
+            return "token_create", {"uses": args.uses, "ttl": ttl, "note": args.note}, ""
         if cmd == "list":
             return "token_list", {}, ""
         return "token_revoke", {"token_id": args.id}, ""
@@ -200,12 +215,14 @@ def _request(args: argparse.Namespace, settings: Settings) -> tuple[str, dict[st
         if cmd == "show":
             return "room_show", {"name": args.room}, ""
         if cmd == "set-owner":
-            return "room_set_owner", {"name": args.room, "username": args.username}, ""
+            return "room_set_owner", {"name": args.room, "username": args.username,
+                                      "reason": args.reason}, ""
         if cmd in ("kick", "ban"):
             return f"room_{cmd}", {"name": args.room, "username": args.username,
                                    "reason": args.reason}, ""
         if cmd == "unban":
-            return "room_unban", {"name": args.room, "username": args.username}, ""
+            return "room_unban", {"name": args.room, "username": args.username,
+                                  "reason": args.reason}, ""
         return "room_delete", {"name": args.room, "reason": args.reason}, ""
     assert area == "audit"
     return "audit", {"room": args.room, "user": args.user, "limit": args.limit,
@@ -239,22 +256,37 @@ def _offline(settings: Settings, action: str, args: dict[str, Any]) -> dict[str,
             settings.db_url.split("///", 1)[-1]).exists():
         raise AdminError(f"no database at {settings.db_url}: is --data-dir (or --db) the "
                          "server's?", EXIT_UNREACHABLE)
+    # The server's own lock: if it is held, a server is running whose socket we could not
+    # use, and writing under it would leave its memory and the database apart.
+    lock = DataLock(settings.data_path, settings.sqlite_path)
     try:
-        engine = make_engine(settings.db_url)
-        upgrade_to_head(engine)
-    except Exception as exc:
-        raise AdminError(f"cannot open the database {settings.db_url}: {exc}",
+        lock.acquire()
+    except SettingError:
+        raise AdminError(f"a server is running on this data (its lock is held) but its "
+                         f"control socket {control.socket_path(settings.data_path)} does not "
+                         "answer; nothing was changed", EXIT_UNREACHABLE) from None
+    except OSError as exc:
+        raise AdminError(f"cannot lock the data directory {settings.data_path}: {exc}",
                          EXIT_UNREACHABLE) from None
-    store = Store(engine, LocalHub())  # a hub with nobody in it: nobody to tell
     try:
-        with engine.begin() as db:
-            ops = admin_actions.Ops(db, store, store.hub)
-            result = admin_actions.ACTIONS[action](ops, **args)
-        ops.run_later()
-    except admin_actions.Refused as exc:
-        raise AdminError(str(exc)) from None
+        try:
+            engine = make_engine(settings.db_url)
+            upgrade_to_head(engine)
+        except Exception as exc:
+            raise AdminError(f"cannot open the database {settings.db_url}: {exc}",
+                             EXIT_UNREACHABLE) from None
+        store = Store(engine, LocalHub())  # a hub with nobody in it: nobody to tell
+        try:
+            with engine.begin() as db:
+                ops = admin_actions.Ops(db, store, store.hub)
+                result = admin_actions.ACTIONS[action](ops, **args)
+            ops.run_later()
+        except admin_actions.Refused as exc:
+            raise AdminError(str(exc)) from None
+        finally:
+            engine.dispose()
     finally:
-        engine.dispose()
+        lock.release()
     return result
 
 
@@ -270,9 +302,15 @@ def backup(settings: Settings, target: Path) -> dict[str, Any]:
     if target.exists():
         raise AdminError(f"{target} exists: choose a new file", EXIT_USAGE)
     # The copy holds every password hash: readable by this user only, from the start.
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise AdminError(f"{target} exists (or is a link): choose a new file",
+                         EXIT_USAGE) from None
+    except OSError as exc:
+        raise AdminError(f"cannot make {target}: {exc.strerror or exc}", EXIT_USAGE) from None
     os.close(fd)
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
     dst = sqlite3.connect(target)
     try:
         src.backup(dst)  # all pages in one step: one snapshot, whatever is written meanwhile

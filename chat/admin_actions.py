@@ -22,7 +22,9 @@ from typing import Any
 from sqlalchemy import Connection, and_, func, select, update
 
 from chat import accounts, acl
+from chat.errors import ChatError
 from chat.hub import LocalHub, UserState
+from chat.messages import valid_username
 from chat.models import AuditEntry, Ban, Membership, Room, User
 from chat.moderation import announce_room, remove
 from chat.protocol import encode
@@ -42,7 +44,17 @@ class Ops:
     db: Connection
     store: Store
     hub: LocalHub
+    # The running server's pepper: a password hash chat-admin made must be under it.
+    pepper_id: str | None = None
     later: list[Callable[[], None]] = field(default_factory=list)
+
+    def check_hash(self, password_hash: str) -> None:
+        parts = password_hash.split("$")
+        if self.pepper_id is not None and (len(parts) < 3 or parts[1] != self.pepper_id):
+            raise Refused(f"chat-admin hashed the password with another pepper (id "
+                          f"{parts[1] if len(parts) > 1 else '?'}) than the server's "
+                          f"({self.pepper_id}): run chat-admin with the server's settings "
+                          "(--config, --pepper-file, --data-dir)")
 
     def user(self, name: str) -> UserRecord:
         rec = self.store.user(self.db, name.lower())
@@ -106,14 +118,16 @@ def user_show(ops: Ops, name: str) -> dict[str, Any]:
             "rooms": [{"room": r, "role": role} for r, role in rooms]}
 
 
-def user_add(ops: Ops, name: str, password_hash: str) -> dict[str, Any]:
-    from chat.errors import ChatError
-
+def user_add(ops: Ops, name: str, password_hash: str, reason: str = "") -> dict[str, Any]:
+    if not valid_username(name):
+        raise Refused(f"{name!r} is not a username: 3 to 32 characters of letters, digits, "
+                      "'_', '.', '-', starting with a letter or digit")
+    ops.check_hash(password_hash)
     try:
         rec = ops.store.create_user(ops.db, name, password_hash)
     except ChatError as exc:
         raise Refused(exc.message) from None
-    audit(ops.db, now_ms(), OPERATOR, "user_add", target=rec.name)
+    audit(ops.db, now_ms(), OPERATOR, "user_add", target=rec.name, reason=reason)
     return {"username": rec.name}
 
 
@@ -132,20 +146,22 @@ def user_disable(ops: Ops, name: str, reason: str = "") -> dict[str, Any]:
     return _set_disabled(ops, name, True, reason)
 
 
-def user_enable(ops: Ops, name: str) -> dict[str, Any]:
-    return _set_disabled(ops, name, False, "")
+def user_enable(ops: Ops, name: str, reason: str = "") -> dict[str, Any]:
+    return _set_disabled(ops, name, False, reason)
 
 
-def user_reset_password(ops: Ops, name: str, password_hash: str) -> dict[str, Any]:
+def user_reset_password(ops: Ops, name: str, password_hash: str,
+                        reason: str = "") -> dict[str, Any]:
     rec = ops.user(name)
+    ops.check_hash(password_hash)
     ops.store.set_password_hash(ops.db, rec.id, password_hash)
-    audit(ops.db, now_ms(), OPERATOR, "reset_password", target=rec.name)
+    audit(ops.db, now_ms(), OPERATOR, "reset_password", target=rec.name, reason=reason)
     return {"username": rec.name, "sessions_ended": _end_sessions(ops, rec, "logged_out")}
 
 
-def user_logout(ops: Ops, name: str) -> dict[str, Any]:
+def user_logout(ops: Ops, name: str, reason: str = "") -> dict[str, Any]:
     rec = ops.user(name)
-    audit(ops.db, now_ms(), OPERATOR, "logout", target=rec.name)
+    audit(ops.db, now_ms(), OPERATOR, "logout", target=rec.name, reason=reason)
     return {"username": rec.name, "sessions_ended": _end_sessions(ops, rec, "logged_out")}
 
 
@@ -204,7 +220,7 @@ def room_show(ops: Ops, name: str) -> dict[str, Any]:
         "bans": [{"username": u, "by": b, "reason": r} for u, b, r in banned]}
 
 
-def room_set_owner(ops: Ops, name: str, username: str) -> dict[str, Any]:
+def room_set_owner(ops: Ops, name: str, username: str, reason: str = "") -> dict[str, Any]:
     room, rec = ops.room(name), ops.user(username)
     if room.name == DEFAULT_ROOM:
         raise Refused(f"{DEFAULT_ROOM} has no owner")
@@ -221,7 +237,7 @@ def room_set_owner(ops: Ops, name: str, username: str) -> dict[str, Any]:
             state.rooms.add(room.name)
             ops.store.on_rollback(lambda: state.rooms.discard(room.name))
             ops.later.append(lambda: ops.hub.joined(state, room.name))
-    audit(ops.db, ms, OPERATOR, "set_owner", target=rec.name, room=room.name)
+    audit(ops.db, ms, OPERATOR, "set_owner", target=rec.name, room=room.name, reason=reason)
     data = encode({"type": "role", "room": room.name, "username": rec.name, "role": acl.OWNER,
                    "by": OPERATOR})
     ops.later.append(lambda: ops.hub.publish_room(room.name, data))
@@ -246,12 +262,12 @@ room_kick = _room_removal("kick")
 room_ban = _room_removal("ban")
 
 
-def room_unban(ops: Ops, name: str, username: str) -> dict[str, Any]:
+def room_unban(ops: Ops, name: str, username: str, reason: str = "") -> dict[str, Any]:
     room, rec = ops.room(name), ops.user(username)
     if rec.id not in room.bans:
         raise Refused(f"{rec.name} is not banned from {room.name}")
     ops.store.rooms.unban(ops.db, room, rec.id)
-    audit(ops.db, now_ms(), OPERATOR, "unban", target=rec.name, room=room.name)
+    audit(ops.db, now_ms(), OPERATOR, "unban", target=rec.name, room=room.name, reason=reason)
     return {"room": room.name, "username": rec.name, "unban": True}
 
 

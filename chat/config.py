@@ -272,6 +272,14 @@ class Settings:
         return self.db or f"sqlite:///{self.data_path / 'chat.db'}"
 
     @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, if the database is one (and a file)."""
+        url = self.db_url
+        if not url.startswith("sqlite:///") or url.endswith(":memory:"):
+            return None
+        return Path(url[len("sqlite:///"):]).expanduser()
+
+    @property
     def cert_paths(self) -> tuple[Path, Path, bool]:
         """(certfile, keyfile, whether they are the auto-made development pair)."""
         if self.certfile or self.keyfile:

@@ -15,6 +15,7 @@ reply is sent once that is done.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -43,6 +44,17 @@ def socket_path(data_dir: Path) -> Path:
     return data_dir / SOCKET_NAME
 
 
+# sockaddr_un holds 108 bytes with the final NUL.
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: Path) -> None:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise SettingError("data_dir", f"the control socket's path {path} is longer than the "
+                           f"{MAX_SOCKET_PATH} bytes a Unix socket may have: choose a shorter "
+                           "data_dir", exit_code=2)
+
+
 def check_private(directory: Path) -> None:
     """Refuse a directory another user owns or may write: they could replace the socket.
     (Reaching it needs write permission on the socket itself, which is 0600.)"""
@@ -55,10 +67,12 @@ def check_private(directory: Path) -> None:
 
 
 class ControlServer:
-    def __init__(self, path: Path, store: Store, hub: Any) -> None:
+    def __init__(self, path: Path, store: Store, hub: Any, pepper_id: str | None = None
+                 ) -> None:
         self.path = path
         self.store = store
         self.hub = hub
+        self.pepper_id = pepper_id
         self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._stopping = False
@@ -115,18 +129,25 @@ class ControlServer:
             except (OSError, ValueError) as exc:
                 with contextlib.suppress(OSError):
                     _reply(conn, {"ok": False, "error": f"bad request: {exc}"})
+            except Exception:
+                log.exception("control: a request failed")
+                with contextlib.suppress(OSError):
+                    _reply(conn, {"ok": False, "error": "internal error (see the server's log)"})
 
     def perform(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run one action on the writer and wait for it (and its continuation)."""
-        action = ACTIONS.get(request.get("action"))  # type: ignore[arg-type]
-        args = request.get("args", {})
-        if action is None or not isinstance(args, dict):
-            return {"ok": False, "error": f"unknown action {request.get('action')!r}"}
+        name, args = request.get("action"), request.get("args", {})
+        action = ACTIONS.get(name) if isinstance(name, str) else None
+        if action is None:
+            return {"ok": False, "error": f"unknown action {str(name)[:40]!r}"}
+        problem = bad_arguments(action, args)
+        if problem:
+            return {"ok": False, "error": f"{name}: {problem}"}
         done = threading.Event()
         answer: dict[str, Any] = {}
 
         def run(db: Any) -> Callable[[], None]:
-            ops = Ops(db, self.store, self.hub)
+            ops = Ops(db, self.store, self.hub, self.pepper_id)
             try:
                 result = action(ops, **args)
             except Refused as exc:
@@ -149,6 +170,29 @@ class ControlServer:
         if not done.wait(TIMEOUT):
             return {"ok": False, "error": "the server did not answer in time"}
         return answer
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
+}
+
+
+def bad_arguments(action: Callable[..., Any], args: Any) -> str | None:
+    """What is wrong with `args` for `action` (its parameters and their annotated types)."""
+    if not isinstance(args, dict):
+        return "args must be an object"
+    params = list(inspect.signature(action).parameters.values())[1:]  # after `ops`
+    known = {p.name: p for p in params}
+    for key, value in args.items():
+        param = known.get(key)
+        if param is None:
+            return f"unknown argument {str(key)[:40]!r}"
+        types = _TYPES.get(str(param.annotation))
+        if types is None or isinstance(value, bool) or not isinstance(value, types):
+            return f"{key} must be {param.annotation}"
+    missing = [p.name for p in params if p.default is p.empty and p.name not in args]
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 class _Refusal(ChatError):

@@ -133,3 +133,46 @@ def check_ca_file(path: Path, names: str | Sequence[str]) -> None:
 
 def _as_tuple(names: str | Sequence[str]) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
+
+
+class DataLock:
+    """The data directory's lock (and, for a SQLite file elsewhere, the database's), held
+    by a running server for its life and by `chat-admin` while it works on the database
+    with the server stopped: so neither writes under the other, and a second server on
+    the same data is refused before it touches anything."""
+
+    def __init__(self, data_dir: Path, sqlite_file: Path | None) -> None:
+        self.paths = [data_dir / "server.lock"]
+        if sqlite_file is not None and sqlite_file.parent.resolve() != data_dir.resolve():
+            self.paths.append(sqlite_file.with_name(sqlite_file.name + ".lock"))
+        self._fds: list[int] = []
+
+    def acquire(self) -> None:
+        """Take every lock or none; SettingError naming who holds it otherwise."""
+        import fcntl
+
+        try:
+            for i, path in enumerate(self.paths):
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                except OSError:
+                    if i == 0:
+                        raise
+                    # The database's directory cannot be used: opening the database will
+                    # say so, naming the setting (`db`), better than a lock file could.
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise SettingError("data_dir", f"another server (or chat-admin) is using "
+                                       f"this data: {path} is locked", exit_code=1) from None
+                self._fds.append(fd)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()

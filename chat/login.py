@@ -164,8 +164,10 @@ def login(conn: Connection, req: m.Login) -> None:
                 server.store.set_password_hash(db, rec.id, new_hash)
             # The user's rooms as of this point in the writer's order: an online user's
             # are in the hub (the writer's own), else in the database.
+            # (Not from a state whose sessions the operator is ending: it holds none.)
             online = server.hub.user_state(rec.key)
-            rooms = sorted(online.rooms) if online else server.store.rooms_of(db, rec.id)
+            rooms = (sorted(online.rooms) if online and not online.ended
+                     else server.store.rooms_of(db, rec.id))
             waiting, first_waiting = server.store.undelivered(db, rec.id)
             backlog, more = server.store.take_undelivered(db, rec.id, budget)
             # Everything stored after this reaches the session live (the writer attaches
@@ -227,6 +229,9 @@ def passwd(conn: Connection, req: m.Passwd) -> None:
         password_hash = server.hasher.hash(password)
 
         def run(db: Any) -> Callable[[], None]:
+            user = session.user
+            if user is None or user.ended or server.store.disabled(db, rec.id):
+                raise AccountDisabled("this session is ending")
             if not server.store.password_hash_is(db, rec.id, rec.password_hash):
                 raise InvalidCredentials()  # changed by another session meanwhile
             server.store.set_password_hash(db, rec.id, password_hash)

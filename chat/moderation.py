@@ -43,6 +43,7 @@ def _actor_and_target(conn: Connection, db: Any, name: str, username: str
                       ) -> tuple[RoomState, acl.View, UserRecord, acl.View]:
     """The room, the requester's standing, the target user and theirs. A room the
     requester may not see is `no_such_room` before anything about the target is said."""
+    _user(conn)  # a session being ended (disabled, logged out) acts no more
     room, view = room_view(conn, db, name)
     acl.member(view)
     assert room is not None
@@ -208,6 +209,7 @@ def _room_setting(op: str) -> Callable[[Connection, Any], None]:
         store, hub, rid = conn.server.store, conn.server.hub, req.id
 
         def run(db: Any) -> Callable[[], None]:
+            _user(conn)
             room, view = room_view(conn, db, req.room)
             if isinstance(req, m.Topic):
                 acl.topic(view)

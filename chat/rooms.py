@@ -242,6 +242,7 @@ def list_rooms(conn: Connection, req: m.ListRooms) -> None:
             conn.loop.call_soon(conn.charge_reply, reserved, size)
 
     def run(db: Any) -> Callable[[], None]:
+        _user(conn)  # a session being ended reads nothing more
         # In order with this connection's earlier requests (a create just before is
         # listed), then read off the writer: what is committed is what the store decided.
         def after() -> None:

@@ -46,7 +46,7 @@ from chat.config import (
     load_settings_and_sources,
 )
 from chat.connection import Connection
-from chat.control import ControlServer, socket_path
+from chat.control import ControlServer, check_socket_path, socket_path
 from chat.db import WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
@@ -144,8 +144,19 @@ class Server:
                         s.bcrypt_rounds)
         # Every file is checked before a thread starts or the database is touched, so a
         # refusal leaves at most the data directory and development certificates behind.
-        if not (s.certfile and s.pepper_file and s.db):
-            files.private_dir(s.data_path, "data_dir")
+        files.private_dir(s.data_path, "data_dir")
+        # Before anything is opened: one server per data directory (and database file).
+        self.data_lock = files.DataLock(s.data_path, s.sqlite_path)
+        self.data_lock.acquire()
+        try:
+            self._start()
+        except BaseException:
+            self.data_lock.release()
+            raise
+
+    def _start(self) -> None:
+        s = self.settings
+        check_socket_path(socket_path(s.data_path))
         self.ssl_context = self._make_ssl_context()
         pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
@@ -184,7 +195,8 @@ class Server:
         self.listen_sock.setblocking(False)
         # The operator's way in (chat-admin), once the port is ours.
         files.private_dir(s.data_path, "data_dir")
-        self.control = ControlServer(socket_path(s.data_path), self.store, self.hub)
+        self.control = ControlServer(socket_path(s.data_path), self.store, self.hub,
+                                     self.hasher.pepper_id)
         self.control.start()
         self.address = self.listen_sock.getsockname()[:2]
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
@@ -420,6 +432,7 @@ class Server:
         for loop in self.loops:
             loop.join(5)
         self.engine.dispose()
+        self.data_lock.release()
         log.info("stopped")
         self._stopped.set()
 

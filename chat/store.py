@@ -49,7 +49,7 @@ from chat.errors import (
 from chat.hub import LocalHub, Session, with_re
 from chat.models import Membership, Message, User
 from chat.protocol import Frame, encode
-from chat.roombook import RoomBook, missing
+from chat.roombook import OPERATOR, RoomBook, missing
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,9 @@ class Store:
     def create_user(self, conn: Connection, name: str, password_hash: str) -> UserRecord:
         ms = now_ms()
         skeleton = username_skeleton(name)
+        if skeleton == _OPERATOR_SKELETON:
+            # What chat-admin does is signed with this name, in events and in the audit log.
+            raise UsernameTaken("that name is the operator's")
         taken = conn.execute(
             select(users_t.c.username_key).where(or_(
                 users_t.c.username_key == name.lower(), users_t.c.username_skeleton == skeleton))
@@ -627,6 +630,8 @@ class Store:
 
         return fanout
 
+
+_OPERATOR_SKELETON = username_skeleton(OPERATOR)
 
 _MESSAGE_COLUMNS = ("ts_ms", "sender_id", "sender_name", "room", "recipient_id",
                     "recipient_name", "dm_pair", "body", "delivered")
