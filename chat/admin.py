@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--user", help="as actor or target")
     au.add_argument("--since", help="a date (2026-12-01), a time (2026-12-01T10:00) or an "
                     "age (2h, 7d)")
-    au.add_argument("--limit", type=int, default=1000)
+    au.add_argument("--limit", type=int, default=1000, help="the newest N (at most 10000)")
 
     top.add_parser("backup", help="an online, consistent copy of the database").add_argument(
         "path", help="the file to write (must not exist)")
@@ -256,6 +256,10 @@ def _offline(settings: Settings, action: str, args: dict[str, Any]) -> dict[str,
             settings.db_url.split("///", 1)[-1]).exists():
         raise AdminError(f"no database at {settings.db_url}: is --data-dir (or --db) the "
                          "server's?", EXIT_UNREACHABLE)
+    if os.geteuid() == 0 and settings.data_path.exists() and settings.data_path.stat().st_uid:
+        raise AdminError(f"{settings.data_path} belongs to another user: run chat-admin as "
+                         "that user (the server's), or files made now would be root's",
+                         EXIT_USAGE)
     # The server's own lock: if it is held, a server is running whose socket we could not
     # use, and writing under it would leave its memory and the database apart.
     lock = DataLock(settings.data_path, settings.sqlite_path)

@@ -35,6 +35,9 @@ users_t, members_t, rooms_t = User.__table__, Membership.__table__, Room.__table
 bans_t, audit_t = Ban.__table__, AuditEntry.__table__
 
 
+MAX_AUDIT_ROWS = 10_000
+
+
 class Refused(Exception):
     """The action cannot be done (no such user, say); nothing was changed."""
 
@@ -306,7 +309,8 @@ def audit_list(ops: Ops, room: str | None = None, user: str | None = None,
         where.append((func.lower(c.target) == user.lower()) | (func.lower(c.actor) == user.lower()))
     if since_ms is not None:
         where.append(c.ts_ms >= since_ms)
-    query = select(audit_t).order_by(c.id.desc()).limit(limit)
+    # Read on the writer thread: bounded, so a long log never holds up the chat.
+    query = select(audit_t).order_by(c.id.desc()).limit(max(1, min(limit, MAX_AUDIT_ROWS)))
     if where:
         query = query.where(and_(*where))
     rows = ops.db.execute(query).all()

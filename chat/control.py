@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
 MAX_REQUEST_BYTES = 64 * 1024
+# Requests handled at once; an operator's scripts need few, and each holds a thread.
+MAX_CONCURRENT = 8
 # A stuck chat-admin must not hold a thread for long; the writer answers in milliseconds.
 TIMEOUT = 30.0
 
@@ -76,6 +78,7 @@ class ControlServer:
         self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._stopping = False
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT)
 
     def start(self) -> None:
         check_private(self.path.parent)
@@ -114,8 +117,19 @@ class ControlServer:
                 if self._stopping:
                     return
                 continue
-            threading.Thread(target=self._handle, args=(conn,), name="control-conn",
+            if not self._slots.acquire(blocking=False):
+                with conn, contextlib.suppress(OSError):
+                    _reply(conn, {"ok": False, "error": "busy: too many chat-admin requests "
+                                  "at once; try again"})
+                continue
+            threading.Thread(target=self._handle_in_slot, args=(conn,), name="control-conn",
                              daemon=True).start()
+
+    def _handle_in_slot(self, conn: socket.socket) -> None:
+        try:
+            self._handle(conn)
+        finally:
+            self._slots.release()
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
@@ -156,9 +170,14 @@ class ControlServer:
                 raise _Refusal(f"bad arguments: {exc}") from None
 
             def after() -> None:
-                ops.run_later()
-                answer.update(ok=True, result=result)
-                done.set()
+                try:
+                    ops.run_later()
+                    answer.update(ok=True, result=result)
+                finally:
+                    answer.setdefault("ok", False)
+                    answer.setdefault("error", "done, but telling the sessions failed "
+                                               "(see the server's log)")
+                    done.set()
 
             return after
 
@@ -168,7 +187,8 @@ class ControlServer:
 
         self.store.submit(Job(run, fail))
         if not done.wait(TIMEOUT):
-            return {"ok": False, "error": "the server did not answer in time"}
+            return {"ok": False, "error": f"the server did not answer within {TIMEOUT:g} s; "
+                    "the action may still be carried out (chat-admin audit will say)"}
         return answer
 
 
