@@ -89,7 +89,7 @@ def _moderate(v: View, least: str) -> None:
     if v.room == GENERAL:
         raise Forbidden("only the operator moderates general")
     if rank(v.role) < rank(least):
-        raise Forbidden(f"that needs a {least} of the room")
+        raise Forbidden(f"that needs {'an' if least == OWNER else 'a'} {least} of the room")
 
 
 def invite(v: View, target: View) -> None:

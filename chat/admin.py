@@ -50,73 +50,88 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chat-admin", description="Administer a chat server: users, registration "
         "tokens, rooms, the audit log, backups. Run it on the server's host as its user.")
-    p.add_argument("--data-dir", help="the server's data directory (as chat-server's)")
-    p.add_argument("--config", help="the server's TOML configuration file")
-    p.add_argument("--db", help="the server's database URL")
-    p.add_argument("--pepper-file", help="the server's pepper file")
-    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    _common(p, None)
+    # The same options after the command too (`chat-admin user list --json`): there they
+    # must not reset what was given before it, hence SUPPRESS.
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common, argparse.SUPPRESS)
     top = p.add_subparsers(dest="area", required=True, metavar="{user,token,room,audit,backup}")
 
-    user = top.add_parser("user", help="accounts").add_subparsers(dest="cmd", required=True)
-    user.add_parser("list", help="every account")
-    user.add_parser("show", help="one account: rooms, sessions, state").add_argument(
+    def sub(group: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[common], **kw)
+
+    user = sub(top, "user", help="accounts").add_subparsers(dest="cmd", required=True)
+    sub(user, "list", help="every account")
+    sub(user, "show", help="one account: rooms, sessions, state").add_argument(
         "username")
     for cmd, text in (("enable", "let a disabled account log in again"),
                       ("logout", "end every session of the account (bye logged_out)")):
-        sp = user.add_parser(cmd, help=text)
+        sp = sub(user, cmd, help=text)
         sp.add_argument("username")
         sp.add_argument("--reason", default="", help="why (kept in the audit log)")
-    dis = user.add_parser("disable", help="refuse the account's logins and end its sessions")
+    dis = sub(user, "disable", help="refuse the account's logins and end its sessions")
     dis.add_argument("username")
     dis.add_argument("--reason", default="")
     for cmd, text in (("add", "make an account (prints a generated password)"),
                       ("reset-password", "set a new password and end every session")):
-        sp = user.add_parser(cmd, help=text)
+        sp = sub(user, cmd, help=text)
         sp.add_argument("username")
         sp.add_argument("--password-stdin", action="store_true",
                         help="read the password from standard input instead of generating one")
         sp.add_argument("--reason", default="", help="why (kept in the audit log)")
 
-    token = top.add_parser("token", help="registration tokens").add_subparsers(
+    token = sub(top, "token", help="registration tokens").add_subparsers(
         dest="cmd", required=True)
-    tc = token.add_parser("create", help="a new token, shown once")
+    tc = sub(token, "create", help="a new token, shown once")
     tc.add_argument("--uses", type=int, default=1, help="registrations it allows (1)")
     tc.add_argument("--expires", default="7d",
                     help="lifetime: seconds, or with s, m, h or d (7d)")
     tc.add_argument("--note", default="", help="what it is for (shown in token list)")
-    token.add_parser("list", help="every token (never the tokens themselves)")
-    token.add_parser("revoke", help="make a token unusable").add_argument("id", type=int)
+    sub(token, "list", help="every token (never the tokens themselves)")
+    sub(token, "revoke", help="make a token unusable").add_argument("id", type=int)
 
-    room = top.add_parser("room", help="rooms").add_subparsers(dest="cmd", required=True)
-    room.add_parser("list", help="every room, private ones included")
-    room.add_parser("show", help="one room: settings, members, bans").add_argument("room")
-    so = room.add_parser("set-owner", help="make a user an owner of a room")
+    room = sub(top, "room", help="rooms").add_subparsers(dest="cmd", required=True)
+    sub(room, "list", help="every room, private ones included")
+    sub(room, "show", help="one room: settings, members, bans").add_argument("room")
+    so = sub(room, "set-owner", help="make a user an owner of a room")
     so.add_argument("room")
     so.add_argument("username")
     so.add_argument("--reason", default="")
     for cmd in ("kick", "ban"):
-        sp = room.add_parser(cmd, help=f"{cmd} a user from a room, live")
+        sp = sub(room, cmd, help=f"{cmd} a user from a room, live")
         sp.add_argument("room")
         sp.add_argument("username")
         sp.add_argument("--reason", default="")
-    ub = room.add_parser("unban", help="lift a ban")
+    ub = sub(room, "unban", help="lift a ban")
     ub.add_argument("room")
     ub.add_argument("username")
     ub.add_argument("--reason", default="")
-    rd = room.add_parser("delete", help="delete a room with its history; its name is free")
+    rd = sub(room, "delete", help="delete a room with its history; its name is free")
     rd.add_argument("room")
     rd.add_argument("--reason", default="")
 
-    au = top.add_parser("audit", help="moderation and operator actions, oldest first")
+    au = sub(top, "audit", help="moderation and operator actions, oldest first")
     au.add_argument("--room")
     au.add_argument("--user", help="as actor or target")
     au.add_argument("--since", help="a date (2026-12-01), a time (2026-12-01T10:00) or an "
                     "age (2h, 7d)")
     au.add_argument("--limit", type=int, default=1000, help="the newest N (at most 10000)")
 
-    top.add_parser("backup", help="an online, consistent copy of the database").add_argument(
+    sub(top, "backup", help="an online, consistent copy of the database").add_argument(
         "path", help="the file to write (must not exist)")
     return p
+
+
+def _common(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--data-dir", default=default,
+                        help="the server's data directory (as chat-server's: "
+                        "$XDG_DATA_HOME/chat, that is ~/.local/share/chat, by default)")
+    parser.add_argument("--config", default=default, help="the server's TOML configuration")
+    parser.add_argument("--db", default=default, help="the server's database URL")
+    parser.add_argument("--pepper-file", default=default, help="the server's pepper file")
+    parser.add_argument("--json", action="store_true",
+                        default=default if default is not None else False,
+                        help="print JSON, for scripts")
 
 
 def _duration(text: str) -> float:
@@ -338,7 +353,7 @@ def _ts(ms: int | None) -> str:
 def _human(action: str, result: dict[str, Any]) -> list[str]:
     if action == "user_list":
         return [f"{u['username']:<32} {'disabled' if u['disabled'] else 'active':<8} "
-                f"{'online' if u['online'] else '':<6} since {_ts(u['created_ms'])}"
+                f"{'online' if u['online'] else '':<6} created {_ts(u['created_ms'])}"
                 for u in result["users"]] or ["no users"]
     if action == "user_show":
         rooms = ", ".join(f"#{r['room']}" + (f" ({r['role']})" if r["role"] != "member" else "")
@@ -357,13 +372,14 @@ def _human(action: str, result: dict[str, Any]) -> list[str]:
                 for t in result["tokens"]] or ["no tokens"]
     if action == "room_list":
         return [f"#{r['room']:<32} {r['visibility']:<7} {r['history']:<6} "
-                f"{r['members']:>6} members  {r['topic']}" for r in result["rooms"]]
+                f"{r['members']:>6} member{'' if r['members'] == 1 else 's'}  {r['topic']}"
+                for r in result["rooms"]]
     if action == "room_show":
         lines = [f"room      #{result['room']} ({result['visibility']}, history "
-                 f"{result['history']})", f"topic     {result['topic']}"]
+                 f"{result['history']})", f"topic     {result['topic'] or '(none)'}"]
         lines += [f"member    {m['username']} ({m['role']})" for m in result["members"]]
-        lines += [f"banned    {b['username']} by {b['by']}: {b['reason']}"
-                  for b in result["bans"]]
+        lines += [f"banned    {b['username']} by {b['by']}"
+                  + (f": {b['reason']}" if b["reason"] else "") for b in result["bans"]]
         return lines
     if action == "audit":
         return [f"{_ts(e['ts_ms'])}  {e['actor']:<12} {e['action']:<14} "

@@ -68,7 +68,7 @@ class Ops:
     def room(self, name: str) -> Any:
         room = self.store.rooms.get(self.db, name.lower().lstrip("#"))
         if room is None:
-            raise Refused(f"no room named {name!r}")
+            raise Refused(f"no room named #{name.lower().lstrip('#')}")
         return room
 
     def run_later(self) -> None:
@@ -250,11 +250,12 @@ def room_set_owner(ops: Ops, name: str, username: str, reason: str = "") -> dict
 def _room_removal(how: str) -> Callable[..., dict[str, Any]]:
     def act(ops: Ops, name: str, username: str, reason: str = "") -> dict[str, Any]:
         room, rec = ops.room(name), ops.user(username)
+        if room.name == DEFAULT_ROOM:
+            # Everyone is in general, always: keeping someone out is `user disable`.
+            raise Refused(f"nobody leaves {DEFAULT_ROOM}: disable the account instead "
+                          "(chat-admin user disable)")
         if how == "kick" and rec.id not in room.members:
-            raise Refused(f"{rec.name} is not in {room.name}")
-        if room.name == DEFAULT_ROOM and how == "ban":
-            # Everyone is in general: a ban there is what `user disable` is for.
-            raise Refused(f"nobody is banned from {DEFAULT_ROOM}: disable the account instead")
+            raise Refused(f"{rec.name} is not in #{room.name}")
         ops.later.append(remove(ops.store, ops.hub, ops.db, room, rec, how, OPERATOR, reason))
         return {"room": room.name, "username": rec.name, how: True}
 
@@ -268,7 +269,7 @@ room_ban = _room_removal("ban")
 def room_unban(ops: Ops, name: str, username: str, reason: str = "") -> dict[str, Any]:
     room, rec = ops.room(name), ops.user(username)
     if rec.id not in room.bans:
-        raise Refused(f"{rec.name} is not banned from {room.name}")
+        raise Refused(f"{rec.name} is not banned from #{room.name}")
     ops.store.rooms.unban(ops.db, room, rec.id)
     audit(ops.db, now_ms(), OPERATOR, "unban", target=rec.name, room=room.name, reason=reason)
     return {"room": room.name, "username": rec.name, "unban": True}

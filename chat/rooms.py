@@ -125,6 +125,7 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
         if len(user.rooms) >= limit:
             raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
         ms, last = now_ms(), store.last_msg_id
+        made = room is None
         if room is None:
             visibility, history = ((create.visibility, create.history) if create
                                    else (acl.PUBLIC, acl.SHARED))
@@ -139,8 +140,11 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
         user.rooms.add(name)
         store.on_rollback(lambda: user.rooms.discard(name))
 
+        # A join that made the room says so: a typo should not go unnoticed.
+        reply = {**ok, "created": True} if made and create is None else ok
+
         def after() -> None:
-            conn.reply(rid, ok)
+            conn.reply(rid, reply)
             hub.joined(user, name)
 
         return after

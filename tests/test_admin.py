@@ -226,3 +226,13 @@ def test_the_control_socket_is_private_and_refused_where_others_could_replace_it
     os.chmod(server.settings.data_dir, 0o777)
     with pytest.raises(SettingError, match="writable by no one else"):
         server_factory()
+
+
+def test_options_may_follow_the_command_and_general_keeps_everyone(chat_server, capsys):
+    chat_server.register("bob")
+    d = data_dir(chat_server)
+    assert admin.main(["user", "list", "--data-dir", d, "--json"]) == 0
+    users = json.loads(capsys.readouterr().out)["result"]["users"]
+    assert [u["username"] for u in users] == ["bob"]
+    code, out = run_admin(capsys, d, "room", "kick", "general", "bob")
+    assert code == 1 and "disable the account" in out["error"]

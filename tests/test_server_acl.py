@@ -274,3 +274,10 @@ def test_invite_ban_join_race_ends_as_if_the_join_came_after_the_ban(chat_server
             assert target.recv_until("removed")["how"] == "ban"
         assert target.request({"type": "room_info", "room": room})["code"] == "no_such_room"
         assert owner.request({"type": "join", "room": room})["type"] == "ok"  # owner, still in
+
+
+def test_a_join_that_makes_the_room_says_so(chat_server):
+    alice, bob = chat_server.user("alice"), chat_server.user("bob")
+    assert alice.request({"type": "join", "room": "typo"}).get("created") is True
+    assert "created" not in bob.request({"type": "join", "room": "typo"})
+    assert "created" not in alice.request({"type": "create", "room": "made"})
