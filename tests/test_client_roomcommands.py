@@ -22,7 +22,7 @@ from chat.client.commands import (
 from chat.client.completion import ChatCompleter, Roster
 from chat.client.format import bye_text, format_event
 from chat.client.reconnect import Seen, should_reconnect
-from chat.client.roomcommands import USAGE, about_the_asker
+from chat.client.roomcommands import ROOM_RULE, USAGE, about_the_asker
 
 
 def request(line: str, room: str | None = "dev") -> dict[str, object]:
@@ -80,7 +80,7 @@ def test_each_command_makes_its_request(line: str, frame: dict[str, object]) -> 
 
 @pytest.mark.parametrize(("line", "usage"), [
     ("/create", "create"), ("/create lab secret", "create"),
-    ("/create lab private public", "create"), ("/create a/b", "create"),
+    ("/create lab private public", "create"),
     ("/invite", "invite"), ("/invite #dev bob", "invite"), ("/invite bob dev ops", "invite"),
     ("/kick", "kick"), ("/kick #dev bob", "kick"), ("/kick bob #no/such", "kick"),
     ("/ban x", "ban"),  # too short for a user name: not one
@@ -92,6 +92,42 @@ def test_each_command_makes_its_request(line: str, frame: dict[str, object]) -> 
 ])
 def test_a_misplaced_word_gets_the_usage(line: str, usage: str) -> None:
     assert parse_command(line, "dev") == Invalid(USAGE[usage])
+
+
+@pytest.mark.parametrize("name", ["ünï", "a" * 72, "a#b", "a/b"])
+def test_create_says_the_naming_rule_for_a_name_that_cannot_be_a_room(name: str) -> None:
+    refusal = parse_command(f"/create {name}", "dev")
+    assert refusal == Invalid(f"{ROOM_RULE}, not {name}; {USAGE['create']}")
+    assert "1 to 32" in ROOM_RULE and "_ and -" in ROOM_RULE
+
+
+def in_rooms(line: str, *rooms: str, current: str = "general") -> object:
+    state = ChatState.start(current, rooms)
+    return parse_command(line, state.room, state=state)
+
+
+@pytest.mark.parametrize(("line", "meant"), [
+    ("/ban bob dev rude", "/ban bob #dev rude"),
+    ("/kick bob Dev", "/kick bob #Dev"),
+    ("/topic dev release friday", "/topic #dev release friday"),
+    ("/topic dev", "/topic #dev"),
+])
+def test_a_room_written_without_its_hash_before_free_text_is_refused(
+    line: str, meant: str,
+) -> None:
+    room = meant.split("#")[1].split()[0]
+    assert in_rooms(line, "dev") == Invalid(
+        f"did you mean #{room}? write the room with its #: {meant}")
+
+
+def test_free_text_may_start_with_a_room_name_when_the_room_is_given() -> None:
+    assert in_rooms("/ban bob #general dev rude", "dev") == Request(
+        {"type": "ban", "room": "general", "username": "bob", "reason": "dev rude"})
+    assert in_rooms("/topic #general dev news", "dev") == Request(
+        {"type": "topic", "room": "general", "topic": "dev news"})
+    # A word that names no room of the user's is just text.
+    assert in_rooms("/kick bob ops spam", "dev") == Request(
+        {"type": "kick", "room": "general", "username": "bob", "reason": "ops spam"})
 
 
 def test_with_no_current_room_a_room_must_be_named() -> None:
@@ -129,6 +165,8 @@ def test_v11_refusals_say_what_helps(line: str, code: str, hint: str) -> None:
 
 
 def test_no_hint_where_none_helps_and_a_kick_refusal_is_not_about_the_asker() -> None:
+    # "everyone is in general already": the operator-only hint would not fit.
+    assert explain(request("/invite bob", "general"), error("forbidden")) is None
     assert explain(request("/kick bob"), error("no_such_user")) is None
     assert explain(request("/kick bob"), {"type": "ok", "op": "kick"}) is None
     # `not_in_room` to a kick may be about bob: it proves nothing of our membership.

@@ -452,11 +452,17 @@ def _rooms(args: str, ctx: _Context) -> Action:
     return Invalid("usage: /rooms") if args else Request({"type": "list_rooms"})
 
 
-def _v11(parse: Callable[[str, str | None], Frame | str]) -> Callable[[str, _Context], Action]:
+def _v11(name: str) -> Callable[[str, _Context], Action]:
     """One of chat.client.roomcommands' parsers as a command."""
+    parse = roomcommands.PARSERS[name]
+
     def command(args: str, ctx: _Context) -> Action:
         try:
-            frame = parse(args, ctx.room)
+            if name in roomcommands.SEES_ROOMS:
+                rooms = ctx.state.rooms if ctx.state is not None else frozenset()
+                frame = parse(args, ctx.room, rooms)
+            else:
+                frame = parse(args, ctx.room)
         except NoRoom:
             return Notice(NO_ROOM)
         return Invalid(frame) if isinstance(frame, str) else Request(frame)
@@ -542,7 +548,7 @@ _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
     "passwd": _passwd,
     "help": lambda args, ctx: Help(),
     "quit": lambda args, ctx: Quit(),
-    **{name: _v11(parse) for name, parse in roomcommands.PARSERS.items()},
+    **{name: _v11(name) for name in roomcommands.PARSERS},
 }
 
 # The commands whose first argument is a room, and those whose first argument is a user
