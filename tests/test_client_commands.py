@@ -272,7 +272,7 @@ def test_a_message_from_a_room_not_known_means_another_session_joined_it() -> No
 def test_not_in_room_for_a_room_we_thought_we_were_in_corrects_the_state() -> None:
     state = ChatState.start("dev", ["general", "dev"])
     assert state.lost("dev") == (
-        "you are no longer in #dev (left in another session); now talking in #general")
+        "you are no longer in #dev; now talking in #general")
     assert state.rooms == {"general"}
     assert state.lost("dev") is None  # not thought to be in it: nothing to correct
 

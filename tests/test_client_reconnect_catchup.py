@@ -269,8 +269,8 @@ def test_after_reconnecting_the_rooms_are_the_servers_never_rejoined(chat_server
             proxy.wait_held()
             proxy.release()
             err.wait_for(lambda line: line == f"-- reconnected as {me}", "reconnected")
-            err.wait_for(lambda line: line == f"-- while you were away you left #{dev} (in "
-                         "another session); now talking in #general", "left")
+            err.wait_for(lambda line: line == f"-- while you were away you stopped being in "
+                         f"#{dev}; now talking in #general", "left")
             err.wait_for(lambda line: line == f"-- while you were away you joined #{ops} (in "
                          "another session)", "joined")
             out.wait_for(lambda line: line.endswith(f"#{ops} {other}: said in ops meanwhile"),

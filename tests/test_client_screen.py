@@ -740,8 +740,8 @@ def test_after_reconnecting_the_rooms_are_the_servers(chat_server: Any, tmp_path
             proxy.wait_held()
             proxy.release()
             reconnected = term.wait_for_line(rf"^-- reconnected as {me}$")
-            left = term.wait_for_line(rf"^-- while you were away you left #{dev} \(in another "
-                                      r"session\); now talking in #general$")
+            left = term.wait_for_line(rf"^-- while you were away you stopped being in #{dev}; "
+                                      r"now talking in #general$")
             joined = term.wait_for_line(rf"^-- while you were away you joined #{ops} \(in "
                                         r"another session\)$")
             caught = term.wait_for_line(rf"^{CLOCK} #{ops} {other}: said in ops meanwhile$")

@@ -351,9 +351,10 @@ class ChatState:
     def adopt(self, rooms: Iterable[str]) -> list[str]:
         """After reconnecting: the `welcome`'s `rooms` are the user's; notes on the change.
 
-        The server's membership is the truth: a room left in another session while this
-        one was cut off stays left, one joined elsewhere is the user's too. If the current
-        room is gone, another becomes current, as after a /leave.
+        The server's membership is the truth: a room left in another session (or that the
+        user was removed from) while this one was cut off stays left, one joined elsewhere
+        is the user's too. If the current room is gone, another becomes current, as after a
+        /leave.
         """
         rooms = {r.lower() for r in rooms}
         with self._lock:
@@ -364,7 +365,8 @@ class ChatState:
                 self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
         notes = []
         if gone:
-            note = f"while you were away you left {_listed(gone)} (in another session)"
+            # Not "left": a kick, a ban or the operator deleting the room look the same here.
+            note = f"while you were away you stopped being in {_listed(gone)}"
             notes.append(f"{note}; {self._now_in()}" if moved else note)
         if came:
             notes.append(f"while you were away you joined {_listed(came)} (in another session)")
@@ -375,7 +377,8 @@ class ChatState:
         was_in, current = self._drop(room)
         if not was_in:
             return None  # known already (from a presence, say): said then
-        note = f"you are no longer in {_shown(room.lower())} (left in another session)"
+        # Left in another session, or removed by the operator: the server does not say.
+        note = f"you are no longer in {_shown(room.lower())}"
         return f"{note}; {self._now_in()}" if current else note
 
 
