@@ -59,7 +59,7 @@ def test_rooms_asks_the_server_and_marks_the_current_one() -> None:
         {"room": "ops", "topic": "", "members": 1, "visibility": "private", "role": "member"},
     ]}
     text = format_event(listed, current=state.room)
-    assert text is not None and text.splitlines()[0] == "-- rooms: *#dev #general #ops"
+    assert text is not None and text.splitlines()[0] == "-- rooms: *#dev #general #ops (* current)"
 
 
 def test_switch_changes_the_current_room_among_joined_ones() -> None:
@@ -130,7 +130,7 @@ def test_line_mode_refuses_passwd_and_runs_rooms_switch_me(
     else:
         assert "takes no arguments" in result.stderr
     lines = result.stdout.splitlines()
-    assert "-- rooms: *#dev #general" in lines
+    assert "-- rooms: *#dev #general (* current)" in lines
     assert "-- now talking in #general" in lines
     assert any(x.endswith(f"#general * {name} waves") for x in lines)
     assert "you are not in #nowhere" in result.stderr

@@ -284,7 +284,7 @@ def test_after_reconnecting_the_rooms_are_the_servers_never_rejoined(chat_server
                 assert check.who(dev, WAIT).get("code") == "not_in_room"
     finally:
         proxy.close()
-    assert f"-- rooms: *#general #{ops}" in lines, lines
+    assert f"-- rooms: *#general #{ops} (* current)" in lines, lines
 
 
 def test_the_end_of_input_while_reconnecting_exits_3_and_says_why(chat_server: Any) -> None:

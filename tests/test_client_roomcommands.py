@@ -6,6 +6,8 @@ tests/test_client_rooms_e2e.py.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
@@ -202,11 +204,90 @@ def test_events_say_who_did_what_and_what_to_do() -> None:
     assert show({"type": "role", "room": "dev", "username": "Me", "role": "owner",
                  "by": "alice"}) == "-- alice made you owner in #dev"
     assert show({"type": "role", "room": "dev", "username": "me", "role": "member",
-                 "by": "me"}) == "-- you made yourself member in #dev"
+                 "by": "me"}) == "-- you stepped down to member in #dev"
+    assert show({"type": "role", "room": "dev", "username": "alice", "role": "moderator",
+                 "by": "Alice"}) == "-- alice stepped down to moderator in #dev"
+    # A server that does not say who, or what changed: what the room is now.
     assert show({"type": "room", "room": "dev", "visibility": "public", "history": "joined",
                  "topic": "Friday", "role": "owner", "members": 3}) == (
         "-- #dev is now: topic: Friday; history joined "
         "(members read only what came after they joined)")
+
+
+ROOM_EVENT = {"type": "room", "room": "dev", "visibility": "public", "history": "joined",
+              "topic": "release friday", "role": "member", "members": 3, "by": "carol"}
+
+
+def test_a_room_event_says_who_changed_what() -> None:
+    assert show(ROOM_EVENT, changed=frozenset({"topic"})) == (
+        "-- carol set the topic of #dev: release friday")
+    assert show({**ROOM_EVENT, "topic": ""}, changed=frozenset({"topic"})) == (
+        "-- carol cleared the topic of #dev")
+    assert show({**ROOM_EVENT, "by": "me"}, changed=frozenset({"history"})) == (
+        "-- you made #dev's history joined (members read only what came after they joined)")
+    assert show({**ROOM_EVENT, "by": "operator"}, changed=frozenset({"topic"})) == (
+        "-- the operator set the topic of #dev: release friday")
+    assert show(ROOM_EVENT) == (  # not known what changed
+        "-- carol changed #dev; #dev is now: topic: release friday; history joined "
+        "(members read only what came after they joined)")
+
+
+def test_the_state_knows_which_setting_a_room_event_changed() -> None:
+    state = ChatState.start("dev", ["general", "dev"])
+    assert state.changes(ROOM_EVENT, "me") is None  # nothing known of #dev yet
+    state.observe({**ROOM_EVENT, "re": 3, "topic": "old"}, "me")  # an /info reply
+    assert state.changes(ROOM_EVENT, "me") == {"topic"}
+    state.observe(ROOM_EVENT, "me")
+    assert state.changes({**ROOM_EVENT, "history": "shared"}, "me") == {"history"}
+    # This session's own request says it, even where the settings were not known.
+    state = ChatState.start("dev", ["general", "dev"])
+    state.asking({"type": "set_history", "room": "Dev", "history": "joined"})
+    assert state.changes({**ROOM_EVENT, "by": "me"}, "me") == {"history"}
+    assert state.echoed({"type": "ok", "op": "set_history", "room": "dev", "re": 2}, "me")
+
+
+def test_the_ok_of_an_announced_change_is_not_shown_again() -> None:
+    state = ChatState.start("dev", ["general", "dev"])
+    asked = {"type": "set_role", "room": "dev", "username": "Bob", "role": "moderator"}
+    ok = {"type": "ok", "op": "set_role", "room": "dev", "username": "bob",
+          "role": "moderator", "re": 7}
+    state.asking(asked)
+    assert not state.echoed({"type": "role", "room": "dev", "username": "bob",
+                             "role": "moderator", "by": "me"}, "me")
+    assert state.echoed(ok, "me")  # "-- you made bob moderator in #dev" said it
+    # A role bob held already: no event, so the ok says it.
+    state.asking(asked)
+    assert not state.echoed(ok, "me")
+    assert show(ok) == "-- bob is moderator in #dev"
+    # A refused request leaves nothing behind for a later ok.
+    state.asking({"type": "topic", "room": "dev", "topic": "x"})
+    state.forget({"type": "topic", "room": "dev", "topic": "x"})
+    assert state.changes({**ROOM_EVENT, "by": "me"}, "me") is None
+
+
+@pytest.mark.parametrize(("ok", "line"), [
+    ({"op": "passwd"}, "-- password changed; your other sessions stay logged in"),
+    ({"op": "kick", "room": "dev", "username": "bob"}, "-- you kicked bob from #dev"),
+    ({"op": "ban", "room": "dev", "username": "bob"}, "-- you banned bob from #dev"),
+    ({"op": "unban", "room": "dev", "username": "bob"}, "-- bob is not banned from #dev"),
+    ({"op": "invite", "room": "dev"}, "-- invitation to #dev sent"),
+    ({"op": "create", "room": "dev"}, "-- you made #dev; you own it"),
+    ({"op": "unblock", "username": "bob"}, "-- you unblocked bob"),
+    ({"op": "kick", "room": "dev"}, "-- ok: kick #dev"),  # a reply short of a field: as is
+    ({"op": "join", "room": "dev"}, "-- ok: join #dev"),
+])
+def test_the_ok_of_a_request_is_a_sentence(ok: dict[str, object], line: str) -> None:
+    assert show({"type": "ok", **ok}) == line
+
+
+def test_a_join_that_made_the_room_says_so() -> None:
+    state = ChatState.start("general", ["general"])
+    note = ("#no-such did not exist: you made it, a public room you own "
+            "(/leave #no-such if that was a typo)")
+    assert state.observe({"type": "ok", "op": "join", "room": "no-such", "created": True,
+                          "re": 1}, "me") == [note]
+    assert state.room == "no-such"
+    assert state.observe({"type": "ok", "op": "join", "room": "dev", "re": 2}, "me") == []
 
 
 def test_info_rooms_and_members_replies() -> None:
@@ -226,11 +307,11 @@ def test_info_rooms_and_members_replies() -> None:
         {"room": "secret", "topic": "", "members": 2, "visibility": "private", "role": None},
     ]}
     assert show(listed, current="general").splitlines() == [
-        "-- rooms: #dev *#general",
-        "   #dev      owner     public      3 members  Deploy Friday",
-        "   #general  member    public     10 members",
-        "   #lobby    -         public      1 member",
-        "   #secret   invited   private     2 members",
+        "-- rooms: #dev *#general (* current)",
+        "   #dev      owner    public    3 members  Deploy Friday",
+        "   #general  member   public   10 members",
+        "   #lobby    -        public    1 member",
+        "   #secret   invited  private   2 members",
         "-- invited: /join ROOM to accept",
         "-- more public rooms than listed: the fullest are shown",
     ]
@@ -243,8 +324,22 @@ def test_info_rooms_and_members_replies() -> None:
         "   owner     alice (online)",
         "   member    bob",
     ]
-    assert show({"type": "ok", "op": "set_role", "room": "dev", "username": "bob",
-                 "role": "moderator", "re": 7}) == "-- ok: set_role #dev bob moderator"
+
+
+def test_the_rooms_table_stays_aligned_in_colour() -> None:
+    listed = {"type": "rooms", "re": 5, "rooms": [
+        {"room": "a-long-room-name", "topic": "", "members": 3, "visibility": "public",
+         "role": "moderator"},
+        {"room": "qa", "topic": "tests", "members": 120, "visibility": "private",
+         "role": "owner"},
+    ]}
+    plain = show(listed, current="qa")
+    coloured = re.sub(r"\x1b\[[0-9;]*m", "", show(listed, current="qa", color=True))
+    assert coloured == plain
+    assert plain.splitlines()[1:] == [
+        "   #a-long-room-name  moderator  public     3 members",
+        "   #qa                owner      private  120 members  tests",
+    ]
 
 
 def test_a_disabled_account_or_logged_out_session_is_said_and_not_reconnected() -> None:

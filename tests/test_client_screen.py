@@ -420,7 +420,7 @@ def test_passwd_asks_without_echo_while_messages_go_on(chat_server: Any, tmp_pat
             term.send(new_password + "\r")
             term.wait_for_input("the new password again: ")
             term.send(new_password + "\r")
-            term.wait_for_line(r"^-- ok: passwd$")
+            term.wait_for_line(r"^-- password changed; your other sessions stay logged in$")
             term.wait_for_input("[general]> ")
             screen = "\n".join(term.lines())
             assert PASSWORD[:6] not in screen and new_password[:6] not in screen, term.text()
@@ -750,7 +750,7 @@ def test_after_reconnecting_the_rooms_are_the_servers(chat_server: Any, tmp_path
             term.send(f"/switch {ops}\r")
             term.wait_for_input(f"[{ops} owner]> ")  # the roles asked for again
             term.send("/rooms\r")
-            term.wait_for_line(rf"^-- rooms: #general \*#{ops}$")
+            term.wait_for_line(rf"^-- rooms: #general \*#{ops} \(\* current\)$")
             assert term.quit() == 0
     finally:
         proxy.close()
