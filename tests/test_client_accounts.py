@@ -74,8 +74,10 @@ def test_a_token_from_chat_admin_registers_once_end_to_end(
     token = json.loads(capsys.readouterr().out)["result"]["token"]
     ok = run_cli("register", *server_args(server, new_name()), "--token", token)
     assert ok.returncode == 0, ok.stderr
-    again = run_cli("register", *server_args(server, new_name()), "--token", token)
+    again = run_cli("register", *server_args(server, new_name()), CHAT_TOKEN=token)
     assert again.returncode != 0 and "invalid_token" in again.stderr
+    assert "no account was made: the token in $CHAT_TOKEN is unknown, used up, expired or " \
+           "revoked" in again.stderr
     none = run_cli("register", *server_args(server, new_name()))
     assert none.returncode != 0 and "token" in none.stderr
 
@@ -111,7 +113,8 @@ def test_a_refused_token_is_explained(
     result = run_cli("register", *server_args(chat_server, new_name()), "--token", "old")
     assert result.returncode == 1
     assert f"registration refused: {code}: " in result.stderr
-    hint = {"invalid_token": "hint: the token is wrong, used up or expired: ask the "
+    hint = {"invalid_token": "hint: no account was made: the token given with --token is "
+            "unknown, used up, expired or revoked (the server does not say which); ask the "
             "server's operator for a new one",
             "registration_closed": "hint: this server takes no new accounts"}[code]
     assert hint in result.stderr

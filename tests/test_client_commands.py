@@ -59,7 +59,7 @@ def test_rooms_asks_the_server_and_marks_the_current_one() -> None:
         {"room": "ops", "topic": "", "members": 1, "visibility": "private", "role": "member"},
     ]}
     text = format_event(listed, current=state.room)
-    assert text is not None and text.splitlines()[0] == "-- rooms: *#dev #general #ops"
+    assert text is not None and text.splitlines()[0] == "-- rooms: *#dev #general #ops (* current)"
 
 
 def test_switch_changes_the_current_room_among_joined_ones() -> None:
@@ -130,7 +130,7 @@ def test_line_mode_refuses_passwd_and_runs_rooms_switch_me(
     else:
         assert "takes no arguments" in result.stderr
     lines = result.stdout.splitlines()
-    assert "-- rooms: *#dev #general" in lines
+    assert "-- rooms: *#dev #general (* current)" in lines
     assert "-- now talking in #general" in lines
     assert any(x.endswith(f"#general * {name} waves") for x in lines)
     assert "you are not in #nowhere" in result.stderr
@@ -272,7 +272,7 @@ def test_a_message_from_a_room_not_known_means_another_session_joined_it() -> No
 def test_not_in_room_for_a_room_we_thought_we_were_in_corrects_the_state() -> None:
     state = ChatState.start("dev", ["general", "dev"])
     assert state.lost("dev") == (
-        "you are no longer in #dev (left in another session); now talking in #general")
+        "you are no longer in #dev; now talking in #general")
     assert state.rooms == {"general"}
     assert state.lost("dev") is None  # not thought to be in it: nothing to correct
 

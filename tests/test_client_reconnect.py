@@ -181,7 +181,7 @@ def test_the_servers_rooms_are_adopted_never_rejoined_and_the_changes_said() -> 
     assert state.rooms == {"general", "ops"} and state.room == "general"
     assert notes[1:] == [
         "reconnected as alice",
-        "while you were away you left #dev (in another session); now talking in #general",
+        "while you were away you stopped being in #dev; now talking in #general",
         "while you were away you joined #ops (in another session)",
     ]
 
@@ -199,16 +199,16 @@ def test_adopting_the_servers_rooms() -> None:
     state = ChatState.start("ops", ["general", "ops", "dev"])
     assert state.adopt(["general", "ops", "dev"]) == []
     assert state.adopt(["GENERAL", "ops"]) == [
-        "while you were away you left #dev (in another session)"]
+        "while you were away you stopped being in #dev"]
     assert state.room == "ops"
     assert state.adopt(["dev", "qa"]) == [
-        "while you were away you left #general, #ops (in another session); "
+        "while you were away you stopped being in #general, #ops; "
         "now talking in #dev",
         "while you were away you joined #dev, #qa (in another session)",
     ]
     assert state.room == "dev" and state.rooms == {"dev", "qa"}
     assert state.adopt([]) == [
-        "while you were away you left #dev, #qa (in another session); "
+        "while you were away you stopped being in #dev, #qa; "
         "you are in no room; /join one"]
     assert state.room is None
 

@@ -269,8 +269,8 @@ def test_after_reconnecting_the_rooms_are_the_servers_never_rejoined(chat_server
             proxy.wait_held()
             proxy.release()
             err.wait_for(lambda line: line == f"-- reconnected as {me}", "reconnected")
-            err.wait_for(lambda line: line == f"-- while you were away you left #{dev} (in "
-                         "another session); now talking in #general", "left")
+            err.wait_for(lambda line: line == f"-- while you were away you stopped being in "
+                         f"#{dev}; now talking in #general", "left")
             err.wait_for(lambda line: line == f"-- while you were away you joined #{ops} (in "
                          "another session)", "joined")
             out.wait_for(lambda line: line.endswith(f"#{ops} {other}: said in ops meanwhile"),
@@ -284,7 +284,7 @@ def test_after_reconnecting_the_rooms_are_the_servers_never_rejoined(chat_server
                 assert check.who(dev, WAIT).get("code") == "not_in_room"
     finally:
         proxy.close()
-    assert f"-- rooms: *#general #{ops}" in lines, lines
+    assert f"-- rooms: *#general #{ops} (* current)" in lines, lines
 
 
 def test_the_end_of_input_while_reconnecting_exits_3_and_says_why(chat_server: Any) -> None:

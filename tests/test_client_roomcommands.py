@@ -6,6 +6,8 @@ tests/test_client_rooms_e2e.py.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
@@ -22,7 +24,7 @@ from chat.client.commands import (
 from chat.client.completion import ChatCompleter, Roster
 from chat.client.format import bye_text, format_event
 from chat.client.reconnect import Seen, should_reconnect
-from chat.client.roomcommands import USAGE, about_the_asker
+from chat.client.roomcommands import ROOM_RULE, USAGE, about_the_asker
 
 
 def request(line: str, room: str | None = "dev") -> dict[str, object]:
@@ -80,7 +82,7 @@ def test_each_command_makes_its_request(line: str, frame: dict[str, object]) -> 
 
 @pytest.mark.parametrize(("line", "usage"), [
     ("/create", "create"), ("/create lab secret", "create"),
-    ("/create lab private public", "create"), ("/create a/b", "create"),
+    ("/create lab private public", "create"),
     ("/invite", "invite"), ("/invite #dev bob", "invite"), ("/invite bob dev ops", "invite"),
     ("/kick", "kick"), ("/kick #dev bob", "kick"), ("/kick bob #no/such", "kick"),
     ("/ban x", "ban"),  # too short for a user name: not one
@@ -92,6 +94,42 @@ def test_each_command_makes_its_request(line: str, frame: dict[str, object]) -> 
 ])
 def test_a_misplaced_word_gets_the_usage(line: str, usage: str) -> None:
     assert parse_command(line, "dev") == Invalid(USAGE[usage])
+
+
+@pytest.mark.parametrize("name", ["ünï", "a" * 72, "a#b", "a/b"])
+def test_create_says_the_naming_rule_for_a_name_that_cannot_be_a_room(name: str) -> None:
+    refusal = parse_command(f"/create {name}", "dev")
+    assert refusal == Invalid(f"{ROOM_RULE}, not {name}; {USAGE['create']}")
+    assert "1 to 32" in ROOM_RULE and "_ and -" in ROOM_RULE
+
+
+def in_rooms(line: str, *rooms: str, current: str = "general") -> object:
+    state = ChatState.start(current, rooms)
+    return parse_command(line, state.room, state=state)
+
+
+@pytest.mark.parametrize(("line", "meant"), [
+    ("/ban bob dev rude", "/ban bob #dev rude"),
+    ("/kick bob Dev", "/kick bob #Dev"),
+    ("/topic dev release friday", "/topic #dev release friday"),
+    ("/topic dev", "/topic #dev"),
+])
+def test_a_room_written_without_its_hash_before_free_text_is_refused(
+    line: str, meant: str,
+) -> None:
+    room = meant.split("#")[1].split()[0]
+    assert in_rooms(line, "dev") == Invalid(
+        f"did you mean #{room}? write the room with its #: {meant}")
+
+
+def test_free_text_may_start_with_a_room_name_when_the_room_is_given() -> None:
+    assert in_rooms("/ban bob #general dev rude", "dev") == Request(
+        {"type": "ban", "room": "general", "username": "bob", "reason": "dev rude"})
+    assert in_rooms("/topic #general dev news", "dev") == Request(
+        {"type": "topic", "room": "general", "topic": "dev news"})
+    # A word that names no room of the user's is just text.
+    assert in_rooms("/kick bob ops spam", "dev") == Request(
+        {"type": "kick", "room": "general", "username": "bob", "reason": "ops spam"})
 
 
 def test_with_no_current_room_a_room_must_be_named() -> None:
@@ -129,6 +167,8 @@ def test_v11_refusals_say_what_helps(line: str, code: str, hint: str) -> None:
 
 
 def test_no_hint_where_none_helps_and_a_kick_refusal_is_not_about_the_asker() -> None:
+    # "everyone is in general already": the operator-only hint would not fit.
+    assert explain(request("/invite bob", "general"), error("forbidden")) is None
     assert explain(request("/kick bob"), error("no_such_user")) is None
     assert explain(request("/kick bob"), {"type": "ok", "op": "kick"}) is None
     # `not_in_room` to a kick may be about bob: it proves nothing of our membership.
@@ -164,11 +204,90 @@ def test_events_say_who_did_what_and_what_to_do() -> None:
     assert show({"type": "role", "room": "dev", "username": "Me", "role": "owner",
                  "by": "alice"}) == "-- alice made you owner in #dev"
     assert show({"type": "role", "room": "dev", "username": "me", "role": "member",
-                 "by": "me"}) == "-- you made yourself member in #dev"
+                 "by": "me"}) == "-- you stepped down to member in #dev"
+    assert show({"type": "role", "room": "dev", "username": "alice", "role": "moderator",
+                 "by": "Alice"}) == "-- alice stepped down to moderator in #dev"
+    # A server that does not say who, or what changed: what the room is now.
     assert show({"type": "room", "room": "dev", "visibility": "public", "history": "joined",
                  "topic": "Friday", "role": "owner", "members": 3}) == (
         "-- #dev is now: topic: Friday; history joined "
         "(members read only what came after they joined)")
+
+
+ROOM_EVENT = {"type": "room", "room": "dev", "visibility": "public", "history": "joined",
+              "topic": "release friday", "role": "member", "members": 3, "by": "carol"}
+
+
+def test_a_room_event_says_who_changed_what() -> None:
+    assert show(ROOM_EVENT, changed=frozenset({"topic"})) == (
+        "-- carol set the topic of #dev: release friday")
+    assert show({**ROOM_EVENT, "topic": ""}, changed=frozenset({"topic"})) == (
+        "-- carol cleared the topic of #dev")
+    assert show({**ROOM_EVENT, "by": "me"}, changed=frozenset({"history"})) == (
+        "-- you made #dev's history joined (members read only what came after they joined)")
+    assert show({**ROOM_EVENT, "by": "operator"}, changed=frozenset({"topic"})) == (
+        "-- the operator set the topic of #dev: release friday")
+    assert show(ROOM_EVENT) == (  # not known what changed
+        "-- carol changed #dev; #dev is now: topic: release friday; history joined "
+        "(members read only what came after they joined)")
+
+
+def test_the_state_knows_which_setting_a_room_event_changed() -> None:
+    state = ChatState.start("dev", ["general", "dev"])
+    assert state.changes(ROOM_EVENT, "me") is None  # nothing known of #dev yet
+    state.observe({**ROOM_EVENT, "re": 3, "topic": "old"}, "me")  # an /info reply
+    assert state.changes(ROOM_EVENT, "me") == {"topic"}
+    state.observe(ROOM_EVENT, "me")
+    assert state.changes({**ROOM_EVENT, "history": "shared"}, "me") == {"history"}
+    # This session's own request says it, even where the settings were not known.
+    state = ChatState.start("dev", ["general", "dev"])
+    state.asking({"type": "set_history", "room": "Dev", "history": "joined"})
+    assert state.changes({**ROOM_EVENT, "by": "me"}, "me") == {"history"}
+    assert state.echoed({"type": "ok", "op": "set_history", "room": "dev", "re": 2}, "me")
+
+
+def test_the_ok_of_an_announced_change_is_not_shown_again() -> None:
+    state = ChatState.start("dev", ["general", "dev"])
+    asked = {"type": "set_role", "room": "dev", "username": "Bob", "role": "moderator"}
+    ok = {"type": "ok", "op": "set_role", "room": "dev", "username": "bob",
+          "role": "moderator", "re": 7}
+    state.asking(asked)
+    assert not state.echoed({"type": "role", "room": "dev", "username": "bob",
+                             "role": "moderator", "by": "me"}, "me")
+    assert state.echoed(ok, "me")  # "-- you made bob moderator in #dev" said it
+    # A role bob held already: no event, so the ok says it.
+    state.asking(asked)
+    assert not state.echoed(ok, "me")
+    assert show(ok) == "-- bob is moderator in #dev"
+    # A refused request leaves nothing behind for a later ok.
+    state.asking({"type": "topic", "room": "dev", "topic": "x"})
+    state.forget({"type": "topic", "room": "dev", "topic": "x"})
+    assert state.changes({**ROOM_EVENT, "by": "me"}, "me") is None
+
+
+@pytest.mark.parametrize(("ok", "line"), [
+    ({"op": "passwd"}, "-- password changed; your other sessions stay logged in"),
+    ({"op": "kick", "room": "dev", "username": "bob"}, "-- you kicked bob from #dev"),
+    ({"op": "ban", "room": "dev", "username": "bob"}, "-- you banned bob from #dev"),
+    ({"op": "unban", "room": "dev", "username": "bob"}, "-- bob is not banned from #dev"),
+    ({"op": "invite", "room": "dev"}, "-- invitation to #dev sent"),
+    ({"op": "create", "room": "dev"}, "-- you made #dev; you own it"),
+    ({"op": "unblock", "username": "bob"}, "-- you unblocked bob"),
+    ({"op": "kick", "room": "dev"}, "-- ok: kick #dev"),  # a reply short of a field: as is
+    ({"op": "join", "room": "dev"}, "-- ok: join #dev"),
+])
+def test_the_ok_of_a_request_is_a_sentence(ok: dict[str, object], line: str) -> None:
+    assert show({"type": "ok", **ok}) == line
+
+
+def test_a_join_that_made_the_room_says_so() -> None:
+    state = ChatState.start("general", ["general"])
+    note = ("#no-such did not exist: you made it, a public room you own "
+            "(/leave #no-such if that was a typo)")
+    assert state.observe({"type": "ok", "op": "join", "room": "no-such", "created": True,
+                          "re": 1}, "me") == [note]
+    assert state.room == "no-such"
+    assert state.observe({"type": "ok", "op": "join", "room": "dev", "re": 2}, "me") == []
 
 
 def test_info_rooms_and_members_replies() -> None:
@@ -188,11 +307,11 @@ def test_info_rooms_and_members_replies() -> None:
         {"room": "secret", "topic": "", "members": 2, "visibility": "private", "role": None},
     ]}
     assert show(listed, current="general").splitlines() == [
-        "-- rooms: #dev *#general",
-        "   #dev      owner     public      3 members  Deploy Friday",
-        "   #general  member    public     10 members",
-        "   #lobby    -         public      1 member",
-        "   #secret   invited   private     2 members",
+        "-- rooms: #dev *#general (* current)",
+        "   #dev      owner    public    3 members  Deploy Friday",
+        "   #general  member   public   10 members",
+        "   #lobby    -        public    1 member",
+        "   #secret   invited  private   2 members",
         "-- invited: /join ROOM to accept",
         "-- more public rooms than listed: the fullest are shown",
     ]
@@ -205,8 +324,22 @@ def test_info_rooms_and_members_replies() -> None:
         "   owner     alice (online)",
         "   member    bob",
     ]
-    assert show({"type": "ok", "op": "set_role", "room": "dev", "username": "bob",
-                 "role": "moderator", "re": 7}) == "-- ok: set_role #dev bob moderator"
+
+
+def test_the_rooms_table_stays_aligned_in_colour() -> None:
+    listed = {"type": "rooms", "re": 5, "rooms": [
+        {"room": "a-long-room-name", "topic": "", "members": 3, "visibility": "public",
+         "role": "moderator"},
+        {"room": "qa", "topic": "tests", "members": 120, "visibility": "private",
+         "role": "owner"},
+    ]}
+    plain = show(listed, current="qa")
+    coloured = re.sub(r"\x1b\[[0-9;]*m", "", show(listed, current="qa", color=True))
+    assert coloured == plain
+    assert plain.splitlines()[1:] == [
+        "   #a-long-room-name  moderator  public     3 members",
+        "   #qa                owner      private  120 members  tests",
+    ]
 
 
 def test_a_disabled_account_or_logged_out_session_is_said_and_not_reconnected() -> None:

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chat.client import ChatClient, raise_for_error
 from tests.test_client_cli import run_cli, server_args
 from tests.test_client_linemode import WAIT, ended, piped, session, typed
@@ -94,24 +96,25 @@ def test_line_mode_runs_the_owners_commands_and_explains_refusals(chat_server: A
                      "--room", f"#{room}", input=script)
     out, err = result.stdout.splitlines(), result.stderr.splitlines()
     assert result.returncode == 0, result.stderr
-    assert f"-- ok: kick #{room} {other}" in out
-    assert f"-- ok: set_role #{room} {other} moderator" in out
+    assert f"-- you kicked {other} from #{room}" in out
+    # One line for each change the server announces: its event's, not the ok's too.
     assert f"-- you made {other} moderator in #{room}" in out
-    assert f"-- #{room} is now: topic: Deploy on Friday; history joined (members read only " \
-           "what came after they joined)" in out
+    assert not any(line.startswith("-- ok: set_") or line.startswith("-- ok: topic")
+                   for line in out), out
+    assert f"-- you set the topic of #{room}: Deploy on Friday" in out
     assert f"-- #{room}: private, history joined (members read only what came after they " \
            "joined), 1 member, you are owner" in out
     assert "-- topic: Deploy on Friday" in out
     assert any(line.startswith("! error room_taken") for line in err), err
     assert f"-- #{room} exists already: /join #{room}, or /create another name" in err
-    assert f"-- #{room} is now: topic: Deploy on Friday; history shared (members read all " \
-           "of it)" in out
+    assert f"-- you made #{room}'s history shared (members read all of it)" in out
     assert f"-- members of #{room}: 1, 1 online" in out
     assert f"   owner     {me} (online)" in out
-    rooms = out.index(f"-- rooms: #general *#{room}")
+    rooms = out.index(f"-- rooms: #general *#{room} (* current)")
     assert any(line.startswith(f"   #{room}") and "owner" in line and "Deploy on Friday" in line
                for line in out[rooms:]), out
-    assert f"-- ok: block {other}" in out and f"-- ok: unblock {other}" in out
+    assert f"-- you blocked {other}: no direct messages or invitations from them" in out
+    assert f"-- you unblocked {other}" in out
 
 
 def test_the_last_owner_is_told_how_to_leave(chat_server: Any) -> None:
@@ -177,8 +180,16 @@ def test_the_prompt_shows_the_role_and_a_kick_takes_the_room_away(
             term.send("owner\r")
             term.wait_for_line(rf"^-- you made {other} owner in #{room}$")
             term.send(f"/role {me} moderator\r")  # an owner may step down
-            term.wait_for_line(rf"^-- you made yourself moderator in #{room}$")
+            term.wait_for_line(rf"^-- you stepped down to moderator in #{room}$")
             term.wait_for_input(f"[{room} moderator]> ")
+            assert not any(line.startswith("-- ok: set_role") for line in term.lines())
+            reply = peer.request({"type": "topic", "room": room, "topic": "plans"})
+            assert reply["type"] == "ok", reply
+            term.wait_for_line(rf"^-- {other} set the topic of #{room}: plans$")
+            reply = peer.request({"type": "set_history", "room": room, "history": "joined"})
+            assert reply["type"] == "ok", reply
+            term.wait_for_line(rf"^-- {other} made #{room}'s history joined \(members read "
+                               r"only what came after they joined\)$")
             term.send("/switch general\r")
             term.wait_for_input("[general]> ")
             term.send(f"/switch {room}\r")
@@ -218,3 +229,23 @@ def test_tab_completes_a_user_online_before_login_in_another_room(
             assert term.quit() == 0
     finally:
         peer.close()
+
+
+def test_a_join_that_made_the_room_is_said_in_line_mode_and_with_room(
+    chat_server: Any,
+) -> None:
+    # The server adds `"created": true` to a join's ok when the join made the room; one
+    # that does not (yet) cannot be told from a plain join, so there is nothing to test.
+    me, typo, other = new_name(), new_room("typo"), new_room("start")
+    chat_server.register(me)
+    with session(chat_server, me) as probe:
+        if "created" not in raise_for_error(probe.join(new_room("probe"), WAIT)):
+            pytest.skip("this server's join reply does not say `created`")
+    result = run_cli("login", *server_args(chat_server, me), "--recent", "0",
+                     "--room", other, input=f"/join #{typo}\n/join #{other}\n")
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.splitlines()
+    for room in (other, typo):
+        note = (f"-- #{room} did not exist: you made it, a public room you own "
+                f"(/leave #{room} if that was a typo)")
+        assert err.count(note) == 1, err  # not again for the second join of `other`

@@ -276,6 +276,7 @@ def apply_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Sett
     for key in KEYS:
         setattr(args, key, settings.values[key])
     args.dev_ca = settings.sources["cafile"] == "dev CA"
+    args.token_source = settings.sources["token"]  # named when the server refuses it
     return settings
 
 
@@ -415,13 +416,18 @@ def report_refusal(what: str, reply: Mapping[str, object]) -> int:
     return EXIT_REFUSED
 
 
-# v1.1: a server may register only with a token from its operator, or not at all.
+# v1.1: a server may register only with a token from its operator, or not at all. A
+# token can only be checked by registering with it, so its refusal comes after the
+# password prompts; the hint says that nothing was made and where the token came from.
 REGISTRATION_HINTS = {
-    "invalid_token": "the token is wrong, used up or expired: ask the server's operator for a "
-    "new one (--token TOKEN, $CHAT_TOKEN or `token` in the config file)",
+    "invalid_token": "no account was made: the token{source} is unknown, used up, expired "
+    "or revoked (the server does not say which); ask the server's operator for a new one and "
+    "give it with --token TOKEN, $CHAT_TOKEN or `token` in the config file",
     "registration_closed": "this server takes no new accounts; its operator can make one "
     "for you",
 }
+_TOKEN_SOURCES = {"flag": " given with --token", "env": " in $CHAT_TOKEN",
+                  "file": " in the config file"}
 LOGIN_HINTS = {
     "account_disabled": "your account has been disabled by the server's operator; ask them",
 }
@@ -467,7 +473,8 @@ def _register(
         code = report_refusal("registration refused", reply)
         hint = REGISTRATION_HINTS.get(str(reply.get("code")))
         if hint is not None:
-            _err(f"hint: {hint}")
+            source = _TOKEN_SOURCES.get(getattr(args, "token_source", ""), "")
+            _err(f"hint: {hint.format(source=source)}")
         return code
     name = sanitize(str(reply.get("username", args.username)), multiline=False)
     default = args.server == parse_server(DEFAULT_SERVER)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from chat.client import roomcommands
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.errors import Frame
-from chat.client.format import ME_PREFIX, sanitize
+from chat.client.format import ME_PREFIX, created_note, sanitize
 from chat.client.roomcommands import NO_ROOM, NoRoom
 
 DEFAULT_ROOM = "general"  # every user is in it from registration on
@@ -176,6 +176,14 @@ class ChatState:
     # The user's role in each room where the server said it (room_info, list_rooms, a
     # `role` event about the user, a create): for the prompt. Replaced, never changed.
     roles: dict[str, str] = field(default_factory=dict)
+    # Each room's topic and history setting as last seen (room_info, `room` events, a
+    # `rooms` list's topics), so that a `room` event can say which of them changed.
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)
+    # This session's topic, set_history and set_role requests until their `ok`, in order,
+    # each with whether its event has come (see `asking`): the event says it in a sentence,
+    # and the `ok` after it then shows nothing more.
+    _asked: dict[tuple[str, ...], bool] = field(default_factory=dict, repr=False,
+                                               compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -316,12 +324,16 @@ class ChatState:
             was_in, current = self._drop(room)
             return [self._now_in()] if was_in and current else []
         mine = kind == "role" and _is_me(frame.get("username"), me)
+        if kind == "room":
+            self._note_settings(room, frame)
         if (kind == "room" and "role" in frame) or mine:
             self.set_role(room, frame.get("role"))
         elif kind == "ok" and frame.get("op") in ("join", "create"):
             self.joined(room)
             if frame.get("op") == "create":
                 self.set_role(room, OWNER)
+            if frame.get("created") is True:  # a join that made the room: a typo, maybe
+                return [created_note(room)]
         elif kind == "ok" and frame.get("op") == "leave":
             if self.left(room):
                 return [self._now_in()]
@@ -340,20 +352,85 @@ class ChatState:
                     return [f"{note}; {self._now_in()}" if current else note]
         return []
 
+    def asking(self, frame: Frame) -> None:
+        """This session is sending `frame`: if its change comes back as an event (a topic,
+        a history setting, a role), that event's sentence is all that is shown of it."""
+        key = _asked_key(frame)
+        if key is not None:
+            with self._lock:
+                self._asked = {k: v for k, v in self._asked.items() if k != key} | {key: False}
+
+    def forget(self, frame: Frame) -> None:
+        """`frame` was refused (or its reply lost): no event will answer it."""
+        key = _asked_key(frame)
+        with self._lock:
+            self._asked = {k: v for k, v in self._asked.items() if k != key}
+
+    def changes(self, frame: Frame, me: str | None) -> frozenset[str] | None:
+        """For a `room` event (a change, not a reply): which of `topic` and `history`
+        changed, or None if not known. Call it before `observe`, which keeps the new ones.
+
+        This session's own request says it; else the room's settings as last seen.
+        """
+        room = frame.get("room")
+        if frame.get("type") != "room" or "re" in frame or not isinstance(room, str):
+            return None
+        room = room.lower()
+        by = frame.get("by")
+        with self._lock:
+            if by is None or _is_me(by, me):
+                for key, seen in self._asked.items():
+                    if not seen and key[0] in ("topic", "set_history") and key[1] == room:
+                        self._asked = {**self._asked, key: True}
+                        return frozenset({"topic" if key[0] == "topic" else "history"})
+            known = self.settings.get(room, {})
+        fields = ("topic", "history")
+        differ = frozenset(f for f in fields if f in known and known[f] != frame.get(f))
+        if differ:
+            return differ
+        unknown = frozenset(f for f in fields if f not in known)
+        return unknown if len(unknown) == 1 else None  # one not known: that one, surely
+
+    def echoed(self, frame: Frame, me: str | None) -> bool:
+        """Whether `frame` need not be shown: the `ok` of a request whose event (shown just
+        before it) said the same. Also notes a `role` event answering this session."""
+        if frame.get("type") == "role" and _is_me(frame.get("by"), me):
+            key = _asked_key({**frame, "type": "set_role"})
+            with self._lock:
+                if key in self._asked:
+                    self._asked = {**self._asked, key: True}
+            return False
+        if frame.get("type") != "ok" or frame.get("op") not in _ANNOUNCED:
+            return False
+        key = _asked_key({**frame, "type": frame.get("op")})
+        with self._lock:
+            seen = self._asked.get(key, False) if key is not None else False
+            self._asked = {k: v for k, v in self._asked.items() if k != key}
+        return seen
+
+    def _note_settings(self, room: str, frame: Frame) -> None:
+        known = {f: frame[f] for f in ("topic", "history") if isinstance(frame.get(f), str)}
+        with self._lock:
+            self.settings = {**self.settings, room.lower(): {
+                **self.settings.get(room.lower(), {}), **known}}
+
     def _note_listed(self, listed: object) -> None:
         """A `list_rooms` reply: the user's role in each room listed with one."""
         for entry in listed if isinstance(listed, list) else []:
             if not (isinstance(entry, dict) and isinstance(entry.get("room"), str)):
                 continue
+            if entry.get("role") is not None:
+                self._note_settings(entry["room"], {"topic": entry.get("topic")})
             if entry.get("role") is not None or entry["room"].lower() in self.roles:
                 self.set_role(entry["room"], entry.get("role"))
 
     def adopt(self, rooms: Iterable[str]) -> list[str]:
         """After reconnecting: the `welcome`'s `rooms` are the user's; notes on the change.
 
-        The server's membership is the truth: a room left in another session while this
-        one was cut off stays left, one joined elsewhere is the user's too. If the current
-        room is gone, another becomes current, as after a /leave.
+        The server's membership is the truth: a room left in another session (or that the
+        user was removed from) while this one was cut off stays left, one joined elsewhere
+        is the user's too. If the current room is gone, another becomes current, as after a
+        /leave.
         """
         rooms = {r.lower() for r in rooms}
         with self._lock:
@@ -364,7 +441,8 @@ class ChatState:
                 self.room = DEFAULT_ROOM if DEFAULT_ROOM in rooms else min(rooms, default=None)
         notes = []
         if gone:
-            note = f"while you were away you left {_listed(gone)} (in another session)"
+            # Not "left": a kick, a ban or the operator deleting the room look the same here.
+            note = f"while you were away you stopped being in {_listed(gone)}"
             notes.append(f"{note}; {self._now_in()}" if moved else note)
         if came:
             notes.append(f"while you were away you joined {_listed(came)} (in another session)")
@@ -375,8 +453,27 @@ class ChatState:
         was_in, current = self._drop(room)
         if not was_in:
             return None  # known already (from a presence, say): said then
-        note = f"you are no longer in {_shown(room.lower())} (left in another session)"
+        # Left in another session, or removed by the operator: the server does not say.
+        note = f"you are no longer in {_shown(room.lower())}"
         return f"{note}; {self._now_in()}" if current else note
+
+
+# The requests whose change every member's sessions hear of (a `room` or `role` event),
+# before the `ok`: the `ok` is shown only where no event came (a role already held).
+_ANNOUNCED = frozenset({"topic", "set_history", "set_role"})
+
+
+def _asked_key(frame: Frame) -> tuple[str, ...] | None:
+    """What ties a topic, set_history or set_role request to its event and its `ok`."""
+    kind, room = frame.get("type"), frame.get("room")
+    if kind not in _ANNOUNCED or not isinstance(room, str):
+        return None
+    if kind != "set_role":
+        return (str(kind), room.lower())
+    user, role = frame.get("username"), frame.get("role")
+    if not isinstance(user, str) or not isinstance(role, str):
+        return None
+    return ("set_role", room.lower(), user.casefold(), role)
 
 
 def _listed(rooms: list[str]) -> str:
@@ -452,11 +549,17 @@ def _rooms(args: str, ctx: _Context) -> Action:
     return Invalid("usage: /rooms") if args else Request({"type": "list_rooms"})
 
 
-def _v11(parse: Callable[[str, str | None], Frame | str]) -> Callable[[str, _Context], Action]:
+def _v11(name: str) -> Callable[[str, _Context], Action]:
     """One of chat.client.roomcommands' parsers as a command."""
+    parse = roomcommands.PARSERS[name]
+
     def command(args: str, ctx: _Context) -> Action:
         try:
-            frame = parse(args, ctx.room)
+            if name in roomcommands.SEES_ROOMS:
+                rooms = ctx.state.rooms if ctx.state is not None else frozenset()
+                frame = parse(args, ctx.room, rooms)
+            else:
+                frame = parse(args, ctx.room)
         except NoRoom:
             return Notice(NO_ROOM)
         return Invalid(frame) if isinstance(frame, str) else Request(frame)
@@ -542,7 +645,7 @@ _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
     "passwd": _passwd,
     "help": lambda args, ctx: Help(),
     "quit": lambda args, ctx: Quit(),
-    **{name: _v11(parse) for name, parse in roomcommands.PARSERS.items()},
+    **{name: _v11(name) for name in roomcommands.PARSERS},
 }
 
 # The commands whose first argument is a room, and those whose first argument is a user
@@ -595,7 +698,14 @@ def perform(
     `follow_rooms=False` leaves the rooms to `ChatState.observe` (the terminal UI and line
     mode, whose printer sees the `ok` in its place among the other frames).
     """
-    reply = client.request(request.frame, timeout)
+    state.asking(request.frame)
+    try:
+        reply = client.request(request.frame, timeout)
+    except BaseException:
+        state.forget(request.frame)
+        raise
+    if reply.get("type") == "error":
+        state.forget(request.frame)
     if follow_rooms or request.frame.get("type") == "history":
         state.follow(request.frame, reply)
     return reply

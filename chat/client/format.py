@@ -100,6 +100,7 @@ class _Style:
     tz: tzinfo | None
     now: datetime | None
     current: str | None = None  # the current room, marked `*` in a `rooms` list
+    changed: frozenset[str] | None = None  # what a `room` event changed, where known
 
     def paint(self, text: str, sgr: str) -> str:
         return f"\x1b[{sgr}m{text}\x1b[0m" if self.color else text
@@ -307,7 +308,39 @@ def _hello(frame: Mapping[str, Any], style: _Style) -> str:
     return style.note(f"connected to {server} (protocol {_field(frame.get('protocol'))})")
 
 
+def created_note(room: object) -> str:
+    """Said after a /join (or --room) that made the room: a typo makes a room silently."""
+    name = f"#{_field(room)}"
+    return (f"{name} did not exist: you made it, a public room you own "
+            f"(/leave {name} if that was a typo)")
+
+
+# The `ok` of a v1.1 request said as a sentence (the reply names the room and the user
+# where it matters); `{room}` and `{user}` are filled in already sanitized. An `ok` whose
+# event said it all already (a topic, a role) is not shown at all (ChatState.echoed).
+_OK_SENTENCES = {
+    "create": "you made {room}; you own it",
+    "invite": "invitation to {room} sent",
+    "kick": "you kicked {user} from {room}",
+    "ban": "you banned {user} from {room}",
+    "unban": "{user} is not banned from {room}",
+    "set_role": "{user} is {role} in {room}",  # unchanged: no `role` event came
+    "block": "you blocked {user}: no direct messages or invitations from them",
+    "unblock": "you unblocked {user}",
+    "passwd": "password changed; your other sessions stay logged in",
+}
+
+
 def _ok(frame: Mapping[str, Any], style: _Style) -> str:
+    sentence = _OK_SENTENCES.get(str(frame.get("op")))
+    if sentence is not None:
+        try:
+            return style.note(sentence.format(
+                room=style.room(frame["room"]) if "{room}" in sentence else "",
+                user=style.name(frame["username"]) if "{user}" in sentence else "",
+                role=_field(frame["role"]) if "{role}" in sentence else ""))
+        except KeyError:
+            pass  # a reply without the fields the sentence needs: said as it came
     parts = [_field(frame.get("op", "done"))]
     if "room" in frame:
         parts.append(style.room(frame["room"]))
@@ -343,9 +376,11 @@ def _removed(frame: Mapping[str, Any], style: _Style) -> str:
 
 def _role(frame: Mapping[str, Any], style: _Style) -> str:
     by, user = frame.get("by", "?"), frame.get("username", "?")
-    target = "yourself" if style.who(by) == "you" and style.who(user) == "you" else style.who(user)
-    return style.note(f"{style.who(by)} made {target} {_field(frame.get('role', '?'))} "
-                      f"in {style.room(frame.get('room', '?'))}")
+    role, room = _field(frame.get("role", "?")), style.room(frame.get("room", "?"))
+    if isinstance(by, str) and isinstance(user, str) and by.casefold() == user.casefold():
+        # Only an owner changes roles, and only downwards for themselves.
+        return style.note(f"{style.who(user)} stepped down to {role} in {room}")
+    return style.note(f"{style.who(by)} made {style.who(user)} {role} in {room}")
 
 
 def _topic(frame: Mapping[str, Any]) -> str:
@@ -353,13 +388,39 @@ def _topic(frame: Mapping[str, Any]) -> str:
     return f"topic: {_field(topic)}" if isinstance(topic, str) and topic else "no topic"
 
 
+OPERATOR = "operator"  # who the server names as `by` for chat-admin's changes
+
+
+def _changer(by: object, style: _Style) -> str:
+    return "the operator" if by == OPERATOR else style.who(by)
+
+
+def _room_change(frame: Mapping[str, Any], style: _Style, changed: frozenset[str] | None
+                 ) -> str:
+    """An unasked `room` frame: a topic or history change, said as what changed and by whom
+    where that is known (`changed`: the fields that differ from before; `by`: v1.1 servers
+    since it was added), else what the room is now."""
+    room = style.room(frame.get("room", "?"))
+    history = _field(frame.get("history", "?"))
+    means = f"({_HISTORY_MEANS.get(history, '?')})"
+    by = frame.get("by")
+    if by is None or changed is None or len(changed) != 1:
+        who = "" if by is None else f"{_changer(by, style)} changed {room}; "
+        return style.note(f"{who}{room} is now: {_topic(frame)}; history {history} {means}")
+    if "history" in changed:
+        return style.note(f"{_changer(by, style)} made {room}'s history {history} {means}")
+    topic = frame.get("topic")
+    if isinstance(topic, str) and topic:
+        return style.note(f"{_changer(by, style)} set the topic of {room}: {_field(topic)}")
+    return style.note(f"{_changer(by, style)} cleared the topic of {room}")
+
+
 def _room_info(frame: Mapping[str, Any], style: _Style) -> str:
-    """A `room` frame: the reply to /info in full; unasked (a change), what it is now."""
+    """A `room` frame: the reply to /info in full; unasked (a change), what changed."""
     room = style.room(frame.get("room", "?"))
     history = _field(frame.get("history", "?"))
     if "re" not in frame:  # a moderator changed the topic or the history setting
-        return style.note(f"{room} is now: {_topic(frame)}; history {history} "
-                          f"({_HISTORY_MEANS.get(history, '?')})")
+        return _room_change(frame, style, style.changed)
     count = frame.get("members")
     role = frame.get("role")
     head = (f"{room}: {_field(frame.get('visibility', '?'))}, history {history} "
@@ -374,21 +435,29 @@ def _rooms(frame: Mapping[str, Any], style: _Style) -> str:
     listed = [r for r in _items(frame.get("rooms")) if isinstance(r, Mapping)]
     current = (style.current or "").lower()
     mine = [r for r in listed if r.get("role") is not None]
-    names = [("*" if str(r.get("room")).lower() == current else "") + style.room(r.get("room"))
-             for r in mine]
-    lines = [style.note("rooms: " + (" ".join(names) or "none of yours"))]
-    width = max((len(_field(r.get("room"))) for r in listed), default=0) + 1
+    marked = [str(r.get("room")).lower() == current for r in mine]
+    names = [("*" if m else "") + style.room(r.get("room"))
+             for r, m in zip(mine, marked, strict=True)]
+    key = " (* current)" if any(marked) else ""
+    lines = [style.note("rooms: " + (" ".join(names) + key or "none of yours"))]
+    # Each column padded to its widest entry, measured before colouring (the colour's
+    # escape codes take no room on the screen).
+    rows = []
     for r in listed:
         role = r.get("role")
         if role is None:
             role = "invited" if r.get("visibility") == "private" else "-"
         count = r.get("members")
-        topic = r.get("topic")
-        lines.append(
-            f"   {style.room(r.get('room')):<{width + 1}} {_field(role):<9} "
-            f"{_field(r.get('visibility', '?')):<7} {_field(count):>5} member"
-            f"{'' if count == 1 else 's'}" + (f"  {_field(topic)}" if topic else "")
-        )
+        rows.append((f"#{_field(r.get('room'))}", _field(role),
+                     _field(r.get("visibility", "?")), _field(count),
+                     f"member{'' if count == 1 else 's'}",
+                     _field(r.get("topic")) if r.get("topic") else ""))
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(5)]
+    for name, role, visibility, count, members, topic in rows:
+        line = (f"   {style.paint(name, _DIM)}{' ' * (widths[0] - len(name))}  "
+                f"{role:<{widths[1]}}  {visibility:<{widths[2]}}  {count:>{widths[3]}} "
+                f"{members:<{widths[4]}}")
+        lines.append(f"{line}  {topic}" if topic else line.rstrip())
     if any(r.get("role") is None and r.get("visibility") == "private" for r in listed):
         lines.append(style.note("invited: /join ROOM to accept"))
     if frame.get("more") is True:
@@ -440,6 +509,7 @@ def format_event(
     tz: tzinfo | None = None,
     now: datetime | None = None,
     current: str | None = None,
+    changed: frozenset[str] | None = None,
 ) -> str | None:
     """One received frame as terminal text (maybe several lines), or None if not worth showing.
 
@@ -447,12 +517,13 @@ def format_event(
     stamped with `now` (default: the current time). `me` is drawn in bold when colouring,
     and a message from someone else that mentions `me` in bold reverse video.
     A server `ping` gives None: the client answers it, there is nothing to show.
-    `current` (the current room) is marked with `*` in a `rooms` list.
+    `current` (the current room) is marked with `*` in a `rooms` list. `changed` says which
+    of `topic` and `history` a `room` event changed (ChatState.changes), where known.
     """
     kind = str(frame.get("type"))
     if kind == "ping":
         return None
-    style = _Style(me=me, color=color, tz=tz, now=now, current=current)
+    style = _Style(me=me, color=color, tz=tz, now=now, current=current, changed=changed)
     render = _RENDERERS.get(kind)
     if render is None:
         return style.note(_field(f"{kind}: {json.dumps(dict(frame), default=str)}"))

@@ -322,13 +322,13 @@ def _print_events(
     color: bool,
     backlog: list[Frame | str],
 ) -> None:
-    def show(frame: Any) -> None:
+    def show(frame: Any, changed: frozenset[str] | None = None) -> None:
         if as_json:
             # ensure_ascii (the default) escapes every non-ASCII and control character.
             _write(stdout, lock, json.dumps(frame))
             return
         text = format_event(frame, me=link.client.username, color=color,
-                            current=link.state.room)
+                            current=link.state.room, changed=changed)
         if text is not None:
             _write(stderr if frame.get("type") == "error" else stdout, lock, text)
 
@@ -339,12 +339,17 @@ def _print_events(
         # The rooms follow what the frames say (this session's joins and leaves from their
         # `ok`, another session's from its presence or messages), with a note on stderr:
         # before the line it explains, or after an `ok`, which it follows from.
-        notes = link.state.observe(frame, link.client.username)
+        me = link.client.username
+        changed = link.state.changes(frame, me)  # before observing, which keeps the new
+        # An `ok` whose event said it already is not repeated (not in JSON: every frame).
+        quiet = link.state.echoed(frame, me) and not as_json
+        notes = link.state.observe(frame, me)
         after = frame.get("type") in NOTES_AFTER
         if not after:
             for text in notes:
                 notify(text)
-        show(frame)
+        if not quiet:
+            show(frame, changed)
         if after:
             for text in notes:
                 notify(text)

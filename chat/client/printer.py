@@ -16,9 +16,10 @@ Then the live frames. Presence is held in a `PresenceBatch` and shown coalesced,
 of its window or as soon as anything else is to be shown, so order is kept. When this
 session's own `ok` to a join arrives, the printer asks (quietly: the replies are not events)
 for the room's last messages and who is there, and shows them right after it, and for
-the user's role there (room_info), which the prompt shows; so it does for a room another
-session joined. At login and after each reconnect it asks `list_rooms` for the user's role
-in every room.
+the user's role there (room_info), which the prompt shows, and the room's topic and history
+setting, so that a `room` event can say which of them changed; so it does for a room it
+made (the role and settings only) and for a room another session joined. At login and
+after each reconnect it asks `list_rooms` for the user's role in every room.
 
 The command thread waits for the printer to have handled the reply to each request it sent
 (`Handled`), so the next prompt comes after the reply's lines and after the change it made
@@ -208,8 +209,11 @@ class Printer:
         self._flush()
         current = self.state.room  # before observing: a `rooms` list marks it
         known = self.state.rooms
+        changed = self.state.changes(frame, me)  # before observing, which keeps the new
+        quiet = own or self.state.echoed(frame, me)
         notes = self.state.observe(frame, me)
-        text = None if own else format_event(frame, me=me, color=self._color, current=current)
+        text = None if quiet else format_event(frame, me=me, color=self._color,
+                                               current=current, changed=changed)
         after = kind in NOTES_AFTER  # else a note explains the line after it
         if not after:
             for note in notes:
@@ -222,6 +226,8 @@ class Printer:
         room = frame.get("room")
         if kind == "ok" and frame.get("op") == "join" and isinstance(room, str) and live:
             self._room_view(client, room)
+        elif kind == "ok" and frame.get("op") == "create" and isinstance(room, str) and live:
+            self._learn_role(client, room)  # and its settings, to say what a change changed
         elif kind != "ok" and live and self.state.rooms - known:  # joined in another session
             for added in sorted(self.state.rooms - known):
                 self._learn_role(client, added)

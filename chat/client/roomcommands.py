@@ -13,7 +13,7 @@ as a kick from a room called "spamming"; where only a room can stand (`/invite b
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from chat.client.errors import Frame
 
@@ -28,6 +28,8 @@ HISTORIES = ("shared", "joined")
 CLEAR_TOPIC = "-"  # `/topic -` clears the topic (the server's "")
 
 NO_ROOM = "you are in no room; /join one"
+# Said when a name typed for a new room cannot be one, rather than only the usage line.
+ROOM_RULE = "a room name is 1 to 32 of the letters A-Z a-z, the digits 0-9, _ and -"
 
 USAGE = {
     "create": "usage: /create ROOM [public|private] [shared|joined]",
@@ -72,8 +74,10 @@ def _split(args: str, most: int) -> list[str]:
 
 def create(args: str, current: str | None) -> Frame | str:
     words = args.split()
-    if not words or _room(words[0]) is None or len(words) > 3:
+    if not words or len(words) > 3:
         return USAGE["create"]
+    if _room(words[0]) is None:
+        return f"{ROOM_RULE}, not {words[0]}; {USAGE['create']}"
     frame: Frame = {"type": "create", "room": _room(words[0])}
     for word in (w.lower() for w in words[1:]):
         key = "visibility" if word in VISIBILITIES else "history" if word in HISTORIES else None
@@ -101,8 +105,19 @@ def _user_and_room(kind: str, args: str, current: str | None) -> Frame | str:
     return {"type": kind, "room": _or_current(room, current), "username": words[0]}
 
 
-def _removal(kind: str) -> Callable[[str, str | None], Frame | str]:
-    def parse(args: str, current: str | None) -> Frame | str:
+def _unmarked_room(text: str, rooms: Collection[str]) -> str | None:
+    """The first word of `text` if it names one of `rooms` (written without its `#`)."""
+    first = text.split(None, 1)[0] if text.strip() else ""
+    return first if first.lower() in rooms and _room(first) is not None else None
+
+
+def _did_you_mean(room: str, command: str) -> str:
+    """Refuses a room written as the first word of free text; shows the line meant."""
+    return f"did you mean #{room}? write the room with its #: {command}"
+
+
+def _removal(kind: str) -> Callable[..., Frame | str]:
+    def parse(args: str, current: str | None, rooms: Collection[str] = ()) -> Frame | str:
         words = _split(args, 1)
         if not words or _user(words[0]) is None:
             return USAGE[kind]
@@ -113,6 +128,11 @@ def _removal(kind: str) -> Callable[[str, str | None], Frame | str]:
             room = _room(first)
             if room is None:
                 return USAGE[kind]
+        elif (meant := _unmarked_room(rest, rooms)) is not None:
+            # "/ban bob dev rude" typed in another room: without this, "dev rude" would be
+            # the reason and bob banned from the current room.
+            reason = rest.split(None, 1)[1:]
+            return _did_you_mean(meant, " ".join([f"/{kind}", words[0], f"#{meant}", *reason]))
         frame: Frame = {"type": kind, "room": _or_current(room, current),
                         "username": words[0]}
         if rest.strip():
@@ -138,14 +158,21 @@ def role(args: str, current: str | None) -> Frame | str:
             "role": wanted}
 
 
-def topic(args: str, current: str | None) -> Frame | str:
-    """`/topic` shows the topic (room_info), `/topic TEXT` sets it, `/topic -` clears it."""
+def topic(args: str, current: str | None, rooms: Collection[str] = ()) -> Frame | str:
+    """`/topic` shows the topic (room_info), `/topic TEXT` sets it, `/topic -` clears it.
+
+    A TEXT whose first word names one of `rooms` (the user's) is refused with a hint:
+    `/topic dev friday` more likely meant #dev than the topic "dev friday"; `/topic #dev dev
+    friday` says it plainly.
+    """
     room, text = None, args
     if args.startswith("#"):
         first, _, text = args.partition(" ")
         room = _room(first)
         if room is None:
             return USAGE["topic"]
+    elif (meant := _unmarked_room(text, rooms)) is not None:
+        return _did_you_mean(meant, " ".join(["/topic", f"#{meant}", *text.split(None, 1)[1:]]))
     target = _or_current(room, current)
     text = text.strip()
     if not text:
@@ -192,8 +219,12 @@ def _about_user(kind: str) -> Callable[[str, str | None], Frame | str]:
 block = _about_user("block")
 unblock = _about_user("unblock")
 
-# Command name -> parser. `role` and `sethistory` name the frames `set_role`, `set_history`.
-PARSERS: dict[str, Callable[[str, str | None], Frame | str]] = {
+# Command name -> parser: (args, current room) -> frame or usage text; those in SEES_ROOMS
+# take the user's rooms (lower case) too, to catch a room written without its `#` as the
+# first word of their free text. `role` and `sethistory` name the frames `set_role`,
+# `set_history`.
+SEES_ROOMS = frozenset({"kick", "ban", "topic"})
+PARSERS: dict[str, Callable[..., Frame | str]] = {
     "create": create, "invite": invite, "kick": kick, "ban": ban, "unban": unban,
     "role": role, "topic": topic, "sethistory": set_history, "info": info,
     "members": members, "block": block, "unblock": unblock,
@@ -225,8 +256,10 @@ def hint(frame: Frame, reply: Frame) -> str | None:
         return f"you are banned from {room}; only its moderators can lift that (/unban)"
     if code == "banned" and kind == "invite":
         return f"{user} is banned from {room}: /unban {user} {room} first"
-    if code == "forbidden" and room == "#general":
+    if code == "forbidden" and room == "#general" and kind in _MODERATORS | _OWNERS_ONLY:
         return "#general is moderated by the server's operator only"
+    if code == "forbidden" and room == "#general":
+        return None  # an invitation or a leave: the server's text says it all
     if code == "forbidden" and kind in _OWNERS_ONLY:
         return f"only an owner of {room} may do that (/info {room} shows your role)"
     if code == "forbidden" and kind in _MODERATORS | {"invite"}:

@@ -46,6 +46,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.layout.processors import Processor, Transformation, TransformationInput
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from chat.client.backlog import login_backlog
@@ -75,6 +76,15 @@ from chat.client.reconnect import Link
 from chat.client.roomcommands import about_the_asker
 
 EXIT_OK, EXIT_ENDED, EXIT_INTERRUPTED = 0, 3, 130  # as chat.client.cli documents them
+
+
+class Hidden(Processor):
+    """Shows nothing of what is typed, as getpass does for `register` and the login
+    password: not even a `*` a character, which would tell an onlooker the length."""
+
+    def apply_transformation(self, transformation_input: TransformationInput
+                             ) -> Transformation:
+        return Transformation([], source_to_display=lambda i: 0, display_to_source=lambda i: 0)
 
 
 class SessionEnded(Exception):
@@ -250,7 +260,7 @@ def run_interactive(
     def ask_secret(message: str) -> str:
         # A session of its own, so no password lands in the line history, and the main
         # session's settings (prompt_toolkit keeps a prompt's arguments) stay as they are.
-        secret: PromptSession[str] = PromptSession()
+        secret: PromptSession[str] = PromptSession(input_processors=[Hidden()])
 
         def secret_pre_run() -> None:
             loop = secret.app.loop
@@ -258,7 +268,7 @@ def run_interactive(
                 screen.prompt_started(loop, lambda: secret.app.is_running)
 
         try:
-            return secret.prompt(message, is_password=True, pre_run=secret_pre_run)
+            return secret.prompt(message, pre_run=secret_pre_run)
         finally:
             screen.prompt_ended()
 
