@@ -83,6 +83,59 @@ def submit(conn: Connection, rid: m.RequestId, run: Callable[[Any], Callable[[],
     conn.submit(Job(run, lambda exc: conn.send_error(exc, rid), owner=conn))
 
 
+def weighed_read(conn: Connection, rid: m.RequestId, reserved: int, what: str,
+                 decide: Callable[[Any], Any], read: Callable[[Any], tuple[dict[str, Any], int]]
+                 ) -> None:
+    """A reply read off the writer and charged to the connection's reply budget.
+
+    `reserved` is spent now, before the reply exists, so that pipelined requests cannot
+    all start before the first one is weighed; one such read runs at a time per
+    connection (Connection._process holds the next). The writer runs `decide` in order
+    (membership, the window to read) and a reader thread `read`s with what it decided,
+    returning the reply and its rows; the bytes and each row's share of the work are
+    charged, and the difference from `reserved` comes back.
+    """
+    conn.reply_budget.spend(reserved)
+    conn.reads_in_flight += 1
+    row_cost = conn.settings.history_row_cost
+    read_pool = conn.server.read_pool
+
+    def on_pool(decided: Any) -> None:
+        size = 0
+        try:
+            frame, rows = read(decided)
+            data = encode(_with_re(frame, rid))
+            # Bytes, and each row's share of the work: 200 short messages are 25 KB but
+            # as much CPU as 900 KB of long ones.
+            size = len(data) + rows * row_cost
+            conn.deliver(data)
+        except ChatError as exc:
+            conn.send_error(exc, rid)
+        except Exception:
+            log.exception("%s: %s read failed", conn.peer, what)
+            conn.send_error(Internal(), rid)
+        finally:
+            conn.loop.call_soon(conn.charge_reply, reserved, size)
+
+    def fail(exc: ChatError) -> None:
+        conn.send_error(exc, rid)
+        conn.loop.call_soon(conn.charge_reply, reserved, 0)
+
+    def run(db: Any) -> Callable[[], None]:
+        _user(conn)  # a session being ended reads nothing more
+        decided = decide(db)
+
+        def after() -> None:
+            try:
+                read_pool.submit(lambda: on_pool(decided))
+            except ChatError as exc:
+                fail(exc)
+
+        return after
+
+    conn.submit(Job(run, fail, owner=conn))
+
+
 def send(conn: Connection, req: m.Send) -> None:
     session = conn.require_session()
     if req.to is not None and not m.valid_username(req.to):
@@ -219,50 +272,20 @@ def members(conn: Connection, req: m.Members) -> None:
 
 def list_rooms(conn: Connection, req: m.ListRooms) -> None:
     session = conn.require_session()
-    store, rid, read_pool = conn.server.store, req.id, conn.server.read_pool
-    limit, row_cost = conn.settings.max_listed_rooms, conn.settings.history_row_cost
-    # Like a history read: charged up front, one at a time, the difference given back.
+    store, limit = conn.server.store, conn.settings.max_listed_rooms
+
+    def read(_decided: None) -> tuple[dict[str, Any], int]:
+        # Read after this connection's earlier requests (a create just before is listed):
+        # what is committed is what the store decided.
+        with store.engine.connect() as db:
+            rooms, more = rooms_listed(db, session.user_id, now_ms(), limit)
+        frame: dict[str, Any] = {"type": "rooms", "rooms": rooms}
+        if more:
+            frame["more"] = True
+        return frame, len(rooms)
+
     reserved = min(limit * LISTED_ROOM_BYTES, conn.settings.max_history_bytes)
-    conn.reply_budget.spend(reserved)
-    conn.reads_in_flight += 1
-
-    def read() -> None:
-        size = 0
-        try:
-            with store.engine.connect() as db:
-                rooms, more = rooms_listed(db, session.user_id, now_ms(), limit)
-            frame: dict[str, Any] = {"type": "rooms", "rooms": rooms}
-            if more:
-                frame["more"] = True
-            data = encode(_with_re(frame, rid))
-            size = len(data) + len(rooms) * row_cost
-            conn.deliver(data)
-        except ChatError as exc:
-            conn.send_error(exc, rid)
-        except Exception:
-            log.exception("%s: list_rooms failed", conn.peer)
-            conn.send_error(Internal(), rid)
-        finally:
-            conn.loop.call_soon(conn.charge_reply, reserved, size)
-
-    def run(db: Any) -> Callable[[], None]:
-        _user(conn)  # a session being ended reads nothing more
-        # In order with this connection's earlier requests (a create just before is
-        # listed), then read off the writer: what is committed is what the store decided.
-        def after() -> None:
-            try:
-                read_pool.submit(read)
-            except ChatError as exc:
-                conn.send_error(exc, rid)
-                conn.loop.call_soon(conn.charge_reply, reserved, 0)
-
-        return after
-
-    def fail(exc: ChatError) -> None:
-        conn.send_error(exc, rid)
-        conn.loop.call_soon(conn.charge_reply, reserved, 0)
-
-    conn.submit(Job(run, fail, owner=conn))
+    weighed_read(conn, req.id, reserved, "list_rooms", lambda db: None, read)
 
 
 def who(conn: Connection, req: m.Who) -> None:
@@ -287,75 +310,44 @@ def who(conn: Connection, req: m.Who) -> None:
 
 def history(conn: Connection, req: m.History) -> None:
     session = conn.require_session()
-    store, rid, read_pool = conn.server.store, req.id, conn.server.read_pool
-    max_bytes = conn.settings.max_history_bytes
+    store, max_bytes = conn.server.store, conn.settings.max_history_bytes
     if req.with_ is not None and not m.valid_username(req.with_):
         raise NoSuchUser(f"no user named {req.with_[:40]!r}")
-    # Spent now, before the reply exists, so that pipelined requests cannot all start
-    # before the first one is weighed; the difference comes back with the reply.
-    row_cost = conn.settings.history_row_cost
-    reserved = min(req.limit * MESSAGE_BYTES_BOUND, max_bytes) + req.limit * row_cost
-    conn.reply_budget.spend(reserved)
-    conn.reads_in_flight += 1  # one at a time: Connection._process holds the next
 
-    def read(upto: int, floor: int) -> None:
-        size = 0
-        try:
-            reply: dict[str, Any] = {"type": "history"}
-            with store.engine.connect() as db:
-                if req.room is not None:
-                    reply["room"] = req.room
-                    where: dict[str, Any] = {"room": req.room}
-                elif req.direct:
-                    reply["direct"] = True
-                    where = {"direct_of": session.user_id}
-                else:
-                    assert req.with_ is not None
-                    other = store.find_user(req.with_.lower())
-                    if other is None:
-                        raise NoSuchUser(f"no user named {req.with_[:40]!r}")
-                    reply["with"] = other.name
-                    where = {"pair": dm_pair(session.user_id, other.id)}
-                reply["messages"] = store.history(
-                    db, **where, before=req.before, after=req.after, limit=req.limit,
-                    max_bytes=max_bytes, upto=upto, floor=floor)
-            data = encode(_with_re(reply, rid))
-            # Bytes, and each row's share of the work: 200 short messages are 25 KB but
-            # as much CPU as 900 KB of long ones.
-            size = len(data) + len(reply["messages"]) * row_cost
-            conn.deliver(data)
-        except ChatError as exc:
-            conn.send_error(exc, rid)
-        except Exception:
-            log.exception("%s: history read failed", conn.peer)
-            conn.send_error(Internal(), rid)
-        finally:
-            conn.loop.call_soon(conn.charge_reply, reserved, size)
-
-    def run(db: Any) -> Callable[[], None]:
+    def decide(db: Any) -> tuple[int, int]:
+        # The writer only decides (membership, and where the history begins and ends); a
+        # reader thread does the work, so a large history never holds up everyone else.
         floor = 0
-        _user(conn)  # a session being ended reads nothing more
         if req.room is not None:
             user, room = _member(conn, db, req.room)
             floor = room.readable_after(user.user_id)
-        # The writer only decides (membership, and where the history begins and ends); a
-        # reader thread does the work, so a large history never holds up everyone else.
-        upto = store.last_msg_id
+        return store.last_msg_id, floor
 
-        def after() -> None:
-            try:
-                read_pool.submit(lambda: read(upto, floor))
-            except ChatError as exc:
-                conn.send_error(exc, rid)
-                conn.loop.call_soon(conn.charge_reply, reserved, 0)
+    def read(decided: tuple[int, int]) -> tuple[dict[str, Any], int]:
+        upto, floor = decided
+        reply: dict[str, Any] = {"type": "history"}
+        with store.engine.connect() as db:
+            if req.room is not None:
+                reply["room"] = req.room
+                where: dict[str, Any] = {"room": req.room}
+            elif req.direct:
+                reply["direct"] = True
+                where = {"direct_of": session.user_id}
+            else:
+                assert req.with_ is not None
+                other = store.find_user(req.with_.lower())
+                if other is None:
+                    raise NoSuchUser(f"no user named {req.with_[:40]!r}")
+                reply["with"] = other.name
+                where = {"pair": dm_pair(session.user_id, other.id)}
+            reply["messages"] = store.history(
+                db, **where, before=req.before, after=req.after, limit=req.limit,
+                max_bytes=max_bytes, upto=upto, floor=floor)
+        return reply, len(reply["messages"])
 
-        return after
-
-    def fail(exc: ChatError) -> None:
-        conn.send_error(exc, rid)
-        conn.loop.call_soon(conn.charge_reply, reserved, 0)
-
-    conn.submit(Job(run, fail, owner=conn))
+    row_cost = conn.settings.history_row_cost
+    reserved = min(req.limit * MESSAGE_BYTES_BOUND, max_bytes) + req.limit * row_cost
+    weighed_read(conn, req.id, reserved, "history", decide, read)
 
 
 def _with_re(frame: dict[str, Any], rid: m.RequestId) -> dict[str, Any]:

@@ -22,48 +22,15 @@ from typing import Any
 
 import pytest
 from conftest import PASSWORD, make_settings
+from writer_gate import WriterGate, reply_to
 
 from chat import admin, control
 from chat import rooms as rooms_module
 from chat.config import SettingError
 from chat.server import Server
-from chat.store import Job
 
 TIMEOUT = 20.0
 NEW_PASSWORD = "another horse battery staple 43"
-
-
-class WriterGate:
-    """Holds the store's writer on a job of ours, so that what is submitted meanwhile
-    is decided afterwards in one batch, in submission order."""
-
-    def __init__(self, server: Any) -> None:
-        self.store = server.store
-        self.started, self.release = threading.Event(), threading.Event()
-        # Let what earlier steps left for the writer (a closed connection's detach, say)
-        # be done first: the counts below are of the racing requests only.
-        deadline = time.monotonic() + TIMEOUT
-        while self.store.backlog and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep(0.1)
-
-        def run(db: Any) -> None:
-            self.started.set()
-            self.release.wait(TIMEOUT)
-            return None
-
-        self.store.submit(Job(run, lambda exc: None))
-        assert self.started.wait(TIMEOUT)
-        self.baseline = self.store.backlog
-
-    def wait_queued(self, n: int) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while self.store.backlog < self.baseline + n:
-            assert time.monotonic() < deadline, f"only {self.store.backlog} jobs queued"
-            time.sleep(0.005)
-
-    def open(self) -> None:
-        self.release.set()
 
 
 class Operator:
@@ -93,13 +60,6 @@ def run_admin(capsys: Any, data_dir: str, *argv: str) -> tuple[int, dict[str, An
 
 def db_of(server: Any) -> sqlite3.Connection:
     return sqlite3.connect(f"{server.settings.data_dir}/chat.db")
-
-
-def reply_to(client: Any, rid: Any) -> dict[str, Any]:
-    while True:
-        frame = client.recv()
-        if frame.get("re") == rid:
-            return frame
 
 
 # Finding 1: the moderation verbs (kick, ban, unban, set_role, invite, topic, set_history)
