@@ -299,7 +299,8 @@ def _ended_by_server(client: ChatClient) -> str:
         return "the server closed the connection"
     reason = sanitize(client.bye_reason, multiline=False)
     if client.bye_reason in ENDING_BYES:  # said plainly: the session will not come back
-        return f"the server ended the session ({reason}): {bye_text(reason)}"
+        text = bye_text(reason).removeprefix("disconnected: ")
+        return f"the server ended the session ({reason}): {text}"
     return f"the server closed the connection ({reason})"
 
 

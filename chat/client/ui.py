@@ -377,7 +377,8 @@ def run_interactive(
             reason = current.bye_reason and f" ({sanitize(current.bye_reason, multiline=False)})"
             ended_by = "the server closed the connection"
             if current.bye_reason in ENDING_BYES:
-                ended_by = f"the server ended the session: {bye_text(current.bye_reason)}"
+                text = bye_text(current.bye_reason).removeprefix("disconnected: ")
+                ended_by = f"the server ended the session: {text}"
             print(f"-- {ended_by}{reason or ''}", file=sys.stderr, flush=True)
             return EXIT_ENDED
         if link.interrupted:
