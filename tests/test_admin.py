@@ -236,3 +236,16 @@ def test_options_may_follow_the_command_and_general_keeps_everyone(chat_server, 
     assert [u["username"] for u in users] == ["bob"]
     code, out = run_admin(capsys, d, "room", "kick", "general", "bob")
     assert code == 1 and "disable the account" in out["error"]
+
+
+def test_no_token_starts_like_a_command_line_option(chat_server):
+    """1 in 64 of URL-safe tokens would start with '-': `chat-client register --token -x`
+    would then read it as an option (a test failed that way, once)."""
+    import contextlib
+
+    from chat.accounts import create_token
+
+    with contextlib.closing(chat_server.server.engine.connect()) as db:
+        tokens = [create_token(db, 1, 60, "", 0)[1] for _ in range(300)]
+        db.rollback()
+    assert not any(t.startswith("-") for t in tokens)
