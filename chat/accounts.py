@@ -37,6 +37,8 @@ def create_token(db: Connection, uses: int, ttl_s: float, note: str, now_ms: int
     if not ttl_s > 0:
         raise ValueError("a token needs a positive lifetime")
     token = secrets.token_urlsafe(TOKEN_BYTES)
+    while token.startswith("-"):  # `--token -x...` would read as an option on a command line
+        token = secrets.token_urlsafe(TOKEN_BYTES)
     tid = db.execute(insert(tokens_t).values(
         token_hash=token_hash(token), uses_allowed=uses, uses=0, created_ms=now_ms,
         expires_ms=now_ms + int(ttl_s * 1000), revoked_ms=None, note=note,
