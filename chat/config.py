@@ -239,6 +239,13 @@ class Settings:
         1000, "Public rooms one list_rooms reply names at most, the fullest first (the "
         "user's own rooms and invitations always): a reply must stay a sane size."
     )
+    max_devices_per_user: int = _setting(
+        20, "Devices (client installations with encryption keys) one user may register."
+    )
+    max_one_time_keys: int = _setting(
+        100, "One-time keys one device may keep on the server: each is handed out once, "
+        "and a device tops up when told its count."
+    )
     max_history_bytes: int = _setting(
         1024 * 1024, "Largest history reply; older messages are left for the next page."
     )
@@ -350,7 +357,7 @@ class Settings:
                      "max_errors_in_row", "frame_burst", "max_connections_per_ip",
                      "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
                      "writer_queue_limit", "presence_room_limit", "read_bytes_per_second",
-                     "max_listed_rooms"):
+                     "max_listed_rooms", "max_devices_per_user", "max_one_time_keys"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):

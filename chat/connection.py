@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chat import login, moderation, rooms
+from chat import keys, login, moderation, rooms
 from chat import messages as m
 from chat.errors import (
     AuthRequired,
@@ -545,4 +545,8 @@ _HANDLERS: dict[type, _Handler] = {
     m.SetHistory: _Handler(moderation.set_history, False),
     m.BlockUser: _Handler(moderation.block, False),
     m.UnblockUser: _Handler(moderation.unblock, False),
+    m.UploadDevice: _Handler(keys.upload_device, False),
+    m.UploadOneTimeKeys: _Handler(keys.upload_one_time_keys, False),
+    m.QueryKeys: _Handler(keys.query_keys, False),
+    m.ClaimKey: _Handler(keys.claim_key, False),
 }

@@ -74,6 +74,8 @@ class Session:
     closed: bool = False
     # The rooms whose member sets hold this session: detach removes it from exactly these.
     rooms_in: set[str] = field(default_factory=set)
+    # The device this session uploaded keys as (end-to-end encryption), if any.
+    device: str | None = None
 
 
 def with_re(data: bytes, re: object) -> bytes:

@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from chat import devices
 from chat.errors import InvalidField, UnknownType
 
 MAX_ID_CHARS = 64
@@ -303,6 +304,56 @@ class UnblockUser(Request):
     username: str
 
 
+# --- end-to-end encryption, step 1: the device directory (chat.devices) -------------
+MAX_QUERIED_USERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class UploadDevice(Request):
+    keys: devices.DeviceKeys  # fields checked; the signature by the handler (needs the user)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadOneTimeKeys(Request):
+    device: str
+    keys: tuple[devices.OneTimeKey, ...]
+    fallback: devices.OneTimeKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryKeys(Request):
+    users: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimKey(Request):
+    username: str
+    device: str
+
+
+def _parse_one_time_keys(rid: RequestId, frame: dict[str, Any]) -> Request:
+    keys = frame.get("keys", [])
+    if not isinstance(keys, list):
+        raise InvalidField("keys: a list is required")
+    fallback = frame.get("fallback")
+    return UploadOneTimeKeys(
+        rid, devices.device_id(frame.get("device")),
+        tuple(devices.parse_one_time_key(k) for k in keys),
+        devices.parse_one_time_key(fallback, fallback=True) if fallback is not None else None)
+
+
+def _parse_query_keys(rid: RequestId, frame: dict[str, Any]) -> Request:
+    users = frame.get("users")
+    if (not isinstance(users, list) or not 1 <= len(users) <= MAX_QUERIED_USERS
+            or not all(isinstance(u, str) and _encodable(u) for u in users)):
+        raise InvalidField(f"users: a list of 1 to {MAX_QUERIED_USERS} usernames")
+    return QueryKeys(rid, tuple(dict.fromkeys(users)))
+
+
+def _parse_upload_device(rid: RequestId, frame: dict[str, Any]) -> Request:
+    return UploadDevice(rid, devices.parse_device(frame))
+
+
 def _choice(frame: dict[str, Any], name: str, choices: tuple[str, ...],
             default: str | None = None) -> str:
     value = frame.get(name, default)
@@ -316,6 +367,10 @@ def _username(frame: dict[str, Any]) -> str:
     value = _string(frame, "username")
     assert value is not None
     return value
+
+
+def _device(value: Any) -> str:
+    return devices.device_id(value)
 
 
 def _parse_create(rid: RequestId, frame: dict[str, Any]) -> Request:
@@ -427,6 +482,11 @@ _PARSERS = {
     "members": lambda rid, frame: Members(rid, room_name(frame.get("room"))),
     "list_rooms": lambda rid, frame: ListRooms(rid),
     "block": lambda rid, frame: BlockUser(rid, _username(frame)),
+    "device_keys": _parse_upload_device,
+    "one_time_keys": _parse_one_time_keys,
+    "query_keys": _parse_query_keys,
+    "claim_key": lambda rid, frame: ClaimKey(rid, _username(frame),
+                                             _device(frame.get("device"))),
     "unblock": lambda rid, frame: UnblockUser(rid, _username(frame)),
 }
 

@@ -6,7 +6,17 @@ display names beside their ids: history needs no join.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -170,4 +180,38 @@ class Message(Base):
               sqlite_where=text("room IS NULL"), postgresql_where=text("room IS NULL")),
         # msg_id must grow with every message and never be reused.
         {"sqlite_autoincrement": True},
+    )
+
+
+class Device(Base):
+    """One client installation of a user, by its public identity keys (chat.devices)."""
+
+    __tablename__ = "devices"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    device: Mapped[str] = mapped_column(String(32), primary_key=True)
+    curve25519: Mapped[str] = mapped_column(String(43))
+    ed25519: Mapped[str] = mapped_column(String(43))
+    signature: Mapped[str] = mapped_column(String(86))
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class OneTimeKey(Base):
+    """A device's signed one-time keys, each handed out once; and its fallback key
+    (`fallback`), handed out when none is left and kept until the device replaces it."""
+
+    __tablename__ = "one_time_keys"
+
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Olm numbers one-time and fallback keys apart: the same id may be one of each.
+    fallback: Mapped[bool] = mapped_column(Boolean, primary_key=True, default=False)
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(43))
+    signature: Mapped[str] = mapped_column(String(86))
+
+    __table_args__ = (
+        ForeignKeyConstraint(["user_id", "device"], ["devices.user_id", "devices.device"],
+                             ondelete="CASCADE"),
     )

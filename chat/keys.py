@@ -1,0 +1,170 @@
+"""The device directory's requests: device_keys, one_time_keys, query_keys, claim_key.
+
+Each is decided by the store's writer, in order with everything else: a one-time key is
+handed out once because only that thread takes one, and deletes it in the same
+transaction (on several nodes, the DELETE ... RETURNING of one row does the same). What
+a user uploads is checked first (chat.devices): public keys only, each signed by the
+device's own Ed25519 key over the user's and the device's names. A device's identity
+keys never change; new keys are a new device.
+
+`device_keys` also makes the device this session's: its one-time key count is told to
+the device's sessions whenever a claim takes one, so that they top up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, delete, func, insert, select
+
+from chat import devices
+from chat import messages as m
+from chat.errors import InvalidField, NoSuchUser
+from chat.models import Device, OneTimeKey
+from chat.protocol import encode
+from chat.rooms import _user, submit
+from chat.store import now_ms
+
+if TYPE_CHECKING:
+    from chat.connection import Connection
+
+devices_t, otks_t = Device.__table__, OneTimeKey.__table__
+
+
+def _device_row(db: Any, user_id: int, device: str) -> Any:
+    return db.execute(select(devices_t).where(and_(
+        devices_t.c.user_id == user_id, devices_t.c.device == device))).first()
+
+
+def _count(db: Any, user_id: int, device: str) -> int:
+    return db.execute(select(func.count()).select_from(otks_t).where(and_(
+        otks_t.c.user_id == user_id, otks_t.c.device == device,
+        otks_t.c.fallback.is_(False)))).scalar_one()
+
+
+def upload_device(conn: Connection, req: m.UploadDevice) -> None:
+    session = conn.require_session()
+    keys, limit = req.keys, conn.settings.max_devices_per_user
+    devices.verify_device(session.name, keys)  # pure CPU, on the loop: no writer time
+
+    def run(db: Any) -> Callable[[], None]:
+        _user(conn)
+        row = _device_row(db, session.user_id, keys.device)
+        if row is None:
+            n = db.execute(select(func.count()).select_from(devices_t)
+                           .where(devices_t.c.user_id == session.user_id)).scalar_one()
+            if n >= limit:
+                raise InvalidField(f"device: you have {limit} devices already; remove one "
+                                   "(chat-admin) first")
+            db.execute(insert(devices_t).values(user_id=session.user_id, **keys.public(),
+                                                created_ms=now_ms()))
+        elif (row.curve25519, row.ed25519) != (keys.curve25519, keys.ed25519):
+            raise InvalidField(f"device: {keys.device} has other keys; a device's keys never "
+                               "change (new keys are a new device)")
+        reply = {"type": "ok", "op": "device_keys", "device": keys.device,
+                 "one_time_keys": _count(db, session.user_id, keys.device)}
+
+        def after() -> None:
+            session.device = keys.device  # (the writer's, like everything about sessions)
+            conn.reply(req.id, reply)
+
+        return after
+
+    submit(conn, req.id, run)
+
+
+def upload_one_time_keys(conn: Connection, req: m.UploadOneTimeKeys) -> None:
+    session = conn.require_session()
+    limit = conn.settings.max_one_time_keys
+    if len(req.keys) > limit:
+        raise InvalidField(f"keys: at most {limit} at once")
+
+    def run(db: Any) -> Callable[[], None]:
+        _user(conn)
+        row = _device_row(db, session.user_id, req.device)
+        if row is None:
+            raise InvalidField(f"device: upload the keys of {req.device} first (device_keys)")
+        keys = devices.DeviceKeys(row.device, row.curve25519, row.ed25519, row.signature)
+        for key in (*req.keys, *([req.fallback] if req.fallback else [])):
+            devices.verify_one_time_key(session.name, keys, key)
+        have = _count(db, session.user_id, req.device)
+        known = set(db.execute(select(otks_t.c.key_id).where(and_(
+            otks_t.c.user_id == session.user_id, otks_t.c.device == req.device,
+            otks_t.c.fallback.is_(False)))).scalars())
+        new = [k for k in req.keys if k.id not in known]
+        if have + len(new) > limit:
+            raise InvalidField(f"keys: a device keeps at most {limit} one-time keys; it has "
+                               f"{have}")
+        for key in new:
+            db.execute(insert(otks_t).values(user_id=session.user_id, device=req.device,
+                                             key_id=key.id, key=key.key,
+                                             signature=key.signature, fallback=False))
+        if req.fallback is not None:  # replaces the one before
+            db.execute(delete(otks_t).where(and_(
+                otks_t.c.user_id == session.user_id, otks_t.c.device == req.device,
+                otks_t.c.fallback.is_(True))))
+            fb = req.fallback
+            db.execute(insert(otks_t).values(user_id=session.user_id, device=req.device,
+                                             key_id=fb.id, key=fb.key, signature=fb.signature,
+                                             fallback=True))
+        reply = {"type": "ok", "op": "one_time_keys", "device": req.device,
+                 "one_time_keys": have + len(new)}
+        return lambda: conn.reply(req.id, reply)
+
+    submit(conn, req.id, run)
+
+
+def query_keys(conn: Connection, req: m.QueryKeys) -> None:
+    conn.require_session()
+    store = conn.server.store
+
+    def run(db: Any) -> Callable[[], None]:
+        _user(conn)
+        found: dict[str, list[dict[str, str]]] = {}
+        for name in req.users:
+            rec = store.user(db, name.lower()) if m.valid_username(name) else None
+            if rec is None:
+                continue  # unknown users are left out, as in a search
+            rows = db.execute(select(devices_t).where(devices_t.c.user_id == rec.id)
+                              .order_by(devices_t.c.device)).all()
+            found[rec.name] = [devices.DeviceKeys(r.device, r.curve25519, r.ed25519,
+                                                  r.signature).public() for r in rows]
+        frame = {"type": "keys", "users": found}
+        return lambda: conn.loop.call_soon(conn.reply_weighed, req.id, frame)
+
+    submit(conn, req.id, run)
+
+
+def claim_key(conn: Connection, req: m.ClaimKey) -> None:
+    conn.require_session()
+    store, hub = conn.server.store, conn.server.hub
+
+    def run(db: Any) -> Callable[[], None]:
+        _user(conn)
+        rec = store.user(db, req.username.lower()) if m.valid_username(req.username) else None
+        if rec is None:
+            raise NoSuchUser(f"no user named {req.username[:40]!r}")
+        where = and_(otks_t.c.user_id == rec.id, otks_t.c.device == req.device)
+        # A one-time key if one is left (each handed out once), else the fallback key.
+        row = db.execute(select(otks_t).where(where)
+                         .order_by(otks_t.c.fallback, otks_t.c.key_id).limit(1)).first()
+        if row is None:
+            raise InvalidField(f"device: {rec.name} has no device {req.device} with keys")
+        if not row.fallback:
+            db.execute(delete(otks_t).where(and_(where, otks_t.c.fallback.is_(False),
+                                                 otks_t.c.key_id == row.key_id)))
+        key = devices.OneTimeKey(row.key_id, row.key, row.signature, row.fallback).public()
+        left = _count(db, rec.id, req.device)
+        reply = {"type": "claimed", "username": rec.name, "device": req.device, "key": key}
+        count = encode({"type": "key_count", "device": req.device, "one_time_keys": left})
+
+        def after() -> None:
+            conn.reply(req.id, reply)
+            for other in hub.sessions_of(rec.key):  # so that the device tops up
+                if other.device == req.device:
+                    other.out.deliver(count)
+
+        return after
+
+    submit(conn, req.id, run)
