@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     # must not reset what was given before it, hence SUPPRESS.
     common = argparse.ArgumentParser(add_help=False)
     _common(common, argparse.SUPPRESS)
-    top = p.add_subparsers(dest="area", required=True, metavar="{user,token,room,audit,backup}")
+    top = p.add_subparsers(dest="area", required=True,
+                           metavar="{user,token,room,device,audit,backup}")
 
     def sub(group: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
         return group.add_parser(name, parents=[common], **kw)
@@ -109,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     rd = sub(room, "delete", help="delete a room with its history; its name is free")
     rd.add_argument("room")
     rd.add_argument("--reason", default="")
+
+    dev = sub(top, "device", help="users' devices (end-to-end encryption keys)"
+              ).add_subparsers(dest="cmd", required=True)
+    sub(dev, "list", help="a user's devices and their fingerprints").add_argument("username")
+    dr = sub(dev, "remove", help="forget a device and its keys (a lost phone)")
+    dr.add_argument("username")
+    dr.add_argument("device")
+    dr.add_argument("--reason", default="")
 
     au = sub(top, "audit", help="moderation and operator actions, oldest first")
     au.add_argument("--room")
@@ -239,6 +248,11 @@ def _request(args: argparse.Namespace, settings: Settings) -> tuple[str, dict[st
             return "room_unban", {"name": args.room, "username": args.username,
                                   "reason": args.reason}, ""
         return "room_delete", {"name": args.room, "reason": args.reason}, ""
+    if area == "device":
+        if cmd == "list":
+            return "device_list", {"name": args.username}, ""
+        return "device_remove", {"name": args.username, "device": args.device,
+                                 "reason": args.reason}, ""
     assert area == "audit"
     return "audit", {"room": args.room, "user": args.user, "limit": args.limit,
                      "since_ms": _since_ms(args.since) if args.since else None}, ""
@@ -350,6 +364,11 @@ def _ts(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _fingerprint(ed25519: str) -> str:
+    """The Ed25519 key in groups of four, as clients show it (to compare by eye)."""
+    return " ".join(ed25519[i:i + 4] for i in range(0, len(ed25519), 4))
+
+
 def _human(action: str, result: dict[str, Any]) -> list[str]:
     if action == "user_list":
         return [f"{u['username']:<32} {'disabled' if u['disabled'] else 'active':<8} "
@@ -381,6 +400,10 @@ def _human(action: str, result: dict[str, Any]) -> list[str]:
         lines += [f"banned    {b['username']} by {b['by']}"
                   + (f": {b['reason']}" if b["reason"] else "") for b in result["bans"]]
         return lines
+    if action == "device_list":
+        return [f"{d['device']:<32} {_fingerprint(d['ed25519'])}  {d['one_time_keys']:>3} "
+                f"one-time keys, since {_ts(d['created_ms'])}"
+                for d in result["devices"]] or [f"{result['username']} has no devices"]
     if action == "audit":
         return [f"{_ts(e['ts_ms'])}  {e['actor']:<12} {e['action']:<14} "
                 + " ".join(x for x in (e["target"] or "", f"#{e['room']}" if e["room"] else "",
@@ -400,6 +423,7 @@ def _human(action: str, result: dict[str, Any]) -> list[str]:
         "room_kick": f"kicked {result.get('username')} from #{result.get('room')}",
         "room_ban": f"banned {result.get('username')} from #{result.get('room')}",
         "room_unban": f"lifted the ban of {result.get('username')} from #{result.get('room')}",
+        "device_remove": f"removed {result.get('username')}'s device {result.get('device')}",
         "room_delete": f"deleted #{result.get('room')} and its "
                        f"{result.get('messages_deleted')} messages",
         "backup": f"wrote {result.get('path')}: {result.get('messages')} messages, up to "

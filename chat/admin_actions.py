@@ -19,19 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, update
+from sqlalchemy import Connection, and_, delete, func, select, update
 
 from chat import accounts, acl
 from chat.errors import ChatError
 from chat.hub import LocalHub, UserState
 from chat.messages import valid_username
-from chat.models import AuditEntry, Ban, Membership, Room, User
+from chat.models import AuditEntry, Ban, Device, Membership, OneTimeKey, Room, User
 from chat.moderation import announce_room, remove
 from chat.protocol import encode
 from chat.roombook import OPERATOR, audit
 from chat.store import DEFAULT_ROOM, Store, UserRecord, now_ms
 
 users_t, members_t, rooms_t = User.__table__, Membership.__table__, Room.__table__
+devices_t, otks_t = Device.__table__, OneTimeKey.__table__
 bans_t, audit_t = Ban.__table__, AuditEntry.__table__
 
 
@@ -299,6 +300,37 @@ def room_topic(ops: Ops, name: str, topic: str) -> dict[str, Any]:
     return {"room": room.name, "topic": topic}
 
 
+# --- devices (end-to-end encryption) ------------------------------------------------
+def device_list(ops: Ops, name: str) -> dict[str, Any]:
+    rec = ops.user(name)
+    rows = ops.db.execute(select(devices_t.c.device, devices_t.c.ed25519, devices_t.c.created_ms,
+                                 func.count(otks_t.c.key_id))
+                          .outerjoin(otks_t, and_(otks_t.c.user_id == devices_t.c.user_id,
+                                                  otks_t.c.device == devices_t.c.device,
+                                                  otks_t.c.fallback.is_(False)))
+                          .where(devices_t.c.user_id == rec.id)
+                          .group_by(devices_t.c.device, devices_t.c.ed25519,
+                                    devices_t.c.created_ms)
+                          .order_by(devices_t.c.device)).all()
+    return {"username": rec.name, "devices": [
+        {"device": d, "ed25519": e, "created_ms": c, "one_time_keys": n} for d, e, c, n in rows]}
+
+
+def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[str, Any]:
+    """Forget a device and its keys (a lost phone): nobody can start a session with it."""
+    rec = ops.user(name)
+    gone = ops.db.execute(delete(devices_t).where(and_(
+        devices_t.c.user_id == rec.id, devices_t.c.device == device))).rowcount
+    if not gone:
+        raise Refused(f"{rec.name} has no device {device!r}")
+    # (Its one-time keys go with it: ON DELETE CASCADE, and said here for other engines.)
+    ops.db.execute(delete(otks_t).where(and_(otks_t.c.user_id == rec.id,
+                                             otks_t.c.device == device)))
+    audit(ops.db, now_ms(), OPERATOR, "device_remove", target=rec.name, detail=device,
+          reason=reason)
+    return {"username": rec.name, "device": device, "removed": True}
+
+
 # --- the audit log -----------------------------------------------------------------
 def audit_list(ops: Ops, room: str | None = None, user: str | None = None,
                since_ms: int | None = None, limit: int = 1000) -> dict[str, Any]:
@@ -330,4 +362,5 @@ ACTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "room_list": room_list, "room_show": room_show, "room_set_owner": room_set_owner,
     "room_kick": room_kick, "room_ban": room_ban, "room_unban": room_unban,
     "room_delete": room_delete, "room_topic": room_topic, "audit": audit_list,
+    "device_list": device_list, "device_remove": device_remove,
 }

@@ -97,3 +97,25 @@ def test_devices_and_one_time_keys_are_bounded(server_factory):
     reply = alice.request({"type": "one_time_keys", "device": "two",
                            "keys": one_time_keys(account, "alice", "two", 5)})
     assert reply["code"] == "invalid_field"
+
+
+def test_the_operator_lists_and_removes_devices(chat_server, capsys):
+    import json
+
+    from chat import admin
+
+    alice = chat_server.user("alice")
+    account = register_device(alice, "alice", "phone", n=2)
+    d = chat_server.settings.data_dir
+    assert admin.main(["--data-dir", d, "--json", "device", "list", "alice"]) == 0
+    listed = json.loads(capsys.readouterr().out)["result"]["devices"]
+    assert [(x["device"], x["ed25519"], x["one_time_keys"]) for x in listed] == [
+        ("phone", account.ed25519_key.to_base64(), 2)]
+    assert admin.main(["--data-dir", d, "device", "remove", "alice", "phone",
+                       "--reason", "lost"]) == 0
+    capsys.readouterr()
+    bob = chat_server.user("bob")
+    assert bob.request({"type": "query_keys", "users": ["alice"]})["users"] == {"alice": []}
+    assert bob.request({"type": "claim_key", "username": "alice",
+                        "device": "phone"})["code"] == "invalid_field"
+    assert admin.main(["--data-dir", d, "device", "remove", "alice", "phone"]) == 1
