@@ -168,6 +168,13 @@ class RoomBook:
             self._blocks.move_to_end(by_id)
         return user_id in blocked
 
+    def banned_names(self, db: Connection, room: RoomState) -> list[str]:
+        if not room.bans:
+            return []
+        names = db.execute(select(users_t.c.username).where(users_t.c.id.in_(room.bans))
+                           ).scalars().all()
+        return sorted(names, key=str.lower)
+
     # --- changing (inside the writer's transaction) ----------------------------------
     def create(self, db: Connection, name: str, visibility: str, history: str,
                first_msg_id: int, now_ms: int) -> RoomState:

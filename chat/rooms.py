@@ -234,7 +234,11 @@ def room_info(conn: Connection, req: m.RoomInfo) -> None:
 
     def run(db: Any) -> Callable[[], None]:
         user, room = _member(conn, db, req.room)
-        frame = room.info(room.members[user.user_id].role)
+        role = room.members[user.user_id].role
+        frame = room.info(role)
+        if acl.rank(role) >= acl.rank(acl.MODERATOR):
+            # Who is banned, for those who may unban: the room's own list, by name.
+            frame["bans"] = conn.server.store.rooms.banned_names(db, room)
         return lambda: conn.reply(rid, frame)
 
     submit(conn, rid, run)

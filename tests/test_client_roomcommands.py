@@ -298,6 +298,9 @@ def test_info_rooms_and_members_replies() -> None:
         "you are moderator",
         "-- no topic",
     ]
+    # a moderator's or owner's reply names who is banned
+    assert show({**info, "bans": ["bob", "eve"]}).splitlines()[-1] == "-- banned: bob, eve"
+    assert show({**info, "bans": []}).splitlines()[-1] == "-- nobody is banned"
     listed = {"type": "rooms", "re": 5, "more": True, "rooms": [
         {"room": "dev", "topic": "Deploy Friday", "members": 3, "visibility": "public",
          "role": "owner"},

@@ -281,3 +281,15 @@ def test_a_join_that_makes_the_room_says_so(chat_server):
     assert alice.request({"type": "join", "room": "typo"}).get("created") is True
     assert "created" not in bob.request({"type": "join", "room": "typo"})
     assert "created" not in alice.request({"type": "create", "room": "made"})
+
+
+def test_room_info_names_the_banned_to_moderators_only(chat_server):
+    owner, mod, mem = (chat_server.user(n) for n in ("olivia", "moe", "mel"))
+    chat_server.register("eve")
+    for c in (owner, mod, mem):
+        c.request({"type": "join", "room": "dev"})
+    owner.request({"type": "set_role", "room": "dev", "username": "moe", "role": "moderator"})
+    assert owner.request({"type": "ban", "room": "dev", "username": "Eve"})["type"] == "ok"
+    assert owner.request({"type": "room_info", "room": "dev"})["bans"] == ["eve"]
+    assert mod.request({"type": "room_info", "room": "dev"})["bans"] == ["eve"]
+    assert "bans" not in mem.request({"type": "room_info", "room": "dev"})

@@ -428,7 +428,12 @@ def _room_info(frame: Mapping[str, Any], style: _Style) -> str:
             f"{'' if count == 1 else 's'}")
     if isinstance(role, str):
         head += f", you are {_field(role)}"
-    return "\n".join([style.note(head), style.note(_topic(frame))])
+    lines = [style.note(head), style.note(_topic(frame))]
+    bans = frame.get("bans")
+    if isinstance(bans, list):  # shown to moderators and owners
+        names = ", ".join(style.name(b) for b in bans if isinstance(b, str))
+        lines.append(style.note(f"banned: {names}" if names else "nobody is banned"))
+    return "\n".join(lines)
 
 
 def _rooms(frame: Mapping[str, Any], style: _Style) -> str:
