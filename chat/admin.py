@@ -98,15 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("room")
     so.add_argument("username")
     so.add_argument("--reason", default="")
-    for cmd in ("kick", "ban"):
-        sp = sub(room, cmd, help=f"{cmd} a user from a room, live")
+    for cmd, text in (("kick", "kick a user from a room, live"),
+                      ("ban", "ban a user from a room, live"), ("unban", "lift a ban")):
+        sp = sub(room, cmd, help=text)
         sp.add_argument("room")
         sp.add_argument("username")
         sp.add_argument("--reason", default="")
-    ub = sub(room, "unban", help="lift a ban")
-    ub.add_argument("room")
-    ub.add_argument("username")
-    ub.add_argument("--reason", default="")
     rd = sub(room, "delete", help="delete a room with its history; its name is free")
     rd.add_argument("room")
     rd.add_argument("--reason", default="")

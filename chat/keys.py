@@ -23,7 +23,7 @@ from chat import messages as m
 from chat.errors import InvalidField, NoSuchUser
 from chat.models import Device, OneTimeKey
 from chat.protocol import encode
-from chat.rooms import _user, submit
+from chat.rooms import requester, submit
 from chat.store import now_ms
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def upload_device(conn: Connection, req: m.UploadDevice) -> None:
     devices.verify_device(session.name, keys)  # pure CPU, on the loop: no writer time
 
     def run(db: Any) -> Callable[[], None]:
-        _user(conn)
+        requester(conn)
         row = _device_row(db, session.user_id, keys.device)
         if row is None:
             n = db.execute(select(func.count()).select_from(devices_t)
@@ -81,7 +81,7 @@ def upload_one_time_keys(conn: Connection, req: m.UploadOneTimeKeys) -> None:
         raise InvalidField(f"keys: at most {limit} at once")
 
     def run(db: Any) -> Callable[[], None]:
-        _user(conn)
+        requester(conn)
         row = _device_row(db, session.user_id, req.device)
         if row is None:
             raise InvalidField(f"device: upload the keys of {req.device} first (device_keys)")
@@ -120,7 +120,7 @@ def query_keys(conn: Connection, req: m.QueryKeys) -> None:
     store = conn.server.store
 
     def run(db: Any) -> Callable[[], None]:
-        _user(conn)
+        requester(conn)
         found: dict[str, list[dict[str, str]]] = {}
         for name in req.users:
             rec = store.user(db, name.lower()) if m.valid_username(name) else None
@@ -141,7 +141,7 @@ def claim_key(conn: Connection, req: m.ClaimKey) -> None:
     store, hub = conn.server.store, conn.server.hub
 
     def run(db: Any) -> Callable[[], None]:
-        _user(conn)
+        requester(conn)
         rec = store.user(db, req.username.lower()) if m.valid_username(req.username) else None
         if rec is None:
             raise NoSuchUser(f"no user named {req.username[:40]!r}")

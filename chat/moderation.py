@@ -25,7 +25,7 @@ from chat.errors import Blocked, InvalidField, NoSuchUser
 from chat.hub import LocalHub
 from chat.protocol import encode
 from chat.roombook import RoomState, audit
-from chat.rooms import _user, drop_if_abandoned, room_view, submit
+from chat.rooms import drop_if_abandoned, requester, room_view, submit
 from chat.store import Store, UserRecord, now_ms
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def _actor_and_target(conn: Connection, db: Any, name: str, username: str
                       ) -> tuple[RoomState, acl.View, UserRecord, acl.View]:
     """The room, the requester's standing, the target user and theirs. A room the
     requester may not see is `no_such_room` before anything about the target is said."""
-    _user(conn)  # a session being ended (disabled, logged out) acts no more
+    requester(conn)  # a session being ended (disabled, logged out) acts no more
     room, view = room_view(conn, db, name)
     acl.member(view)
     assert room is not None
@@ -209,7 +209,7 @@ def _room_setting(op: str) -> Callable[[Connection, Any], None]:
         store, hub, rid = conn.server.store, conn.server.hub, req.id
 
         def run(db: Any) -> Callable[[], None]:
-            _user(conn)
+            requester(conn)
             room, view = room_view(conn, db, req.room)
             if isinstance(req, m.Topic):
                 acl.topic(view)
@@ -245,7 +245,7 @@ def _blocking(block: bool) -> Callable[[Connection, Any], None]:
         op = "block" if block else "unblock"
 
         def run(db: Any) -> Callable[[], None]:
-            _user(conn)
+            requester(conn)
             target = _target(store, db, req.username)
             if target.id == session.user_id:
                 raise InvalidField("username: you cannot block yourself")

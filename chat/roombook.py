@@ -56,16 +56,23 @@ class RoomState:
     members: dict[int, Member] = field(default_factory=dict)  # by user id
     bans: set[int] = field(default_factory=set)
     invites: dict[int, int] = field(default_factory=dict)  # user id -> expires_ms
-    # (name, role) of every member, sorted by name: kept until the members change, so
-    # `members` of a room of thousands costs the writer nothing after the first.
+    # Derived from `members`, kept until they change (`members_changed`), so that asking
+    # of a room of thousands (its member list, an owner's every request) costs the writer
+    # nothing after the first: (name, role) sorted by name, and the count of owners.
     listed: tuple[tuple[str, str], ...] | None = None
+    _owners: int | None = None
 
     @property
     def private(self) -> bool:
         return self.visibility == acl.PRIVATE
 
+    def members_changed(self) -> None:
+        self.listed = self._owners = None
+
     def owners(self) -> int:
-        return sum(1 for m in self.members.values() if m.role == acl.OWNER)
+        if self._owners is None:
+            self._owners = sum(1 for m in self.members.values() if m.role == acl.OWNER)
+        return self._owners
 
     def view(self, user_id: int, now_ms: int) -> acl.View:
         member = self.members.get(user_id)
@@ -192,7 +199,7 @@ class RoomBook:
         db.execute(insert(members_t).values(user_id=user_id, room=room.name, joined_ms=now_ms,
                                             role=role, since_msg_id=since_msg_id))
         room.members[user_id] = Member(name, role, since_msg_id)
-        room.listed = None
+        room.members_changed()
         if room.invites.pop(user_id, None) is not None:  # used up by the join
             db.execute(delete(invites_t).where(and_(invites_t.c.room == room.name,
                                                     invites_t.c.user_id == user_id)))
@@ -202,7 +209,7 @@ class RoomBook:
         db.execute(delete(members_t).where(and_(members_t.c.room == room.name,
                                                 members_t.c.user_id == user_id)))
         room.members.pop(user_id, None)
-        room.listed = None
+        room.members_changed()
 
     def set_role(self, db: Connection, room: RoomState, user_id: int, role: str) -> None:
         self.changes += 1
@@ -210,7 +217,7 @@ class RoomBook:
                                                 members_t.c.user_id == user_id))
                    .values(role=role))
         room.members[user_id].role = role
-        room.listed = None
+        room.members_changed()
 
     def invite(self, db: Connection, room: RoomState, user_id: int, by: str,
                expires_ms: int, cap: int) -> None:

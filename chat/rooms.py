@@ -44,7 +44,7 @@ MESSAGE_BYTES_BOUND = 4 * m.MAX_MESSAGE_CHARS + 200
 LISTED_ROOM_BYTES = 200
 
 
-def _user(conn: Connection) -> UserState:
+def requester(conn: Connection) -> UserState:
     """Writer thread: the requester's online state (attached before its first request)."""
     session = conn.require_session()
     assert session.user is not None
@@ -62,7 +62,7 @@ def room_view(conn: Connection, db: Any, name: str) -> tuple[RoomState | None, a
 
 def _member(conn: Connection, db: Any, name: str) -> tuple[UserState, RoomState]:
     """Writer thread: the requester is a member of the room (else the error acl says)."""
-    user = _user(conn)
+    user = requester(conn)
     room, view = room_view(conn, db, name)
     acl.member(view)
     assert room is not None
@@ -122,7 +122,7 @@ def weighed_read(conn: Connection, rid: m.RequestId, reserved: int, what: str,
         conn.loop.call_soon(conn.charge_reply, reserved, 0)
 
     def run(db: Any) -> Callable[[], None]:
-        _user(conn)  # a session being ended reads nothing more
+        requester(conn)  # a session being ended reads nothing more
         decided = decide(db)
 
         def after() -> None:
@@ -165,7 +165,7 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
     ok = {"type": "ok", "op": op, "room": name}
 
     def run(db: Any) -> Callable[[], None]:
-        user = _user(conn)
+        user = requester(conn)
         room, view = room_view(conn, db, name)
         if room is not None and drop_if_abandoned(store, db, room, now_ms()):
             room, view = None, missing(name)  # its invitations lapsed since its last left
@@ -210,7 +210,7 @@ def leave(conn: Connection, req: m.Leave) -> None:
     hub, store, rid, name = conn.server.hub, conn.server.store, req.id, req.room
 
     def run(db: Any) -> Callable[[], None]:
-        user = _user(conn)
+        user = requester(conn)
         room, view = room_view(conn, db, name)
         acl.leave(view)
         assert room is not None
