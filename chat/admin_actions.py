@@ -24,8 +24,19 @@ from sqlalchemy import Connection, and_, delete, func, select, update
 from chat import accounts, acl
 from chat.errors import ChatError
 from chat.hub import LocalHub, UserState
+from chat.keys import device_list_notice
 from chat.messages import valid_username
-from chat.models import AuditEntry, Ban, Device, Membership, OneTimeKey, Room, User
+from chat.models import (
+    AuditEntry,
+    Ban,
+    Device,
+    Membership,
+    OneTimeKey,
+    Room,
+    ToDevice,
+    ToDeviceSend,
+    User,
+)
 from chat.moderation import announce_room, remove
 from chat.protocol import encode
 from chat.roombook import OPERATOR, audit
@@ -33,6 +44,7 @@ from chat.store import DEFAULT_ROOM, Store, UserRecord, now_ms
 
 users_t, members_t, rooms_t = User.__table__, Membership.__table__, Room.__table__
 devices_t, otks_t = Device.__table__, OneTimeKey.__table__
+to_device_t, to_device_sends_t = ToDevice.__table__, ToDeviceSend.__table__
 bans_t, audit_t = Ban.__table__, AuditEntry.__table__
 
 
@@ -323,11 +335,24 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
         devices_t.c.user_id == rec.id, devices_t.c.device == device))).rowcount
     if not gone:
         raise Refused(f"{rec.name} has no device {device!r}")
-    # (Its one-time keys go with it: ON DELETE CASCADE, and said here for other engines.)
-    ops.db.execute(delete(otks_t).where(and_(otks_t.c.user_id == rec.id,
-                                             otks_t.c.device == device)))
+    # Its one-time keys and its queued to-device messages go with it: ON DELETE CASCADE,
+    # and said here for other engines.
+    for table in (otks_t, to_device_t, to_device_sends_t):
+        ops.db.execute(delete(table).where(and_(table.c.user_id == rec.id,
+                                                table.c.device == device)))
     audit(ops.db, now_ms(), OPERATOR, "device_remove", target=rec.name, detail=device,
           reason=reason)
+    notice = device_list_notice(ops.db, ops.store, rec.id, rec.key, rec.name)
+
+    def unbind() -> None:
+        # Its sessions may stay, but send nothing more as that device.
+        for session in ops.hub.sessions_of(rec.key):
+            if session.device == device:
+                session.device = session.device_curve = None
+                session.to_device_sent, session.to_device_live = 0, False
+        notice()
+
+    ops.later.append(unbind)
     return {"username": rec.name, "device": device, "removed": True}
 
 

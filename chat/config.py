@@ -246,6 +246,22 @@ class Settings:
         100, "One-time keys one device may keep on the server: each is handed out once, "
         "and a device tops up when told its count."
     )
+    max_to_device_queue: int = _setting(
+        1000, "To-device messages (room keys, verification) kept for one device until it "
+        "acknowledges them; past that, sends to it are skipped and the sender told."
+    )
+    to_device_page: int = _setting(
+        100, "Queued to-device messages given to a device at once; the next page follows "
+        "its acknowledgement."
+    )
+    to_device_send_id_ttl: float = _setting(
+        24 * 3600.0, "Seconds a device's to-device send_id is remembered, so that a "
+        "repeated send is answered again rather than queued twice."
+    )
+    max_key_watch: int = _setting(
+        1000, "Users one session follows device changes of through query_keys (the ones "
+        "asked about last); rooms carry the notices for the rest."
+    )
     max_history_bytes: int = _setting(
         1024 * 1024, "Largest history reply; older messages are left for the next page."
     )
@@ -333,6 +349,7 @@ class Settings:
             raise bad("tls_profile", "must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
                      "checkpoint_interval", "presence_interval", "invite_ttl",
+                     "to_device_send_id_ttl",
                      "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
@@ -357,7 +374,8 @@ class Settings:
                      "max_errors_in_row", "frame_burst", "max_connections_per_ip",
                      "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
                      "writer_queue_limit", "presence_room_limit", "read_bytes_per_second",
-                     "max_listed_rooms", "max_devices_per_user", "max_one_time_keys"):
+                     "max_listed_rooms", "max_devices_per_user", "max_one_time_keys",
+                     "max_to_device_queue", "to_device_page", "max_key_watch"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chat import keys, login, moderation, rooms
+from chat import keys, login, moderation, rooms, todevice
 from chat import messages as m
 from chat.errors import (
     AuthRequired,
@@ -549,4 +549,6 @@ _HANDLERS: dict[type, _Handler] = {
     m.UploadOneTimeKeys: _Handler(keys.upload_one_time_keys, False),
     m.QueryKeys: _Handler(keys.query_keys, False),
     m.ClaimKey: _Handler(keys.claim_key, False),
+    m.ToDevice: _Handler(todevice.send, False),
+    m.ToDeviceAck: _Handler(todevice.ack, False),
 }

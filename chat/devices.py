@@ -63,7 +63,7 @@ def device_id(value: Any) -> str:
     return value
 
 
-def _only(obj: Any, fields: set[str], what: str) -> dict[str, Any]:
+def only(obj: Any, fields: set[str], what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InvalidField(f"{what}: an object is required")
     extra = set(obj) - fields
@@ -128,7 +128,7 @@ def verify_device(user: str, keys: DeviceKeys) -> None:
 
 def parse_one_time_key(obj: Any, *, fallback: bool = False) -> OneTimeKey:
     what = "fallback" if fallback else "keys"
-    obj = _only(obj, {"id", "key", "signature"}, what)
+    obj = only(obj, {"id", "key", "signature"}, what)
     key_id = obj.get("id")
     if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
         raise InvalidField(f"{what}: id: 1 to 32 characters of base64 or '-', '_'")
@@ -143,3 +143,41 @@ def verify_one_time_key(user: str, device: DeviceKeys, key: OneTimeKey) -> None:
     if key.fallback:
         signed["fallback"] = True
     verify(device.ed25519, key.signature, signed, "fallback" if key.fallback else "keys")
+
+
+# --- step 2: what the server relays without reading it --------------------------------
+SEND_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+_BASE64_RE = re.compile(r"[A-Za-z0-9+/]+\Z")
+OLM_PRE_KEY, OLM_NORMAL = 0, 1
+
+
+def _ciphertext(value: Any, field: str, max_chars: int) -> str:
+    """Unpadded base64 of opaque bytes: the server checks its shape, never its content."""
+    if (not isinstance(value, str) or not 1 <= len(value) <= max_chars
+            or len(value) % 4 == 1 or not _BASE64_RE.match(value)):
+        raise InvalidField(f"{field}: unpadded base64 of at most {max_chars} characters")
+    return value
+
+
+def parse_olm(obj: Any, max_chars: int) -> dict[str, Any]:
+    """A to-device message's `olm` object: {"type":0|1,"body":B,"sender_key":C}."""
+    obj = only(obj, {"type", "body", "sender_key"}, "olm")
+    kind = obj.get("type")
+    if type(kind) is not int or kind not in (OLM_PRE_KEY, OLM_NORMAL):
+        raise InvalidField("olm: type: 0 (a pre-key message) or 1")
+    return {"type": kind, "body": _ciphertext(obj.get("body"), "olm: body", max_chars),
+            "sender_key": _b64(obj.get("sender_key"), KEY_BYTES, "olm: sender_key")}
+
+
+def parse_envelope(obj: Any, max_chars: int) -> dict[str, str]:
+    """An encrypted message: {"algorithm":"megolm","device","sender_key","session_id",
+    "ciphertext"}, nothing else."""
+    obj = only(obj, {"algorithm", "device", "sender_key", "session_id", "ciphertext"},
+                "encrypted")
+    if obj.get("algorithm") != "megolm":
+        raise InvalidField("encrypted: algorithm: \"megolm\"")
+    return {"algorithm": "megolm", "device": device_id(obj.get("device")),
+            "sender_key": _b64(obj.get("sender_key"), KEY_BYTES, "encrypted: sender_key"),
+            "session_id": _b64(obj.get("session_id"), KEY_BYTES, "encrypted: session_id"),
+            "ciphertext": _ciphertext(obj.get("ciphertext"), "encrypted: ciphertext",
+                                      max_chars)}

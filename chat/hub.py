@@ -74,8 +74,17 @@ class Session:
     closed: bool = False
     # The rooms whose member sets hold this session: detach removes it from exactly these.
     rooms_in: set[str] = field(default_factory=set)
-    # The device this session uploaded keys as (end-to-end encryption), if any.
+    # The device this session uploaded keys as (end-to-end encryption), if any, and its
+    # Curve25519 key: what an encrypted message or a to-device message must name.
     device: str | None = None
+    device_curve: str | None = None
+    # The device's to-device queue: the highest `seq` given out, and whether all of it
+    # was (then new messages go out live; else they wait for the next page).
+    to_device_sent: int = 0
+    to_device_live: bool = False
+    # Users whose keys this session asked for (query_keys), oldest first: it is told of
+    # their device changes. chat.keys bounds it (max_key_watch).
+    watching: dict[str, None] = field(default_factory=dict, repr=False)
 
 
 def with_re(data: bytes, re: object) -> bytes:
@@ -106,6 +115,8 @@ class LocalHub:
         self._clock = clock
         self._pending: dict[str, dict[str, _Change]] = {}  # room -> user key -> change
         self._last_flush = -presence_interval
+        # user key -> sessions that asked for that user's keys (device-list notices)
+        self._watchers: dict[str, set[Session]] = {}
 
     # --- sessions -------------------------------------------------------------------
     def attach(self, session: Session, rooms: list[str], first: list[bytes]) -> bool:
@@ -156,6 +167,43 @@ class LocalHub:
             if not members:
                 del self._rooms[room]
         session.rooms_in.clear()
+        self._unwatch_all(session)
+
+    # --- device-list notices (end-to-end encryption) ----------------------------------
+    def watch(self, session: Session, key: str, limit: int) -> None:
+        """`session` asked for the keys of user `key`: tell it when they change. It keeps
+        the `limit` users it asked about last; rooms carry notices for the rest."""
+        if session.closed:
+            return  # detached already: nothing would ever remove it again
+        session.watching.pop(key, None)
+        session.watching[key] = None
+        self._watchers.setdefault(key, set()).add(session)
+        while len(session.watching) > limit:
+            oldest = next(iter(session.watching))
+            del session.watching[oldest]
+            self._unwatch(session, oldest)
+
+    def _unwatch(self, session: Session, key: str) -> None:
+        watchers = self._watchers.get(key)
+        if watchers is not None:
+            watchers.discard(session)
+            if not watchers:
+                del self._watchers[key]
+
+    def _unwatch_all(self, session: Session) -> None:
+        for key in session.watching:
+            self._unwatch(session, key)
+        session.watching.clear()
+
+    def devices_changed(self, key: str, rooms: list[str], data: bytes) -> None:
+        """Tell that user `key`'s devices changed: to its sessions, to every session in a
+        room it is in, and to every session that asked for its keys; each once."""
+        told: set[Session] = set(self.sessions_of(key))
+        told.update(self._watchers.get(key, ()))
+        for room in rooms:
+            told.update(self._rooms.get(room, ()))
+        for session in told:
+            session.out.deliver(data)
 
     def sessions_of(self, key: str) -> list[Session]:
         user = self._users.get(key)

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, func, insert, select
 
-from chat import devices
+from chat import devices, todevice
 from chat import messages as m
 from chat.errors import InvalidField, NoSuchUser
-from chat.models import Device, OneTimeKey
+from chat.models import Device, Membership, OneTimeKey
 from chat.protocol import encode
 from chat.rooms import requester, submit
 from chat.store import now_ms
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from chat.connection import Connection
 
 devices_t, otks_t = Device.__table__, OneTimeKey.__table__
+members_t = Membership.__table__
 
 
 def _device_row(db: Any, user_id: int, device: str) -> Any:
@@ -43,14 +44,31 @@ def _count(db: Any, user_id: int, device: str) -> int:
         otks_t.c.fallback.is_(False)))).scalar_one()
 
 
+def device_list_notice(db: Any, store: Any, user_id: int, key: str, name: str
+                       ) -> Callable[[], None]:
+    """Writer, in a job: what tells everyone concerned that the user's devices changed
+    (its sessions, those of its encrypted rooms, those that asked for its keys), to run
+    after. Only encrypted rooms: a room of plaintext (general has everyone) needs no keys."""
+    rooms = [room for room in db.execute(select(members_t.c.room)
+                                         .where(members_t.c.user_id == user_id)).scalars()
+             if store.rooms.encrypted(db, room)]
+    hub = store.hub
+    data = encode({"type": "device_list", "username": name})
+    return lambda: hub.devices_changed(key, rooms, data)
+
+
 def upload_device(conn: Connection, req: m.UploadDevice) -> None:
     session = conn.require_session()
     keys, limit = req.keys, conn.settings.max_devices_per_user
     devices.verify_device(session.name, keys)  # pure CPU, on the loop: no writer time
+    store = conn.server.store
 
     def run(db: Any) -> Callable[[], None]:
-        requester(conn)
+        user = requester(conn)
+        if session.device not in (None, keys.device):
+            raise InvalidField(f"device: this session is device {session.device} already")
         row = _device_row(db, session.user_id, keys.device)
+        notice = None
         if row is None:
             n = db.execute(select(func.count()).select_from(devices_t)
                            .where(devices_t.c.user_id == session.user_id)).scalar_one()
@@ -59,15 +77,30 @@ def upload_device(conn: Connection, req: m.UploadDevice) -> None:
                                    "(chat-admin) first")
             db.execute(insert(devices_t).values(user_id=session.user_id, **keys.public(),
                                                 created_ms=now_ms()))
+            notice = device_list_notice(db, store, session.user_id, user.key, session.name)
         elif (row.curve25519, row.ed25519) != (keys.curve25519, keys.ed25519):
             raise InvalidField(f"device: {keys.device} has other keys; a device's keys never "
                                "change (new keys are a new device)")
         reply = {"type": "ok", "op": "device_keys", "device": keys.device,
                  "one_time_keys": _count(db, session.user_id, keys.device)}
+        page: list[bytes] = []
+        if session.device is None:
+            # The session is the device's from here on, in the writer's order: a send
+            # behind this request already names it, and its queue starts coming.
+            session.device, session.device_curve = keys.device, keys.curve25519
+
+            def unbind() -> None:
+                session.device = session.device_curve = None
+
+            store.on_rollback(unbind)
+            page = todevice.next_page(db, conn, session)
 
         def after() -> None:
-            session.device = keys.device  # (the writer's, like everything about sessions)
             conn.reply(req.id, reply)
+            for data in page:
+                session.out.deliver(data)
+            if notice is not None:
+                notice()
 
         return after
 
@@ -116,22 +149,30 @@ def upload_one_time_keys(conn: Connection, req: m.UploadOneTimeKeys) -> None:
 
 
 def query_keys(conn: Connection, req: m.QueryKeys) -> None:
-    conn.require_session()
-    store = conn.server.store
+    session = conn.require_session()
+    store, hub, watch = conn.server.store, conn.server.hub, conn.settings.max_key_watch
 
     def run(db: Any) -> Callable[[], None]:
         requester(conn)
         found: dict[str, list[dict[str, str]]] = {}
+        keys: list[str] = []
         for name in req.users:
             rec = store.user(db, name.lower()) if m.valid_username(name) else None
             if rec is None:
                 continue  # unknown users are left out, as in a search
+            keys.append(rec.key)
             rows = db.execute(select(devices_t).where(devices_t.c.user_id == rec.id)
                               .order_by(devices_t.c.device)).all()
             found[rec.name] = [devices.DeviceKeys(r.device, r.curve25519, r.ed25519,
                                                   r.signature).public() for r in rows]
         frame = {"type": "keys", "users": found}
-        return lambda: conn.loop.call_soon(conn.reply_weighed, req.id, frame)
+
+        def after() -> None:
+            for key in keys:  # told of their device changes from now on
+                hub.watch(session, key, watch)
+            conn.loop.call_soon(conn.reply_weighed, req.id, frame)
+
+        return after
 
     submit(conn, req.id, run)
 

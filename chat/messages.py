@@ -180,7 +180,9 @@ class Quit(Request):
 class Send(Request):
     room: str | None  # canonical room name, or None for a direct message
     to: str | None  # recipient username as typed, or None for a room message
-    message: str
+    message: str  # the text; for an encrypted message, ENCRYPTED_PLACEHOLDER
+    # An encrypted message's Megolm envelope (chat.devices.parse_envelope), else None.
+    encrypted: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +233,7 @@ class Create(Request):
     room: str
     visibility: str
     history: str
+    encrypted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +309,11 @@ class UnblockUser(Request):
 
 # --- end-to-end encryption, step 1: the device directory (chat.devices) -------------
 MAX_QUERIED_USERS = 100
+# What a `message` frame carries as text for an encrypted message, so that a client that
+# cannot decrypt shows something; the server never has the text.
+ENCRYPTED_PLACEHOLDER = "[encrypted]"
+# A ciphertext's own bound; a frame (max_frame_bytes) is the tighter one in practice.
+MAX_CIPHERTEXT_CHARS = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +337,49 @@ class QueryKeys(Request):
 class ClaimKey(Request):
     username: str
     device: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToDeviceItem:
+    username: str  # as typed
+    device: str
+    olm: dict[str, Any]  # chat.devices.parse_olm
+
+
+@dataclass(frozen=True, slots=True)
+class ToDevice(Request):
+    send_id: str
+    messages: tuple[ToDeviceItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ToDeviceAck(Request):
+    upto: int
+
+
+def _parse_to_device(rid: RequestId, frame: dict[str, Any]) -> Request:
+    send_id = frame.get("send_id")
+    if not isinstance(send_id, str) or not devices.SEND_ID_RE.match(send_id):
+        raise InvalidField("send_id: 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    items = frame.get("messages")
+    if not isinstance(items, list) or not items:
+        raise InvalidField("messages: a list of at least one message is required")
+    parsed = []
+    for item in items:
+        item = devices.only(item, {"username", "device", "olm"}, "messages")
+        username = item.get("username")
+        if not isinstance(username, str) or not _encodable(username):
+            raise InvalidField("messages: username: a string is required")
+        parsed.append(ToDeviceItem(username, devices.device_id(item.get("device")),
+                                   devices.parse_olm(item.get("olm"), MAX_CIPHERTEXT_CHARS)))
+    return ToDevice(rid, send_id, tuple(parsed))
+
+
+def _parse_to_device_ack(rid: RequestId, frame: dict[str, Any]) -> Request:
+    upto = _optional_int(frame, "upto")
+    if upto is None:
+        raise InvalidField("upto: a non-negative integer is required")
+    return ToDeviceAck(rid, upto)
 
 
 def _parse_one_time_keys(rid: RequestId, frame: dict[str, Any]) -> Request:
@@ -377,7 +428,12 @@ def _parse_create(rid: RequestId, frame: dict[str, Any]) -> Request:
     visibility = _choice(frame, "visibility", VISIBILITIES, "public")
     history = _choice(frame, "history", HISTORIES,
                       "joined" if visibility == "private" else "shared")
-    return Create(rid, room_name(frame.get("room")), visibility, history)
+    encrypted = frame.get("encrypted", False)
+    if not isinstance(encrypted, bool):
+        raise InvalidField("encrypted: true or false")
+    if encrypted and visibility != "private":
+        raise InvalidField("encrypted: only a private room can be encrypted")
+    return Create(rid, room_name(frame.get("room")), visibility, history, encrypted)
 
 
 def _parse_removal(cls: type) -> Any:
@@ -419,11 +475,18 @@ def _parse_send(rid: RequestId, frame: dict[str, Any]) -> Request:
     has_room, has_to = frame.get("room") is not None, frame.get("to") is not None
     if has_room == has_to:
         raise InvalidField("send: exactly one of 'room' or 'to' is required")
-    text = message_text(frame.get("message"))
+    envelope = frame.get("encrypted")
+    if envelope is not None:
+        if frame.get("message") is not None:
+            raise InvalidField("send: 'message' or 'encrypted', not both")
+        envelope = devices.parse_envelope(envelope, MAX_CIPHERTEXT_CHARS)
+        text = ENCRYPTED_PLACEHOLDER
+    else:
+        text = message_text(frame.get("message"))
     if has_room:
-        return Send(rid, room_name(frame["room"]), None, text)
+        return Send(rid, room_name(frame["room"]), None, text, envelope)
     to = _string(frame, "to")
-    return Send(rid, None, to, text)
+    return Send(rid, None, to, text, envelope)
 
 
 def _parse_history(rid: RequestId, frame: dict[str, Any]) -> Request:
@@ -488,6 +551,8 @@ _PARSERS = {
     "claim_key": lambda rid, frame: ClaimKey(rid, _username(frame),
                                              _device(frame.get("device"))),
     "unblock": lambda rid, frame: UnblockUser(rid, _username(frame)),
+    "to_device": _parse_to_device,
+    "to_device_ack": _parse_to_device_ack,
 }
 
 

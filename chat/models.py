@@ -56,6 +56,8 @@ class Room(Base):
     created_ms: Mapped[int] = mapped_column(BigInteger)
     # Messages of this room have ids above it (the newest id when the room was made).
     first_msg_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    # End-to-end encrypted (a private room made so): only ciphertext is stored, for ever.
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Membership(Base):
@@ -161,6 +163,8 @@ class Message(Base):
     body: Mapped[str] = mapped_column(Text)
     # For direct messages: False until handed to one of the recipient's sessions.
     delivered: Mapped[bool] = mapped_column(Boolean, default=True)
+    # `body` is a Megolm envelope (canonical JSON) the server cannot read, not text.
+    encrypted: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (
         Index("ix_messages_room_id", "room", "id"),
@@ -214,4 +218,45 @@ class OneTimeKey(Base):
     __table_args__ = (
         ForeignKeyConstraint(["user_id", "device"], ["devices.user_id", "devices.device"],
                              ondelete="CASCADE"),
+    )
+
+
+class ToDevice(Base):
+    """An Olm message queued for one device until that device acknowledges it. `seq` is
+    the order the device gets its queue in; the sender is as the server authenticated it."""
+
+    __tablename__ = "to_device"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    sender_name: Mapped[str] = mapped_column(String(32))
+    sender_device: Mapped[str] = mapped_column(String(32))
+    olm: Mapped[str] = mapped_column(Text)  # the `olm` object, canonical JSON
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        ForeignKeyConstraint(["user_id", "device"], ["devices.user_id", "devices.device"],
+                             ondelete="CASCADE"),
+        Index("ix_to_device_target", "user_id", "device", "seq"),
+        # `seq` never goes back, even once the queue is empty (SQLite reuses rowids).
+        {"sqlite_autoincrement": True},
+    )
+
+
+class ToDeviceSend(Base):
+    """A `send_id` a device used lately, with its answer: a repeat queues nothing again."""
+
+    __tablename__ = "to_device_sends"
+
+    user_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(String(32), primary_key=True)
+    send_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    answer: Mapped[str] = mapped_column(Text)  # the `ok`'s queued and skipped, JSON
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        ForeignKeyConstraint(["user_id", "device"], ["devices.user_id", "devices.device"],
+                             ondelete="CASCADE"),
+        Index("ix_to_device_sends_age", "user_id", "device", "created_ms"),
     )

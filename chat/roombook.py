@@ -53,6 +53,7 @@ class RoomState:
     history: str
     topic: str
     first_msg_id: int
+    encrypted: bool = False
     members: dict[int, Member] = field(default_factory=dict)  # by user id
     bans: set[int] = field(default_factory=set)
     invites: dict[int, int] = field(default_factory=dict)  # user id -> expires_ms
@@ -106,9 +107,12 @@ class RoomState:
 
     def info(self, role: str | None) -> dict[str, Any]:
         """The `room` frame (room_info's reply) as a member of `role` sees it."""
-        return {"type": "room", "room": self.name, "visibility": self.visibility,
+        info = {"type": "room", "room": self.name, "visibility": self.visibility,
                 "history": self.history, "topic": self.topic, "role": role,
                 "members": len(self.members)}
+        if self.encrypted:
+            info["encrypted"] = True
+        return info
 
 
 # A room that does not exist, as `acl` sees it: invisible to everyone.
@@ -124,6 +128,9 @@ class RoomBook:
         self._rooms: OrderedDict[str, RoomState] = OrderedDict()
         self._blocks: OrderedDict[int, set[int]] = OrderedDict()
         self.cache_rooms = cache_rooms
+        # The names of every encrypted room, read once: each room message asks (the
+        # server refuses plaintext there), and the room cache may not hold its room.
+        self._encrypted: set[str] | None = None
         # Counts changes to what is held: a job that fails after changing something has
         # the book forgotten (Store._run_job), one refused before any change does not.
         self.changes = 0
@@ -132,6 +139,7 @@ class RoomBook:
         """A batch failed: what was changed in memory may not be in the database."""
         self._rooms.clear()
         self._blocks.clear()
+        self._encrypted = None
 
     # --- reading --------------------------------------------------------------------
     def get(self, db: Connection, name: str) -> RoomState | None:
@@ -142,7 +150,8 @@ class RoomBook:
         row = db.execute(select(rooms_t).where(rooms_t.c.name == name)).first()
         if row is None:
             return None
-        room = RoomState(row.name, row.visibility, row.history, row.topic, row.first_msg_id)
+        room = RoomState(row.name, row.visibility, row.history, row.topic, row.first_msg_id,
+                         row.encrypted)
         for uid, uname, role, since in db.execute(
                 select(members_t.c.user_id, users_t.c.username, members_t.c.role,
                        members_t.c.since_msg_id)
@@ -156,6 +165,12 @@ class RoomBook:
             .where(invites_t.c.room == name)).all())
         self._keep(name, room)
         return room
+
+    def encrypted(self, db: Connection, name: str) -> bool:
+        if self._encrypted is None:
+            self._encrypted = set(db.execute(
+                select(rooms_t.c.name).where(rooms_t.c.encrypted.is_(True))).scalars())
+        return name in self._encrypted
 
     def _keep(self, name: str, room: RoomState) -> None:
         self._rooms[name] = room
@@ -184,13 +199,17 @@ class RoomBook:
 
     # --- changing (inside the writer's transaction) ----------------------------------
     def create(self, db: Connection, name: str, visibility: str, history: str,
-               first_msg_id: int, now_ms: int) -> RoomState:
+               first_msg_id: int, now_ms: int, encrypted: bool = False) -> RoomState:
         self.changes += 1
         db.execute(insert(rooms_t).values(name=name, visibility=visibility, history=history,
                                           topic="", created_ms=now_ms,
-                                          first_msg_id=first_msg_id))
-        room = RoomState(name, visibility, history, "", first_msg_id)
+                                          first_msg_id=first_msg_id, encrypted=encrypted))
+        room = RoomState(name, visibility, history, "", first_msg_id, encrypted)
         self._keep(name, room)
+        if encrypted:
+            self.encrypted(db, name)  # loaded before the new name goes in
+            assert self._encrypted is not None
+            self._encrypted.add(name)
         return room
 
     def add_member(self, db: Connection, room: RoomState, user_id: int, name: str,
@@ -274,6 +293,8 @@ class RoomBook:
             db.execute(delete(table).where(table.c.room == room.name))
         db.execute(delete(rooms_t).where(rooms_t.c.name == room.name))
         self._rooms.pop(room.name, None)
+        if self._encrypted is not None:
+            self._encrypted.discard(room.name)
         return deleted
 
     def block(self, db: Connection, user_id: int, blocked_id: int, now_ms: int) -> None:
@@ -310,7 +331,8 @@ def rooms_listed(db: Connection, user_id: int, now_ms: int,
     counts = (select(members_t.c.room, func.count().label("n"))
               .group_by(members_t.c.room).subquery())
     n = func.coalesce(counts.c.n, 0)
-    query = (select(rooms_t.c.name, rooms_t.c.topic, rooms_t.c.visibility, n)
+    query = (select(rooms_t.c.name, rooms_t.c.topic, rooms_t.c.visibility, n,
+                    rooms_t.c.encrypted)
              .outerjoin(counts, counts.c.room == rooms_t.c.name))
     public = db.execute(query.where(rooms_t.c.visibility == acl.PUBLIC)
                         .order_by(n.desc(), rooms_t.c.name).limit(limit + 1)).all()
@@ -319,6 +341,7 @@ def rooms_listed(db: Connection, user_id: int, now_ms: int,
     # (Invitations are kept for private rooms only: a public room needs none.)
     rows = {row[0]: row for row in public[:limit] + own}
     listed = [{"room": name, "topic": topic, "members": count, "visibility": visibility,
-               "role": mine.get(name)} for name, topic, visibility, count in rows.values()]
+               "role": mine.get(name), **({"encrypted": True} if encrypted else {})}
+              for name, topic, visibility, count, encrypted in rows.values()]
     listed.sort(key=lambda r: r["room"])
     return listed, more

@@ -144,7 +144,7 @@ def send(conn: Connection, req: m.Send) -> None:
     # Membership is checked by the writer, with the message (Store._insert_messages).
     conn.submit(MessageJob(
         session, rid, req.room, req.to, req.message,
-        fail=lambda exc: conn.send_error(exc, rid), owner=conn,
+        fail=lambda exc: conn.send_error(exc, rid), owner=conn, envelope=req.encrypted,
     ))
 
 
@@ -173,8 +173,9 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
             raise RoomTaken()
         if room is not None:
             acl.join(view)
-            if view.member:
-                return lambda: conn.reply(rid, ok)  # already in: no presence
+            if view.member:  # already in: no presence
+                again = {**ok, "encrypted": True} if room.encrypted else ok
+                return lambda: conn.reply(rid, again)
         if len(user.rooms) >= limit:
             raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
         ms, last = now_ms(), store.last_msg_id
@@ -182,7 +183,8 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
         if room is None:
             visibility, history = ((create.visibility, create.history) if create
                                    else (acl.PUBLIC, acl.SHARED))
-            room = store.rooms.create(db, name, visibility, history, last, ms)
+            room = store.rooms.create(db, name, visibility, history, last, ms,
+                                      create is not None and create.encrypted)
         # general holds everyone from registration on, so it has no member limit.
         elif name != DEFAULT_ROOM and len(room.members) >= max_members:
             raise InvalidField(f"room: {name} is full ({max_members} members)")
@@ -195,6 +197,8 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
 
         # A join that made the room says so: a typo should not go unnoticed.
         reply = {**ok, "created": True} if made and create is None else ok
+        if room.encrypted:
+            reply = {**reply, "encrypted": True}
 
         def after() -> None:
             conn.reply(rid, reply)

@@ -448,7 +448,7 @@ def hello_frame(server_id: str, s: Settings, registration: str) -> dict[str, Any
     return {
         "type": "hello", "protocol": PROTOCOL_VERSION, "server": server_id,
         "max_frame_bytes": s.max_frame_bytes, "min_password_length": s.min_password_length,
-        "features": ["acl", "devices"], "registration": registration,
+        "features": ["acl", "devices", "e2e"], "registration": registration,
         "limits": {
             "frames_per_second": s.frames_per_second, "frame_burst": s.frame_burst,
             "read_bytes_per_second": s.read_bytes_per_second,

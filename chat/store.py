@@ -22,6 +22,7 @@ The user cache is touched by the writer thread only.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import queue
 import threading
@@ -36,17 +37,20 @@ from sqlalchemy.exc import IntegrityError
 
 from chat import acl
 from chat.auth import username_skeleton
+from chat.devices import canonical
 from chat.errors import (
     Blocked,
     ChatError,
     Forbidden,
     Internal,
+    InvalidField,
     NoSuchUser,
     NotInRoom,
     ServerBusy,
     UsernameTaken,
 )
 from chat.hub import LocalHub, Session, with_re
+from chat.messages import ENCRYPTED_PLACEHOLDER
 from chat.models import Membership, Message, User
 from chat.protocol import Frame, encode
 from chat.roombook import OPERATOR, RoomBook, missing
@@ -113,6 +117,7 @@ class MessageJob:
     text: str
     fail: Callable[[ChatError], None]
     owner: Any = None
+    envelope: dict[str, str] | None = None  # an encrypted message's (chat.devices)
 
 
 _STOP = object()
@@ -127,7 +132,11 @@ def message_frame(row: Any) -> Frame:
         frame["room"] = row.room
     else:
         frame["to"] = row.recipient_name
-    frame["message"] = row.body
+    if row.encrypted:
+        frame["message"] = ENCRYPTED_PLACEHOLDER
+        frame["encrypted"] = json.loads(row.body)
+    else:
+        frame["message"] = row.body
     return frame
 
 
@@ -505,10 +514,24 @@ class Store:
                 # behind a refused join (or after a leave, a kick, a ban) is refused here.
                 afters[i] = _failing(job.fail, self._not_sendable(conn, job.room, sess))
                 continue
+            env = job.envelope
+            if env is not None and (env["device"] != sess.device
+                                    or env["sender_key"] != sess.device_curve):
+                afters[i] = _failing(job.fail, InvalidField(
+                    "encrypted: device and sender_key must be this session's device "
+                    "(device_keys first)"))
+                continue
+            if job.room is not None and self.rooms.encrypted(conn, job.room) != (env is not None):
+                afters[i] = _failing(job.fail, Forbidden(
+                    f"{job.room} is end-to-end encrypted: the server takes only ciphertext "
+                    "there") if env is None else InvalidField(
+                    f"encrypted: {job.room} is not an encrypted room"))
+                continue
             row = {
                 "ts_ms": ms, "sender_id": sess.user_id, "sender_name": sess.name,
                 "room": job.room, "recipient_id": None, "recipient_name": None,
-                "dm_pair": None, "body": job.text, "delivered": True,
+                "dm_pair": None, "body": job.text if env is None else canonical(env).decode(),
+                "delivered": True, "encrypted": env is not None,
             }
             rec = None
             if job.to is not None:
@@ -542,7 +565,9 @@ class Store:
             if rec is None:
                 frame["room"] = job.room
                 frame["message"] = job.text
-                size = _text_size(job.text)
+                if job.envelope is not None:
+                    frame["encrypted"] = job.envelope
+                size = _text_size(row["body"])
                 # Anything between (a direct message, a refused one) ends the run, which
                 # keeps it at its first message's place, before that.
                 if run and (run[0][0].room != job.room or i != run_last + 1
@@ -557,6 +582,8 @@ class Store:
                 continue
             frame["to"] = rec.name
             frame["message"] = job.text
+            if job.envelope is not None:
+                frame["encrypted"] = job.envelope
             afters[i] = self._fanout_later(job, rec, frame, bool(row["delivered"]))
         if run:
             afters[run_at] = self._room_fanout_later(run)
@@ -634,7 +661,7 @@ class Store:
 _OPERATOR_SKELETON = username_skeleton(OPERATOR)
 
 _MESSAGE_COLUMNS = ("ts_ms", "sender_id", "sender_name", "room", "recipient_id",
-                    "recipient_name", "dm_pair", "body", "delivered")
+                    "recipient_name", "dm_pair", "body", "delivered", "encrypted")
 
 
 @functools.lru_cache(maxsize=64)

@@ -92,7 +92,7 @@ def test_logout_and_reset_password_end_sessions_with_logged_out(chat_server, cap
 def test_registration_with_tokens(server_factory, capsys):
     server = server_factory(registration="token")
     c = server.client()
-    assert c.hello["registration"] == "token" and c.hello["features"] == ["acl", "devices"]
+    assert c.hello["registration"] == "token" and c.hello["features"] == ["acl", "devices", "e2e"]
     reg = {"type": "register", "username": "newbie", "password": PASSWORD}
     assert c.request(reg)["code"] == "invalid_token"
     assert c.request({**reg, "token": "x" * 43})["code"] == "invalid_token"

@@ -89,10 +89,14 @@ def test_devices_and_one_time_keys_are_bounded(server_factory):
     server = server_factory(max_devices_per_user=2, max_one_time_keys=4)
     alice = server.user("alice")
     register_device(alice, "alice", "one", n=4)
-    register_device(alice, "alice", "two", n=0)
-    assert "2 devices already" in alice.request(
+    # A session is one device: each device here has its own.
+    register_device(server.user("alice", register=False), "alice", "two", n=0)
+    assert "session is device one" in alice.request(
+        device_frame(vodozemac.Account(), "alice", "two"))["message"]
+    assert "2 devices already" in server.user("alice", register=False).request(
         device_frame(vodozemac.Account(), "alice", "three"))["message"]
     account = vodozemac.Account()
+    alice = server.user("alice", register=False)
     alice.request(device_frame(account, "alice", "two"))
     reply = alice.request({"type": "one_time_keys", "device": "two",
                            "keys": one_time_keys(account, "alice", "two", 5)})

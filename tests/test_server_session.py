@@ -16,7 +16,7 @@ def test_hello_announces_limits(server_factory):
     assert c.hello == {
         "type": "hello", "protocol": 1, "server": "chat/0.1.0",
         "max_frame_bytes": 16384, "min_password_length": 15,
-        "features": ["acl", "devices"], "registration": "open",
+        "features": ["acl", "devices", "e2e"], "registration": "open",
         "limits": {
             "frames_per_second": 10.0, "frame_burst": 30,
             "read_bytes_per_second": 16384, "read_bytes_burst": 32768,
