@@ -1,7 +1,7 @@
 """Start each server, run the workloads against it, stop it, print one table.
 
     bench/run.sh [--runs 3] [--seconds 10] [--idle 10000] [--servers chat,naive]
-                 [--workloads a,b,c,d,e]
+                 [--workloads a,b,be,c,d,e]
 
 Our server runs with its flood limits raised (the documented benchmark settings: frame
 rate, connections and registrations per address, failed logins per address), since the
@@ -189,13 +189,14 @@ def main() -> int:
         subprocess.run([PY, "-m", "chat.certs", "--out", str(certs)], check=True,
                        capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         kinds = args.servers.split(",")
-        results = {kind: {"a": [], "b": []} for kind in kinds}
+        results = {kind: {"a": [], "b": [], "be": []} for kind in kinds}
         # Runs outermost: each server's runs are spread over the whole session, so a
         # slow minute of the machine does not fall on one server only.
         for run in range(args.runs):
             for kind in kinds:
-                for w in ("a", "b"):
-                    if w not in workloads:
+                for w in ("a", "b", "be"):
+                    # (be), (b) in an encrypted room, needs our protocol's e2e feature.
+                    if w not in workloads or (w == "be" and kind in (*PEERS, "naive")):
                         continue
                     label = kind.replace("/", "_").replace("@", "_")
                     proc, port = start(kind, certs, tmp / f"{label}-{w}-{run}", [])
@@ -212,6 +213,9 @@ def main() -> int:
             rows.append((kind, results[kind]))
             if kind != "chat":
                 continue
+            if "be" in workloads:
+                extra["decrypt"] = loadgen("decrypt", 0, os.getpid(), certs / "ca.crt", "x",
+                                           "chat")
             if "c" in workloads and args.idle:
                 proc, port = start(kind, certs, tmp / "chat-c", ["--bcrypt-rounds", "4"])
                 try:
@@ -257,6 +261,25 @@ def print_tables(args, cal: dict, rows: list, extra: dict) -> None:
               f"{spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
               f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
               f"{spread([r.get('generator_cpu_s') for r in b], '.1f')} | {'yes' if ok else 'NO'} |")
+    enc = [(kind, res) for kind, res in rows if res["be"]]
+    if enc:
+        print("\n(be) = (b) in an end-to-end encrypted private room: every message a Megolm "
+              "envelope of 200 bytes of text, encrypted by its sender as it is sent; beside "
+              "the plaintext (b) of the same runs.\n")
+        print("| server | (b) deliveries/s | (be) deliveries/s | (b) server µs/delivery | "
+              "(be) server µs/delivery | (be) generator CPU s | all ok |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for kind, res in enc:
+            b, be = res["b"], res["be"]
+            print(f"| {kind} | {spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
+                  f"{spread([r.get('deliveries_per_s') for r in be], ',.0f')} | "
+                  f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
+                  f"{spread([r.get('server_us_per_delivery') for r in be], '.2f')} | "
+                  f"{spread([r.get('generator_cpu_s') for r in be], '.1f')} | "
+                  f"{'yes' if all(r.get('ok') for r in be) else 'NO'} |")
+    if dec := extra.get("decrypt"):
+        print(f"\nA client's Megolm decryption (frame parse included, one core): "
+              f"{dec.get('per_s', 0):,.0f} messages/s, {dec.get('us_each', 0):.1f} µs each")
     if c := extra.get("c"):
         print(f"\n(c) chat: {c.get('held')}/{c.get('idle_connections')} idle connections held "
               f"(users registered at bcrypt cost 4), {c.get('rss_per_connection_kib', 0):.1f} "
