@@ -319,6 +319,14 @@ class KeyStore:
     def drop_outbound(self, conversation: str) -> None:
         self._write("DELETE FROM outbound_group WHERE conversation = ?", (conversation,))
 
+    def outbound_shared_with(self, username: str, device: str) -> list[str]:
+        """The conversations whose current outbound session that device was given."""
+        rows = self._db.execute(
+            "SELECT o.conversation FROM outbound_group o JOIN shared_with s "
+            "ON o.session_id = s.session_id WHERE s.username = ? AND s.device = ?",
+            (username.lower(), device)).fetchall()
+        return [r[0] for r in rows]
+
     def shared_with(self, session_id: str) -> set[tuple[str, str]]:
         rows = self._db.execute("SELECT username, device FROM shared_with "
                                 "WHERE session_id = ?", (session_id,)).fetchall()
