@@ -366,7 +366,7 @@ def test_a_to_device_message_from_an_unknown_device_waits_for_its_keys(net):
 def verify(net: Net, a: E2E, b: E2E) -> None:
     net.claim(a, [(b.user, b.device)])
     txn, start = a.start_verification(b.user, b.device)
-    (at_b,) = net.deliver(a, [start])  # b accepts, with a commitment to its key
+    (at_b,) = net.deliver(a, start["messages"])  # b accepts, with a commitment to its key
     (at_a,) = net.deliver(b, at_b.replies)  # a sends its key
     (at_b,) = net.deliver(a, at_a.replies)  # b sends its key
     (at_a,) = net.deliver(b, at_b.replies)  # a checks it against the commitment
@@ -375,8 +375,8 @@ def verify(net: Net, a: E2E, b: E2E) -> None:
     mac_a, done_a = a.confirm_verification(txn)
     mac_b, done_b = b.confirm_verification(txn)
     assert not done_a and not done_b
-    (got_a,) = net.deliver(a, mac_a)
-    (got_b,) = net.deliver(b, mac_b)
+    (got_a,) = net.deliver(a, mac_a["messages"])
+    (got_b,) = net.deliver(b, mac_b["messages"])
     assert got_a.verified == (a.user, a.device) and got_b.verified == (b.user, b.device)
 
 
@@ -387,6 +387,47 @@ def test_two_devices_verify_each_other_by_sas(net):
     assert bob.store.device("alice", "laptop").verified
     net.share(bob, "dev", [("alice", "laptop")])
     assert alice.decrypt(net.send(bob, "dev", "trusted", room="dev")).verified
+
+
+def test_a_failed_verification_is_cancelled_on_both_sides(net):
+    alice, bob, _ = trio(net)
+    net.claim(alice, [("bob", "phone")])
+    txn, start = alice.start_verification("bob", "phone")
+    (at_bob,) = net.deliver(alice, start["messages"])
+    (at_alice,) = net.deliver(bob, at_bob.replies)
+    (at_bob,) = net.deliver(alice, at_alice.replies)
+    net.deliver(bob, at_bob.replies)
+    assert alice.verification_codes(txn) == bob.verification_codes(txn)
+    request = alice.cancel_verification(txn, "the emoji differ")
+    (at_bob,) = net.deliver(alice, request["messages"])
+    assert at_bob.kind == "sas.cancel" and "emoji differ" in at_bob.reason
+    with pytest.raises(E2EError):
+        bob.confirm_verification(txn)
+    assert not bob.store.device("alice", "laptop").verified
+    # a MAC out of turn (no verification in progress) is refused, not applied
+    entry = alice.encrypt_to_device("bob", "phone", "sas.mac", {"txn": txn, "mac": {}})
+    (at_bob,) = net.deliver(alice, [entry])
+    assert at_bob.status is Status.REFUSED
+
+
+def test_to_device_requests_wait_in_the_outbox_until_the_server_took_them(net, tmp_path):
+    alice, _bob, _ = trio(net)
+    net.claim(alice, [("bob", "phone")])
+    share = alice.prepare("dev", [("bob", "phone")])
+    assert share.request["messages"] == share.messages
+    alice.store.close()  # the client stops before sending
+    alice = E2E(KeyStore.open(tmp_path / "alice" / "laptop.sqlite3"), "alice", "laptop")
+    assert alice.outbox() == [share.request]
+    assert alice.prepare("dev", [("bob", "phone")]).request is None  # already given
+    alice.to_device_sent(share.request["send_id"])
+    assert alice.outbox() == []
+
+
+def test_a_conversation_once_encrypted_stays_so(net):
+    alice = net.device("alice", "laptop")
+    assert not alice.must_encrypt("dev")
+    alice.pin_encrypted("dev")
+    assert alice.must_encrypt("dev") and not alice.must_encrypt("general")
 
 
 def test_a_man_in_the_middle_of_sas_is_caught():

@@ -27,6 +27,7 @@ Formats and checks are described in docs/e2e.md.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import json
 import secrets
@@ -99,18 +100,20 @@ class ToDeviceResult:
     reason: str = ""
     needs_keys: str | None = None
     replies: list[dict[str, Any]] = field(default_factory=list)
+    request: dict[str, Any] | None = None  # the replies as a queued to_device request
     decryptable: list[dict[str, Any]] = field(default_factory=list)
     verified: Target | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Share:
-    """To-device entries to send (`messages`, for a `to_device` request), devices that
-    need an Olm session first (`claim_key` each, `receive_claimed`, then ask again),
-    and devices left out with the reason."""
+    """To-device entries (`messages`), already queued in the outbox as `request` (a
+    `to_device` request to send), devices that need an Olm session first (`claim_key`
+    each, `receive_claimed`, then ask again), and devices left out with the reason."""
     messages: list[dict[str, Any]]
     need_sessions: list[Target]
     skipped: list[tuple[str, str, str]]
+    request: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +414,8 @@ class E2E:
     def encrypt_to_device(self, username: str, device: str, kind: str,
                           content: dict[str, Any]) -> dict[str, Any]:
         """One entry of a `to_device` request: `content` as a `kind` payload, Olm
-        encrypted for that device (which must be known, trusted, with a session)."""
+        encrypted for that device (which must be known, trusted, with a session). Not
+        queued: the caller must not lose it (the methods below queue what they make)."""
         with self.store.transaction():
             return self._encrypt_olm(self._usable(username, device), kind, content)
 
@@ -430,6 +434,37 @@ class E2E:
         return {"username": target.username, "device": target.device,
                 "olm": {"type": message_type, "body": _b64(body),
                         "sender_key": self.curve25519}}
+
+    def _enqueue(self, messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Put a `to_device` request in the outbox, in the caller's transaction. The
+        Olm ratchets have moved on and `prepare` counts these keys as given, so the
+        request must reach the server even if the client stops before sending it."""
+        if not messages:
+            return None
+        send_id = secrets.token_urlsafe(16)  # 22 of A-Z a-z 0-9 - _, as send_id wants
+        request = {"type": "to_device", "send_id": send_id, "messages": messages}
+        self.store.add_outbox(send_id, request)
+        return request
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """The `to_device` requests not yet answered `ok`, oldest first: send them again
+        after a reconnect (the server recognises a repeated send_id)."""
+        return self.store.outbox()
+
+    def to_device_sent(self, send_id: str) -> None:
+        """The server answered `ok` to the request with this send_id."""
+        with self.store.transaction():
+            self.store.drop_outbox(send_id)
+
+    def pin_encrypted(self, conversation: str) -> None:
+        """Remember that the conversation is encrypted: from now on `must_encrypt` says
+        so whatever the server claims (a room shown as unencrypted, a user shown with
+        no devices), so that a server cannot turn encryption off for it."""
+        with self.store.transaction():
+            self.store.pin_encrypted(conversation)
+
+    def must_encrypt(self, conversation: str) -> bool:
+        return self.store.is_pinned(conversation)
 
     def receive_to_device_page(self, frames: Iterable[dict[str, Any]]
                                ) -> tuple[list[ToDeviceResult], int | None]:
@@ -478,12 +513,15 @@ class E2E:
             # From here the Olm session advanced: a refusal of the payload keeps that
             # (the message was spent) but applies nothing of it.
             try:
-                return self._apply(seq, known, payload)
+                result = self._apply(seq, known, payload)
             except Refused as refusal:
                 replies = [refusal.reply] if isinstance(refusal, _RefusedWithReply) else []
-                return ToDeviceResult(seq, Status.REFUSED, seq,
-                                      kind=str(payload.get("type"))[:32], sender=sender,
-                                      device=device, reason=refusal.reason, replies=replies)
+                result = ToDeviceResult(seq, Status.REFUSED, seq,
+                                        kind=str(payload.get("type"))[:32], sender=sender,
+                                        device=device, reason=refusal.reason, replies=replies)
+            # Replies (verification steps) are queued in the same commit as the state
+            # they come from, so that neither is lost without the other.
+            return dataclasses.replace(result, request=self._enqueue(result.replies))
 
     def _decrypt_olm(self, known: Device, olm: Any) -> dict[str, Any]:
         """Decrypt and save the session; the caller's transaction commits it."""
@@ -618,7 +656,8 @@ class E2E:
                     messages.append(self._encrypt_olm(known, ROOM_KEY, content))
                     self.store.mark_shared(session.session_id, user, device)
                     shared.add((user, device))
-        return Share(messages, need, skipped)
+            request = self._enqueue(messages)
+        return Share(messages, need, skipped, request)
 
     def encrypt(self, conversation: str, text: str) -> dict[str, Any]:
         """The `encrypted` object of a `send` to the conversation. `prepare` first: a
@@ -778,7 +817,8 @@ class E2E:
                     "session_key": exported.to_base64(), "sender": record.sender,
                     "sender_device": record.sender_device, "sender_key": record.sender_key,
                     "sender_ed25519": record.sender_ed25519}))
-        return Share(messages, [], [])
+            request = self._enqueue(messages)
+        return Share(messages, [], [], request)
 
     def _receive_forwarded(self, known: Device, content: dict[str, Any]) -> str:
         if known.username != self.user or not known.verified:
@@ -807,33 +847,39 @@ class E2E:
     # -- verification (SAS) ---------------------------------------------------------
 
     def start_verification(self, username: str, device: str) -> tuple[str, dict[str, Any]]:
-        """Begin verifying another device: the transaction id and the entry to send."""
+        """Begin verifying another device: the transaction id and the queued request."""
         known = self._usable(username, device)
         txn = secrets.token_urlsafe(12)
         flow = Verification(txn, self._party(), _party(known), we_started=True)
+        with self.store.transaction():
+            request = self._enqueue([self._encrypt_olm(known, "sas.start", flow.start())])
         self._verifications[txn] = flow
-        return txn, self.encrypt_to_device(known.username, device, "sas.start", flow.start())
+        assert request is not None
+        return txn, request
 
     def verification_codes(self, txn: str) -> Codes:
         """The emoji or numbers to compare, once both keys are exchanged."""
         return self._flow(txn).codes()
 
-    def confirm_verification(self, txn: str) -> tuple[list[dict[str, Any]], bool]:
-        """The user says the codes match: the entries to send, and whether the other
+    def confirm_verification(self, txn: str) -> tuple[dict[str, Any], bool]:
+        """The user says the codes match: the queued request, and whether the other
         device is now verified (it is once its MAC, too, has come and matched)."""
         flow = self._flow(txn)
-        try:
-            content = flow.confirm()
-        except SasError as e:
-            return [self._cancel(flow, str(e))], False
-        out = [self.encrypt_to_device(flow.their.username, flow.their.device, "sas.mac",
-                                      content)]
-        return out, self._finish(flow)
+        with self.store.transaction():
+            try:
+                content = flow.confirm()
+            except SasError as e:
+                return self._cancel(flow, str(e)), False
+            known = self._usable(flow.their.username, flow.their.device)
+            request = self._enqueue([self._encrypt_olm(known, "sas.mac", content)])
+            assert request is not None
+            return request, self._finish(flow)
 
     def cancel_verification(self, txn: str, reason: str = "cancelled by the user"
                             ) -> dict[str, Any]:
-        """The codes differ, or the user gave up: the entry to send."""
-        return self._cancel(self._flow(txn), reason)
+        """The codes differ, or the user gave up: the queued request."""
+        with self.store.transaction():
+            return self._cancel(self._flow(txn), reason)
 
     def _party(self) -> Party:
         return Party(self.user, self.device, self.ed25519)
@@ -846,8 +892,10 @@ class E2E:
 
     def _cancel(self, flow: Verification, reason: str) -> dict[str, Any]:
         self._verifications.pop(flow.txn, None)
-        return self.encrypt_to_device(flow.their.username, flow.their.device, "sas.cancel",
-                                      flow.cancel(reason))
+        known = self._usable(flow.their.username, flow.their.device)
+        request = self._enqueue([self._encrypt_olm(known, "sas.cancel", flow.cancel(reason))])
+        assert request is not None
+        return request
 
     def _finish(self, flow: Verification) -> bool:
         if not flow.verified:
@@ -882,8 +930,9 @@ class E2E:
         try:
             reply = handlers[kind](content)
         except SasError as e:
-            cancel = self._cancel(flow, str(e))
-            # The cancel goes out with the refusal, committed with it.
+            self._verifications.pop(txn, None)
+            cancel = self._encrypt_olm(known, "sas.cancel", flow.cancel(str(e)))
+            # The cancel goes out with the refusal, queued in the same commit.
             raise _RefusedWithReply(f"verification failed: {e}", cancel) from None
         replies = [] if reply is None else [
             self._encrypt_olm(known, _NEXT[kind], reply)]

@@ -75,6 +75,10 @@ CREATE TABLE IF NOT EXISTS replay (session_id TEXT NOT NULL, message_index INTEG
 CREATE TABLE IF NOT EXISTS pending (msg_id INTEGER PRIMARY KEY, session_id TEXT NOT NULL,
     frame TEXT NOT NULL, reason TEXT NOT NULL, received REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pending_by_session ON pending (session_id);
+CREATE TABLE IF NOT EXISTS outbox (send_id TEXT PRIMARY KEY, request TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS encrypted_conversations (conversation TEXT PRIMARY KEY,
+    since REAL NOT NULL);
 """
 
 
@@ -411,6 +415,29 @@ class KeyStore:
             rows = self._db.execute("SELECT frame FROM pending WHERE session_id = ? "
                                     "ORDER BY msg_id", (session_id,))
         return [json.loads(r[0]) for r in rows.fetchall()]
+
+    # -- the outbox: to-device requests committed before they are sent ---------------
+
+    def add_outbox(self, send_id: str, request: dict[str, Any]) -> None:
+        self._write("INSERT INTO outbox VALUES (?, ?, ?)",
+                    (send_id, json.dumps(request), time.time()))
+
+    def drop_outbox(self, send_id: str) -> None:
+        self._write("DELETE FROM outbox WHERE send_id = ?", (send_id,))
+
+    def outbox(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT request FROM outbox ORDER BY created, send_id")
+        return [json.loads(r[0]) for r in rows.fetchall()]
+
+    # -- conversations seen encrypted (never downgraded) -----------------------------
+
+    def pin_encrypted(self, conversation: str) -> None:
+        self._write("INSERT OR IGNORE INTO encrypted_conversations VALUES (?, ?)",
+                    (conversation, time.time()))
+
+    def is_pinned(self, conversation: str) -> bool:
+        return self._db.execute("SELECT 1 FROM encrypted_conversations WHERE "
+                                "conversation = ?", (conversation,)).fetchone() is not None
 
 
 def _device(row: tuple[Any, ...]) -> Device:
