@@ -11,14 +11,9 @@ import pytest
 import vodozemac
 
 from chat import devices
-from chat.client.crypto import (
-    E2E,
-    E2EError,
-    Refused,
-    Status,
-    conversation_of,
-    dm_conversation,
-)
+from chat.client.conversations import conversation_of, dm_conversation
+from chat.client.crypto import E2E
+from chat.client.e2e_results import E2EError, Refused, Status
 from chat.client.keystore import KeyStore
 from chat.client.sas import Party, SasError, Verification
 

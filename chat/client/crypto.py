@@ -7,9 +7,8 @@ sessions per conversation (for messages), and what it knows of other devices (tr
 first use, verification). It never opens a socket: methods take the server's frames and
 return the requests to send; the caller does the I/O and the waiting.
 
-A conversation is a room (its lower-case name) or a direct conversation between two
-users, `dm:a:b` with both names lower-cased and sorted. Room names cannot hold `:`, so
-the two never collide.
+A conversation is a room or a pair of users (conversations.py); results and errors
+are in e2e_results.py; SAS verification's steps in sas.py.
 
 Failure and durability: each public method that changes state does it in one key store
 transaction, committed before it returns. `receive_to_device` commits what a to-device
@@ -17,7 +16,10 @@ message changed (and the highest `seq` handled, so a message the server sends ag
 skipped, not decrypted twice) before it returns, and only then may the caller send
 `to_device_ack` (`ToDeviceResult.ack`). Outbound Olm and Megolm ratchets are saved
 before their ciphertext is returned, so a crash never makes a device encrypt twice
-with the same message key. Nothing the client receives is dropped silently: a result
+with the same message key; the `to_device` requests carrying them wait in the store's
+outbox, committed with them, until the server took them (`to_device_sent`). Since the
+machine is not thread-safe, one thread (the client library's) calls it; verification
+attempts in progress live in memory only. Nothing the client receives is dropped silently: a result
 is `ok`, `pending` (cannot decrypt yet, with the reason, kept in the store) or
 `refused` (a warning for the user, with the reason).
 
@@ -28,16 +30,30 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import enum
 import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import vodozemac
 
+from chat.client.conversations import (
+    check_plaintext,
+    conversation_of,
+    dm_members,
+    make_plaintext,
+)
+from chat.client.e2e_results import (
+    Decrypted,
+    DeviceNotice,
+    E2EError,
+    Refused,
+    Share,
+    Status,
+    Target,
+    ToDeviceResult,
+)
 from chat.client.keystore import Device, InboundRecord, KeyStore
 from chat.client.sas import SAS_TYPES, Codes, Party, SasError, Verification
 from chat.devices import canonical
@@ -50,107 +66,8 @@ ROTATE_AFTER_SECONDS = 7 * 24 * 3600
 # Topping up to 50 when fewer than half are left leaves room for a burst of claims
 # (each new peer claims one) between two key_count notices.
 ONE_TIME_KEYS_TARGET = 50
-MAX_MESSAGE_CHARS = 4000  # the server's limit on plaintext messages; we keep it too
 
 ROOM_KEY, FORWARDED_ROOM_KEY = "room_key", "forwarded_room_key"
-Target = tuple[str, str]  # (username, device)
-
-
-class E2EError(Exception):
-    """Something the caller asked for cannot be done (a programming or state error)."""
-
-
-class Refused(E2EError):
-    """Something received is refused: the UI shows `reason` as a warning."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Status(enum.Enum):
-    OK = "ok"
-    PENDING = "pending"  # cannot decrypt yet; kept, retried when the key (or device) comes
-    REFUSED = "refused"  # a warning to show; never displayed as the sender's message
-    DUPLICATE = "duplicate"  # a to-device message handled before (the server resent it)
-
-
-@dataclass(frozen=True, slots=True)
-class Decrypted:
-    """What `decrypt` made of a message frame."""
-    status: Status
-    msg_id: int | None
-    sender: str | None = None
-    device: str | None = None
-    text: str | None = None
-    reason: str = ""
-    verified: bool = False  # the sending device was verified (SAS) when it was decrypted
-
-
-@dataclass(frozen=True, slots=True)
-class ToDeviceResult:
-    """What a to-device frame did. Acknowledge up to `ack` once this is returned (it is
-    None when nothing was committed: query `needs_keys`, then hand the frame in again)."""
-    seq: int
-    status: Status
-    ack: int | None
-    kind: str | None = None
-    sender: str | None = None
-    device: str | None = None
-    reason: str = ""
-    needs_keys: str | None = None
-    replies: list[dict[str, Any]] = field(default_factory=list)
-    request: dict[str, Any] | None = None  # the replies as a queued to_device request
-    decryptable: list[dict[str, Any]] = field(default_factory=list)
-    verified: Target | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Share:
-    """To-device entries (`messages`), already queued in the outbox as `request` (a
-    `to_device` request to send), devices that need an Olm session first (`claim_key`
-    each, `receive_claimed`, then ask again), and devices left out with the reason."""
-    messages: list[dict[str, Any]]
-    need_sessions: list[Target]
-    skipped: list[tuple[str, str, str]]
-    request: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceNotice:
-    """A change in someone's devices. `loud` ones are possible attacks."""
-    username: str
-    device: str
-    kind: str  # new_device | changed_key | removed | bad_signature
-    loud: bool
-    text: str
-
-
-# -- conversations ------------------------------------------------------------------
-
-def room_conversation(room: str) -> str:
-    return room.lower()
-
-
-def dm_conversation(a: str, b: str) -> str:
-    first, second = sorted((a.lower(), b.lower()))
-    return f"dm:{first}:{second}"
-
-
-def conversation_of(frame: dict[str, Any]) -> str:
-    """The conversation a `message` frame belongs to, from its server-stamped fields."""
-    if isinstance(frame.get("room"), str):
-        return room_conversation(frame["room"])
-    if isinstance(frame.get("to"), str) and isinstance(frame.get("username"), str):
-        return dm_conversation(frame["username"], frame["to"])
-    raise Refused("a message with neither a room nor a recipient")
-
-
-def dm_members(conversation: str) -> tuple[str, str] | None:
-    if not conversation.startswith("dm:"):
-        return None
-    parts = conversation.split(":")
-    return (parts[1], parts[2]) if len(parts) == 3 else None
 
 
 def _b64(raw: bytes) -> str:
@@ -667,12 +584,7 @@ class E2E:
         if loaded is None or self._due(*loaded):
             raise E2EError(f"{conversation}: no current Megolm session; prepare() first")
         session, created = loaded
-        members = dm_members(conversation)
-        if members is None:
-            plaintext: dict[str, Any] = {"room": conversation, "message": text}
-        else:
-            other = members[1] if members[0] == self.user else members[0]
-            plaintext = {"from": self.user, "to": other, "message": text}
+        plaintext = make_plaintext(conversation, self.user, text)
         with self.store.transaction():
             ciphertext = session.encrypt(json.dumps(plaintext).encode())
             self.store.save_outbound(conversation, session, created)
@@ -765,7 +677,7 @@ class E2E:
         seen = self.store.seen_index(session_id, index)
         if seen is not None and seen != msg_id:
             raise Refused(f"a replay of message {seen} as message {msg_id}")
-        text = self._check_plaintext(_json(decrypted.plaintext), conversation, frame, user)
+        text = check_plaintext(_json(decrypted.plaintext), conversation, frame)
         with self.store.transaction():
             if msg_id is not None:
                 self.store.record_index(session_id, index, msg_id)
@@ -773,21 +685,6 @@ class E2E:
         own = (user, device) == (self.user, self.device)
         return Decrypted(Status.OK, msg_id, user, device, text,
                          verified=own or bool(known and known.verified))
-
-    def _check_plaintext(self, plaintext: dict[str, Any], conversation: str,
-                         frame: dict[str, Any], user: str) -> str:
-        text = plaintext.get("message")
-        if not isinstance(text, str) or not 1 <= len(text) <= MAX_MESSAGE_CHARS:
-            raise Refused("a decrypted message without a valid text")
-        if dm_members(conversation) is None:
-            if plaintext.get("room") != conversation or "to" in plaintext:
-                raise Refused(f"a message for {str(plaintext.get('room'))[:32]} "
-                              f"shown in {conversation}")
-        elif (plaintext.get("from"), plaintext.get("to")) != (
-                user, str(frame.get("to", "")).lower()):
-            raise Refused("a direct message shown between other people than it was "
-                          "written for")
-        return text
 
     def pending_frames(self) -> list[dict[str, Any]]:
         """Every stored message frame not decrypted yet, oldest first."""
