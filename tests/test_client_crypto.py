@@ -16,6 +16,7 @@ from chat.client.crypto import E2E
 from chat.client.e2e_results import E2EError, Refused, Status
 from chat.client.keystore import KeyStore
 from chat.client.sas import Party, SasError, Verification
+from chat.protocol import DEFAULT_MAX_FRAME_BYTES, encode
 
 
 class Net:
@@ -409,13 +410,28 @@ def test_to_device_requests_wait_in_the_outbox_until_the_server_took_them(net, t
     alice, _bob, _ = trio(net)
     net.claim(alice, [("bob", "phone")])
     share = alice.prepare("dev", [("bob", "phone")])
-    assert share.request["messages"] == share.messages
+    (request,) = share.requests
+    assert request["messages"] == share.messages
     alice.store.close()  # the client stops before sending
     alice = E2E(KeyStore.open(tmp_path / "alice" / "laptop.sqlite3"), "alice", "laptop")
-    assert alice.outbox() == [share.request]
-    assert alice.prepare("dev", [("bob", "phone")]).request is None  # already given
-    alice.to_device_sent(share.request["send_id"])
+    assert alice.outbox() == [request]
+    assert alice.prepare("dev", [("bob", "phone")]).requests == []  # already given
+    alice.to_device_sent(request["send_id"])
     assert alice.outbox() == []
+
+
+def test_to_device_requests_fit_in_the_servers_frames(net):
+    alice = net.device("alice", "laptop", max_frame_bytes=DEFAULT_MAX_FRAME_BYTES)
+    phones = [net.device(f"user{i}", "phone") for i in range(30)]
+    net.query(alice, *(p.user for p in phones))
+    targets = [(p.user, "phone") for p in phones]
+    net.claim(alice, targets)
+    share = alice.prepare("big", targets)
+    assert len(share.messages) == 30 and len(share.requests) > 1
+    assert [m for r in share.requests for m in r["messages"]] == share.messages
+    for request in share.requests:
+        assert len(encode({**request, "id": 10**9})) <= DEFAULT_MAX_FRAME_BYTES
+    assert len({r["send_id"] for r in share.requests}) == len(share.requests)
 
 
 def test_a_conversation_once_encrypted_stays_so(net):

@@ -57,6 +57,7 @@ from chat.client.e2e_results import (
 from chat.client.keystore import Device, InboundRecord, KeyStore
 from chat.client.sas import SAS_TYPES, Codes, Party, SasError, Verification
 from chat.devices import canonical
+from chat.protocol import DEFAULT_MAX_FRAME_BYTES, encode
 
 # Matrix's defaults for Megolm rotation: a new session after 100 messages or a week,
 # whichever comes first, bounds what one leaked session key opens.
@@ -68,6 +69,9 @@ ROTATE_AFTER_SECONDS = 7 * 24 * 3600
 ONE_TIME_KEYS_TARGET = 50
 
 ROOM_KEY, FORWARDED_ROOM_KEY = "room_key", "forwarded_room_key"
+# A to_device request's bytes beyond its messages: the type, a 22-character send_id,
+# the "id" the client library adds, brackets and the newline, with room to spare.
+REQUEST_OVERHEAD = 128
 
 
 def _b64(raw: bytes) -> str:
@@ -102,6 +106,7 @@ class E2E:
     def __init__(self, store: KeyStore, username: str, device: str, *,
                  rotate_after_messages: int = ROTATE_AFTER_MESSAGES,
                  rotate_after_seconds: float = ROTATE_AFTER_SECONDS,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.username = username
@@ -109,6 +114,7 @@ class E2E:
         self.device = device
         self.rotate_after_messages = rotate_after_messages
         self.rotate_after_seconds = rotate_after_seconds
+        self.max_frame_bytes = max_frame_bytes  # the server's, from its hello
         self._clock = clock
         self._verifications: dict[str, Verification] = {}
         # Users a to-device frame came from whose device we did not know: True once
@@ -352,12 +358,29 @@ class E2E:
                 "olm": {"type": message_type, "body": _b64(body),
                         "sender_key": self.curve25519}}
 
-    def _enqueue(self, messages: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """Put a `to_device` request in the outbox, in the caller's transaction. The
-        Olm ratchets have moved on and `prepare` counts these keys as given, so the
-        request must reach the server even if the client stops before sending it."""
-        if not messages:
-            return None
+    def _enqueue(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Put `to_device` requests in the outbox, in the caller's transaction, as many
+        as it takes to keep each within the server's frame size. The Olm ratchets have
+        moved on and `prepare` counts these keys as given, so the requests must reach
+        the server even if the client stops before sending them."""
+        requests: list[dict[str, Any]] = []
+        batch: list[dict[str, Any]] = []
+        room = self.max_frame_bytes - REQUEST_OVERHEAD
+        size = 0
+        for message in messages:
+            grows = len(encode(message))  # its JSON; the newline stands for the comma
+            if grows > room:
+                raise E2EError(f"a to-device message of {grows} bytes cannot be sent")
+            if batch and size + grows > room:
+                requests.append(self._queue(batch))
+                batch, size = [], 0
+            batch.append(message)
+            size += grows
+        if batch:
+            requests.append(self._queue(batch))
+        return requests
+
+    def _queue(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         send_id = secrets.token_urlsafe(16)  # 22 of A-Z a-z 0-9 - _, as send_id wants
         request = {"type": "to_device", "send_id": send_id, "messages": messages}
         self.store.add_outbox(send_id, request)
@@ -438,7 +461,7 @@ class E2E:
                                         device=device, reason=refusal.reason, replies=replies)
             # Replies (verification steps) are queued in the same commit as the state
             # they come from, so that neither is lost without the other.
-            return dataclasses.replace(result, request=self._enqueue(result.replies))
+            return dataclasses.replace(result, requests=self._enqueue(result.replies))
 
     def _decrypt_olm(self, known: Device, olm: Any) -> dict[str, Any]:
         """Decrypt and save the session; the caller's transaction commits it."""
@@ -573,8 +596,8 @@ class E2E:
                     messages.append(self._encrypt_olm(known, ROOM_KEY, content))
                     self.store.mark_shared(session.session_id, user, device)
                     shared.add((user, device))
-            request = self._enqueue(messages)
-        return Share(messages, need, skipped, request)
+            requests = self._enqueue(messages)
+        return Share(messages, need, skipped, requests)
 
     def encrypt(self, conversation: str, text: str) -> dict[str, Any]:
         """The `encrypted` object of a `send` to the conversation. `prepare` first: a
@@ -714,8 +737,8 @@ class E2E:
                     "session_key": exported.to_base64(), "sender": record.sender,
                     "sender_device": record.sender_device, "sender_key": record.sender_key,
                     "sender_ed25519": record.sender_ed25519}))
-            request = self._enqueue(messages)
-        return Share(messages, [], [], request)
+            requests = self._enqueue(messages)
+        return Share(messages, [], [], requests)
 
     def _receive_forwarded(self, known: Device, content: dict[str, Any]) -> str:
         if known.username != self.user or not known.verified:
@@ -749,9 +772,8 @@ class E2E:
         txn = secrets.token_urlsafe(12)
         flow = Verification(txn, self._party(), _party(known), we_started=True)
         with self.store.transaction():
-            request = self._enqueue([self._encrypt_olm(known, "sas.start", flow.start())])
+            (request,) = self._enqueue([self._encrypt_olm(known, "sas.start", flow.start())])
         self._verifications[txn] = flow
-        assert request is not None
         return txn, request
 
     def verification_codes(self, txn: str) -> Codes:
@@ -768,8 +790,7 @@ class E2E:
             except SasError as e:
                 return self._cancel(flow, str(e)), False
             known = self._usable(flow.their.username, flow.their.device)
-            request = self._enqueue([self._encrypt_olm(known, "sas.mac", content)])
-            assert request is not None
+            (request,) = self._enqueue([self._encrypt_olm(known, "sas.mac", content)])
             return request, self._finish(flow)
 
     def cancel_verification(self, txn: str, reason: str = "cancelled by the user"
@@ -790,8 +811,8 @@ class E2E:
     def _cancel(self, flow: Verification, reason: str) -> dict[str, Any]:
         self._verifications.pop(flow.txn, None)
         known = self._usable(flow.their.username, flow.their.device)
-        request = self._enqueue([self._encrypt_olm(known, "sas.cancel", flow.cancel(reason))])
-        assert request is not None
+        (request,) = self._enqueue([self._encrypt_olm(known, "sas.cancel",
+                                                      flow.cancel(reason))])
         return request
 
     def _finish(self, flow: Verification) -> bool:

@@ -59,20 +59,21 @@ class ToDeviceResult:
     reason: str = ""
     needs_keys: str | None = None
     replies: list[dict[str, Any]] = field(default_factory=list)
-    request: dict[str, Any] | None = None  # the replies as a queued to_device request
+    requests: list[dict[str, Any]] = field(default_factory=list)  # replies, queued
     decryptable: list[dict[str, Any]] = field(default_factory=list)
     verified: Target | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Share:
-    """To-device entries (`messages`), already queued in the outbox as `request` (a
-    `to_device` request to send), devices that need an Olm session first (`claim_key`
-    each, `receive_claimed`, then ask again), and devices left out with the reason."""
+    """To-device entries (`messages`), already queued in the outbox as `requests` (the
+    `to_device` requests to send, each within a frame), devices that need an Olm session
+    first (`claim_key` each, `receive_claimed`, then ask again), and devices left out
+    with the reason."""
     messages: list[dict[str, Any]]
     need_sessions: list[Target]
     skipped: list[tuple[str, str, str]]
-    request: dict[str, Any] | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
