@@ -473,8 +473,9 @@ def test_forwarded_keys_only_from_our_own_verified_devices(net):
     old = net.send(bob, "dev", "from before the phone", room="dev")
     assert alice.decrypt(old).status is Status.OK
     phone = net.device("alice", "phone")
-    for m in (alice, phone):
-        net.query(m, "alice", "bob")
+    (notice,) = net.query(alice, "alice", "bob")
+    assert (notice.kind, notice.device) == ("new_device", "phone")  # ours: always told
+    net.query(phone, "alice", "bob")
     assert phone.decrypt(old).status is Status.PENDING
     assert alice.export_keys_for("phone").skipped == [("alice", "phone", "not verified")]
     # the laptop trusts the phone, but the phone has not verified the laptop

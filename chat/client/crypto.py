@@ -249,7 +249,8 @@ class E2E:
                 old = known.get(device)
                 if old is None:
                     self.store.add_device(user, device, ed, curve)
-                    if known:
+                    # A user already known (ourselves always): someone new will read.
+                    if known or user == self.user:
                         notices.append(DeviceNotice(
                             user, device, "new_device", False,
                             f"{username} has a new device {device} ({_group(ed)})"))
