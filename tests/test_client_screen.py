@@ -166,7 +166,7 @@ def interactive(
     server: Any, username: str, tmp_path: Path, *extra: str, color: bool = False
 ) -> Iterator[Terminal]:
     """The interactive client logged in as `username`, with its prompt up."""
-    args = ["-m", "chat.client.cli", "login", "--server", server.address,
+    args = ["-m", "chat.client.cli", "login", "--no-e2e", "--server", server.address,
             "--cafile", str(server.cafile), "--username", username, *extra]
     child = pexpect.spawn(
         sys.executable, args, env=client_env(tmp_path, color=color), cwd=str(ROOT),

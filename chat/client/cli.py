@@ -45,6 +45,7 @@ from chat.client.errors import (
 )
 from chat.client.format import sanitize, seconds, should_color
 from chat.client.linemode import EXIT_UNDELIVERED
+from chat.client.secureclient import SecureClient, e2e_opener
 from chat.client.transport import DEFAULT_PORT, certificate_names, where
 from chat.tls import client_context
 
@@ -169,6 +170,11 @@ def _chat_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-bell", dest="bell", action="store_const", const=False, default=None,
         help="do not ring the terminal bell when someone mentions you",
+    )
+    parser.add_argument(
+        "--no-e2e", dest="e2e", action="store_false",
+        help="no end-to-end encryption: no device, no key store; encrypted messages "
+        "show as [encrypted] (default: on when the server offers it)",
     )
 
 
@@ -581,11 +587,14 @@ def _run(args: argparse.Namespace) -> int:
         _err(f"using chat-server's development CA {args.cafile} for {where(host, port)} "
              "(--cafile to use another)")
     clients: list[ChatClient] = []
+    e2e = getattr(args, "e2e", False)  # register has no session to encrypt
+    opener = e2e_opener(where(host, port), os.environ) if e2e else None
 
     def connect() -> ChatClient:
-        client = ChatClient.connect(
+        client = SecureClient.connect(
             host, port, ssl_context=context, timeout=args.timeout, replies_as_events=True
         )
+        client.opener = opener  # end-to-end encryption starts at login (secureclient)
         clients.append(client)
         return client
 

@@ -121,6 +121,7 @@ class Secure:
         self._plain_rooms: set[str] = set()  # rooms the server said are not encrypted
         self._announced: set[str] = set()  # SAS transactions whose codes were shown
         self._notices: deque[Frame] = deque()  # news made outside `process`, shown next
+        self._current_txn: str | None = None  # the verification /verify confirm means
 
     @classmethod
     def open(cls, server: str, username: str, environ: Mapping[str, str] = os.environ, *,
@@ -215,7 +216,10 @@ class Secure:
             if reply.get("type") != "keys":
                 continue
             for n in self.machine.receive_keys(reply, asked=batch):
-                self._notices.append(notice(n.kind, n.text, loud=n.loud,
+                # A new device of someone we know reads what we send from now on: said
+                # as loudly as a changed key, so that the user may check it.
+                loud = n.loud or n.kind == "new_device"
+                self._notices.append(notice(n.kind, n.text, loud=loud,
                                             username=n.username, device=n.device))
             self._fresh.update(batch)
 
@@ -332,6 +336,7 @@ class Secure:
             except SasError:  # the keys are not exchanged yet
                 continue
             self._announced.add(txn)
+            self._current_txn = txn
             emoji = [SAS_EMOJI[i] for i in codes.emoji]
             out.append(notice(
                 "sas_codes", f"verifying {user}/{device}: compare "
@@ -597,3 +602,9 @@ class Secure:
     def verifications(self) -> dict[str, Target]:
         with self._lock:
             return self.machine.verifications()
+
+    def current_verification(self) -> str | None:
+        """The verification whose codes were shown last, if still in progress."""
+        with self._lock:
+            txn = self._current_txn
+            return txn if txn in self.machine.verifications() else None
