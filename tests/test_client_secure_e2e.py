@@ -23,7 +23,9 @@ import pytest
 
 from chat.client import ChatClient, raise_for_error
 from chat.client.secure import Secure
-from tests.test_client_linemode import WAIT, session
+from chat.tls import client_context
+from tests.test_client_cli import PASSWORD
+from tests.test_client_linemode import WAIT
 
 Frame = dict[str, Any]
 STORE_SERVER = "chat.test:7072"  # the key store's name for the server: kept across restarts
@@ -37,8 +39,9 @@ class Person:
     """One device of a user: a key store, and a connection read by its own thread."""
 
     def __init__(self, server: Any, username: str, home: Path, *, ack: bool = True,
-                 connect: bool = True) -> None:
+                 connect: bool = True, client_class: type[ChatClient] = ChatClient) -> None:
         self.username, self.home = username, home
+        self.client_class = client_class
         self.secure = Secure.open(STORE_SERVER, username, {"XDG_DATA_HOME": str(home)},
                                   ack=ack, timeout=WAIT)
         self.shown: queue.Queue[Frame] = queue.Queue()
@@ -54,7 +57,9 @@ class Person:
         return self.secure.device
 
     def connect(self, server: Any) -> None:
-        self.client = session(server, self.username)
+        self.client = self.client_class.connect(
+            server.host, server.port, ssl_context=client_context(server.cafile), timeout=WAIT)
+        raise_for_error(self.client.login(self.username, PASSWORD, timeout=WAIT))
         assert Secure.supported(self.client)
         for frame in self.secure.attach(self.client):
             self.shown.put(frame)
