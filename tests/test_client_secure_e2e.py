@@ -47,6 +47,7 @@ class Person:
         self.shown: queue.Queue[Frame] = queue.Queue()
         self.log: list[Frame] = []  # everything taken from `shown` so far
         self.raw: list[Frame] = []  # every frame the server sent (before process)
+        self.secure.notify = self.shown.put  # news of a send or a query, at once
         self.client: ChatClient | None = None
         self.reader: threading.Thread | None = None
         if connect:

@@ -21,6 +21,7 @@ import vodozemac
 from chat import devices
 from chat.client import ChatClient, raise_for_error
 from chat.client.format import format_event
+from chat.client.secure import SecureError
 from tests.test_client_linemode import WAIT
 from tests.test_client_secure_e2e import Person, encrypted_room, name
 
@@ -168,3 +169,15 @@ def test_a_replayed_to_device_message_is_a_warning(cast: Any) -> None:
     assert bob.read(bob.message(alice.username)) == "first contact"
     warning = bob.notice("warning", username=alice.username)
     assert warning["loud"] and "refused" in warning["text"]
+
+
+def test_a_server_hiding_someones_devices_cannot_make_us_write_in_clear(cast: Any) -> None:
+    alice, bob = cast(), cast()
+    raise_for_error(alice.secure.direct(bob.username, "encrypted, once", WAIT))
+    hostile(alice).tamper = in_keys(lambda entries: [], bob.username)
+    alice.secure.devices(bob.username)  # the directory now "has no device" for bob
+    alice.notice("removed", username=bob.username, device=bob.device)
+    with pytest.raises(SecureError, match="nothing sent"):
+        alice.secure.direct(bob.username, "in clear?", WAIT)
+    assert bob.read(bob.message(alice.username)) == "encrypted, once"
+    assert not any(f.get("message") == "in clear?" for f in bob.raw)

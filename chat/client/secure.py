@@ -53,7 +53,7 @@ import secrets
 import string
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
@@ -121,6 +121,9 @@ class Secure:
         self._plain_rooms: set[str] = set()  # rooms the server said are not encrypted
         self._announced: set[str] = set()  # SAS transactions whose codes were shown
         self._notices: deque[Frame] = deque()  # news made outside `process`, shown next
+        # Where news goes at once, if set (the SecureClient's event queue): news made by a
+        # send or a /devices must not wait for the next frame from the server to show.
+        self.notify: Callable[[Frame], None] | None = None
         self._current_txn: str | None = None  # the verification /verify confirm means
 
     @classmethod
@@ -197,13 +200,13 @@ class Secure:
             if reply.get("type") == "ok":
                 self.machine.to_device_sent(request["send_id"])
                 for skip in reply.get("skipped") or []:
-                    self._notices.append(notice(
+                    self._note(notice(
                         "warning", f"keys for {skip.get('username')}/{skip.get('device')} "
                         f"were not delivered ({skip.get('reason')})"))
             else:
                 # Refused for good (a retry would be refused again): said, not kept.
                 self.machine.to_device_sent(request["send_id"])
-                self._notices.append(notice(
+                self._note(notice(
                     "warning", "the server refused keys we sent: "
                     f"{reply.get('message', reply.get('code'))}", loud=True))
 
@@ -219,9 +222,15 @@ class Secure:
                 # A new device of someone we know reads what we send from now on: said
                 # as loudly as a changed key, so that the user may check it.
                 loud = n.loud or n.kind == "new_device"
-                self._notices.append(notice(n.kind, n.text, loud=loud,
+                self._note(notice(n.kind, n.text, loud=loud,
                                             username=n.username, device=n.device))
             self._fresh.update(batch)
+
+    def _note(self, frame: Frame) -> None:
+        if self.notify is not None:
+            self.notify(frame)
+        else:
+            self._notices.append(frame)
 
     def _drain(self) -> list[Frame]:
         out = []
@@ -428,7 +437,8 @@ class Secure:
             return False
 
     def say(self, room: str, text: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
-        """Send to a room: encrypted if the room is; the reply (decrypted)."""
+        """Send to a room: encrypted if the room is; the reply (decrypted). Raises
+        SecureError (nothing was sent) when the members cannot be listed."""
         client = self._client()
         if not self.room_encrypted(room):
             return client.say(room, text, timeout)
@@ -436,7 +446,8 @@ class Secure:
             conversation = room_conversation(room)
             members = self._request({"type": "members", "room": room})
             if members.get("type") != "members":
-                return members
+                raise SecureError(f"nothing sent: the members of {room} are not known "
+                                  f"({members.get('message', members.get('code'))})")
             users = [m["username"] for m in members.get("members", [])
                      if isinstance(m, dict) and isinstance(m.get("username"), str)]
             # Someone who had the current session and is no longer a member (kicked,
@@ -450,7 +461,8 @@ class Secure:
 
     def direct(self, user: str, text: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
         """A direct message: encrypted when the peer has a device (and always once it
-        was); plaintext to a peer with no device, which is marked so."""
+        was: SecureError, nothing sent, if the peer seems to have none any more);
+        plaintext to a peer with no device, which is marked so."""
         client = self._client()
         with self._lock:
             conversation = dm_conversation(self.machine.user, user)
@@ -458,9 +470,9 @@ class Secure:
             usable = [d for d in self.machine.devices(user) if d.trusted]
             if not usable and user.lower() != self.machine.user:
                 if self.machine.must_encrypt(conversation):
-                    return {"type": "error", "code": "not_encrypted", "message":
-                            f"{user} has no device to encrypt for any more; this "
-                            "conversation was encrypted, so nothing was sent"}
+                    # A server may hide someone's devices to have us write in clear.
+                    raise SecureError(f"nothing sent: {user} has no device to encrypt "
+                                      "for any more, and this conversation was encrypted")
                 return client.direct(user, text, timeout)
             self.machine.pin_encrypted(conversation)
             envelope = self._encrypt_for(conversation, [user, self.machine.user], text)
@@ -479,7 +491,7 @@ class Secure:
         self._claim(self.machine.sessions_needed(targets))
         share = self.machine.prepare(conversation, targets)
         for user, device in share.need_sessions:
-            self._notices.append(notice("warning", f"no keys could be given to {user}/"
+            self._note(notice("warning", f"no keys could be given to {user}/"
                                         f"{device}: it has no one-time key", loud=True,
                                         username=user, device=device))
         self._flush_outbox()
@@ -493,7 +505,7 @@ class Secure:
             try:
                 self.machine.receive_claimed(reply)
             except Refused as refusal:
-                self._notices.append(notice("warning", refusal.reason, loud=True,
+                self._note(notice("warning", refusal.reason, loud=True,
                                             username=user, device=device))
 
     def _client(self) -> ChatClient:

@@ -69,10 +69,13 @@ class SecureClient(ChatClient):
         if secure is None or secure.client is not self:
             return super().request(frame, timeout, quiet=quiet)
         if kind == "send" and isinstance(frame.get("message"), str):
-            if isinstance(frame.get("room"), str):
-                return secure.say(frame["room"], frame["message"], timeout)
-            if isinstance(frame.get("to"), str):
-                return secure.direct(frame["to"], frame["message"], timeout)
+            try:
+                if isinstance(frame.get("room"), str):
+                    return secure.say(frame["room"], frame["message"], timeout)
+                if isinstance(frame.get("to"), str):
+                    return secure.direct(frame["to"], frame["message"], timeout)
+            except E2EError as e:  # nothing was sent: said like a server's refusal
+                return self._reply({"type": "error", "code": "e2e", "message": str(e)})
         reply = super().request(frame, timeout, quiet=quiet)
         if kind == "history":
             return secure.decrypt_history(reply)
@@ -86,6 +89,7 @@ class SecureClient(ChatClient):
             return
         try:
             secure = self.opener(username)
+            secure.notify = self._tell
             news = secure.attach(self)
         except (KeyStoreError, E2EError, OSError) as e:
             self._tell(notice("warning", f"end-to-end encryption is off: {e}", loud=True))
@@ -99,13 +103,17 @@ class SecureClient(ChatClient):
         self._events.put(frame)
 
     def _local(self, frame: Frame) -> Frame:
-        with self._lock:
-            request_id = next(self._ids)
         try:
             reply = self._answer(frame)
         except (E2EError, ClientError) as e:
             reply = {"type": "error", "code": "e2e", "message": str(e)}
-        reply["re"] = request_id
+        return self._reply(reply)
+
+    def _reply(self, reply: Frame) -> Frame:
+        """A reply made here, with an id of its own, shown among the events where replies
+        are (the CLI waits until it has shown the reply to what it asked)."""
+        with self._lock:
+            reply["re"] = next(self._ids)
         if self.replies_are_events:
             self._tell(reply)
         return reply
