@@ -22,6 +22,9 @@ handled here and become, where there is news, frames of type `e2e` with a `kind`
 `sas_codes`, `verified`, `sas_cancelled`, `keys_forwarded`), a `loud` flag and a
 `text`. A message that was pending comes again, decrypted, once its key arrives (with
 `"late":true` in its `e2e`). Nothing is dropped silently. Everything else passes through.
+News made outside `process` (by a send, or by `devices`) goes to `notify` if set (the
+SecureClient puts it on its event queue), else waits for `notices()` or the next
+`process`.
 
 `say`, `direct`, `create`, `kick`, `ban` and `history` stand in for the ChatClient's
 methods of those names; the others are used on the ChatClient directly.
