@@ -206,6 +206,10 @@ class Secure:
                     self._note(notice(
                         "warning", f"keys for {skip.get('username')}/{skip.get('device')} "
                         f"were not delivered ({skip.get('reason')})"))
+            elif reply.get("code") == "rate_limited":
+                # Still refused after the client's own waits: kept, and sent again (same
+                # send_id) before the next message or at the next connection.
+                raise SecureError("the server is refusing for the rate; try again shortly")
             else:
                 # Refused for good (a retry would be refused again): said, not kept.
                 self.machine.to_device_sent(request["send_id"])
