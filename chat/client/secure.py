@@ -268,7 +268,8 @@ class Secure:
                     # Nothing was acknowledged: the server gives it again at the next
                     # bind, and `attach` asks again for everyone's keys.
                     out = []
-                except ClientError as e:
+                except (ClientError, E2EError) as e:
+                    # Not acknowledged either: what it was is given again at next bind.
                     out = [notice("warning", f"end-to-end: {e}", loud=True)]
             elif kind == "message":
                 out = [self.decrypt_message(frame)]
