@@ -22,6 +22,7 @@ from chat.client.roomcommands import create
 from tests.test_client_cli import NOWHERE, PASSWORD, ROOT, new_name, server_args
 from tests.test_client_linemode import WAIT, typed
 from tests.test_client_reconnect_e2e import Lines
+from tests.test_client_screen import interactive
 
 
 @contextmanager
@@ -92,6 +93,23 @@ def test_two_cli_users_talk_encrypted_and_verify_each_other(
             proc.stdin.close()
             assert proc.wait(timeout=WAIT) == 0, err.rest()
             assert not [line for line in err.lines if line.startswith("!!")], err.lines
+
+
+def test_the_prompt_shows_encrypted_messages_and_warnings(
+        chat_server: Any, tmp_path: Path) -> None:
+    me, room = new_name(), "s" + new_name()[:10]
+    chat_server.register(me)
+    with interactive(chat_server, me, tmp_path, "--recent", "0", e2e=True) as term:
+        term.send(f"/create {room} encrypted\r")
+        term.wait_for_line(rf"you made #{room}")
+        term.send(f"/switch {room}\r")
+        term.send("for my eyes only\r")
+        term.wait_for_line(rf"#{room} {me} \[e2e\]: for my eyes only$")
+        term.send("/fingerprint\r")
+        term.wait_for_line(r"this device \S+: (\S{4} ){10}")
+        term.send("/verify confirm\r")
+        term.wait_for_line(r"no verification in progress")
+        assert term.quit() == 0
 
 
 def test_the_create_command_makes_encrypted_rooms_private() -> None:

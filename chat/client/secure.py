@@ -269,7 +269,7 @@ class Secure:
                     # bind, and `attach` asks again for everyone's keys.
                     out = []
                 except (ClientError, E2EError) as e:
-                    # Not acknowledged either: what it was is given again at next bind.
+                    # What was not acknowledged is given again at the next bind.
                     out = [notice("warning", f"end-to-end: {e}", loud=True)]
             elif kind == "message":
                 out = [self.decrypt_message(frame)]
