@@ -112,6 +112,32 @@ def test_the_prompt_shows_encrypted_messages_and_warnings(
         assert term.quit() == 0
 
 
+def test_a_passphrase_protects_the_key_store(chat_server: Any, tmp_path: Path) -> None:
+    me = new_name()
+    chat_server.register(me)
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse battery staple\n")
+    data = tmp_path / "keys"
+    data.mkdir()
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+        env.update(CHAT_PASSWORD=PASSWORD, XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=str(data))
+        return subprocess.run(
+            [sys.executable, "-m", "chat.client.cli", "login", *server_args(chat_server, me),
+             "--recent", "0", *extra], input="/fingerprint\n", capture_output=True,
+            text=True, env=env, cwd=ROOT, timeout=WAIT)
+
+    first = run("--key-passphrase-file", str(secret))
+    assert first.returncode == 0 and "this device" in first.stdout, first.stderr
+    assert not list(data.rglob("*.key"))  # no key file: the passphrase is the key
+    again = run("--key-passphrase-file", str(secret))
+    assert again.stdout == first.stdout  # the same device
+    without = run()
+    assert "end-to-end encryption is off" in without.stderr
+    assert "passphrase" in without.stderr
+
+
 def test_the_create_command_makes_encrypted_rooms_private() -> None:
     assert create("dev encrypted", None) == {"type": "create", "room": "dev",
                                              "encrypted": True, "visibility": "private"}

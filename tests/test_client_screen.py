@@ -172,9 +172,9 @@ def interactive(
             "--server", server.address, "--cafile", str(server.cafile),
             "--username", username, *extra]
     env = client_env(tmp_path, color=color)
-    if e2e:  # the key store's directory
-        (tmp_path / "data").mkdir(exist_ok=True)
-        env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    if e2e:  # the key store's directory (tmp_path / "data" is the server's)
+        (tmp_path / "keys").mkdir(exist_ok=True)
+        env["XDG_DATA_HOME"] = str(tmp_path / "keys")
     child = pexpect.spawn(
         sys.executable, args, env=env, cwd=str(ROOT), dimensions=(ROWS, COLS), timeout=WAIT,
     )

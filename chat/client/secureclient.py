@@ -171,11 +171,12 @@ class SecureClient(ChatClient):
         return frames
 
 
-def e2e_opener(server: str, environ: Mapping[str, str] = os.environ
-               ) -> Callable[[str], Secure]:
+def e2e_opener(server: str, environ: Mapping[str, str] = os.environ, *,
+               passphrase: str | None = None) -> Callable[[str], Secure]:
     """An opener for SecureClient: one Secure per user for the life of the process (a
     reconnection keeps its device), its store under the user's data directory. That
-    directory must exist: we make only our own directory inside it."""
+    directory must exist: we make only our own directory inside it. With `passphrase`,
+    the store's key is derived from it instead of kept in a key file (docs/e2e.md)."""
     opened: dict[str, Secure] = {}
 
     def open_secure(username: str) -> Secure:
@@ -184,7 +185,8 @@ def e2e_opener(server: str, environ: Mapping[str, str] = os.environ
             if not home.is_dir():
                 raise KeyStoreError(f"{home} does not exist (set XDG_DATA_HOME to "
                                     "a directory for the key store)")
-            opened[username.lower()] = Secure.open(server, username, environ)
+            opened[username.lower()] = Secure.open(server, username, environ,
+                                                   passphrase=passphrase)
         return opened[username.lower()]
 
     return open_secure
