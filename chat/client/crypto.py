@@ -18,7 +18,8 @@ skipped, not decrypted twice) before it returns, and only then may the caller se
 before their ciphertext is returned, so a crash never makes a device encrypt twice
 with the same message key; the `to_device` requests carrying them wait in the store's
 outbox, committed with them, until the server took them (`to_device_sent`). Since the
-machine is not thread-safe, one thread (the client library's) calls it; verification
+machine is not thread-safe, one thread at a time calls it (chat.client.secure
+holds a lock around every use); verification
 attempts in progress live in memory only. Nothing the client receives is dropped silently: a result
 is `ok`, `pending` (cannot decrypt yet, with the reason, kept in the store) or
 `refused` (a warning for the user, with the reason).
