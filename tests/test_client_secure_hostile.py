@@ -1,17 +1,24 @@
 """A hostile server against the client library's end-to-end layer.
 
-The server is the real one; what it sends passes through a `tamper` function before the
-client reads it (`Hostile._route`, where a frame enters the client after TLS): so each
-test is the server, or the network after TLS, lying in one way. Every lie must show as a
-warning (an `e2e` notice, or a message whose `e2e` status is `refused`), never as a
-normal message.
+The server is the real one, but each client reaches it through a `Relay` that the test
+plays as the attacker: it holds the server's certificate (as a server that lies would),
+and every frame the server sends passes through its `tamper` function on the way. So
+each test is the server, or the network after TLS, lying in one way. Every lie must show
+as a warning (an `e2e` notice, or a message whose `e2e` status is `refused`), never as
+a normal message.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import select
+import socket
+import ssl
+import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,46 +26,146 @@ import pytest
 import vodozemac
 
 from chat import devices
-from chat.client import ChatClient, raise_for_error
+from chat.client import raise_for_error
 from chat.client.format import format_event
 from chat.client.secure import SecureError
+from chat.tls import client_context
 from tests.test_client_linemode import WAIT
 from tests.test_client_secure_e2e import Person, encrypted_room, name
 
 Frame = dict[str, Any]
+Tamper = Callable[[Frame], list[Frame]]
 
 
-class Hostile(ChatClient):
-    """A ChatClient whose every incoming frame the test may rewrite, drop or repeat."""
+class Relay:
+    """A TLS relay from 127.0.0.1:<free port> to the real server, steered by `tamper`
+    (each frame from the server -> the frames to pass on). One thread per connection
+    owns both of its TLS sockets (an SSL object is not for two threads at once)."""
 
-    tamper: Callable[[Frame], list[Frame]] | None = None
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.tamper: Tamper | None = None
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(server.settings.certfile, server.settings.keyfile)
+        self.upstream = client_context(server.cafile)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _route(self, frame: Frame) -> None:
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        self._sockets.append(raw)
+        try:
+            down = self.context.wrap_socket(raw, server_side=True)
+            up = self.upstream.wrap_socket(
+                socket.create_connection((self.server.host, self.server.port), timeout=WAIT),
+                server_hostname=self.server.host)
+        except OSError:
+            raw.close()
+            return
+        self._sockets.append(up)
+        try:
+            self._pump(down, up)
+        finally:
+            down.close()
+            up.close()
+
+    def _pump(self, down: ssl.SSLSocket, up: ssl.SSLSocket) -> None:
+        for sock in (down, up):
+            sock.setblocking(False)
+        out = {down: bytearray(), up: bytearray()}  # what waits to be written to each
+        partial = bytearray()  # the start of a frame from the server
+        ended = False
+        while not ended or any(out.values()):
+            writers = [sock for sock, data in out.items() if data]
+            # The timeout only bounds how long an ended peer goes unnoticed.
+            readable, writable, _ = select.select([] if ended else [down, up], writers, [],
+                                                  1.0)
+            for sock in readable:
+                while True:
+                    try:
+                        data = sock.recv(65536)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        break
+                    except OSError:
+                        return
+                    if not data:
+                        ended = True
+                        break
+                    if sock is up:
+                        partial += data
+                        while b"\n" in partial:
+                            line, _, rest = bytes(partial).partition(b"\n")
+                            partial = bytearray(rest)
+                            out[down] += self._tampered(line)
+                    else:
+                        out[up] += data
+                    if not sock.pending():
+                        break
+            for sock in writable:
+                try:
+                    sent = sock.send(out[sock])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+                except OSError:
+                    return
+                del out[sock][:sent]
+
+    def _tampered(self, line: bytes) -> bytes:
         tamper = self.tamper
-        for out in tamper(frame) if tamper is not None else [frame]:
-            super()._route(out)
+        if tamper is None:
+            return line + b"\n"
+        frames = tamper(json.loads(line))
+        return b"".join(json.dumps(f, separators=(",", ":")).encode() + b"\n"
+                        for f in frames)
+
+
+@dataclass
+class Via:
+    """The server as a client sees it through a relay (what Person connects to)."""
+    host: str
+    port: int
+    cafile: Path
 
 
 @pytest.fixture
 def cast(chat_server: Any, tmp_path: Path) -> Any:
-    made: list[Person] = []
+    made: list[tuple[Person, Relay]] = []
 
     def make(**kw: Any) -> Person:
         username = name()
         chat_server.register(username)
-        person = Person(chat_server, username, tmp_path / uuid.uuid4().hex,
-                        client_class=Hostile, **kw)
-        made.append(person)
+        relay = Relay(chat_server)
+        person = Person(Via("127.0.0.1", relay.port, chat_server.cafile), username,
+                        tmp_path / uuid.uuid4().hex, **kw)
+        person.relay = relay  # type: ignore[attr-defined]
+        made.append((person, relay))
         return person
 
     yield make
-    for person in made:
+    for person, relay in made:
         person.close()
+        relay.close()
 
 
-def hostile(person: Person) -> Hostile:
-    assert isinstance(person.client, Hostile)
-    return person.client
+def relay(person: Person) -> Relay:
+    return person.relay  # type: ignore[attr-defined, no-any-return]
 
 
 def forged_device(user: str, device: str) -> Frame:
@@ -71,8 +178,7 @@ def forged_device(user: str, device: str) -> Frame:
             "signature": mallory.sign(devices.canonical(keys)).to_base64()}
 
 
-def in_keys(change: Callable[[list[Frame]], list[Frame]], user: str
-            ) -> Callable[[Frame], list[Frame]]:
+def in_keys(change: Callable[[list[Frame]], list[Frame]], user: str) -> Tamper:
     def tamper(frame: Frame) -> list[Frame]:
         if frame.get("type") == "keys" and user in frame.get("users", {}):
             frame = copy.deepcopy(frame)
@@ -91,7 +197,7 @@ def test_a_substituted_device_key_is_a_loud_warning_and_never_used(cast: Any) ->
     room = encrypted_room(alice, bob)
     raise_for_error(bob.secure.say(room, "the real bob", WAIT))
     assert alice.read(alice.message(bob.username, room=room)) == "the real bob"
-    hostile(alice).tamper = in_keys(
+    relay(alice).tamper = in_keys(
         lambda entries: [forged_device(bob.username, bob.device)], bob.username)
     alice.secure.devices(bob.username)  # asks the directory again
     warning = alice.notice("changed_key", username=bob.username, device=bob.device)
@@ -110,7 +216,7 @@ def test_an_injected_device_is_announced_loudly(cast: Any) -> None:
     alice, bob = cast(), cast()
     room = encrypted_room(alice, bob)
     raise_for_error(alice.secure.say(room, "hello", WAIT))
-    hostile(alice).tamper = in_keys(
+    relay(alice).tamper = in_keys(
         lambda entries: [*entries, forged_device(bob.username, "EVILDEVICE")], bob.username)
     alice.secure.devices(bob.username)
     notice = alice.notice("new_device", username=bob.username, device="EVILDEVICE")
@@ -140,7 +246,7 @@ def test_replayed_moved_altered_and_plaintext_messages_are_refused(cast: Any) ->
         forged.extend([replay, moved, flipped, plain])
         return [frame, replay, moved, flipped, plain]
 
-    hostile(bob).tamper = tamper
+    relay(bob).tamper = tamper
     raise_for_error(alice.secure.say(room, "pay bob 5", WAIT))
     assert bob.read(bob.message(alice.username, room=room)) == "pay bob 5"
     reasons = {}
@@ -164,7 +270,7 @@ def test_a_replayed_to_device_message_is_a_warning(cast: Any) -> None:
         # Far ahead, so that no real message after it is taken for one handled before.
         return [frame, {**frame, "seq": frame["seq"] + 10**6}]
 
-    hostile(bob).tamper = tamper
+    relay(bob).tamper = tamper
     raise_for_error(alice.secure.direct(bob.username, "first contact", WAIT))
     assert bob.read(bob.message(alice.username)) == "first contact"
     warning = bob.notice("warning", username=alice.username)
@@ -174,7 +280,7 @@ def test_a_replayed_to_device_message_is_a_warning(cast: Any) -> None:
 def test_a_server_hiding_someones_devices_cannot_make_us_write_in_clear(cast: Any) -> None:
     alice, bob = cast(), cast()
     raise_for_error(alice.secure.direct(bob.username, "encrypted, once", WAIT))
-    hostile(alice).tamper = in_keys(lambda entries: [], bob.username)
+    relay(alice).tamper = in_keys(lambda entries: [], bob.username)
     alice.secure.devices(bob.username)  # the directory now "has no device" for bob
     alice.notice("removed", username=bob.username, device=bob.device)
     with pytest.raises(SecureError, match="nothing sent"):
