@@ -195,6 +195,15 @@ def test_two_people_talk_encrypted_in_a_dm_and_a_private_room(
     assert not any(n.decode() in log_text for n in needles)
 
 
+def test_a_dm_to_someone_without_a_device_goes_in_clear_and_says_so(
+        chat_server: Any, people: Any) -> None:
+    alice, old_client = people(), name()
+    chat_server.register(old_client)  # a v1 client: it never publishes a device
+    reply = raise_for_error(alice.secure.direct(old_client, "hello, v1", WAIT))
+    assert "encrypted" not in reply and reply["e2e"] == {"status": "plaintext"}
+    assert alice.message(alice.username, to=old_client)["e2e"]["status"] == "plaintext"
+
+
 def test_an_offline_device_reads_on_return_and_a_new_device_reads_the_next_message(
         chat_server: Any, people: Any) -> None:
     alice = people()

@@ -481,7 +481,8 @@ class Secure:
                     # A server may hide someone's devices to have us write in clear.
                     raise SecureError(f"nothing sent: {user} has no device to encrypt "
                                       "for any more, and this conversation was encrypted")
-                return client.direct(user, text, timeout)
+                reply = client.direct(user, text, timeout)
+                return self._plaintext(reply) if reply.get("type") == "message" else reply
             self.machine.pin_encrypted(conversation)
             envelope = self._encrypt_for(conversation, [user, self.machine.user], text)
             reply = client.request({"type": "send", "to": user, "encrypted": envelope},
