@@ -145,7 +145,8 @@ def test_line_mode_ends_at_once_on_an_ending_bye_even_with_reconnect(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     env.update(CHAT_PASSWORD=PASSWORD, XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=NOWHERE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chat.client.cli", "login", *server_args(chat_server, me),
+        [sys.executable, "-m", "chat.client.cli", "login", "--no-e2e",
+         *server_args(chat_server, me),
          "--reconnect", "--recent", "0"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, cwd=ROOT,

@@ -139,7 +139,8 @@ def line_client(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     env["CHAT_PASSWORD"] = PASSWORD
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chat.client.cli", "login", "--reconnect", "--recent", "0",
+        [sys.executable, "-m", "chat.client.cli", "login", "--no-e2e", "--reconnect",
+         "--recent", "0",
          "--timeout", str(WAIT), "--server", f"127.0.0.1:{proxy.port}", "--cafile",
          str(cafile), "--username", username, *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -316,7 +317,7 @@ def test_quit_at_the_prompt_while_reconnecting_exits_0(chat_server: Any, tmp_pat
                PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", LANG="C.UTF-8", LC_ALL="C.UTF-8")
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "chat.client.cli", "login", "--server", f"127.0.0.1:{proxy.port}",
+        ["-m", "chat.client.cli", "login", "--no-e2e", "--server", f"127.0.0.1:{proxy.port}",
          "--cafile", str(chat_server.cafile), "--username", me, "--timeout", str(WAIT)],
         env=env, cwd=str(ROOT), dimensions=(40, 120), timeout=WAIT, encoding="utf-8",
     )

@@ -89,7 +89,7 @@ def test_line_mode_reconnects_after_a_server_restart(server_factory: Any) -> Non
     env = {k: v for k, v in os.environ.items() if k != "CHAT_PASSWORD"}
     env["CHAT_PASSWORD"] = PASSWORD
     proc = subprocess.Popen(
-        [sys.executable, "-m", "chat.client.cli", "login", "--reconnect",
+        [sys.executable, "-m", "chat.client.cli", "login", "--no-e2e", "--reconnect",
          "--server", f"127.0.0.1:{port}", "--cafile", str(first.cafile), "--username", me],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env, cwd=ROOT,

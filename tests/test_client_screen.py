@@ -163,14 +163,20 @@ def client_env(tmp_path: Path, *, color: bool = False) -> dict[str, str]:
 
 @contextmanager
 def interactive(
-    server: Any, username: str, tmp_path: Path, *extra: str, color: bool = False
+    server: Any, username: str, tmp_path: Path, *extra: str, color: bool = False,
+    e2e: bool = False,
 ) -> Iterator[Terminal]:
-    """The interactive client logged in as `username`, with its prompt up."""
-    args = ["-m", "chat.client.cli", "login", "--server", server.address,
-            "--cafile", str(server.cafile), "--username", username, *extra]
+    """The interactive client logged in as `username`, with its prompt up (end-to-end
+    encryption off unless `e2e`: most tests here are about the rest)."""
+    args = ["-m", "chat.client.cli", "login", *([] if e2e else ["--no-e2e"]),
+            "--server", server.address, "--cafile", str(server.cafile),
+            "--username", username, *extra]
+    env = client_env(tmp_path, color=color)
+    if e2e:  # the key store's directory (tmp_path / "data" is the server's)
+        (tmp_path / "keys").mkdir(exist_ok=True)
+        env["XDG_DATA_HOME"] = str(tmp_path / "keys")
     child = pexpect.spawn(
-        sys.executable, args, env=client_env(tmp_path, color=color), cwd=str(ROOT),
-        dimensions=(ROWS, COLS), timeout=WAIT,
+        sys.executable, args, env=env, cwd=str(ROOT), dimensions=(ROWS, COLS), timeout=WAIT,
     )
     term = Terminal(child)
     try:

@@ -45,6 +45,7 @@ from chat.client.errors import (
 )
 from chat.client.format import sanitize, seconds, should_color
 from chat.client.linemode import EXIT_UNDELIVERED
+from chat.client.secureclient import SecureClient, e2e_opener
 from chat.client.transport import DEFAULT_PORT, certificate_names, where
 from chat.tls import client_context
 
@@ -169,6 +170,16 @@ def _chat_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-bell", dest="bell", action="store_const", const=False, default=None,
         help="do not ring the terminal bell when someone mentions you",
+    )
+    parser.add_argument(
+        "--key-passphrase-file", type=Path, metavar="FILE",
+        help="protect this device's key store with the passphrase on FILE's first line "
+        "(chosen when the store is made; then always needed)",
+    )
+    parser.add_argument(
+        "--no-e2e", dest="e2e", action="store_false",
+        help="no end-to-end encryption: no device, no key store; encrypted messages "
+        "show as [encrypted] (default: on when the server offers it)",
     )
 
 
@@ -561,10 +572,26 @@ def _file_problem(exc: OSError | ssl.SSLError) -> str:
     return exc.strerror or str(exc)
 
 
+def _key_passphrase(args: argparse.Namespace) -> str | None:
+    """The key store's passphrase from --key-passphrase-file, if given (UsageError if
+    it cannot be read or is empty)."""
+    path = getattr(args, "key_passphrase_file", None)
+    if path is None:
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not lines or not lines[0]:
+        raise UsageError(f"{path}: the first line (the passphrase) is empty")
+    return lines[0]
+
+
 def _run(args: argparse.Namespace) -> int:
     confirm = args.command == "register"
     try:
         context = tls_context(args)
+        key_passphrase = _key_passphrase(args)
         password: str | None = None
         if password_given(args.password_file, os.environ):
             password = read_password(
@@ -581,11 +608,15 @@ def _run(args: argparse.Namespace) -> int:
         _err(f"using chat-server's development CA {args.cafile} for {where(host, port)} "
              "(--cafile to use another)")
     clients: list[ChatClient] = []
+    e2e = getattr(args, "e2e", False)  # register has no session to encrypt
+    opener = e2e_opener(where(host, port), os.environ, passphrase=key_passphrase) \
+        if e2e else None
 
     def connect() -> ChatClient:
-        client = ChatClient.connect(
+        client = SecureClient.connect(
             host, port, ssl_context=context, timeout=args.timeout, replies_as_events=True
         )
+        client.opener = opener  # end-to-end encryption starts at login (secureclient)
         clients.append(client)
         return client
 

@@ -51,9 +51,10 @@ commands (a ROOM may be written #dev or dev; left out, it is the current room):
   /switch ROOM    make ROOM, one you are in, the current room
   /rooms          the public rooms and yours: topic, members, your role;
                   * marks the current one
-  /create ROOM [public|private] [shared|joined]
+  /create ROOM [public|private] [shared|joined] [encrypted]
                   make a room and own it (default public; history shared,
-                  or joined: members read only what came after they joined)
+                  or joined: members read only what came after they joined;
+                  encrypted: private, end-to-end encrypted for good)
   /info [ROOM]    a room's visibility, history, topic, members, your role
   /members [ROOM] everyone in a room, with their roles
   /topic [#ROOM] [TEXT | -]
@@ -72,6 +73,11 @@ commands (a ROOM may be written #dev or dev; left out, it is the current room):
                   the last N messages (default {DEFAULT_HISTORY}) of WHERE: the current
                   room, #ROOM, or USER (your direct messages with USER)
   /history more   the messages before those /history showed last
+  /fingerprint    this device's key, to compare out loud
+  /devices USER   USER's devices and whether you verified them
+  /verify USER [DEVICE]
+                  verify a device (emoji to compare), then /verify confirm
+                  if they match or /verify cancel if not
   /passwd         change your password (asked without echo, at the prompt only)
   /help           this text
   /quit           leave (so does the end of input)"""
@@ -567,6 +573,31 @@ def _v11(name: str) -> Callable[[str, _Context], Action]:
     return command
 
 
+# End-to-end encryption's commands: answered by chat.client.secureclient, not the server.
+VERIFY_USAGE = "usage: /verify USER [DEVICE] | /verify confirm | /verify cancel"
+
+
+def _fingerprint(args: str, ctx: _Context) -> Action:
+    return Invalid("usage: /fingerprint") if args else Request({"type": "e2e_fingerprint"})
+
+
+def _devices(args: str, ctx: _Context) -> Action:
+    words = args.split()
+    if len(words) != 1:
+        return Invalid("usage: /devices USER")
+    return Request({"type": "e2e_devices", "username": words[0]})
+
+
+def _verify(args: str, ctx: _Context) -> Action:
+    words = args.split()
+    if words in (["confirm"], ["cancel"]):
+        return Request({"type": "e2e_verify", "action": words[0]})
+    if not 1 <= len(words) <= 2:
+        return Invalid(VERIFY_USAGE)
+    return Request({"type": "e2e_verify", "username": words[0],
+                    "device": words[1] if len(words) == 2 else None})
+
+
 def _passwd(args: str, ctx: _Context) -> Action:
     return Invalid(ASK_NOT_ARGS) if args else Passwd()
 
@@ -643,6 +674,9 @@ _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
     "switch": _switch,
     "rooms": _rooms,
     "passwd": _passwd,
+    "fingerprint": _fingerprint,
+    "devices": _devices,
+    "verify": _verify,
     "help": lambda args, ctx: Help(),
     "quit": lambda args, ctx: Quit(),
     **{name: _v11(name) for name in roomcommands.PARSERS},
@@ -652,7 +686,7 @@ _COMMANDS: dict[str, Callable[[str, _Context], Action]] = {
 # (the completer offers those); /history takes either.
 ROOM_COMMANDS = frozenset({"join", "leave", "switch", "who", "history",
                            *roomcommands.ROOM_FIRST})
-USER_COMMANDS = frozenset({"msg", "history", *roomcommands.USER_FIRST})
+USER_COMMANDS = frozenset({"msg", "history", "devices", "verify", *roomcommands.USER_FIRST})
 
 
 def parse_command(

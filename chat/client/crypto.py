@@ -18,7 +18,8 @@ skipped, not decrypted twice) before it returns, and only then may the caller se
 before their ciphertext is returned, so a crash never makes a device encrypt twice
 with the same message key; the `to_device` requests carrying them wait in the store's
 outbox, committed with them, until the server took them (`to_device_sent`). Since the
-machine is not thread-safe, one thread (the client library's) calls it; verification
+machine is not thread-safe, one thread at a time calls it (chat.client.secure
+holds a lock around every use); verification
 attempts in progress live in memory only. Nothing the client receives is dropped silently: a result
 is `ok`, `pending` (cannot decrypt yet, with the reason, kept in the store) or
 `refused` (a warning for the user, with the reason).
@@ -560,6 +561,14 @@ class E2E:
             self.ed25519, False, inbound.first_known_index, ""), inbound)
         return session
 
+    def shared_users(self, conversation: str) -> set[str]:
+        """The users given the conversation's current outbound session (lower-case): a
+        caller rotates when one of them is no longer a member."""
+        loaded = self.store.load_outbound(vodozemac.GroupSession, conversation)
+        if loaded is None:
+            return set()
+        return {user for user, _device in self.store.shared_with(loaded[0].session_id)}
+
     def rotate(self, conversation: str) -> None:
         """Start a new Megolm session at the next `prepare` (call it when someone
         leaves, is kicked or banned, or a device is removed)."""
@@ -776,6 +785,11 @@ class E2E:
             (request,) = self._enqueue([self._encrypt_olm(known, "sas.start", flow.start())])
         self._verifications[txn] = flow
         return txn, request
+
+    def verifications(self) -> dict[str, Target]:
+        """The verifications in progress: transaction id -> the other device."""
+        return {txn: (flow.their.username, flow.their.device)
+                for txn, flow in self._verifications.items()}
 
     def verification_codes(self, txn: str) -> Codes:
         """The emoji or numbers to compare, once both keys are exchanged."""

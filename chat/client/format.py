@@ -170,9 +170,36 @@ def is_mention(frame: Mapping[str, Any], me: str | None) -> bool:
     return isinstance(text, str) and mentions(text, me)
 
 
+# How an end-to-end encrypted message is marked after its sender (chat.client.secure):
+# a verified sending device, an unverified one, and a direct message sent in clear.
+E2E_VERIFIED, E2E_UNVERIFIED, E2E_PLAINTEXT = "[e2e]", "[e2e, unverified]", "(not encrypted)"
+
+
+def _e2e_marks(frame: Mapping[str, Any], style: _Style) -> tuple[str, str | None]:
+    """The mark after the sender, and the warning that stands instead of the text (a
+    message that could not be decrypted, or was refused, is never shown as written)."""
+    e2e = frame.get("e2e")
+    if not isinstance(e2e, Mapping):
+        return "", None
+    status, reason = e2e.get("status"), _field(e2e.get("reason", ""))
+    if status == "ok":
+        return " " + style.paint(E2E_VERIFIED if e2e.get("verified") else E2E_UNVERIFIED,
+                                 _DIM), None
+    if status == "pending":
+        return "", style.paint(f"! [cannot decrypt yet: {reason}]", _RED)
+    if status == "plaintext":
+        mark = " " + style.paint(E2E_PLAINTEXT, _DIM)
+        return (mark, None) if not reason else (mark + style.paint(f" ! {reason}", _RED), None)
+    return "", style.paint(f"! [REFUSED, not shown: {reason}]", _RED)
+
+
 def _message(frame: Mapping[str, Any], style: _Style) -> str:
     sender = style.name(frame.get("username", "?"))
+    mark, warning = _e2e_marks(frame, style)
+    sender += mark
     text = str(frame.get("message", ""))
+    if warning is not None:
+        return f"{style.clock(frame.get('ts'))} {_where(frame, style, sender)}: {warning}"
     action = text.startswith(ME_PREFIX) and bool(text[len(ME_PREFIX):].strip())
     if action:  # the /me convention: "[12:00] #room * alice waves"
         text = text[len(ME_PREFIX):]
@@ -189,6 +216,20 @@ def _message(frame: Mapping[str, Any], style: _Style) -> str:
         lines = [style.paint(line, _MENTION) for line in lines]
     separator = " " if action else ": "
     return f"{style.clock(frame.get('ts'))} {where}{separator}" + f"\n{INDENT}".join(lines)
+
+
+def _where(frame: Mapping[str, Any], style: _Style, sender: str) -> str:
+    if "to" in frame:
+        return f"{style.paint('(dm)', _DIM)} {sender} -> {style.name(frame['to'])}"
+    return f"{style.room(frame.get('room', '?'))} {sender}"
+
+
+def _e2e(frame: Mapping[str, Any], style: _Style) -> str:
+    """News of the end-to-end layer: loud ones (a changed key, a refused message) in red."""
+    text = sanitize(str(frame.get("text", "")))
+    if frame.get("loud"):
+        return style.paint(f"!! {text}", _RED)
+    return style.note(text)
 
 
 # Presence as a person reads it: `cause` "connection" is someone coming online or going
@@ -503,6 +544,7 @@ _RENDERERS: dict[str, Callable[[Mapping[str, Any], _Style], str]] = {
     "room": _room_info,
     "rooms": _rooms,
     "members": _members,
+    "e2e": _e2e,
 }
 
 

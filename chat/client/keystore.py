@@ -182,7 +182,9 @@ class KeyStore:
         if new:
             _create_private(path)
         _check_private(path)
-        conn = sqlite3.connect(path, isolation_level=None)
+        # Not tied to the opening thread: the client library serialises every use under
+        # its own lock (chat.client.secure), from its reader and its sender threads.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -372,6 +374,11 @@ class KeyStore:
         rows = self._db.execute("SELECT * FROM devices WHERE username = ? ORDER BY device",
                                 (username.lower(),)).fetchall()
         return [_device(r) for r in rows]
+
+    def known_users(self) -> list[str]:
+        """Everyone whose devices we know: whom we encrypt for, to ask about again."""
+        rows = self._db.execute("SELECT DISTINCT username FROM devices ORDER BY username")
+        return [r[0] for r in rows.fetchall()]
 
     def add_device(self, username: str, device: str, ed25519: str, curve25519: str) -> None:
         self._write("INSERT INTO devices (username, device, ed25519, curve25519, first_seen) "

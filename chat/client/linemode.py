@@ -331,7 +331,9 @@ def _print_events(
         text = format_event(frame, me=link.client.username, color=color,
                             current=link.state.room, changed=changed)
         if text is not None:
-            _write(stderr if frame.get("type") == "error" else stdout, lock, text)
+            warning = frame.get("type") == "error" or (
+                frame.get("type") == "e2e" and frame.get("loud") is True)
+            _write(stderr if warning else stdout, lock, text)
 
     def notify(text: str) -> None:
         _write(stderr, lock, f"-- {sanitize(text, multiline=False)}")

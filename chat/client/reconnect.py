@@ -102,6 +102,9 @@ class Seen:
         msg_id = frame.get("msg_id")
         if frame.get("type") != "message" or type(msg_id) is not int:
             return True
+        e2e = frame.get("e2e")
+        if isinstance(e2e, dict) and e2e.get("late"):
+            return True  # shown before as "cannot decrypt yet"; now its text
         if msg_id in self._ids:
             return False
         self._ids.add(msg_id)

@@ -25,6 +25,7 @@ ROLES = ("owner", "moderator", "member")
 ROLE_ALIASES = {"mod": "moderator", "op": "owner"}  # as people say them
 VISIBILITIES = ("public", "private")
 HISTORIES = ("shared", "joined")
+ENCRYPTED_WORDS = ("encrypted", "--encrypted")  # end-to-end encrypted, private for good
 CLEAR_TOPIC = "-"  # `/topic -` clears the topic (the server's "")
 
 NO_ROOM = "you are in no room; /join one"
@@ -32,7 +33,7 @@ NO_ROOM = "you are in no room; /join one"
 ROOM_RULE = "a room name is 1 to 32 of the letters A-Z a-z, the digits 0-9, _ and -"
 
 USAGE = {
-    "create": "usage: /create ROOM [public|private] [shared|joined]",
+    "create": "usage: /create ROOM [public|private] [shared|joined] [encrypted]",
     "invite": "usage: /invite USER [ROOM]",
     "kick": "usage: /kick USER [#ROOM] [REASON...]",
     "ban": "usage: /ban USER [#ROOM] [REASON...]",
@@ -74,16 +75,23 @@ def _split(args: str, most: int) -> list[str]:
 
 def create(args: str, current: str | None) -> Frame | str:
     words = args.split()
-    if not words or len(words) > 3:
+    if not words or len(words) > 4:
         return USAGE["create"]
     if _room(words[0]) is None:
         return f"{ROOM_RULE}, not {words[0]}; {USAGE['create']}"
     frame: Frame = {"type": "create", "room": _room(words[0])}
     for word in (w.lower() for w in words[1:]):
+        if word in ENCRYPTED_WORDS and "encrypted" not in frame:
+            frame["encrypted"] = True
+            continue
         key = "visibility" if word in VISIBILITIES else "history" if word in HISTORIES else None
         if key is None or key in frame:
             return USAGE["create"]
         frame[key] = word
+    if frame.get("encrypted"):
+        if frame.get("visibility", "private") != "private":
+            return f"only a private room can be encrypted; {USAGE['create']}"
+        frame["visibility"] = "private"  # said outright: the server's default is public
     return frame
 
 
