@@ -26,6 +26,18 @@ def _ratio(a: float, b: float) -> float:
     return max(a, b) / min(a, b)
 
 
+def _settled_ratio(fn_a, fn_b, rounds: int = 3) -> float:
+    """The ratio of the medians, measured again (up to `rounds` times) while it is over
+    the bound: a real difference in cost shows in every round, while a burst of load
+    on a busy 2-core machine (other test suites) skewed one round in 1,600 tests."""
+    best = float("inf")
+    for _ in range(rounds):
+        best = min(best, _ratio(*_medians(fn_a, fn_b)))
+        if best < 1.5:
+            break
+    return best
+
+
 def test_login_unknown_user_costs_what_a_wrong_password_costs(server_factory):
     # Cost 8 makes bcrypt (~15 ms) dominate the round trip, as cost 12 does in production.
     server = server_factory(bcrypt_rounds=8, login_account_failures=10**6,
@@ -43,7 +55,7 @@ def test_login_unknown_user_costs_what_a_wrong_password_costs(server_factory):
 
     wrong()
     unknown()  # warm-up
-    ratio = _ratio(*_medians(wrong, unknown))
+    ratio = _settled_ratio(wrong, unknown)
     assert ratio < 1.5, ratio
 
 
@@ -64,5 +76,5 @@ def test_register_taken_name_costs_what_a_new_one_costs(server_factory):
 
     taken()
     fresh()
-    ratio = _ratio(*_medians(taken, fresh))
+    ratio = _settled_ratio(taken, fresh)
     assert ratio < 1.5, ratio
