@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,8 +28,8 @@ from tests.test_client_screen import interactive
 
 @contextmanager
 def cli(server: Any, username: str, data: Path) -> Iterator[tuple[Any, Lines, Lines]]:
-    """`chat-client login` in line mode, its key store under `data`."""
-    data.mkdir(exist_ok=True)
+    """`chat-client login` in line mode, its key store under `data` (which the client
+    makes if it is missing, as on a fresh account with no ~/.local/share)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
     env.update(CHAT_PASSWORD=PASSWORD, XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=str(data))
     proc = subprocess.Popen(
@@ -51,7 +52,8 @@ def test_two_cli_users_talk_encrypted_and_verify_each_other(
     alice, bob, room = new_name(), new_name(), "s" + new_name()[:10]
     chat_server.register(alice)
     chat_server.register(bob)
-    with cli(chat_server, alice, tmp_path / "a") as (pa, out_a, err_a), \
+    fresh = tmp_path / "fresh" / "share"  # no data directory at all yet
+    with cli(chat_server, alice, fresh) as (pa, out_a, err_a), \
             cli(chat_server, bob, tmp_path / "b") as (pb, out_b, err_b):
         typed(pa, f"/create {room} encrypted")
         typed(pa, f"/invite {bob} {room}")
@@ -93,6 +95,8 @@ def test_two_cli_users_talk_encrypted_and_verify_each_other(
             proc.stdin.close()
             assert proc.wait(timeout=WAIT) == 0, err.rest()
             assert not [line for line in err.lines if line.startswith("!!")], err.lines
+    (store,) = (fresh / "chat-client").glob("*/*.sqlite3")  # made with its directories
+    assert stat.S_IMODE(store.parent.stat().st_mode) == 0o700
 
 
 def test_the_prompt_shows_encrypted_messages_and_warnings(

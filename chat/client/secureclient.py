@@ -36,7 +36,7 @@ from typing import Any
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.e2e_results import E2EError
 from chat.client.errors import ClientError, Frame
-from chat.client.keystore import KeyStoreError, data_home
+from chat.client.keystore import KeyStoreError
 from chat.client.secure import Secure, notice
 
 LOCAL_TYPES = frozenset({"e2e_fingerprint", "e2e_devices", "e2e_verify"})
@@ -174,17 +174,14 @@ class SecureClient(ChatClient):
 def e2e_opener(server: str, environ: Mapping[str, str] = os.environ, *,
                passphrase: str | None = None) -> Callable[[str], Secure]:
     """An opener for SecureClient: one Secure per user for the life of the process (a
-    reconnection keeps its device), its store under the user's data directory. That
-    directory must exist: we make only our own directory inside it. With `passphrase`,
+    reconnection keeps its device), its store under the user's data directory, made if
+    missing (as the XDG spec says: a fresh account may have no ~/.local/share yet, and
+    encryption must not be off for that). With `passphrase`,
     the store's key is derived from it instead of kept in a key file (docs/e2e.md)."""
     opened: dict[str, Secure] = {}
 
     def open_secure(username: str) -> Secure:
         if username.lower() not in opened:
-            home = data_home(environ)
-            if not home.is_dir():
-                raise KeyStoreError(f"{home} does not exist (set XDG_DATA_HOME to "
-                                    "a directory for the key store)")
             opened[username.lower()] = Secure.open(server, username, environ,
                                                    passphrase=passphrase)
         return opened[username.lower()]
