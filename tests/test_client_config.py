@@ -71,6 +71,10 @@ def test_relative_file_names_are_relative_to_the_file() -> None:
         ("recent = -1\n", "recent must be"),
         ('recent = "20"\n', "recent must be"),
         ("recent = true\n", "recent must be"),
+        ('e2e = "yes"\n', "e2e must be true or false"),
+        ("verified_only = 1\n", "verified_only must be true or false"),
+        ("rotate_messages = 0\n", "rotate_messages must be a whole number, at least 1"),
+        ("rotate_seconds = 5\n", "rotate_seconds must be a whole number, at least 60"),
     ],
 )
 def test_a_bad_file_is_refused_clearly(text: str, words: str) -> None:
@@ -205,3 +209,16 @@ def test_a_bad_recent_flag_is_a_usage_error(
 ) -> None:
     assert main(["login", "--server", "localhost", "--username", "a", "--recent", value]) == 2
     assert "--recent" in capsys.readouterr().err
+
+
+def test_encryption_settings_come_from_the_file_or_their_defaults() -> None:
+    path = Path("/cfg/chat/client.toml")
+    defaults = resolve(FLAGS_NONE, {}, {}, path)
+    assert (defaults.e2e, defaults.verified_only, defaults.rotate_messages,
+            defaults.rotate_seconds) == (True, False, 100, 7 * 24 * 3600)
+    mine = resolve(FLAGS_NONE, {}, parse_file(
+        "e2e = false\nverified_only = true\nrotate_messages = 10\nrotate_seconds = 3600\n",
+        path), path)
+    assert (mine.e2e, mine.verified_only, mine.rotate_messages, mine.rotate_seconds) == (
+        False, True, 10, 3600)
+    assert resolve({**FLAGS_NONE, "verified_only": True}, {}, {}, path).verified_only

@@ -39,11 +39,12 @@ class Person:
     """One device of a user: a key store, and a connection read by its own thread."""
 
     def __init__(self, server: Any, username: str, home: Path, *, ack: bool = True,
-                 connect: bool = True, client_class: type[ChatClient] = ChatClient) -> None:
+                 connect: bool = True, client_class: type[ChatClient] = ChatClient,
+                 verified_only: bool = False) -> None:
         self.username, self.home = username, home
         self.client_class = client_class
         self.secure = Secure.open(STORE_SERVER, username, {"XDG_DATA_HOME": str(home)},
-                                  ack=ack, timeout=WAIT)
+                                  ack=ack, timeout=WAIT, verified_only=verified_only)
         self.shown: queue.Queue[Frame] = queue.Queue()
         self.log: list[Frame] = []  # everything taken from `shown` so far
         self.raw: list[Frame] = []  # every frame the server sent (before process)
@@ -371,3 +372,22 @@ def test_a_device_added_later_reads_the_past_after_verification_and_not_before(
     assert phone.secure.devices(laptop.username)  # and the laptop is verified there
     assert any(d.verified for d in phone.secure.devices(laptop.username)
                if d.device == laptop.device)
+
+
+def test_verified_only_gives_room_keys_to_verified_devices_alone(
+        chat_server: Any, people: Any) -> None:
+    alice, bob = people(verified_only=True), people()
+    room = encrypted_room(alice, bob)
+    raise_for_error(alice.secure.say(room, "not for strangers", WAIT))
+    alice.notice("unshared", username=bob.username, device=bob.device)
+    early = bob.message(alice.username, room=room)
+    assert early["e2e"]["status"] == "pending" and "strangers" not in str(early)
+    verify(alice, bob)
+    raise_for_error(alice.secure.say(room, "now you are known", WAIT))
+    later = bob.wait(lambda f: f.get("type") == "message" and f.get("msg_id", 0) > early[
+        "msg_id"], "the message after verification")
+    assert bob.read(later) == "now you are known"
+    # What was sent before stays unreadable to bob: the session went to him from the
+    # message after (Megolm keys only ratchet forward).
+    assert all(f["e2e"]["status"] != "ok" for f in bob.log
+               if f.get("type") == "message" and f["msg_id"] == early["msg_id"])

@@ -177,9 +177,16 @@ def _chat_flags(parser: argparse.ArgumentParser) -> None:
         "(chosen when the store is made; then always needed)",
     )
     parser.add_argument(
-        "--no-e2e", dest="e2e", action="store_false",
+        "--no-e2e", dest="e2e", action="store_const", const=False, default=None,
         help="no end-to-end encryption: no device, no key store; encrypted messages "
-        "show as [encrypted] (default: on when the server offers it)",
+        "show as [encrypted] (default: `e2e` in the config file, else on when the "
+        "server offers it)",
+    )
+    parser.add_argument(
+        "--verified-only", dest="verified_only", action="store_const", const=True,
+        default=None, help="give room keys only to devices you verified (/verify); "
+        "others cannot read what you send (default: `verified_only` in the config file, "
+        "else off)",
     )
 
 
@@ -608,9 +615,11 @@ def _run(args: argparse.Namespace) -> int:
         _err(f"using chat-server's development CA {args.cafile} for {where(host, port)} "
              "(--cafile to use another)")
     clients: list[ChatClient] = []
-    e2e = getattr(args, "e2e", False)  # register has no session to encrypt
-    opener = e2e_opener(where(host, port), os.environ, passphrase=key_passphrase) \
-        if e2e else None
+    e2e = args.command != "register" and args.e2e  # register has no session to encrypt
+    opener = e2e_opener(
+        where(host, port), os.environ, passphrase=key_passphrase,
+        verified_only=args.verified_only, rotate_messages=args.rotate_messages,
+        rotate_seconds=args.rotate_seconds) if e2e else None
 
     def connect() -> ChatClient:
         client = SecureClient.connect(

@@ -13,6 +13,10 @@ XDG_CONFIG_HOME is unset or empty, as the XDG Base Directory spec says), for exa
     color = "auto"               # true, false, or "auto" (on a terminal, unless NO_COLOR)
     recent = 20                  # messages of the room shown on login (0: none)
     token = "..."                # a registration token, for a server that wants one
+    e2e = true                   # end-to-end encryption when the server offers it
+    verified_only = false        # share room keys only with devices you verified
+    rotate_messages = 100        # a new room key after this many messages...
+    rotate_seconds = 604800      # ...or this many seconds (and whenever someone leaves)
 
 The environment variables CHAT_SERVER, CHAT_CAFILE, CHAT_CERTFILE, CHAT_KEYFILE,
 CHAT_USERNAME, CHAT_ROOM and CHAT_TOKEN stand in for the flags. With no cafile anywhere and
@@ -40,7 +44,10 @@ DEV_CA = Path("chat") / "certs" / "ca.crt"  # under $XDG_DATA_HOME, as chat-serv
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # where the dev CA is trusted
 SOURCES = ("flag", "env", "file", "default", "dev CA")
 KEYS = ("server", "cafile", "certfile", "keyfile", "username", "room", "bell", "color",
-        "recent", "token")
+        "recent", "token", "e2e", "verified_only", "rotate_messages", "rotate_seconds")
+# Megolm rotation (as Matrix's defaults): what one leaked room key opens is bounded by
+# this many messages or seconds; the floor keeps a typo from making a key per message.
+DEFAULT_ROTATE_MESSAGES, DEFAULT_ROTATE_SECONDS, MIN_ROTATE_SECONDS = 100, 7 * 24 * 3600, 60
 _PATHS = ("cafile", "certfile", "keyfile")
 _ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "certfile": "CHAT_CERTFILE",
         "keyfile": "CHAT_KEYFILE", "username": "CHAT_USERNAME", "room": "CHAT_ROOM",
@@ -48,7 +55,8 @@ _ENV = {"server": "CHAT_SERVER", "cafile": "CHAT_CAFILE", "certfile": "CHAT_CERT
 _DEFAULTS: dict[str, Any] = {
     "server": DEFAULT_SERVER, "cafile": None, "certfile": None, "keyfile": None,
     "username": None, "room": DEFAULT_ROOM, "bell": True, "color": "auto",
-    "recent": DEFAULT_RECENT, "token": None,
+    "recent": DEFAULT_RECENT, "token": None, "e2e": True, "verified_only": False,
+    "rotate_messages": DEFAULT_ROTATE_MESSAGES, "rotate_seconds": DEFAULT_ROTATE_SECONDS,
 }
 # Shown by `chat-client config` only as set or not: a registration token lets whoever
 # holds it make an account, so it is no more printed than a password would be.
@@ -105,7 +113,7 @@ class Settings:
             source = self.sources.get(key, "default")
             if source == "dev CA":
                 source = "default: chat-server's development CA, used for localhost"
-            lines.append(f"{key:<9} = {shown:<30} ({source})")
+            lines.append(f"{key:<15} = {shown:<30} ({source})")
         return "\n".join(lines)
 
 
@@ -145,8 +153,12 @@ def parse_file(text: str, path: Path) -> dict[str, Any]:
     for key in ("server", *_PATHS, "username", "room", "token"):
         if key in table and not (isinstance(table[key], str) and table[key].strip()):
             raise ConfigError(f"{path}: {key} must be a non-empty string")
-    if "bell" in table and not isinstance(table["bell"], bool):
-        raise ConfigError(f"{path}: bell must be true or false")
+    for key in ("bell", "e2e", "verified_only"):
+        if key in table and not isinstance(table[key], bool):
+            raise ConfigError(f"{path}: {key} must be true or false")
+    for key, floor in (("rotate_messages", 1), ("rotate_seconds", MIN_ROTATE_SECONDS)):
+        if key in table and (type(table[key]) is not int or table[key] < floor):
+            raise ConfigError(f"{path}: {key} must be a whole number, at least {floor}")
     if "color" in table and table["color"] not in (True, False, "auto"):
         raise ConfigError(f'{path}: color must be true, false or "auto"')
     recent = table.get("recent", 0)

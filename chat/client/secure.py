@@ -61,7 +61,7 @@ from typing import Any
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.conversations import dm_conversation, room_conversation
-from chat.client.crypto import E2E
+from chat.client.crypto import E2E, ROTATE_AFTER_MESSAGES, ROTATE_AFTER_SECONDS
 from chat.client.e2e_results import Decrypted, E2EError, Refused, Status, Target, ToDeviceResult
 from chat.client.errors import ClientError, ConnectionClosed, Frame
 from chat.client.keystore import Device, KeyStore
@@ -113,9 +113,12 @@ class Secure:
     """One device's end-to-end layer over a ChatClient (see the module's docstring)."""
 
     def __init__(self, machine: E2E, *, timeout: float = DEFAULT_TIMEOUT,
-                 ack: bool = True) -> None:
+                 ack: bool = True, verified_only: bool = False) -> None:
         self.machine = machine
         self.timeout = timeout
+        # Room keys go only to devices this one verified (the client's setting).
+        self.verified_only = verified_only
+        self._unshared: set[tuple[str, str, str]] = set()  # told: no keys for the device
         # Tests turn this off to stand for a client killed between commit and ack.
         self.ack = ack
         self.client: ChatClient | None = None
@@ -131,12 +134,14 @@ class Secure:
 
     @classmethod
     def open(cls, server: str, username: str, environ: Mapping[str, str] = os.environ, *,
-             passphrase: str | None = None, **kw: Any) -> Secure:
+             passphrase: str | None = None, rotate_messages: int = ROTATE_AFTER_MESSAGES,
+             rotate_seconds: float = ROTATE_AFTER_SECONDS, **kw: Any) -> Secure:
         """Open (or make) this user's key store for `server` ("host:port") and its device."""
         store = KeyStore.for_device(server, username, environ, passphrase=passphrase)
         owner = store.get_meta("device")
         device = owner.split("/", 1)[1] if owner else new_device_id()
-        return cls(E2E(store, username, device), **kw)
+        return cls(E2E(store, username, device, rotate_after_messages=rotate_messages,
+                       rotate_after_seconds=rotate_seconds), **kw)
 
     @staticmethod
     def supported(client: ChatClient) -> bool:
@@ -498,11 +503,19 @@ class Secure:
         targets = [(d.username, d.device) for u in users for d in self.machine.devices(u)
                    if d.trusted]
         self._claim(self.machine.sessions_needed(targets))
-        share = self.machine.prepare(conversation, targets)
+        share = self.machine.prepare(conversation, targets,
+                                     only_verified=self.verified_only)
         for user, device in share.need_sessions:
             self._note(notice("warning", f"no keys could be given to {user}/"
                                         f"{device}: it has no one-time key", loud=True,
                                         username=user, device=device))
+        for user, device, why in share.skipped:
+            if why == "not verified" and (conversation, user, device) not in self._unshared:
+                # Said once per device and conversation: it cannot read what we send.
+                self._unshared.add((conversation, user, device))
+                self._note(notice("unshared", f"{user}/{device} gets no keys here (not "
+                                  "verified, and verified_only is on): it cannot read your "
+                                  "messages; /verify it", username=user, device=device))
         self._flush_outbox()
         return self.machine.encrypt(conversation, text)
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
+from chat.client.crypto import ROTATE_AFTER_MESSAGES, ROTATE_AFTER_SECONDS
 from chat.client.e2e_results import E2EError
 from chat.client.errors import ClientError, Frame
 from chat.client.keystore import KeyStoreError
@@ -172,18 +173,23 @@ class SecureClient(ChatClient):
 
 
 def e2e_opener(server: str, environ: Mapping[str, str] = os.environ, *,
-               passphrase: str | None = None) -> Callable[[str], Secure]:
+               passphrase: str | None = None, verified_only: bool = False,
+               rotate_messages: int = ROTATE_AFTER_MESSAGES,
+               rotate_seconds: float = ROTATE_AFTER_SECONDS) -> Callable[[str], Secure]:
     """An opener for SecureClient: one Secure per user for the life of the process (a
     reconnection keeps its device), its store under the user's data directory, made if
     missing (as the XDG spec says: a fresh account may have no ~/.local/share yet, and
-    encryption must not be off for that). With `passphrase`,
-    the store's key is derived from it instead of kept in a key file (docs/e2e.md)."""
+    encryption must not be off for that). With `passphrase`, the store's key is derived
+    from it instead of kept in a key file; `verified_only` and the rotation bounds are
+    the client's settings of the same names (docs/e2e.md)."""
     opened: dict[str, Secure] = {}
 
     def open_secure(username: str) -> Secure:
         if username.lower() not in opened:
-            opened[username.lower()] = Secure.open(server, username, environ,
-                                                   passphrase=passphrase)
+            opened[username.lower()] = Secure.open(
+                server, username, environ, passphrase=passphrase,
+                verified_only=verified_only, rotate_messages=rotate_messages,
+                rotate_seconds=rotate_seconds)
         return opened[username.lower()]
 
     return open_secure
