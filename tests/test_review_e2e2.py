@@ -6,11 +6,15 @@ that a timing window opens."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from conftest import TIMEOUT
 from test_todevice import Device, Megolm, call
 from writer_gate import WriterGate, reply_to
+
+from chat.store import Job
 
 
 def _perform(server: Any, action: str, **args: Any) -> threading.Thread:
@@ -20,6 +24,36 @@ def _perform(server: Any, action: str, **args: Any) -> threading.Thread:
                               args=({"action": action, "args": args},), daemon=True)
     thread.start()
     return thread
+
+
+@contextmanager
+def held_loops(server: Any) -> Iterator[None]:
+    """Every I/O loop runs a callback that waits: what the writer delivers meanwhile goes
+    out (or is queued) in the writer's order, and a loop's own call_soon work waits."""
+    release = threading.Event()
+    started = []
+    for loop in server.server.loops:
+        entered = threading.Event()
+        started.append(entered)
+
+        def hold(entered: threading.Event = entered) -> None:
+            entered.set()
+            release.wait(TIMEOUT)
+
+        loop.call_soon(hold)
+    for entered in started:
+        assert entered.wait(TIMEOUT)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def _writer_done(server: Any) -> None:
+    """Wait until the writer has run everything submitted before, continuations included."""
+    done = threading.Event()
+    server.server.store.submit(Job(lambda db: done.set, lambda exc: done.set()))
+    assert done.wait(TIMEOUT)
 
 
 # --- a device removed by the operator while its session is live ---------------------
@@ -49,3 +83,30 @@ def test_a_send_behind_the_operators_device_removal_no_longer_speaks_as_that_dev
     assert msg["type"] == "error" and msg["code"] == "invalid_field", msg
     bob.pump()
     assert bob.received() == []
+
+
+# --- a notice never overtakes the reply to an earlier query_keys ---------------------
+def test_a_device_list_notice_does_not_overtake_the_keys_it_makes_stale(chat_server):
+    """query_keys' reply went out from the loop (call_soon) while a device_list notice
+    decided after it went out from the writer at once: the client read the notice, then
+    keys without the new device, and took those as current."""
+    carol = chat_server.user("carol")
+    chat_server.register("alice")
+    second = chat_server.user("alice", register=False)
+    gate = WriterGate(chat_server.server)
+    carol.send({"type": "query_keys", "users": ["alice"], "id": "q"})
+    gate.wait_queued(1)
+    import vodozemac
+    from test_devices import device_frame
+
+    second.send({**device_frame(vodozemac.Account(), "alice", "new"), "id": "bind"})
+    gate.wait_queued(2)
+    with held_loops(chat_server):
+        gate.open()
+        _writer_done(chat_server)
+    order = []
+    while len(order) < 2:
+        frame = carol.recv()
+        if frame["type"] in ("keys", "device_list"):
+            order.append(frame["type"])
+    assert order == ["keys", "device_list"]
