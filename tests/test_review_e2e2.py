@@ -110,3 +110,28 @@ def test_a_device_list_notice_does_not_overtake_the_keys_it_makes_stale(chat_ser
         if frame["type"] in ("keys", "device_list"):
             order.append(frame["type"])
     assert order == ["keys", "device_list"]
+
+
+# --- what the server keeps of a device's sends -----------------------------------------
+def test_a_device_s_remembered_send_ids_are_bounded_by_count_not_only_by_age(chat_server):
+    """Every send_id was kept for a day, each with its answer (the skipped targets, up to a
+    frame's worth): a device sending ten frames a second left 864,000 rows a day, not the
+    few KB security.md promises."""
+    from sqlalchemy import text
+
+    from chat.todevice import MAX_SEND_IDS
+
+    alice = Device(chat_server, "alice", "laptop", register=True)
+    olm = alice.olm()
+    n = MAX_SEND_IDS + 40
+    for i in range(n):  # pipelined: the replies are read below
+        alice.conn.send({"type": "to_device", "send_id": f"s{i}", "id": i, "messages": [
+            {"username": "nobody-here", "device": "x", "olm": olm}]})
+    for i in range(n):
+        assert reply_to(alice.conn, i)["type"] == "ok"
+    with chat_server.server.engine.connect() as db:
+        kept = db.execute(text("SELECT count(*) FROM to_device_sends")).scalar_one()
+    assert kept <= MAX_SEND_IDS
+    # The latest are still answered again, not queued twice.
+    repeat = alice.to_device([("nobody-here", "x")], f"s{n - 1}")
+    assert repeat["repeat"] is True
