@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from conftest import TIMEOUT
 from test_todevice import Device, Megolm, call
 from writer_gate import WriterGate, reply_to
@@ -135,3 +136,34 @@ def test_a_device_s_remembered_send_ids_are_bounded_by_count_not_only_by_age(cha
     # The latest are still answered again, not queued twice.
     repeat = alice.to_device([("nobody-here", "x")], f"s{n - 1}")
     assert repeat["repeat"] is True
+
+
+# --- not fixed here: recorded so that a fix shows up -----------------------------------
+@pytest.mark.xfail(strict=True, reason="not fixed: a removed device is not remembered, so "
+                   "its still-logged-in client uploads the same keys again and is back")
+def test_a_device_the_operator_removed_cannot_come_back_by_uploading_its_keys(chat_server):
+    """chat-admin device remove is for "a lost phone: nobody can start a session with it";
+    but the phone's session (or its next login, with the saved password) sends
+    device_keys again and the server takes the same keys as a new device."""
+    from test_devices import device_frame
+
+    laptop = Device(chat_server, "alice", "laptop", register=True)
+    _perform(chat_server, "device_remove", name="alice", device="laptop").join(TIMEOUT)
+    _writer_done(chat_server)
+    reply, _ = call(laptop.conn, device_frame(laptop.account, "alice", "laptop"))
+    assert reply["type"] == "error", reply
+
+
+@pytest.mark.xfail(strict=True, reason="not fixed: a device's queue is one budget shared "
+                   "by every sender, so anyone can fill it and shut out everyone else")
+def test_one_sender_cannot_fill_a_device_s_queue_for_everyone(server_factory):
+    """Any user can fill any offline device's queue (max_to_device_queue) with junk; every
+    room key sent to it afterwards is skipped with queue_full until the device comes back
+    and acknowledges, so it cannot read what its rooms said meanwhile."""
+    server = server_factory(max_to_device_queue=4)
+    bob = Device(server, "bob", "phone", register=True)
+    bob.conn.close()
+    mallory = Device(server, "mallory", "evil", register=True)
+    assert mallory.to_device([("bob", "phone")] * 4, "flood")["queued"] == 4
+    alice = Device(server, "alice", "laptop", register=True)
+    assert alice.to_device([("bob", "phone")], "room-key")["queued"] == 1
