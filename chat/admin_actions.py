@@ -342,17 +342,22 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
                                                 table.c.device == device)))
     audit(ops.db, now_ms(), OPERATOR, "device_remove", target=rec.name, detail=device,
           reason=reason)
-    notice = device_list_notice(ops.db, ops.store, rec.id, rec.key, rec.name)
+    # Its sessions may stay, but send nothing more as that device: unbound here, in the
+    # writer's order, so that what they pipelined behind the removal (even in this
+    # batch) is refused as from an unbound session.
+    bound = [(s, s.device, s.device_curve, s.to_device_sent, s.to_device_live)
+             for s in ops.hub.sessions_of(rec.key) if s.device == device]
+    for session, *_ in bound:
+        session.device = session.device_curve = None
+        session.to_device_sent, session.to_device_live = 0, False
+    if bound:
+        def rebind() -> None:
+            for session, dev, curve, sent, live in bound:
+                session.device, session.device_curve = dev, curve
+                session.to_device_sent, session.to_device_live = sent, live
 
-    def unbind() -> None:
-        # Its sessions may stay, but send nothing more as that device.
-        for session in ops.hub.sessions_of(rec.key):
-            if session.device == device:
-                session.device = session.device_curve = None
-                session.to_device_sent, session.to_device_live = 0, False
-        notice()
-
-    ops.later.append(unbind)
+        ops.store.on_rollback(rebind)
+    ops.later.append(device_list_notice(ops.db, ops.store, rec.id, rec.key, rec.name))
     return {"username": rec.name, "device": device, "removed": True}
 
 

@@ -380,6 +380,16 @@ class Connection(TlsStream):
         if actual < reserved:
             self._release(HOLD_RATE)  # it may be enough now; _process checks again
 
+    def reply_charged(self, rid: m.RequestId, frame: dict[str, Any]) -> None:
+        """Any thread (the writer's continuation): send a reply now, in the caller's order,
+        and charge its size to the reply budget on the loop (`keys`, which a later
+        `device_list` notice must not overtake)."""
+        if rid is not None:
+            frame["re"] = rid
+        data = encode(frame)
+        self.deliver(data)
+        self.loop.call_soon(self.reply_budget.spend, len(data))
+
     def reply_weighed(self, rid: m.RequestId, frame: dict[str, Any]) -> None:
         """Loop thread: encode and send a reply whose size is what it costs (`who`)."""
         if rid is not None:

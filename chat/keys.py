@@ -170,7 +170,9 @@ def query_keys(conn: Connection, req: m.QueryKeys) -> None:
         def after() -> None:
             for key in keys:  # told of their device changes from now on
                 hub.watch(session, key, watch)
-            conn.loop.call_soon(conn.reply_weighed, req.id, frame)
+            # In the writer's order, not the loop's: a device_list notice decided after
+            # this read must reach the client after the keys it makes stale.
+            conn.reply_charged(req.id, frame)
 
         return after
 

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 devices_t, queue_t, sends_t = Device.__table__, ToDevice.__table__, ToDeviceSend.__table__
 
 NO_SUCH_DEVICE, QUEUE_FULL = "no_such_device", "queue_full"
+# The send_ids a device is answered again for, its latest (within to_device_send_id_ttl):
+# a client repeats a send whose answer it lost, one of the few it had in flight
+# (max_requests_in_flight per connection). Bounds what a device leaves on disk, whatever
+# its rate: each is kept with its answer, up to a frame of skipped targets.
+MAX_SEND_IDS = 256
 
 
 def _frame(seq: int, sender: str, sender_device: str, olm: dict[str, Any]) -> bytes:
@@ -138,6 +143,13 @@ def send(conn: Connection, req: m.ToDevice) -> None:
         db.execute(insert(sends_t).values(user_id=session.user_id, device=device,
                                           send_id=req.send_id, answer=json.dumps(answer),
                                           created_ms=ms))
+        # This one and the latest others (of one millisecond, any of them) are kept.
+        others = and_(mine, sends_t.c.send_id != req.send_id)
+        older = db.execute(select(sends_t.c.send_id).where(others)
+                           .order_by(sends_t.c.created_ms.desc())
+                           .offset(MAX_SEND_IDS - 1).limit(MAX_SEND_IDS)).scalars().all()
+        if older:
+            db.execute(delete(sends_t).where(and_(mine, sends_t.c.send_id.in_(older))))
         reply = {"type": "ok", "op": "to_device", "send_id": req.send_id, **answer}
 
         def after() -> None:

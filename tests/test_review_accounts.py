@@ -141,7 +141,9 @@ def test_review_list_rooms_decided_after_the_disable_reads_nothing(chat_server, 
 # and changes nothing) until every session of the user has closed.
 def test_review_a_login_right_after_a_logout_keeps_the_users_rooms(chat_server):
     first = chat_server.user("alice")
-    chat_server.user("bob")
+    # Kept open: a client dropped here closes whenever it is collected, and its detach
+    # job, queued behind the gate, passed for the operator's in wait_queued below.
+    bob = chat_server.user("bob")
     gate = WriterGate(chat_server.server)
     op = Operator(chat_server.server, "user_logout", {"name": "alice"})
     gate.wait_queued(1)
@@ -156,6 +158,7 @@ def test_review_a_login_right_after_a_logout_keeps_the_users_rooms(chat_server):
     assert welcome["rooms"] == ["general"]
     sent = second.request({"type": "send", "room": "general", "message": "still here"})
     assert sent["type"] == "message", sent
+    bob.close()
 
 
 # Finding 5: "operator" (the actor the server writes for everything chat-admin does) is an
