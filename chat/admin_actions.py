@@ -320,7 +320,8 @@ def device_list(ops: Ops, name: str) -> dict[str, Any]:
                           .outerjoin(otks_t, and_(otks_t.c.user_id == devices_t.c.user_id,
                                                   otks_t.c.device == devices_t.c.device,
                                                   otks_t.c.fallback.is_(False)))
-                          .where(devices_t.c.user_id == rec.id)
+                          .where(and_(devices_t.c.user_id == rec.id,
+                                      devices_t.c.removed_ms.is_(None)))
                           .group_by(devices_t.c.device, devices_t.c.ed25519,
                                     devices_t.c.created_ms)
                           .order_by(devices_t.c.device)).all()
@@ -329,14 +330,15 @@ def device_list(ops: Ops, name: str) -> dict[str, Any]:
 
 
 def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[str, Any]:
-    """Forget a device and its keys (a lost phone): nobody can start a session with it."""
+    """Remove a device (a lost phone): nobody can start a session with it, and its keys
+    can never be registered again (the row stays, marked removed)."""
     rec = ops.user(name)
-    gone = ops.db.execute(delete(devices_t).where(and_(
-        devices_t.c.user_id == rec.id, devices_t.c.device == device))).rowcount
+    gone = ops.db.execute(update(devices_t).where(and_(
+        devices_t.c.user_id == rec.id, devices_t.c.device == device,
+        devices_t.c.removed_ms.is_(None))).values(removed_ms=now_ms())).rowcount
     if not gone:
         raise Refused(f"{rec.name} has no device {device!r}")
-    # Its one-time keys and its queued to-device messages go with it: ON DELETE CASCADE,
-    # and said here for other engines.
+    # Its one-time keys, its queued to-device messages and its send ids go with it.
     for table in (otks_t, to_device_t, to_device_sends_t):
         ops.db.execute(delete(table).where(and_(table.c.user_id == rec.id,
                                                 table.c.device == device)))

@@ -254,12 +254,21 @@ class Settings:
         100, "Queued to-device messages given to a device at once; the next page follows "
         "its acknowledgement."
     )
+    max_to_device_per_sender: int = _setting(
+        100, "To-device messages one other user may have waiting in a device's queue, so "
+        "that nobody can fill it for everyone (the device's own user may use all of it: "
+        "forwarded keys for a new device can be many)."
+    )
+    to_device_send_ids: int = _setting(
+        256, "A device's latest to-device send_ids the server remembers (with their "
+        "answers), so that a repeat is answered again, not queued twice."
+    )
     to_device_send_id_ttl: float = _setting(
         24 * 3600.0, "Seconds a device's to-device send_id is remembered, so that a "
         "repeated send is answered again rather than queued twice."
     )
     max_key_watch: int = _setting(
-        1000, "Users one session follows device changes of through query_keys (the ones "
+        100, "Users one session follows device changes of through query_keys (the ones "
         "asked about last); rooms carry the notices for the rest."
     )
     max_history_bytes: int = _setting(
@@ -375,7 +384,8 @@ class Settings:
                      "io_threads", "auth_queue", "max_connections", "reply_bytes_per_second",
                      "writer_queue_limit", "presence_room_limit", "read_bytes_per_second",
                      "max_listed_rooms", "max_devices_per_user", "max_one_time_keys",
-                     "max_to_device_queue", "to_device_page", "max_key_watch"):
+                     "max_to_device_queue", "to_device_page", "max_key_watch",
+                     "max_to_device_per_sender", "to_device_send_ids"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if not (self.frames_per_second > 0 and math.isfinite(self.frames_per_second)):

@@ -197,11 +197,13 @@ class LocalHub:
 
     def devices_changed(self, key: str, rooms: list[str], data: bytes) -> None:
         """Tell that user `key`'s devices changed: to its sessions, to every session in a
-        room it is in, and to every session that asked for its keys; each once."""
-        told: set[Session] = set(self.sessions_of(key))
-        told.update(self._watchers.get(key, ()))
+        room it is in, and to every session that asked for its keys; each once. Only to
+        sessions that use encryption (bound a device, or asked for keys): a v1 client
+        would show a frame it does not know."""
+        told: set[Session] = set(self._watchers.get(key, ()))
+        told.update(s for s in self.sessions_of(key) if s.device is not None)
         for room in rooms:
-            told.update(self._rooms.get(room, ()))
+            told.update(s for s in self._rooms.get(room, ()) if s.device is not None)
         for session in told:
             session.out.deliver(data)
 

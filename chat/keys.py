@@ -34,8 +34,17 @@ members_t = Membership.__table__
 
 
 def _device_row(db: Any, user_id: int, device: str) -> Any:
+    """The device, a removed one included (its id and keys are never taken again)."""
     return db.execute(select(devices_t).where(and_(
         devices_t.c.user_id == user_id, devices_t.c.device == device))).first()
+
+
+def _removed(device: str) -> InvalidField:
+    return InvalidField(f"device: the operator removed {device}; its keys cannot come back "
+                        "(a new installation is a new device)")
+
+
+LIVE = devices_t.c.removed_ms.is_(None)
 
 
 def _count(db: Any, user_id: int, device: str) -> int:
@@ -70,14 +79,16 @@ def upload_device(conn: Connection, req: m.UploadDevice) -> None:
         row = _device_row(db, session.user_id, keys.device)
         notice = None
         if row is None:
-            n = db.execute(select(func.count()).select_from(devices_t)
-                           .where(devices_t.c.user_id == session.user_id)).scalar_one()
+            n = db.execute(select(func.count()).select_from(devices_t).where(and_(
+                devices_t.c.user_id == session.user_id, LIVE))).scalar_one()
             if n >= limit:
                 raise InvalidField(f"device: you have {limit} devices already; remove one "
                                    "(chat-admin) first")
             db.execute(insert(devices_t).values(user_id=session.user_id, **keys.public(),
                                                 created_ms=now_ms()))
             notice = device_list_notice(db, store, session.user_id, user.key, session.name)
+        elif row.removed_ms is not None:
+            raise _removed(keys.device)
         elif (row.curve25519, row.ed25519) != (keys.curve25519, keys.ed25519):
             raise InvalidField(f"device: {keys.device} has other keys; a device's keys never "
                                "change (new keys are a new device)")
@@ -118,6 +129,8 @@ def upload_one_time_keys(conn: Connection, req: m.UploadOneTimeKeys) -> None:
         row = _device_row(db, session.user_id, req.device)
         if row is None:
             raise InvalidField(f"device: upload the keys of {req.device} first (device_keys)")
+        if row.removed_ms is not None:
+            raise _removed(req.device)
         keys = devices.DeviceKeys(row.device, row.curve25519, row.ed25519, row.signature)
         for key in (*req.keys, *([req.fallback] if req.fallback else [])):
             devices.verify_one_time_key(session.name, keys, key)
@@ -161,7 +174,8 @@ def query_keys(conn: Connection, req: m.QueryKeys) -> None:
             if rec is None:
                 continue  # unknown users are left out, as in a search
             keys.append(rec.key)
-            rows = db.execute(select(devices_t).where(devices_t.c.user_id == rec.id)
+            rows = db.execute(select(devices_t).where(and_(devices_t.c.user_id == rec.id,
+                                                           LIVE))
                               .order_by(devices_t.c.device)).all()
             found[rec.name] = [devices.DeviceKeys(r.device, r.curve25519, r.ed25519,
                                                   r.signature).public() for r in rows]

@@ -199,6 +199,9 @@ class Device(Base):
     ed25519: Mapped[str] = mapped_column(String(43))
     signature: Mapped[str] = mapped_column(String(86))
     created_ms: Mapped[int] = mapped_column(BigInteger)
+    # Set when the operator removed it (a lost phone): kept so that its keys, which
+    # the lost device still holds, can never be registered again.
+    removed_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class OneTimeKey(Base):

@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 devices_t, queue_t, sends_t = Device.__table__, ToDevice.__table__, ToDeviceSend.__table__
 
 NO_SUCH_DEVICE, QUEUE_FULL = "no_such_device", "queue_full"
-# The send_ids a device is answered again for, its latest (within to_device_send_id_ttl):
-# a client repeats a send whose answer it lost, one of the few it had in flight
-# (max_requests_in_flight per connection). Bounds what a device leaves on disk, whatever
-# its rate: each is kept with its answer, up to a frame of skipped targets.
-MAX_SEND_IDS = 256
 
 
 def _frame(seq: int, sender: str, sender_device: str, olm: dict[str, Any]) -> bytes:
@@ -115,12 +110,10 @@ def send(conn: Connection, req: m.ToDevice) -> None:
             target = (rec.id, item.device) if rec is not None else None
             if target is not None and target not in capacity:
                 exists = db.execute(select(devices_t.c.device).where(and_(
-                    devices_t.c.user_id == rec.id, devices_t.c.device == item.device))
-                ).first() is not None
-                held = db.execute(select(func.count()).select_from(queue_t).where(and_(
-                    queue_t.c.user_id == rec.id, queue_t.c.device == item.device))
-                ).scalar_one() if exists else 0
-                capacity[target] = max(0, settings.max_to_device_queue - held) if exists else -1
+                    devices_t.c.user_id == rec.id, devices_t.c.device == item.device,
+                    devices_t.c.removed_ms.is_(None)))).first() is not None
+                capacity[target] = _room_for(db, settings, session, rec.id, item.device) \
+                    if exists else -1
             left = capacity[target] if target is not None else -1
             if left <= 0:
                 skipped.append({"username": rec.name if rec else item.username[:32],
@@ -143,11 +136,16 @@ def send(conn: Connection, req: m.ToDevice) -> None:
         db.execute(insert(sends_t).values(user_id=session.user_id, device=device,
                                           send_id=req.send_id, answer=json.dumps(answer),
                                           created_ms=ms))
-        # This one and the latest others (of one millisecond, any of them) are kept.
+        # The send_ids a device is answered again for are its latest `to_device_send_ids`
+        # (within the ttl): a client repeats a send whose answer it lost, one of the few it
+        # had in flight. That bounds what a device leaves on disk, whatever its rate:
+        # each is kept with its answer, up to a frame of skipped targets. (This one and
+        # the latest others, of one millisecond, any of them, are kept.)
+        keep = settings.to_device_send_ids
         others = and_(mine, sends_t.c.send_id != req.send_id)
         older = db.execute(select(sends_t.c.send_id).where(others)
                            .order_by(sends_t.c.created_ms.desc())
-                           .offset(MAX_SEND_IDS - 1).limit(MAX_SEND_IDS)).scalars().all()
+                           .offset(keep - 1).limit(keep)).scalars().all()
         if older:
             db.execute(delete(sends_t).where(and_(mine, sends_t.c.send_id.in_(older))))
         reply = {"type": "ok", "op": "to_device", "send_id": req.send_id, **answer}
@@ -160,6 +158,20 @@ def send(conn: Connection, req: m.ToDevice) -> None:
         return after
 
     submit(conn, req.id, run)
+
+
+def _room_for(db: Any, settings: Any, sender: Session, user_id: int, device: str) -> int:
+    """How many more messages from `sender` the device's queue takes: what is left of
+    it, and, from another user, of that user's share, so that one sender filling the
+    queue with junk cannot shut the device's rooms out of giving it keys."""
+    where = and_(queue_t.c.user_id == user_id, queue_t.c.device == device)
+    held = db.execute(select(func.count()).select_from(queue_t).where(where)).scalar_one()
+    left = settings.max_to_device_queue - held
+    if user_id != sender.user_id:
+        mine = db.execute(select(func.count()).select_from(queue_t).where(
+            and_(where, queue_t.c.sender_name == sender.name))).scalar_one()
+        left = min(left, settings.max_to_device_per_sender - mine)
+    return max(0, left)
 
 
 def ack(conn: Connection, req: m.ToDeviceAck) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
 from conftest import TIMEOUT
 from test_todevice import Device, Megolm, call
 from writer_gate import WriterGate, reply_to
@@ -120,11 +119,10 @@ def test_a_device_s_remembered_send_ids_are_bounded_by_count_not_only_by_age(cha
     few KB security.md promises."""
     from sqlalchemy import text
 
-    from chat.todevice import MAX_SEND_IDS
-
+    keep = chat_server.settings.to_device_send_ids
     alice = Device(chat_server, "alice", "laptop", register=True)
     olm = alice.olm()
-    n = MAX_SEND_IDS + 40
+    n = keep + 40
     for i in range(n):  # pipelined: the replies are read below
         alice.conn.send({"type": "to_device", "send_id": f"s{i}", "id": i, "messages": [
             {"username": "nobody-here", "device": "x", "olm": olm}]})
@@ -132,15 +130,13 @@ def test_a_device_s_remembered_send_ids_are_bounded_by_count_not_only_by_age(cha
         assert reply_to(alice.conn, i)["type"] == "ok"
     with chat_server.server.engine.connect() as db:
         kept = db.execute(text("SELECT count(*) FROM to_device_sends")).scalar_one()
-    assert kept <= MAX_SEND_IDS
+    assert kept <= keep
     # The latest are still answered again, not queued twice.
     repeat = alice.to_device([("nobody-here", "x")], f"s{n - 1}")
     assert repeat["repeat"] is True
 
 
-# --- not fixed here: recorded so that a fix shows up -----------------------------------
-@pytest.mark.xfail(strict=True, reason="not fixed: a removed device is not remembered, so "
-                   "its still-logged-in client uploads the same keys again and is back")
+# --- found here, fixed on main ---------------------------------------------------------
 def test_a_device_the_operator_removed_cannot_come_back_by_uploading_its_keys(chat_server):
     """chat-admin device remove is for "a lost phone: nobody can start a session with it";
     but the phone's session (or its next login, with the saved password) sends
@@ -154,16 +150,20 @@ def test_a_device_the_operator_removed_cannot_come_back_by_uploading_its_keys(ch
     assert reply["type"] == "error", reply
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a device's queue is one budget shared "
-                   "by every sender, so anyone can fill it and shut out everyone else")
 def test_one_sender_cannot_fill_a_device_s_queue_for_everyone(server_factory):
-    """Any user can fill any offline device's queue (max_to_device_queue) with junk; every
-    room key sent to it afterwards is skipped with queue_full until the device comes back
-    and acknowledges, so it cannot read what its rooms said meanwhile."""
-    server = server_factory(max_to_device_queue=4)
+    """Any user could fill any offline device's queue (max_to_device_queue) with junk;
+    every room key sent to it afterwards was skipped with queue_full until the device
+    came back and acknowledged. Another user now has a share of it
+    (max_to_device_per_sender); the device's own user, forwarding keys to a new device,
+    may use all of it."""
+    server = server_factory(max_to_device_queue=6, max_to_device_per_sender=2)
     bob = Device(server, "bob", "phone", register=True)
     bob.conn.close()
     mallory = Device(server, "mallory", "evil", register=True)
-    assert mallory.to_device([("bob", "phone")] * 4, "flood")["queued"] == 4
+    flood = mallory.to_device([("bob", "phone")] * 4, "flood")
+    assert flood["queued"] == 2  # its share; the rest is queue_full for it alone
+    assert [s["reason"] for s in flood["skipped"]] == ["queue_full"] * 2
     alice = Device(server, "alice", "laptop", register=True)
     assert alice.to_device([("bob", "phone")], "room-key")["queued"] == 1
+    laptop = Device(server, "bob", "laptop")  # bob's own: the rest of the queue
+    assert laptop.to_device([("bob", "phone")] * 4, "forwarded")["queued"] == 3

@@ -8,6 +8,8 @@ Create Date: 2026-12-06
   stored bodies are Megolm envelopes rather than text.
 - `to_device`: Olm messages queued per device until it acknowledges them.
 - `to_device_sends`: each device's recent `send_id`s, so that a repeat queues nothing.
+- `devices.removed_ms`: a device the operator removed is remembered, so that the lost
+  device cannot register its keys again.
 """
 
 from collections.abc import Sequence
@@ -22,6 +24,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("devices") as batch:
+        batch.add_column(sa.Column("removed_ms", sa.BigInteger(), nullable=True))
     with op.batch_alter_table("rooms") as batch:
         batch.add_column(sa.Column("encrypted", sa.Boolean(), nullable=False,
                                    server_default=sa.false()))
@@ -65,3 +69,5 @@ def downgrade() -> None:
         batch.drop_column("encrypted")
     with op.batch_alter_table("rooms") as batch:
         batch.drop_column("encrypted")
+    with op.batch_alter_table("devices") as batch:
+        batch.drop_column("removed_ms")
