@@ -127,6 +127,22 @@ def test_a_transaction_commits_all_or_nothing(tmp_path):
         store.set_meta("outside", "a transaction")
 
 
+def test_a_transaction_not_synced_commits_and_leaves_the_store_synced(tmp_path):
+    """durable=False (what a decrypted message records) skips the sync of that one
+    commit only: every other transaction, above all the one before a to-device ack, is
+    synced to disk."""
+    store = KeyStore.open(tmp_path / "s" / "a.sqlite3")
+    full = store._db.execute("PRAGMA synchronous").fetchone()[0]
+    with store.transaction(durable=False):
+        store.record_index("sid", 0, 17)
+    assert store.seen_index("sid", 0) == 17
+    with pytest.raises(RuntimeError), store.transaction(durable=False):
+        store.record_index("sid", 1, 18)
+        raise RuntimeError("rolled back")
+    assert store.seen_index("sid", 1) is None
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == full == 2  # FULL
+
+
 def test_pending_messages_are_kept_by_session(tmp_path):
     store = KeyStore.open(tmp_path / "s" / "a.sqlite3")
     with store.transaction():

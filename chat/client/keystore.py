@@ -255,9 +255,12 @@ class KeyStore:
     # -- transactions ---------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
         """Everything inside is committed together, or not at all. Nested uses join
-        the outermost, which commits (durably) when it ends."""
+        the outermost, which commits when it ends: durably (synced to disk), unless
+        `durable=False` says a power cut may lose it (an application crash may not):
+        what each decrypted message records costs a sync otherwise, five times the
+        decryption itself."""
         if self._depth:
             self._depth += 1
             try:
@@ -265,16 +268,22 @@ class KeyStore:
             finally:
                 self._depth -= 1
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._depth = 1
+        if not durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield
-        except BaseException:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self._db.execute("ROLLBACK")
+                raise
             self._depth = 0
-            self._db.execute("ROLLBACK")
-            raise
-        self._depth = 0
-        self._db.execute("COMMIT")
+            self._db.execute("COMMIT")
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
         # Writes outside a transaction would commit on their own and break the
