@@ -391,3 +391,36 @@ def test_verified_only_gives_room_keys_to_verified_devices_alone(
     # message after (Megolm keys only ratchet forward).
     assert all(f["e2e"]["status"] != "ok" for f in bob.log
                if f.get("type") == "message" and f["msg_id"] == early["msg_id"])
+
+
+def test_a_secure_client_encrypts_direct_messages_by_default(
+        chat_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The library's SecureClient, with nothing set but the data directory it keeps its
+    keys in (the XDG default), encrypts a DM to a peer with a device and decrypts it."""
+    from chat.client import SecureClient
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    alice, bob = name(), name()
+    for user in (alice, bob):
+        chat_server.register(user)
+    ctx = client_context(chat_server.cafile)
+    with SecureClient.connect(chat_server.host, chat_server.port, ssl_context=ctx,
+                              timeout=WAIT) as a, \
+            SecureClient.connect(chat_server.host, chat_server.port, ssl_context=ctx,
+                                 timeout=WAIT) as b:
+        raise_for_error(a.login(alice, PASSWORD, WAIT))
+        raise_for_error(b.login(bob, PASSWORD, WAIT))
+        sent = raise_for_error(a.direct(bob, "private by default", WAIT))
+        assert sent["encrypted"] and sent["e2e"]["status"] == "ok"
+        for frame in b.events(timeout=WAIT):
+            if frame.get("type") == "message" and frame.get("username") == alice:
+                assert frame["message"] == "private by default"
+                assert frame["e2e"]["status"] == "ok" and frame["encrypted"]
+                break
+        # (and a room made encrypted through the library's create)
+        room = name("r")
+        assert raise_for_error(a.create(room, encrypted=True, timeout=WAIT))["encrypted"]
+        said = raise_for_error(a.say(room, "in the room", WAIT))
+        assert said["encrypted"] and said["e2e"]["status"] == "ok"
+    stores = list((tmp_path / "xdg" / "chat-client").glob("*/*.sqlite3"))
+    assert sorted(p.stem for p in stores) == sorted([alice, bob])

@@ -10,7 +10,9 @@
             ...
 
 What `request` returns, what `events` yields and how sending is paced: see the docstring
-of chat.client.connection.
+of chat.client.connection. `SecureClient` is the same with end-to-end encryption (what
+`chat-client` runs on): direct messages to anyone with a device, and messages in
+encrypted rooms, are encrypted, and what it yields is decrypted (chat.client.secureclient).
 """
 
 from chat.client.connection import ChatClient
@@ -27,6 +29,7 @@ from chat.client.errors import (
     raise_for_error,
 )
 from chat.client.limits import ServerLimits, split_message
+from chat.client.secureclient import SecureClient
 
 __all__ = [
     "CertificateNotTrusted",
@@ -36,6 +39,7 @@ __all__ = [
     "ConnectFailed",
     "ConnectionClosed",
     "IncompatibleServer",
+    "SecureClient",
     "ServerError",
     "ServerLimits",
     "TLSFailed",

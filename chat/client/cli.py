@@ -626,6 +626,7 @@ def _run(args: argparse.Namespace) -> int:
             host, port, ssl_context=context, timeout=args.timeout, replies_as_events=True
         )
         client.opener = opener  # end-to-end encryption starts at login (secureclient)
+        client.encrypt = opener is not None
         clients.append(client)
         return client
 

@@ -380,11 +380,15 @@ class ChatClient:
 
     def create(
         self, room: str, visibility: str | None = None, history: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT, *, encrypted: bool = False,
     ) -> Frame:
         """Make `room` ("public" or "private"; history "shared" or "joined"), owned by us;
-        left out, the server's defaults (public; shared, or joined for a private room)."""
+        left out, the server's defaults (public; shared, or joined for a private room).
+        `encrypted` makes it private and end-to-end encrypted for good (a SecureClient
+        then encrypts what is said there)."""
         frame: Frame = {"type": "create", "room": room}
+        if encrypted:
+            frame["visibility"], frame["encrypted"] = "private", True
         if visibility is not None:
             frame["visibility"] = visibility
         if history is not None:

@@ -39,6 +39,7 @@ from chat.client.e2e_results import E2EError
 from chat.client.errors import ClientError, Frame
 from chat.client.keystore import KeyStoreError
 from chat.client.secure import Secure, notice
+from chat.client.transport import where
 
 LOCAL_TYPES = frozenset({"e2e_fingerprint", "e2e_devices", "e2e_verify"})
 
@@ -46,13 +47,24 @@ LOCAL_TYPES = frozenset({"e2e_fingerprint", "e2e_devices", "e2e_verify"})
 class SecureClient(ChatClient):
     """A ChatClient with end-to-end encryption (see the module's docstring)."""
 
-    # Set by the caller after `connect`: makes (or returns the one) Secure for a user.
+    # Set by the caller after `connect` (else the default: a key store per server and
+    # user under the XDG data directory): makes (or returns the one) Secure for a user.
     opener: Callable[[str], Secure] | None = None
+    # False: no end-to-end encryption at all (chat-client --no-e2e).
+    encrypt: bool = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.secure: Secure | None = None
         self._ready: deque[Frame] = deque()
+        self.server_name: str | None = None  # "host:port", which names the key store
+
+    @classmethod
+    def connect(cls, host: str, port: int, **kwargs: Any) -> SecureClient:  # type: ignore[override]
+        client = super().connect(host, port, **kwargs)
+        assert isinstance(client, SecureClient)
+        client.server_name = where(host, port)
+        return client
 
     # -- requests ---------------------------------------------------------------------
 
@@ -86,8 +98,10 @@ class SecureClient(ChatClient):
         return reply
 
     def _start_e2e(self, username: str) -> None:
-        if self.opener is None or not Secure.supported(self):
+        if not self.encrypt or not Secure.supported(self):
             return
+        if self.opener is None:
+            self.opener = e2e_opener(self.server_name or "unknown")
         try:
             secure = self.opener(username)
             secure.notify = self._tell
