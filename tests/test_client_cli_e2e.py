@@ -55,6 +55,9 @@ def test_two_cli_users_talk_encrypted_and_verify_each_other(
     fresh = tmp_path / "fresh" / "share"  # no data directory at all yet
     with cli(chat_server, alice, fresh) as (pa, out_a, err_a), \
             cli(chat_server, bob, tmp_path / "b") as (pb, out_b, err_b):
+        typed(pa, "hello, general")  # a plain room: in clear, as ever
+        out_b.wait_for(lambda line: line.endswith(f"#general {alice}: hello, general"),
+                       "the plain room message")
         typed(pa, f"/create {room} encrypted")
         typed(pa, f"/invite {bob} {room}")
         out_a.wait_for(lambda line: f"invitation to #{room} sent" in line, "the invitation")

@@ -400,10 +400,14 @@ def test_a_secure_client_encrypts_direct_messages_by_default(
     from chat.client import SecureClient
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    alice, bob = name(), name()
-    for user in (alice, bob):
+    alice, bob, old = name(), name(), name()
+    for user in (alice, bob, old):
         chat_server.register(user)
     ctx = client_context(chat_server.cafile)
+
+    def raw_client(server: Any) -> Any:
+        return server.client()
+
     with SecureClient.connect(chat_server.host, chat_server.port, ssl_context=ctx,
                               timeout=WAIT) as a, \
             SecureClient.connect(chat_server.host, chat_server.port, ssl_context=ctx,
@@ -422,5 +426,14 @@ def test_a_secure_client_encrypts_direct_messages_by_default(
         assert raise_for_error(a.create(room, encrypted=True, timeout=WAIT))["encrypted"]
         said = raise_for_error(a.say(room, "in the room", WAIT))
         assert said["encrypted"] and said["e2e"]["status"] == "ok"
+        # Plaintext where there is nothing to encrypt for: a plain room, and a direct
+        # message to someone with no device (it once went round in circles in the layer).
+        plain = raw_client(chat_server)
+        said = raise_for_error(a.say("general", "hello, everyone", WAIT))
+        assert said["message"] == "hello, everyone" and "encrypted" not in said
+        assert plain.request({"type": "login", "username": old, "password": PASSWORD})[
+            "type"] == "welcome"
+        dm = raise_for_error(a.direct(old, "to a v1 client", WAIT))
+        assert dm["e2e"] == {"status": "plaintext"} and "encrypted" not in dm
     stores = list((tmp_path / "xdg" / "chat-client").glob("*/*.sqlite3"))
     assert sorted(p.stem for p in stores) == sorted([alice, bob])

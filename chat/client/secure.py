@@ -57,6 +57,7 @@ import string
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
@@ -192,7 +193,14 @@ class Secure:
         if self.client is None:
             raise SecureError("not attached to a connection")
         # quiet: the user did not type these; their replies are not events.
-        return self.client.request(frame, self.timeout, quiet=True)
+        with self._wire():
+            return self.client.request(frame, self.timeout, quiet=True)
+
+    def _wire(self) -> AbstractContextManager[None]:
+        """Around our own use of the client: a SecureClient (which hands sends to us)
+        then sends them as they are, instead of back to us."""
+        raw = getattr(self._client(), "raw", None)
+        return raw() if raw is not None else nullcontext()
 
     def _top_up(self, held: object) -> None:
         if type(held) is not int:
@@ -454,7 +462,8 @@ class Secure:
         SecureError (nothing was sent) when the members cannot be listed."""
         client = self._client()
         if not self.room_encrypted(room):
-            return client.say(room, text, timeout)
+            with self._wire():
+                return client.say(room, text, timeout)
         with self._lock:
             conversation = room_conversation(room)
             members = self._request({"type": "members", "room": room})
@@ -468,8 +477,9 @@ class Secure:
             if self.machine.shared_users(conversation) - {u.lower() for u in users}:
                 self.machine.rotate(conversation)
             envelope = self._encrypt_for(conversation, users, text)
-            reply = client.request({"type": "send", "room": room, "encrypted": envelope},
-                                   timeout)
+            with self._wire():
+                reply = client.request({"type": "send", "room": room, "encrypted": envelope},
+                                       timeout)
             return self.decrypt_message(reply) if reply.get("type") == "message" else reply
 
     def direct(self, user: str, text: str, timeout: float = DEFAULT_TIMEOUT) -> Frame:
@@ -486,12 +496,14 @@ class Secure:
                     # A server may hide someone's devices to have us write in clear.
                     raise SecureError(f"nothing sent: {user} has no device to encrypt "
                                       "for any more, and this conversation was encrypted")
-                reply = client.direct(user, text, timeout)
+                with self._wire():
+                    reply = client.direct(user, text, timeout)
                 return self._plaintext(reply) if reply.get("type") == "message" else reply
             self.machine.pin_encrypted(conversation)
             envelope = self._encrypt_for(conversation, [user, self.machine.user], text)
-            reply = client.request({"type": "send", "to": user, "encrypted": envelope},
-                                   timeout)
+            with self._wire():
+                reply = client.request({"type": "send", "to": user, "encrypted": envelope},
+                                       timeout)
             return self.decrypt_message(reply) if reply.get("type") == "message" else reply
 
     def _encrypt_for(self, conversation: str, users: list[str], text: str
@@ -548,7 +560,8 @@ class Secure:
             frame["visibility"] = visibility
         if history is not None:
             frame["history"] = history
-        reply = self._client().request(frame, timeout)
+        with self._wire():
+            reply = self._client().request(frame, timeout)
         self.process_reply(reply)
         return reply
 
@@ -559,13 +572,15 @@ class Secure:
 
     def kick(self, room: str, username: str, reason: str | None = None,
              timeout: float = DEFAULT_TIMEOUT) -> Frame:
-        reply = self._client().kick(room, username, reason, timeout)
+        with self._wire():
+            reply = self._client().kick(room, username, reason, timeout)
         self.removed_member(room, reply)
         return reply
 
     def ban(self, room: str, username: str, reason: str | None = None,
             timeout: float = DEFAULT_TIMEOUT) -> Frame:
-        reply = self._client().ban(room, username, reason, timeout)
+        with self._wire():
+            reply = self._client().ban(room, username, reason, timeout)
         self.removed_member(room, reply)
         return reply
 
@@ -579,7 +594,9 @@ class Secure:
 
     def history(self, *args: Any, **kwargs: Any) -> Frame:
         """ChatClient.history, its messages decrypted."""
-        return self.decrypt_history(self._client().history(*args, **kwargs))
+        with self._wire():
+            reply = self._client().history(*args, **kwargs)
+        return self.decrypt_history(reply)
 
     # -- devices and verification -----------------------------------------------------
 

@@ -29,8 +29,10 @@ Threads: as for ChatClient; the layer serialises its own state (see chat.client.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
@@ -58,6 +60,19 @@ class SecureClient(ChatClient):
         self.secure: Secure | None = None
         self._ready: deque[Frame] = deque()
         self.server_name: str | None = None  # "host:port", which names the key store
+        # Set while the layer itself makes a request through us: it goes to the wire as
+        # given (the layer's own `say` of a plaintext room must not come back to it).
+        self._raw = threading.local()
+
+    @contextmanager
+    def raw(self) -> Iterator[None]:
+        """Requests made inside go out as plain ChatClient requests (this thread only)."""
+        depth = getattr(self._raw, "depth", 0)
+        self._raw.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._raw.depth = depth
 
     @classmethod
     def connect(cls, host: str, port: int, **kwargs: Any) -> SecureClient:  # type: ignore[override]
@@ -71,6 +86,8 @@ class SecureClient(ChatClient):
     def request(self, frame: Frame, timeout: float = DEFAULT_TIMEOUT, *,
                 quiet: bool = False) -> Frame:
         kind = frame.get("type")
+        if getattr(self._raw, "depth", 0):
+            return super().request(frame, timeout, quiet=quiet)
         if kind in LOCAL_TYPES:
             return self._local(frame)
         secure = self.secure
