@@ -100,6 +100,7 @@ def test_two_cli_users_talk_encrypted_and_verify_each_other(
             assert not [line for line in err.lines if line.startswith("!!")], err.lines
     (store,) = (fresh / "chat-client").glob("*/*.sqlite3")  # made with its directories
     assert stat.S_IMODE(store.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.parent.parent.stat().st_mode) == 0o700  # chat-client/
 
 
 def test_the_prompt_shows_encrypted_messages_and_warnings(
@@ -140,9 +141,15 @@ def test_a_passphrase_protects_the_key_store(chat_server: Any, tmp_path: Path) -
     assert not list(data.rglob("*.key"))  # no key file: the passphrase is the key
     again = run("--key-passphrase-file", str(secret))
     assert again.stdout == first.stdout  # the same device
+    # Without it, or with another one, the client stops before the session: carrying on
+    # without encryption would send direct messages in clear.
     without = run()
-    assert "end-to-end encryption is off" in without.stderr
-    assert "passphrase" in without.stderr
+    assert without.returncode == 2 and "this device" not in without.stdout
+    assert "encryption cannot start" in without.stderr and "passphrase" in without.stderr
+    assert "--no-e2e" in without.stderr
+    secret.write_text("a wrong guess\n")
+    wrong = run("--key-passphrase-file", str(secret))
+    assert wrong.returncode == 2 and "wrong passphrase" in wrong.stderr
 
 
 def test_the_create_command_makes_encrypted_rooms_private() -> None:
@@ -175,7 +182,7 @@ def test_encrypted_messages_are_marked_and_undecryptable_ones_are_warnings() -> 
     assert format_event(message(status="ok", verified=False)).endswith(
         "#dev bob [e2e, unverified]: hi")
     pending = format_event(message(status="pending", reason="no key for this session"))
-    assert pending.endswith("#dev bob: ! [cannot decrypt yet: no key for this session]")
+    assert pending.endswith("#dev bob: ! [cannot decrypt: no key for this session]")
     refused = format_event({**message(status="refused", reason="a replay"),
                             "message": "evil"})
     assert "REFUSED" in refused and "evil" not in refused

@@ -297,6 +297,19 @@ def test_device_list_changes_are_told(net):
     assert notice.kind == "bad_signature" and notice.loud
 
 
+def test_a_new_device_learns_its_siblings_quietly_and_is_told_of_later_ones(net):
+    laptop = net.device("alice", "laptop")
+    assert net.query(laptop, "alice") == []  # its own account: only itself so far
+    phone = net.device("alice", "phone")
+    assert net.query(phone, "alice") == []  # the laptop was there before it: no news
+    assert [(n.kind, n.device) for n in net.query(laptop, "alice")] == [
+        ("new_device", "phone")]  # but to the laptop, the phone is
+    net.device("alice", "tablet")
+    for m in (laptop, phone):
+        assert [(n.kind, n.device) for n in net.query(m, "alice")] == [
+            ("new_device", "tablet")]
+
+
 def test_to_device_payloads_that_lie_about_sender_or_recipient_are_refused(net):
     alice, bob, _carol = trio(net)
     net.claim(bob, [("alice", "laptop")])

@@ -214,6 +214,16 @@ def test_events_say_who_did_what_and_what_to_do() -> None:
         "(members read only what came after they joined)")
 
 
+def test_info_and_rooms_say_which_rooms_are_encrypted() -> None:
+    info = show({"type": "room", "room": "dev", "visibility": "private", "history": "joined",
+                 "topic": "", "role": "owner", "members": 2, "encrypted": True, "re": 1})
+    assert info.startswith("-- #dev: private, end-to-end encrypted, history joined")
+    rooms = show({"type": "rooms", "rooms": [
+        {"room": "dev", "topic": "", "members": 2, "visibility": "private", "role": "owner",
+         "encrypted": True}], "re": 2})
+    assert "private encrypted" in rooms
+
+
 ROOM_EVENT = {"type": "room", "room": "dev", "visibility": "public", "history": "joined",
               "topic": "release friday", "role": "member", "members": 3, "by": "carol"}
 
@@ -272,6 +282,8 @@ def test_the_ok_of_an_announced_change_is_not_shown_again() -> None:
     ({"op": "unban", "room": "dev", "username": "bob"}, "-- bob is not banned from #dev"),
     ({"op": "invite", "room": "dev"}, "-- invitation to #dev sent"),
     ({"op": "create", "room": "dev"}, "-- you made #dev; you own it"),
+    ({"op": "create", "room": "dev", "encrypted": True},
+     "-- you made #dev, private and end-to-end encrypted (for good); you own it"),
     ({"op": "unblock", "username": "bob"}, "-- you unblocked bob"),
     ({"op": "kick", "room": "dev"}, "-- ok: kick #dev"),  # a reply short of a field: as is
     ({"op": "join", "room": "dev"}, "-- ok: join #dev"),

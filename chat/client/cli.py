@@ -35,15 +35,18 @@ from chat.client.config import (
 )
 from chat.client.config import load as load_settings
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
+from chat.client.e2e_results import E2EError
 from chat.client.errors import (
     CertificateNotTrusted,
     ClientCertificateRefused,
     ClientError,
     ConnectFailed,
     ConnectionClosed,
+    EncryptionUnavailable,
     ServerError,
 )
 from chat.client.format import sanitize, seconds, should_color
+from chat.client.keystore import KeyStoreError
 from chat.client.linemode import EXIT_UNDELIVERED
 from chat.client.secureclient import SecureClient, e2e_opener
 from chat.client.transport import DEFAULT_PORT, certificate_names, where
@@ -407,6 +410,12 @@ def _report(exc: ClientError, args: argparse.Namespace) -> int:
         return EXIT_CONNECTION
     if isinstance(exc, ServerError):
         return report_refusal("refused", exc.frame or {"code": exc.code, "message": exc.message})
+    if isinstance(exc, EncryptionUnavailable):
+        _err(sanitize(str(exc), multiline=False))
+        _err("hint: a store made with --key-passphrase-file needs it (and the same "
+             "passphrase) every time, one made without it never; fix that, or use "
+             "--no-e2e to chat without end-to-end encryption")
+        return EXIT_USAGE
     _err(sanitize(str(exc), multiline=False))
     if isinstance(exc, ClientCertificateRefused):
         if args.certfile is None:
@@ -620,6 +629,15 @@ def _run(args: argparse.Namespace) -> int:
         where(host, port), os.environ, passphrase=key_passphrase,
         verified_only=args.verified_only, rotate_messages=args.rotate_messages,
         rotate_seconds=args.rotate_seconds) if e2e else None
+
+    if opener is not None and args.username:
+        # The key store is opened before anyone types a password for nothing: a wrong
+        # passphrase or an unusable store ends here, never in a session without it.
+        try:
+            opener(args.username)
+        except (KeyStoreError, E2EError, OSError) as exc:
+            return _report(EncryptionUnavailable(f"end-to-end encryption cannot start: "
+                                                 f"{exc}"), args)
 
     def connect() -> ChatClient:
         client = SecureClient.connect(

@@ -230,7 +230,12 @@ class E2E:
         known = {d.device: d for d in self.store.devices_of(user)}
         notices: list[DeviceNotice] = []
         listed: set[str] = set()
+        # Our own account's devices are all news once we have looked at them once; the
+        # first look (a new device learning its siblings) is trust on first use.
+        own_seen = user == self.user and self.store.get_meta("own_devices_seen") is not None
         with self.store.transaction():
+            if user == self.user:
+                self.store.set_meta("own_devices_seen", "1")
             for entry in devices:
                 try:
                     device, curve, ed = self._checked_device(username, entry)
@@ -250,11 +255,16 @@ class E2E:
                 old = known.get(device)
                 if old is None:
                     self.store.add_device(user, device, ed, curve)
-                    # A user already known (ourselves always): someone new will read.
-                    if known or user == self.user:
+                    # A user already known (ourselves, once looked at): someone new
+                    # will read.
+                    if known or own_seen:
                         notices.append(DeviceNotice(
                             user, device, "new_device", False,
-                            f"{username} has a new device {device} ({_group(ed)})"))
+                            f"{username} has a new device {device} ({_group(ed)}): it will "
+                            f"read what you send from now on; /verify {username} {device} "
+                            "to check it is theirs" + (
+                                " (if it is not yours, tell the server's operator and change "
+                                "your password)" if user == self.user else "")))
                 elif (old.ed25519, old.curve25519) != (ed, curve):
                     if old.state != "changed":
                         self.store.set_device_state(user, device, "changed")
@@ -678,7 +688,11 @@ class E2E:
         user = sender.lower()
         record = self.store.inbound(session_id)
         if record is None:
-            reason = f"waiting for the room key from {user}/{device}"
+            # Said so that nobody waits for what cannot come: a key sent before this
+            # device could read the conversation is never sent to it.
+            reason = (f"no room key from {user}/{device} for it (yet): it comes if this device "
+                      "was meant to read it; never if it was sent before this device "
+                      "joined, or before you verified it from your other device")
             if msg_id is not None:
                 with self.store.transaction():
                     self.store.add_pending(msg_id, session_id, frame, reason)

@@ -88,6 +88,12 @@ def certificate_refusal(
     return None
 
 
+class EncryptionUnavailable(ClientError):
+    """End-to-end encryption is on but this device's key store cannot be used (a wrong
+    passphrase, a key file that is not its own, a directory others may read). The
+    session is not carried on without it: a direct message would go out in clear."""
+
+
 class IncompatibleServer(ClientError):
     """The peer speaks TLS but did not greet us with a protocol-1 `hello`."""
 

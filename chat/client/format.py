@@ -186,7 +186,7 @@ def _e2e_marks(frame: Mapping[str, Any], style: _Style) -> tuple[str, str | None
         return " " + style.paint(E2E_VERIFIED if e2e.get("verified") else E2E_UNVERIFIED,
                                  _DIM), None
     if status == "pending":
-        return "", style.paint(f"! [cannot decrypt yet: {reason}]", _RED)
+        return "", style.paint(f"! [cannot decrypt: {reason}]", _RED)
     if status == "plaintext":
         mark = " " + style.paint(E2E_PLAINTEXT, _DIM)
         return (mark, None) if not reason else (mark + style.paint(f" ! {reason}", _RED), None)
@@ -374,6 +374,9 @@ _OK_SENTENCES = {
 
 def _ok(frame: Mapping[str, Any], style: _Style) -> str:
     sentence = _OK_SENTENCES.get(str(frame.get("op")))
+    if sentence is not None and frame.get("op") == "create" and frame.get("encrypted"):
+        sentence = ("you made {room}, private and end-to-end encrypted (for good); you own "
+                    "it")
     if sentence is not None:
         try:
             return style.note(sentence.format(
@@ -464,7 +467,10 @@ def _room_info(frame: Mapping[str, Any], style: _Style) -> str:
         return _room_change(frame, style, style.changed)
     count = frame.get("members")
     role = frame.get("role")
-    head = (f"{room}: {_field(frame.get('visibility', '?'))}, history {history} "
+    visibility = _field(frame.get("visibility", "?"))
+    if frame.get("encrypted"):
+        visibility += ", end-to-end encrypted"
+    head = (f"{room}: {visibility}, history {history} "
             f"({_HISTORY_MEANS.get(history, '?')}), {_field(count)} member"
             f"{'' if count == 1 else 's'}")
     if isinstance(role, str):
@@ -495,7 +501,8 @@ def _rooms(frame: Mapping[str, Any], style: _Style) -> str:
             role = "invited" if r.get("visibility") == "private" else "-"
         count = r.get("members")
         rows.append((f"#{_field(r.get('room'))}", _field(role),
-                     _field(r.get("visibility", "?")), _field(count),
+                     _field(r.get("visibility", "?"))
+                     + (" encrypted" if r.get("encrypted") else ""), _field(count),
                      f"member{'' if count == 1 else 's'}",
                      _field(r.get("topic")) if r.get("topic") else ""))
     widths = [max((len(row[i]) for row in rows), default=0) for i in range(5)]

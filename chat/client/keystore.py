@@ -175,7 +175,10 @@ class KeyStore:
         is derived with scrypt, whose salt and parameters the store keeps. A store made
         one way opens only that way."""
         path = Path(path)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The directory above (chat-client/, naming the servers one uses) is private too;
+        # any missing above that are made as the user's umask says (the XDG data home).
+        path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         _check_private(path.parent, directory=True)
         keyfile = path.with_suffix(".key")
         new = not path.exists()

@@ -389,7 +389,8 @@ class Secure:
                 share = self.machine.export_keys_for(device)
             self._flush_outbox()
             if share.messages:
-                out.append(notice("keys_forwarded", f"sent {len(share.messages)} room keys "
+                n = len(share.messages)
+                out.append(notice("keys_forwarded", f"sent {n} room key{'' if n == 1 else 's'} "
                                   f"to {device}", username=user, device=device))
         return out
 
@@ -622,9 +623,12 @@ class Secure:
             if device is None:
                 others = [d.device for d in self.machine.devices(user) if d.trusted
                           and (d.username, d.device) != (self.user, self.device)]
+                if not others:
+                    raise SecureError(f"{user} has no device to verify (an older client, "
+                                      "or not logged in with encryption yet)")
                 if len(others) != 1:
                     raise SecureError(f"{user} has {len(others)} devices: name one "
-                                      f"({', '.join(others) or 'none'})")
+                                      f"({', '.join(others)})")
                 device = others[0]
             self._claim(self.machine.sessions_needed([(user, device)]))
             try:

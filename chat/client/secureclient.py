@@ -38,7 +38,7 @@ from typing import Any
 from chat.client.connection import DEFAULT_TIMEOUT, ChatClient
 from chat.client.crypto import ROTATE_AFTER_MESSAGES, ROTATE_AFTER_SECONDS
 from chat.client.e2e_results import E2EError
-from chat.client.errors import ClientError, Frame
+from chat.client.errors import ClientError, EncryptionUnavailable, Frame
 from chat.client.keystore import KeyStoreError
 from chat.client.secure import Secure, notice
 from chat.client.transport import where
@@ -124,8 +124,9 @@ class SecureClient(ChatClient):
             secure.notify = self._tell
             news = secure.attach(self)
         except (KeyStoreError, E2EError, OSError) as e:
-            self._tell(notice("warning", f"end-to-end encryption is off: {e}", loud=True))
-            return
+            # Failing closed: carrying on would send direct messages in clear, even in
+            # conversations that were encrypted until now.
+            raise EncryptionUnavailable(f"end-to-end encryption cannot start: {e}") from e
         self.secure = secure
         for frame in news:
             self._tell(frame)
