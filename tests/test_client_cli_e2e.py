@@ -22,7 +22,7 @@ from chat.client.format import format_event
 from chat.client.roomcommands import create
 from tests.test_client_cli import NOWHERE, PASSWORD, ROOT, new_name, server_args
 from tests.test_client_linemode import WAIT, typed
-from tests.test_client_reconnect_e2e import Lines
+from tests.test_client_reconnect_e2e import Lines, spawn_cli
 from tests.test_client_screen import interactive
 
 
@@ -30,21 +30,11 @@ from tests.test_client_screen import interactive
 def cli(server: Any, username: str, data: Path) -> Iterator[tuple[Any, Lines, Lines]]:
     """`chat-client login` in line mode, its key store under `data` (which the client
     makes if it is missing, as on a fresh account with no ~/.local/share)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env.update(CHAT_PASSWORD=PASSWORD, XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=str(data))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chat.client.cli", "login", *server_args(server, username),
-         "--recent", "0", "--timeout", str(WAIT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env, cwd=ROOT,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    try:
-        yield proc, Lines(proc.stdout), Lines(proc.stderr)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
+    with spawn_cli(["login", *server_args(server, username), "--recent", "0",
+                    "--timeout", str(WAIT)],
+                   {"CHAT_PASSWORD": PASSWORD, "XDG_CONFIG_HOME": NOWHERE,
+                    "XDG_DATA_HOME": str(data)}) as spawned:
+        yield spawned
 
 
 def test_two_cli_users_talk_encrypted_and_verify_each_other(

@@ -8,9 +8,7 @@ ChatClient whose pacer is taken away, so that every refusal is the server's.
 from __future__ import annotations
 
 import io
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +21,8 @@ from chat.client.commands import Request, parse_command
 from chat.client.limits import SendPacer
 from chat.client.linemode import EXIT_UNDELIVERED, run_line_mode
 from chat.tls import client_context
-from tests.test_client_cli import NOWHERE, PASSWORD, ROOT, new_name, run_cli, server_args
-from tests.test_client_reconnect_e2e import Lines
+from tests.test_client_cli import NOWHERE, PASSWORD, new_name, run_cli, server_args
+from tests.test_client_reconnect_e2e import Lines, spawn_cli
 
 WAIT = 30.0
 
@@ -195,22 +193,11 @@ def test_two_threads_sending_through_one_paced_client_each_keep_their_order(
 @contextmanager
 def piped(server: Any, username: str) -> Iterator[tuple[subprocess.Popen[str], Lines, Lines]]:
     """`chat-client login` in line mode with a pipe kept open: (process, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env.update(CHAT_PASSWORD=PASSWORD, XDG_CONFIG_HOME=NOWHERE, XDG_DATA_HOME=NOWHERE)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chat.client.cli", "login", "--no-e2e",
-         *server_args(server, username),
-         "--recent", "0", "--timeout", str(WAIT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env, cwd=ROOT,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    try:
-        yield proc, Lines(proc.stdout), Lines(proc.stderr)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
+    with spawn_cli(["login", "--no-e2e", *server_args(server, username), "--recent", "0",
+                    "--timeout", str(WAIT)],
+                   {"CHAT_PASSWORD": PASSWORD, "XDG_CONFIG_HOME": NOWHERE,
+                    "XDG_DATA_HOME": NOWHERE}) as spawned:
+        yield spawned
 
 
 def typed(proc: subprocess.Popen[str], line: str) -> None:

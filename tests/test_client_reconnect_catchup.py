@@ -24,7 +24,7 @@ import pytest
 
 from chat.client import ChatClient, raise_for_error
 from chat.tls import client_context
-from tests.test_client_reconnect_e2e import PASSWORD, ROOT, WAIT, Lines, new_name
+from tests.test_client_reconnect_e2e import PASSWORD, ROOT, WAIT, Lines, new_name, spawn_cli
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -136,23 +136,11 @@ def line_client(
     proxy: Proxy, cafile: Path, username: str, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[str], Lines, Lines]]:
     """`chat-client login --reconnect --recent 0` through `proxy`: (process, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
-    env["CHAT_PASSWORD"] = PASSWORD
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chat.client.cli", "login", "--no-e2e", "--reconnect",
-         "--recent", "0",
-         "--timeout", str(WAIT), "--server", f"127.0.0.1:{proxy.port}", "--cafile",
-         str(cafile), "--username", username, *extra],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=env, cwd=ROOT,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    try:
-        yield proc, Lines(proc.stdout), Lines(proc.stderr)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=WAIT)
+    with spawn_cli(["login", "--no-e2e", "--reconnect", "--recent", "0", "--timeout",
+                    str(WAIT), "--server", f"127.0.0.1:{proxy.port}", "--cafile",
+                    str(cafile), "--username", username, *extra],
+                   {"CHAT_PASSWORD": PASSWORD}) as spawned:
+        yield spawned
 
 
 def session(server: Any, username: str) -> ChatClient:

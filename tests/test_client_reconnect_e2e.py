@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,6 +70,27 @@ class Lines:
                 break
             self.lines.append(line)
         return self.lines
+
+
+@contextmanager
+def spawn_cli(args: list[str], env: dict[str, str]) -> Iterator[
+        tuple[subprocess.Popen[str], Lines, Lines]]:
+    """`chat-client ARGS` with pipes kept open, the environment's CHAT_* variables replaced
+    by `env`: (process, stdout, stderr); killed if still running at the end."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    full.update(env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chat.client.cli", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=full, cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        yield proc, Lines(proc.stdout), Lines(proc.stderr)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=WAIT)
 
 
 def send(server: Any, username: str, text: str) -> None:
