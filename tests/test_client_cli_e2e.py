@@ -171,6 +171,8 @@ def test_encrypted_messages_are_marked_and_undecryptable_ones_are_warnings() -> 
     assert format_event(message(status="ok", verified=True)).endswith("#dev bob [e2e]: hi")
     assert format_event(message(status="ok", verified=False)).endswith(
         "#dev bob [e2e, unverified]: hi")
+    assert format_event(message(status="ok", verified=True, late=True)).endswith(
+        "#dev bob [e2e, decrypted late]: hi")  # its key came after it
     pending = format_event(message(status="pending", reason="no key for this session"))
     assert pending.endswith("#dev bob: ! [cannot decrypt: no key for this session]")
     refused = format_event({**message(status="refused", reason="a replay"),

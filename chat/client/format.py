@@ -183,8 +183,10 @@ def _e2e_marks(frame: Mapping[str, Any], style: _Style) -> tuple[str, str | None
         return "", None
     status, reason = e2e.get("status"), _field(e2e.get("reason", ""))
     if status == "ok":
-        return " " + style.paint(E2E_VERIFIED if e2e.get("verified") else E2E_UNVERIFIED,
-                                 _DIM), None
+        mark = E2E_VERIFIED if e2e.get("verified") else E2E_UNVERIFIED
+        if e2e.get("late"):  # its key came after it: shown again, now with its text
+            mark = mark[:-1] + ", decrypted late]"
+        return " " + style.paint(mark, _DIM), None
     if status == "pending":
         return "", style.paint(f"! [cannot decrypt: {reason}]", _RED)
     if status == "plaintext":

@@ -344,7 +344,11 @@ class Secure:
             return []  # a duplicate: handled before
         out: list[Frame] = []
         for pending in result.decryptable:
-            out.append(self.decrypt_message(pending, late=True))
+            again = self.decrypt_message(pending, late=True)
+            # Shown again only with news: its text, or why it is refused. One that still
+            # cannot be read (a key that starts after it) was said so already.
+            if again["e2e"]["status"] != Status.PENDING.value:
+                out.append(again)
         if result.kind == "sas.start":
             out.append(notice("sas_started", f"{who} asks to verify this device; the codes "
                               "follow", username=result.sender, device=result.device))
