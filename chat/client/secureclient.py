@@ -182,8 +182,13 @@ class SecureClient(ChatClient):
             for news in secure.confirm_verification(txn):
                 self._tell(news)
             return notice("sas_confirmed", "confirmed; waiting for the other device")
-        txn = secure.start_verification(str(frame.get("username")), frame.get("device"))
-        return notice("sas_requested", "verification started; the codes follow", txn=txn)
+        user = str(frame.get("username"))
+        txn = secure.start_verification(user, frame.get("device"))
+        target = secure.verifications().get(txn)
+        who = f"{target[0]}/{target[1]}" if target else user
+        return notice("sas_requested", f"verification of {who} started: the codes show when "
+                      "that device answers (if it is offline, when it next connects)",
+                      txn=txn)
 
     # -- events -----------------------------------------------------------------------
 
