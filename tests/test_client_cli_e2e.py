@@ -45,6 +45,8 @@ def test_two_cli_users_talk_encrypted_and_verify_each_other(
     fresh = tmp_path / "fresh" / "share"  # no data directory at all yet
     with cli(chat_server, alice, fresh) as (pa, out_a, err_a), \
             cli(chat_server, bob, tmp_path / "b") as (pb, out_b, err_b):
+        for out in (out_a, out_b):  # both in general before anything is said there
+            out.wait_for(lambda line: "logged in as" in line, "the login")
         typed(pa, "hello, general")  # a plain room: in clear, as ever
         out_b.wait_for(lambda line: line.endswith(f"#general {alice}: hello, general"),
                        "the plain room message")
