@@ -4,9 +4,9 @@ The server listens on 127.0.0.1 port 0 with a temporary SQLite database and bcry
 `Server.start()` returns only once the socket is listening, so no test sleeps to wait.
 
 Tests marked `both_engines` (a module's `pytestmark`, say) that use a server or `db_url` run
-twice: `[sqlite]` as every other test, and `[postgresql]` on a database of their own
-(tests/pgtest.py says where, and what happens without PostgreSQL). `sqlite_only` keeps
-one test of such a module on SQLite (SQLite's own files, its backup API).
+twice: `[sqlite]` as every other test, and `[postgresql]` in a schema of their own
+(tests/pgtest.py says where, and what happens without PostgreSQL). `sqlite_only` keeps one
+test of such a module on SQLite (SQLite's own files, its backup API).
 """
 
 from __future__ import annotations
@@ -180,18 +180,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def db_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The `db` setting of this test's servers: "" (SQLite in the data directory) unless
-    the test runs `[postgresql]`; then a database of its own, also in CHAT_DB, so that
+    the test runs `[postgresql]`; then a schema of its own, also in CHAT_DB, so that
     chat-admin finds it as an operator's would."""
     if getattr(request, "param", "sqlite") == "sqlite":
         yield ""
         return
     pgtest.need_postgres()
-    url = pgtest.create_database()
+    schema, url = pgtest.create_schema()
     monkeypatch.setenv("CHAT_DB", url)
     try:
         yield url
     finally:
-        pgtest.drop_database(url)
+        pgtest.drop_schema(schema)
 
 
 @pytest.fixture
