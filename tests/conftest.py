@@ -177,6 +177,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("db_url", ENGINES, indirect=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if (pgtest.required() and any(item.get_closest_marker("postgresql") for item in items)
+            and (why := pgtest.unavailable()) is not None):
+        pytest.exit(f"{why} (CI=true: the PostgreSQL tests must run)", returncode=1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    pgtest.one_skip_line(outcome.get_result())
+
+
 @pytest.fixture
 def db_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The `db` setting of this test's servers: "" (SQLite in the data directory) unless

@@ -54,14 +54,14 @@ def unavailable() -> str | None:
     try:
         import psycopg  # noqa: F401
     except ImportError as exc:
-        return f"PostgreSQL tests need psycopg ({exc})"
+        return f"the [postgresql] tests need psycopg ({exc})"
     try:
         with _connect(url):
             pass
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return (f"PostgreSQL tests: no server at {shown} ({first}); "
-                f"set CHAT_TEST_POSTGRES to a URL of one")
+        return (f"the [postgresql] tests: no PostgreSQL at {shown} ({first}); "
+                f"CHAT_TEST_POSTGRES may name another")
     return None
 
 
@@ -72,6 +72,16 @@ def need_postgres() -> None:
         if required():
             pytest.fail(f"{why} (CI=true: the PostgreSQL tests are mandatory)", pytrace=False)
         pytest.skip(why)
+
+
+def one_skip_line(report: pytest.TestReport) -> None:
+    """Our skips all at one place, so that pytest's summary (-ra) shows them as one line,
+    `SKIPPED [N] tests/pgtest.py:..: the [postgresql] tests: no PostgreSQL at ...`,
+    not one line a test."""
+    why = unavailable()
+    if (why is not None and report.skipped and isinstance(report.longrepr, tuple)
+            and report.longrepr[2] == f"Skipped: {why}"):
+        report.longrepr = (__file__, need_postgres.__code__.co_firstlineno, report.longrepr[2])
 
 
 def create_schema() -> tuple[str, str]:
