@@ -274,7 +274,7 @@ def perform(settings: Settings, action: str, args: dict[str, Any]) -> tuple[dict
 
 
 def _offline(settings: Settings, action: str, args: dict[str, Any]) -> dict[str, Any]:
-    from chat.db import make_engine, upgrade_to_head
+    from chat.db import DatabaseLock, make_engine, upgrade_to_head
     from chat.hub import LocalHub
     from chat.store import Store
 
@@ -301,8 +301,23 @@ def _offline(settings: Settings, action: str, args: dict[str, Any]) -> dict[str,
     try:
         try:
             engine = make_engine(settings.db_url)
+            db_lock = DatabaseLock(engine)
+            locked = db_lock.acquire()
+        except Exception as exc:
+            raise AdminError(f"cannot open the database {settings.db_url}: {exc}",
+                             EXIT_UNREACHABLE) from None
+        if not locked:
+            engine.dispose()
+            sock = control.socket_path(settings.data_path)
+            raise AdminError("a server is running on this database (its lock is held) but "
+                             f"no control socket answers at {sock}: run chat-admin with that "
+                             "server's --data-dir, on its host; nothing was changed",
+                             EXIT_UNREACHABLE)
+        try:
             upgrade_to_head(engine)
         except Exception as exc:
+            db_lock.release()
+            engine.dispose()
             raise AdminError(f"cannot open the database {settings.db_url}: {exc}",
                              EXIT_UNREACHABLE) from None
         store = Store(engine, LocalHub())  # a hub with nobody in it: nobody to tell
@@ -314,6 +329,7 @@ def _offline(settings: Settings, action: str, args: dict[str, Any]) -> dict[str,
         except admin_actions.Refused as exc:
             raise AdminError(str(exc)) from None
         finally:
+            db_lock.release()
             engine.dispose()
     finally:
         lock.release()

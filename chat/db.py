@@ -1,4 +1,5 @@
-"""Engine creation, SQLite pragmas, and bringing the schema to the Alembic head."""
+"""Engine creation, SQLite pragmas, bringing the schema to the Alembic head, and the
+database lock of a PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,57 @@ def upgrade(engine: Engine, revision: str) -> None:
         finally:
             if sqlite:
                 driver.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+
+
+# The first key of our advisory locks: "chat" in ASCII, apart from other programs' locks.
+_LOCK_CLASS = 0x63686174
+
+
+class DatabaseLock:
+    """PostgreSQL's side of `files.DataLock`: a session advisory lock on the database's
+    schema, held on a connection of its own by a running server for its life (and by
+    chat-admin while it works on a stopped server's database). The file lock cannot see a
+    server with another data directory, or on another host, that uses the same database;
+    this one can, and one server is what the writer's caches (users, rooms, the last
+    msg_id) rely on. Several nodes on one database (issue 19, next steps) will need the
+    database to order them instead. On SQLite it does nothing: the file lock is enough.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Any = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False if someone else holds it."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        conn = self.engine.connect()
+        try:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:c, hashtext(current_schema()))"),
+                               {"c": _LOCK_CLASS}).scalar()
+            conn.commit()  # a session lock outlives the transaction
+        except BaseException:
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(:c, hashtext(current_schema()))"),
+                         {"c": _LOCK_CLASS})
+            conn.commit()
+        except Exception:
+            # Back in the pool it would still hold the lock: close it for good instead.
+            log.exception("could not release the database lock; closing its connection")
+            conn.invalidate()
+        conn.close()
 
 
 class WalCheckpointer:

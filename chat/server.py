@@ -47,7 +47,7 @@ from chat.config import (
 )
 from chat.connection import Connection
 from chat.control import ControlServer, check_socket_path, socket_path
-from chat.db import WalCheckpointer, make_engine, upgrade_to_head
+from chat.db import DatabaseLock, WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
 from chat.messages import MAX_HISTORY_LIMIT, MAX_MESSAGE_CHARS
@@ -127,6 +127,7 @@ class Server:
         self.address: tuple[str, int] = ("", 0)
         self.stopping = False
         self.checkpointer: WalCheckpointer | None = None
+        self.db_lock: DatabaseLock | None = None  # PostgreSQL's (chat.db)
         self._count = 0
         self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
@@ -151,6 +152,8 @@ class Server:
         try:
             self._start()
         except BaseException:
+            if self.db_lock is not None:
+                self.db_lock.release()
             self.data_lock.release()
             raise
 
@@ -161,7 +164,7 @@ class Server:
         pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
         workers = s.auth_workers or os.cpu_count() or 2
-        # One connection more than threads, for the checkpointer (SQLite only).
+        # One connection more than threads: SQLite's checkpointer, PostgreSQL's lock.
         self.engine = self._open_database(pool_size=workers + READ_WORKERS + 3)
         if self.engine.dialect.name == "sqlite":
             self.checkpointer = WalCheckpointer(self.engine, s.checkpoint_interval)
@@ -291,8 +294,16 @@ class Server:
             raise SettingError(names, f"the database file {exc.filename} cannot be made: "
                                f"{exc.strerror or exc}", exit_code=1) from None
         try:
+            # Before the migrations: a running server's schema is not changed under it.
+            self.db_lock = DatabaseLock(engine)
+            if not self.db_lock.acquire():
+                engine.dispose()
+                raise SettingError(names, "another server (or chat-admin) is using this "
+                                   "database: its lock is held", exit_code=1)
             upgrade_to_head(engine)
         except (SQLAlchemyError, CommandError) as exc:
+            if self.db_lock is not None:
+                self.db_lock.release()
             engine.dispose()
             raise SettingError(names, f"database {engine.url.render_as_string()} cannot "
                                f"be used: {getattr(exc, 'orig', None) or exc}",
@@ -431,6 +442,8 @@ class Server:
             loop.stop()
         for loop in self.loops:
             loop.join(5)
+        if self.db_lock is not None:
+            self.db_lock.release()
         self.engine.dispose()
         self.data_lock.release()
         log.info("stopped")

@@ -15,7 +15,8 @@ writer thread, in the order jobs were submitted:
 3. If the COMMIT itself fails, every job in the batch is answered with `internal`.
 
 Reads that need no ordering with writes (looking up a user for a login) go straight to
-the engine from the calling thread; SQLite's WAL mode lets them run beside the writer.
+the engine from the calling thread; SQLite's WAL mode (PostgreSQL's MVCC) lets them run
+beside the writer.
 The user cache is touched by the writer thread only.
 """
 
@@ -613,16 +614,19 @@ class Store:
             cursor = conn.connection.driver_connection.execute(  # type: ignore[union-attr]
                 _sqlite_insert(len(rows), columns), params
             )
-            returned = cursor.fetchall()
+            # One writer inserts the rows of a multi-row INSERT in order, so the ascending
+            # ids belong to the rows in parameter order (RETURNING's own order is not
+            # promised).
+            ids = sorted(r[0] for r in cursor.fetchall())
         else:
+            # PostgreSQL: SQLAlchemy's "insertmanyvalues" numbers the rows, inserts them
+            # ORDER BY that number (so the sequence hands out ascending ids in row order)
+            # and gives RETURNING back in parameter order: each id is its own row's.
             stmt = insert(messages_t).returning(
                 messages_t.c.id, sort_by_parameter_order=self._sort_returning
             )
-            returned = conn.execute(stmt, rows).all()
-        # One writer inserts the rows of a multi-row INSERT in order, so the ascending ids
-        # belong to the rows in parameter order.
-        ids = sorted(r[0] for r in returned)
-        self.last_msg_id = ids[-1]
+            ids = [r[0] for r in conn.execute(stmt, rows)]
+        self.last_msg_id = max(ids)
         return ids
 
     def _room_fanout_later(self, run: list[tuple[MessageJob, Frame]]) -> After:

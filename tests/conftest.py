@@ -2,6 +2,11 @@
 
 The server listens on 127.0.0.1 port 0 with a temporary SQLite database and bcrypt cost 4;
 `Server.start()` returns only once the socket is listening, so no test sleeps to wait.
+
+Tests marked `both_engines` (a module's `pytestmark`, say) that use a server or `db_url` run
+twice: `[sqlite]` as every other test, and `[postgresql]` in a schema of their own
+(tests/pgtest.py says where, and what happens without PostgreSQL). `sqlite_only` keeps one
+test of such a module on SQLite (SQLite's own files, its backup API).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pgtest
 import pytest
+from sqlalchemy import create_engine, text
 
 from chat import certs, tls
 from chat.config import Settings
@@ -112,6 +119,15 @@ class RunningServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def query(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        """Rows of one SELECT on the server's database, whichever engine it is."""
+        engine = create_engine(self.settings.db_url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.execute(text(sql), params)]
+        finally:
+            engine.dispose()
+
     def client(self, **kw: Any) -> Client:
         return Client(self.host, self.port, self.cafile, **kw)
 
@@ -150,13 +166,55 @@ def make_settings(tmp_path: Path, cert_paths: certs.CertPaths, **overrides: Any)
     return base.replace(**overrides)
 
 
+ENGINES = [pytest.param("sqlite", id="sqlite"),
+           pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgresql)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if ("db_url" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("both_engines") is not None
+            and metafunc.definition.get_closest_marker("sqlite_only") is None):
+        metafunc.parametrize("db_url", ENGINES, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if (pgtest.required() and any(item.get_closest_marker("postgresql") for item in items)
+            and (why := pgtest.unavailable()) is not None):
+        pytest.exit(f"{why} (CI=true: the PostgreSQL tests must run)", returncode=1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    pgtest.one_skip_line(outcome.get_result())
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The `db` setting of this test's servers: "" (SQLite in the data directory) unless
+    the test runs `[postgresql]`; then a schema of its own, also in CHAT_DB, so that
+    chat-admin finds it as an operator's would."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield ""
+        return
+    pgtest.need_postgres()
+    schema, url = pgtest.create_schema()
+    monkeypatch.setenv("CHAT_DB", url)
+    try:
+        yield url
+    finally:
+        pgtest.drop_schema(schema)
+
+
 @pytest.fixture
 def server_factory(
-    tmp_path: Path, cert_dir: certs.CertPaths
+    tmp_path: Path, cert_dir: certs.CertPaths, db_url: str
 ) -> Iterator[Any]:
     started: list[Server] = []
 
     def start(**overrides: Any) -> RunningServer:
+        if db_url:
+            overrides.setdefault("db", db_url)
         settings = make_settings(tmp_path, cert_dir, **overrides)
         server = Server(settings)
         server.start()
@@ -200,5 +258,10 @@ def refusing_sends(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_engines: run on SQLite and on PostgreSQL "
+                            "(tests that use a server or db_url)")
+    config.addinivalue_line("markers", "sqlite_only: in a both_engines module, SQLite only")
+    config.addinivalue_line("markers", "postgresql: the PostgreSQL run of a both_engines test "
+                            "(-m 'not postgresql' leaves them out)")
     # Tests run the CLI as `python -m ...`; make sure it is this interpreter's package.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

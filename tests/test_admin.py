@@ -14,6 +14,9 @@ from conftest import PASSWORD
 from chat import admin
 from chat.config import SettingError, Settings
 
+# Storage is what these exercise: each runs on SQLite and on PostgreSQL (conftest).
+pytestmark = pytest.mark.both_engines
+
 
 def run_admin(capsys: Any, data_dir: str, *argv: str) -> tuple[int, dict[str, Any]]:
     code = admin.main(["--data-dir", data_dir, "--json", *argv])
@@ -66,12 +69,9 @@ def test_a_disable_racing_the_users_sends_lets_nothing_through_after_it(chat_ser
     while (frame := bob.recv()).get("message") != "after":
         if frame["type"] == "message":
             seen.append(frame["msg_id"])
-    stored = sqlite3.connect(f"{chat_server.settings.data_dir}/chat.db").execute(
-        "SELECT id FROM messages WHERE sender_name = 'alice' ORDER BY id").fetchall()
+    stored = chat_server.query("SELECT id FROM messages WHERE sender_name = 'alice' ORDER BY id")
     assert [r[0] for r in stored] == seen  # whatever was stored was delivered, in order
-    audit_row = sqlite3.connect(f"{chat_server.settings.data_dir}/chat.db").execute(
-        "SELECT count(*) FROM audit WHERE action = 'disable'").fetchone()
-    assert audit_row == (1,)
+    assert chat_server.query("SELECT count(*) FROM audit WHERE action = 'disable'") == [(1,)]
 
 
 def test_logout_and_reset_password_end_sessions_with_logged_out(chat_server, capsys):
@@ -107,9 +107,8 @@ def test_registration_with_tokens(server_factory, capsys):
     tokens = run_admin(capsys, data_dir(server), "token", "list")[1]["result"]["tokens"]
     assert [(t["uses"], t["state"]) for t in tokens] == [(2, "used up")]
     assert token not in json.dumps(tokens)
-    db = sqlite3.connect(f"{server.settings.data_dir}/chat.db")
-    assert db.execute("SELECT count(*) FROM registration_tokens WHERE token_hash = ?",
-                      (token,)).fetchone() == (0,)  # only its hash is kept
+    assert server.query("SELECT count(*) FROM registration_tokens WHERE token_hash = :t",
+                        t=token) == [(0,)]  # only its hash is kept
     tid = run_admin(capsys, data_dir(server), "token", "create")[1]["result"]["id"]
     assert run_admin(capsys, data_dir(server), "token", "revoke", str(tid))[0] == 0
 
@@ -125,8 +124,7 @@ def test_fifty_parallel_registrations_on_a_one_use_token_make_one_account(
     answers = [c.recv() for c in clients]
     assert sorted(a["type"] for a in answers) == ["error"] * 49 + ["ok"]
     assert {a.get("code") for a in answers if a["type"] == "error"} == {"invalid_token"}
-    db = sqlite3.connect(f"{server.settings.data_dir}/chat.db")
-    assert db.execute("SELECT count(*) FROM users").fetchone() == (1,)
+    assert server.query("SELECT count(*) FROM users") == [(1,)]
 
 
 def test_closed_registration(server_factory):
@@ -182,6 +180,7 @@ def test_chat_admin_works_on_a_stopped_server(server_factory, capsys):
     assert restarted.client().login("alice")["code"] == "account_disabled"
 
 
+@pytest.mark.sqlite_only  # SQLite's backup API; on PostgreSQL, see the test below
 def test_backup_while_messages_flow_holds_everything_acknowledged_before(
         chat_server, capsys, tmp_path):
     alice = chat_server.user("alice")
@@ -211,6 +210,16 @@ def test_backup_while_messages_flow_holds_everything_acknowledged_before(
     ids = {r[0] for r in copy.execute("SELECT id FROM messages")}
     assert set(acked) <= ids
     assert (tmp_path / "copy.db").stat().st_mode & 0o077 == 0
+
+
+def test_backup_on_postgresql_says_to_use_pg_dump(tmp_path, capsys):
+    """No server needed: the refusal comes before the database is opened."""
+    code = admin.main(["--data-dir", str(tmp_path / "data"), "--db",
+                       "postgresql+psycopg://chat@db.invalid/chat", "backup",
+                       str(tmp_path / "copy.db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pg_dump" in err and "Traceback" not in err
+    assert not (tmp_path / "copy.db").exists()
 
 
 def test_the_control_socket_is_private_and_refused_where_others_could_replace_it(

@@ -1,10 +1,15 @@
+
 """The device directory over TLS: upload, query and claim keys (end-to-end encryption,
 step 1), with real vodozemac accounts."""
 
 from __future__ import annotations
 
+import pytest
 import vodozemac
 from test_devices import device_frame, one_time_keys
+
+# Storage is what these exercise: each runs on SQLite and on PostgreSQL (conftest).
+pytestmark = pytest.mark.both_engines
 
 
 def register_device(client, user: str, device: str, n: int = 5):

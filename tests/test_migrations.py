@@ -1,5 +1,6 @@
-"""The migrations build exactly the schema the models describe."""
+"""The migrations build exactly the schema the models describe, on both engines."""
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -7,19 +8,26 @@ from alembic.migration import MigrationContext
 from chat.db import make_engine, upgrade, upgrade_to_head
 from chat.models import Base
 
+pytestmark = pytest.mark.both_engines
 
-def test_models_and_migrations_agree(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+
+@pytest.fixture
+def engine(db_url, tmp_path):
+    engine = make_engine(db_url or f"sqlite:///{tmp_path / 'm.db'}")
+    yield engine
+    engine.dispose()
+
+
+def test_models_and_migrations_agree(engine):
     upgrade_to_head(engine)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models differ from migrations; run scripts/new_migration.sh: {diff}"
 
 
-def test_upgrade_to_rooms_keeps_every_user_message_and_membership(tmp_path):
+def test_upgrade_to_rooms_keeps_every_user_message_and_membership(engine):
     """A database of the previous release (0002) upgrades with everything kept: each
     room becomes a public, shared room, owned by its first member (general by nobody)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
     upgrade(engine, "0002")
     with engine.begin() as conn:
         conn.execute(sa.text(
@@ -30,11 +38,12 @@ def test_upgrade_to_rooms_keeps_every_user_message_and_membership(tmp_path):
                              "(2, 'general', 2), (2, 'dev', 5), (1, 'dev', 9)"))
         conn.execute(sa.text(
             "INSERT INTO messages (ts_ms, sender_id, sender_name, room, body, delivered) "
-            "VALUES (0, 2, 'bob', 'dev', 'kept', 1), (0, 1, 'alice', 'gone', 'old', 1)"))
+            "VALUES (0, 2, 'bob', 'dev', 'kept', :t), (0, 1, 'alice', 'gone', 'old', :t)"),
+            {"t": True})
         conn.execute(sa.text(
             "INSERT INTO messages (ts_ms, sender_id, sender_name, recipient_id, "
             "recipient_name, dm_pair, body, delivered) VALUES (0, 1, 'alice', 2, 'bob', '1:2', "
-            "'dm', 0)"))
+            "'dm', :f)"), {"f": False})
     upgrade_to_head(engine)
     with engine.connect() as conn:
         rooms = conn.execute(sa.text(

@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+# Storage is what these exercise: each runs on SQLite and on PostgreSQL (conftest).
+pytestmark = pytest.mark.both_engines
+
 VERBS_ABOUT_A_ROOM = [
     {"type": "send", "message": "hi"},
     {"type": "who"},

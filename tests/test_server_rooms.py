@@ -6,6 +6,9 @@ import re
 
 import pytest
 
+# Storage is what these exercise: each runs on SQLite and on PostgreSQL (conftest).
+pytestmark = pytest.mark.both_engines
+
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 
 

@@ -9,6 +9,9 @@ from conftest import PASSWORD
 
 from chat.errors import ERROR_CODES
 
+# Registration, login, DMs with offline delivery, history: each on SQLite and PostgreSQL.
+pytestmark = pytest.mark.both_engines
+
 
 def test_hello_announces_limits(server_factory):
     c = server_factory(frames_per_second=10.0, frame_burst=30,

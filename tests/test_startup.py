@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import ENGINES, make_settings
 from cryptography.hazmat.primitives import serialization
 
 from chat import certs
@@ -434,3 +435,28 @@ def test_a_relative_xdg_data_home_is_ignored(monkeypatch, tmp_path):
     assert default_data_dir() == tmp_path / ".local" / "share" / "chat"
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "abs"))
     assert default_data_dir() == tmp_path / "abs" / "chat"
+
+
+@pytest.mark.parametrize("db_url", [ENGINES[1]], indirect=True)
+def test_one_server_per_postgresql_database_whatever_its_data_dir(
+        server_factory, db_url, tmp_path, cert_dir, capsys):
+    """The data directory's lock cannot see a server elsewhere on the same database; the
+    database's own lock can: a second server, and chat-admin without the first's control
+    socket, are refused, and the database is free again once the first stops."""
+    from chat import admin
+    from chat.config import SettingError
+    from chat.server import Server
+
+    first = server_factory()
+    first.register("alice")
+    other = make_settings(tmp_path / "other", cert_dir, db=db_url)
+    with pytest.raises(SettingError, match=r"another server .* is using this database"):
+        Server(other).start()
+    assert admin.main(["--data-dir", other.data_dir, "user", "list"]) == 3
+    assert "its lock is held" in capsys.readouterr().err
+    first.server.stop()
+    assert admin.main(["--data-dir", other.data_dir, "--json", "user", "list"]) == 0
+    assert '"alice"' in capsys.readouterr().out
+    second = Server(other)
+    second.start()
+    second.stop()

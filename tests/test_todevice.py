@@ -1,3 +1,4 @@
+
 """To-device messages, device-list notices and encrypted conversations over TLS
 (end-to-end encryption, step 2), with real vodozemac Olm and Megolm sessions."""
 
@@ -7,8 +8,12 @@ import base64
 import os
 from typing import Any
 
+import pytest
 import vodozemac
 from test_devices import device_frame, one_time_keys
+
+# Storage is what these exercise: each runs on SQLite and on PostgreSQL (conftest).
+pytestmark = pytest.mark.both_engines
 
 
 class Device:
@@ -298,6 +303,7 @@ def test_encrypted_direct_messages_are_stored_and_delivered_offline(chat_server)
     assert reply["message"] == "plain is fine"
 
 
+@pytest.mark.sqlite_only  # it searches the database's files, WAL included
 def test_the_server_keeps_no_plaintext_of_an_encrypted_message(chat_server, monkeypatch,
                                                                caplog):
     """A canary: what the server decodes, stores and logs holds no trace of the plaintext,
@@ -343,8 +349,6 @@ def test_the_server_keeps_no_plaintext_of_an_encrypted_message(chat_server, monk
 
 
 def test_removing_a_device_drops_its_queue(chat_server):
-    from sqlalchemy import create_engine, text
-
     from chat import admin
 
     chat_server.register("bob")
@@ -353,15 +357,12 @@ def test_removing_a_device_drops_its_queue(chat_server):
     alice = Device(chat_server, "alice", "laptop", register=True)
     assert alice.to_device([("bob", "phone")] * 2, "q")["queued"] == 2
     d = chat_server.settings.data_dir
-    engine = create_engine(f"sqlite:///{d}/chat.db")
 
     def queued() -> int:
-        with engine.connect() as db:
-            return db.execute(text("SELECT count(*) FROM to_device")).scalar_one()
+        return chat_server.query("SELECT count(*) FROM to_device")[0][0]
 
     assert queued() == 2
     assert admin.main(["--data-dir", d, "device", "remove", "bob", "phone"]) == 0
     assert queued() == 0
     reply = alice.to_device([("bob", "phone")], "r")
     assert reply["skipped"][0]["reason"] == "no_such_device"
-    engine.dispose()
