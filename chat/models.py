@@ -19,6 +19,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# An id that grows for ever (messages, to-device messages): see Message.id.
+BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
 
 class Base(DeclarativeBase):
     pass
@@ -150,7 +153,9 @@ class AuditEntry(Base):
 class Message(Base):
     __tablename__ = "messages"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # 64-bit on PostgreSQL (2^31 ids are a few days of the busiest load); SQLite's
+    # INTEGER PRIMARY KEY is 64-bit already, and must stay INTEGER to be the rowid.
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     ts_ms: Mapped[int] = mapped_column(BigInteger)
     sender_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     sender_name: Mapped[str] = mapped_column(String(32))
@@ -230,7 +235,7 @@ class ToDevice(Base):
 
     __tablename__ = "to_device"
 
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BIG_ID, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(Integer)
     device: Mapped[str] = mapped_column(String(32))
     sender_name: Mapped[str] = mapped_column(String(32))

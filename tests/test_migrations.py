@@ -58,3 +58,32 @@ def test_upgrade_to_rooms_keeps_every_user_message_and_membership(engine):
                        (2, "general", "member")]
     assert bodies == [("kept", 1), ("old", 1), ("dm", 0)]
     assert users == [("alice", None), ("bob", None)]
+
+
+def test_ids_that_grow_for_ever_are_64_bit(engine):
+    """messages.id and to_device.seq outlive 2^31 (days of the busiest load)."""
+    upgrade_to_head(engine)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            types = dict(conn.execute(sa.text(
+                "SELECT table_name || '.' || column_name, data_type FROM information_schema"
+                ".columns WHERE table_schema = current_schema() AND (table_name, column_name)"
+                " IN (('messages', 'id'), ('to_device', 'seq'))")).all())
+            assert types == {"messages.id": "bigint", "to_device.seq": "bigint"}
+            tops = conn.execute(sa.text(
+                "SELECT max_value FROM pg_sequences WHERE schemaname = current_schema() AND "
+                "sequencename IN ('messages_id_seq', 'to_device_seq_seq')")).scalars().all()
+            assert len(tops) == 2 and min(tops) > 2**31
+            conn.execute(sa.text("SELECT setval('messages_id_seq', :n)"), {"n": 2**40})
+        conn.execute(sa.text(
+            "INSERT INTO users (id, username_key, username, username_skeleton, password_hash, "
+            "created_ms, updated_ms) VALUES (1, 'alice', 'alice', 'allce', 'h', 0, 0)"))
+        if engine.dialect.name != "postgresql":
+            conn.execute(sa.text(
+                "INSERT INTO messages (id, ts_ms, sender_id, sender_name, room, body, delivered)"
+                " VALUES (:n, 0, 1, 'alice', 'general', 'far', :t)"), {"n": 2**40, "t": True})
+        conn.execute(sa.text(
+            "INSERT INTO messages (ts_ms, sender_id, sender_name, room, body, delivered) "
+            "VALUES (0, 1, 'alice', 'general', 'next', :t)"), {"t": True})
+        top = conn.execute(sa.text("SELECT max(id) FROM messages")).scalar_one()
+    assert top == 2**40 + 1
