@@ -254,6 +254,10 @@ class Settings:
         100, "Queued to-device messages given to a device at once; the next page follows "
         "its acknowledgement."
     )
+    metrics_address: str = _setting(
+        "", "Where /metrics (Prometheus) and /health (for a balancer) listen, as host:port; "
+        "a bare :port is loopback only. Empty: off."
+    )
     max_to_device_per_sender: int = _setting(
         100, "To-device messages one other user may have waiting in a device's queue, so "
         "that nobody can fill it for everyone (the device's own user may use all of it: "
@@ -368,6 +372,13 @@ class Settings:
             raise bad("timer_slack", "must be zero or a positive number of seconds")
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be between 0 and 65535")
+        if self.metrics_address:
+            from chat.metrics import parse_address
+
+            try:
+                parse_address(self.metrics_address)
+            except ValueError as exc:
+                raise bad("metrics_address", f"must be {exc}") from None
         if self.max_history_bytes * 2 > self.max_outbound_bytes:
             raise SettingError(
                 ("max_outbound_bytes", "max_history_bytes"),

@@ -32,6 +32,11 @@ class BoundedPool:
         ]
         self._closed = False
 
+    @property
+    def waiting(self) -> int:
+        """Work submitted and not started yet (approximate, from any thread)."""
+        return self._queue.qsize()
+
     def start(self) -> None:
         for t in self._threads:
             t.start()

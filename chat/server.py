@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from chat import SERVER_NAME, __version__, certs, files, tls
@@ -51,6 +51,7 @@ from chat.db import DatabaseLock, WalCheckpointer, make_engine, upgrade_to_head
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
 from chat.messages import MAX_HISTORY_LIMIT, MAX_MESSAGE_CHARS
+from chat.metrics import Metrics, MetricsServer, parse_address
 from chat.pool import BoundedPool
 from chat.protocol import PROTOCOL_VERSION, encode
 from chat.store import Store
@@ -128,6 +129,7 @@ class Server:
         self.stopping = False
         self.checkpointer: WalCheckpointer | None = None
         self.db_lock: DatabaseLock | None = None  # PostgreSQL's (chat.db)
+        self.metrics_server: MetricsServer | None = None
         self._count = 0
         self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
@@ -173,7 +175,8 @@ class Server:
         self.hello = encode(hello_frame(self.server_id, s, self.registration))
         self.throttle = Throttle(s.throttle_limits())
         self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
-        self.store = Store(self.engine, self.hub)
+        self.metrics = Metrics()
+        self.store = Store(self.engine, self.hub, self.metrics)
         self.store.start()
         self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth", nice=s.auth_nice)
         self.auth_pool.start()
@@ -202,6 +205,7 @@ class Server:
                                      self.hasher.pepper_id)
         self.control.start()
         self.address = self.listen_sock.getsockname()[:2]
+        self._start_metrics()
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
         for loop in self.loops:
             loop.start()
@@ -210,6 +214,33 @@ class Server:
         log.log(max(logging.INFO, log.getEffectiveLevel()),
                 "%s listening on %s:%d (TLS %s, db %s)", self.server_id, host,
                  self.address[1], s.tls_profile, self.engine.url.render_as_string())
+
+    def _start_metrics(self) -> None:
+        """`/metrics` and `/health` on `metrics_address`, if set (chat.metrics)."""
+        s = self.settings
+        self.metrics.watch(lambda: self._count, lambda: self.auth_pool.waiting,
+                           lambda: self.store.backlog)
+        if not s.metrics_address:
+            return
+        try:
+            self.metrics_server = MetricsServer(parse_address(s.metrics_address),
+                                                self.metrics, self.healthy)
+        except OSError as exc:
+            raise SettingError("metrics_address", f"cannot listen on {s.metrics_address}: "
+                               f"{os.strerror(exc.errno) if exc.errno else exc}",
+                               exit_code=1) from None
+        self.metrics_server.start()
+        host, port = self.metrics_server.address
+        log.info("metrics and health on http://%s:%d/metrics and /health",
+                 f"[{host}]" if ":" in host else host, port)
+
+    def healthy(self) -> bool:
+        """Taking work: not stopping, the writer running, the database answering."""
+        if self.stopping or not self.store.running:
+            return False
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
 
     def _make_ssl_context(self) -> ssl.SSLContext:
         s = self.settings
@@ -421,6 +452,8 @@ class Server:
                     handler.stop_reading()
 
         self._on_every_loop(stop_reading)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.control.stop()
         self.auth_pool.stop()
         self.read_pool.stop()

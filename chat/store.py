@@ -52,6 +52,7 @@ from chat.errors import (
 )
 from chat.hub import LocalHub, Session, with_re
 from chat.messages import ENCRYPTED_PLACEHOLDER
+from chat.metrics import Metrics
 from chat.models import Membership, Message, User
 from chat.protocol import Frame, encode
 from chat.roombook import OPERATOR, RoomBook, missing
@@ -146,9 +147,11 @@ def dm_pair(a: int, b: int) -> str:
 
 
 class Store:
-    def __init__(self, engine: Engine, hub: LocalHub) -> None:
+    def __init__(self, engine: Engine, hub: LocalHub, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.hub = hub
+        self.metrics = metrics or Metrics()
+        self._batch_stored = 0  # messages the current batch inserted (writer only)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._stopping = False
@@ -186,6 +189,10 @@ class Store:
 
     def on_writer_thread(self) -> bool:
         return threading.current_thread() is self._thread
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
 
     @property
     def backlog(self) -> int:
@@ -438,6 +445,8 @@ class Store:
         logging_in: set[str] = set()
         last_msg_id = self.last_msg_id
         self._undo.clear()
+        started = time.perf_counter()
+        self._batch_stored = 0
         try:
             conn = self._writer_conn()
             with conn.begin():
@@ -457,6 +466,7 @@ class Store:
                     afters.extend(self._insert_messages(conn, messages, logging_in))
         except Exception:
             log.exception("store: a batch of %d jobs could not be committed", len(batch))
+            self.metrics.db_errors.inc()
             self.last_msg_id = last_msg_id  # its ids may be given out again
             for undo in reversed(self._undo):
                 undo()
@@ -469,6 +479,10 @@ class Store:
             _done(batch)
             return
         self._undo.clear()
+        committed = time.perf_counter()
+        self.metrics.commit_seconds.observe(committed - started)
+        if self._batch_stored:
+            self.metrics.messages_stored.inc(self._batch_stored)
         for after in afters:
             if after is None:
                 continue
@@ -476,6 +490,7 @@ class Store:
                 after()
             except Exception:
                 log.exception("store: a continuation failed")
+        self.metrics.fanout_seconds.observe(time.perf_counter() - committed)
         _done(batch)
         if self._corrections:
             self._apply_corrections()
@@ -627,6 +642,7 @@ class Store:
             )
             ids = [r[0] for r in conn.execute(stmt, rows)]
         self.last_msg_id = max(ids)
+        self._batch_stored += len(ids)
         return ids
 
     def _room_fanout_later(self, run: list[tuple[MessageJob, Frame]]) -> After:
