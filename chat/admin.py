@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub(top, "device", help="users' devices (end-to-end encryption keys)"
               ).add_subparsers(dest="cmd", required=True)
     sub(dev, "list", help="a user's devices and their fingerprints").add_argument("username")
-    dr = sub(dev, "remove", help="forget a device and its keys (a lost phone)")
+    dr = sub(dev, "remove", help="remove a lost device: its keys go, and can never be "
+             "registered again")
     dr.add_argument("username")
     dr.add_argument("device")
     dr.add_argument("--reason", default="")

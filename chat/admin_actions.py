@@ -27,6 +27,7 @@ from chat.hub import LocalHub, UserState
 from chat.keys import device_list_notice
 from chat.messages import valid_username
 from chat.models import (
+    DEVICE_LIVE,
     AuditEntry,
     Ban,
     Device,
@@ -321,7 +322,7 @@ def device_list(ops: Ops, name: str) -> dict[str, Any]:
                                                   otks_t.c.device == devices_t.c.device,
                                                   otks_t.c.fallback.is_(False)))
                           .where(and_(devices_t.c.user_id == rec.id,
-                                      devices_t.c.removed_ms.is_(None)))
+                                      DEVICE_LIVE))
                           .group_by(devices_t.c.device, devices_t.c.ed25519,
                                     devices_t.c.created_ms)
                           .order_by(devices_t.c.device)).all()
@@ -335,7 +336,7 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
     rec = ops.user(name)
     gone = ops.db.execute(update(devices_t).where(and_(
         devices_t.c.user_id == rec.id, devices_t.c.device == device,
-        devices_t.c.removed_ms.is_(None))).values(removed_ms=now_ms())).rowcount
+        DEVICE_LIVE)).values(removed_ms=now_ms())).rowcount
     if not gone:
         raise Refused(f"{rec.name} has no device {device!r}")
     # Its one-time keys, its queued to-device messages and its send ids go with it.

@@ -21,7 +21,7 @@ from sqlalchemy import and_, delete, func, insert, select
 from chat import devices, todevice
 from chat import messages as m
 from chat.errors import InvalidField, NoSuchUser
-from chat.models import Device, Membership, OneTimeKey
+from chat.models import DEVICE_LIVE, Device, Membership, OneTimeKey
 from chat.protocol import encode
 from chat.rooms import requester, submit
 from chat.store import now_ms
@@ -43,8 +43,6 @@ def _removed(device: str) -> InvalidField:
     return InvalidField(f"device: the operator removed {device}; its keys cannot come back "
                         "(a new installation is a new device)")
 
-
-LIVE = devices_t.c.removed_ms.is_(None)
 
 
 def _count(db: Any, user_id: int, device: str) -> int:
@@ -80,7 +78,7 @@ def upload_device(conn: Connection, req: m.UploadDevice) -> None:
         notice = None
         if row is None:
             n = db.execute(select(func.count()).select_from(devices_t).where(and_(
-                devices_t.c.user_id == session.user_id, LIVE))).scalar_one()
+                devices_t.c.user_id == session.user_id, DEVICE_LIVE))).scalar_one()
             if n >= limit:
                 raise InvalidField(f"device: you have {limit} devices already; remove one "
                                    "(chat-admin) first")
@@ -175,7 +173,7 @@ def query_keys(conn: Connection, req: m.QueryKeys) -> None:
                 continue  # unknown users are left out, as in a search
             keys.append(rec.key)
             rows = db.execute(select(devices_t).where(and_(devices_t.c.user_id == rec.id,
-                                                           LIVE))
+                                                           DEVICE_LIVE))
                               .order_by(devices_t.c.device)).all()
             found[rec.name] = [devices.DeviceKeys(r.device, r.curve25519, r.ed25519,
                                                   r.signature).public() for r in rows]

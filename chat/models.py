@@ -209,6 +209,11 @@ class Device(Base):
     removed_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
+# A device the operator has not removed: the only kind keys are given out for or
+# messages queued to (a removed one's row stays, so its keys never come back).
+DEVICE_LIVE = Device.__table__.c.removed_ms.is_(None)
+
+
 class OneTimeKey(Base):
     """A device's signed one-time keys, each handed out once; and its fallback key
     (`fallback`), handed out when none is left and kept until the device replaces it."""

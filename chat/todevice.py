@@ -26,7 +26,7 @@ from chat import messages as m
 from chat.devices import canonical
 from chat.errors import InvalidField
 from chat.hub import Session
-from chat.models import Device, ToDevice, ToDeviceSend
+from chat.models import DEVICE_LIVE, Device, ToDevice, ToDeviceSend
 from chat.protocol import encode
 from chat.rooms import requester, submit
 from chat.store import now_ms
@@ -111,7 +111,7 @@ def send(conn: Connection, req: m.ToDevice) -> None:
             if target is not None and target not in capacity:
                 exists = db.execute(select(devices_t.c.device).where(and_(
                     devices_t.c.user_id == rec.id, devices_t.c.device == item.device,
-                    devices_t.c.removed_ms.is_(None)))).first() is not None
+                    DEVICE_LIVE))).first() is not None
                 capacity[target] = _room_for(db, settings, session, rec.id, item.device) \
                     if exists else -1
             left = capacity[target] if target is not None else -1

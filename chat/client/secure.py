@@ -67,6 +67,7 @@ from chat.client.e2e_results import Decrypted, E2EError, Refused, Status, Target
 from chat.client.errors import ClientError, ConnectionClosed, Frame
 from chat.client.keystore import Device, KeyStore
 from chat.client.sas import SasError
+from chat.messages import MAX_QUERIED_USERS
 
 FEATURE = "e2e"
 # A device id is chosen once per key store and kept in it: 10 of A-Z a-z 0-9 give
@@ -233,8 +234,8 @@ class Secure:
     def _query(self, users: Iterable[str], *, force: bool = False) -> None:
         """Ask for the devices of `users` not asked for on this connection yet."""
         wanted = sorted({u.lower() for u in users} - (set() if force else self._fresh))
-        for start in range(0, len(wanted), 100):  # query_keys takes 1 to 100 users
-            batch = wanted[start:start + 100]
+        for start in range(0, len(wanted), MAX_QUERIED_USERS):  # what one query takes
+            batch = wanted[start:start + MAX_QUERIED_USERS]
             reply = self._request({"type": "query_keys", "users": batch})
             if reply.get("type") != "keys":
                 continue
