@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -267,6 +268,27 @@ class Settings:
         256, "A device's latest to-device send_ids the server remembers (with their "
         "answers), so that a repeat is answered again, not queued twice."
     )
+    redis: str = _setting(
+        "", "Redis URL (redis://host:port/0) shared by several nodes of one cluster: fan-out, "
+        "presence and throttles across nodes. Needs a PostgreSQL db. Empty: one node."
+    )
+    redis_prefix: str = _setting(
+        "chat", "Prefix of every Redis key and channel of this cluster: nodes that share it "
+        "are one cluster; another prefix on the same Redis is another cluster."
+    )
+    cluster_node_ttl: float = _setting(
+        5.0, "Seconds a node's heartbeat in Redis lasts. A node unseen this long is taken "
+        "for dead (its users' presence lapses); a node that cannot reach Redis this long "
+        "closes its clients' connections and reports unhealthy until Redis is back."
+    )
+    cluster_gap_wait: float = _setting(
+        0.05, "Seconds a node holds a message whose predecessor in its conversation has "
+        "not arrived over Redis yet, before it reads the gap from the database."
+    )
+    cluster_reconcile_interval: float = _setting(
+        2.0, "Seconds between a node's checks of the database for messages Redis never "
+        "brought (the last of a conversation, or any while Redis is down)."
+    )
     to_device_send_id_ttl: float = _setting(
         24 * 3600.0, "Seconds a device's to-device send_id is remembered, so that a "
         "repeated send is answered again rather than queued twice."
@@ -362,7 +384,8 @@ class Settings:
             raise bad("tls_profile", "must be 'intermediate' or 'modern'")
         for name in ("handshake_timeout", "login_timeout", "idle_timeout", "shutdown_grace",
                      "checkpoint_interval", "presence_interval", "invite_ttl",
-                     "to_device_send_id_ttl",
+                     "to_device_send_id_ttl", "cluster_node_ttl", "cluster_gap_wait",
+                     "cluster_reconcile_interval",
                      "login_window", "login_max_delay", "registration_window", "login_lockout"):
             value = getattr(self, name)
             # `not value > 0` also refuses NaN, which would silently disable a deadline.
@@ -379,6 +402,11 @@ class Settings:
                 parse_address(self.metrics_address)
             except ValueError as exc:
                 raise bad("metrics_address", f"must be {exc}") from None
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingError("redis", "redis must be a redis://, rediss:// or unix:// "
+                               "URL")  # not echoed: a URL may carry a password
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.redis_prefix):
+            raise bad("redis_prefix", "must be 1 to 64 of A-Z, a-z, 0-9, '_', '.' or '-'")
         if self.max_history_bytes * 2 > self.max_outbound_bytes:
             raise SettingError(
                 ("max_outbound_bytes", "max_history_bytes"),
