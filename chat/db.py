@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,25 @@ def upgrade(engine: Engine, revision: str) -> None:
                 driver.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
 
 
+# How long a cluster node waits for another node's migrations before it gives up.
+JOIN_WAIT = 30.0
+
+
+class SchemaBehind(Exception):
+    """Running cluster nodes use an older schema: migrating means stopping them all."""
+
+
+def at_head(engine: Engine) -> bool:
+    """Whether the database's schema is at the newest migration."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    heads = set(ScriptDirectory.from_config(cfg).get_heads())
+    with engine.connect() as conn:
+        return set(MigrationContext.configure(conn).get_current_heads()) == heads
+
+
 # The first key of our advisory locks: "chat" in ASCII, apart from other programs' locks.
 _LOCK_CLASS = 0x63686174
 
@@ -121,14 +142,17 @@ class DatabaseLock:
     schema, held on a connection of its own by a running server for its life (and by
     chat-admin while it works on a stopped server's database). The file lock cannot see a
     server with another data directory, or on another host, that uses the same database;
-    this one can, and one server is what the writer's caches (users, rooms, the last
-    msg_id) rely on. Several nodes on one database (issue 19, next steps) will need the
-    database to order them instead. On SQLite it does nothing: the file lock is enough.
+    this one can. A lone server (and chat-admin offline) holds it exclusively: its writer's
+    caches rely on being the only writer. The nodes of a cluster (`redis` set) hold it
+    shared (`acquire_shared`): they order themselves through the database's row locks, but
+    no lone server or offline chat-admin may come in beside them. On SQLite it does
+    nothing: the file lock is enough.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._conn: Any = None
+        self._shared = False
 
     def acquire(self) -> bool:
         """Take the lock; False if someone else holds it."""
@@ -148,12 +172,58 @@ class DatabaseLock:
         self._conn = conn
         return True
 
+    def acquire_shared(self, migrate: Callable[[], None], at_head: Callable[[], bool]) -> bool:
+        """A cluster node's lock: shared with the other nodes. The first node (nobody else
+        holds the lock) runs `migrate` while it holds it exclusively; a node that joins
+        running ones must find the schema at head (`at_head`), since changing it under
+        them is not safe: a migration means stopping every node. False if a lone server
+        or chat-admin holds it."""
+        if self.engine.dialect.name != "postgresql":
+            migrate()
+            return True
+        conn = self.engine.connect()
+        try:
+            # A node that starts while another migrates finds the lock exclusive for a
+            # moment: it waits that out, as it would not wait out a lone server's.
+            deadline = time.monotonic() + JOIN_WAIT
+            while True:
+                first = conn.execute(text(
+                    "SELECT pg_try_advisory_lock(:c, hashtext(current_schema()))"),
+                    {"c": _LOCK_CLASS}).scalar()
+                got = conn.execute(text(
+                    "SELECT pg_try_advisory_lock_shared(:c, hashtext(current_schema()))"),
+                    {"c": _LOCK_CLASS}).scalar()
+                conn.commit()
+                if got or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            if got and first:
+                try:
+                    migrate()
+                finally:
+                    conn.execute(text(
+                        "SELECT pg_advisory_unlock(:c, hashtext(current_schema()))"),
+                        {"c": _LOCK_CLASS})
+                    conn.commit()
+            elif got and not at_head():
+                raise SchemaBehind()
+        except BaseException:
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        self._shared = True
+        return True
+
     def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        unlock = "pg_advisory_unlock_shared" if self._shared else "pg_advisory_unlock"
         try:
-            conn.execute(text("SELECT pg_advisory_unlock(:c, hashtext(current_schema()))"),
+            conn.execute(text(f"SELECT {unlock}(:c, hashtext(current_schema()))"),
                          {"c": _LOCK_CLASS})
             conn.commit()
         except Exception:

@@ -47,7 +47,14 @@ from chat.config import (
 )
 from chat.connection import Connection
 from chat.control import ControlServer, check_socket_path, socket_path
-from chat.db import DatabaseLock, WalCheckpointer, make_engine, upgrade_to_head
+from chat.db import (
+    DatabaseLock,
+    SchemaBehind,
+    WalCheckpointer,
+    at_head,
+    make_engine,
+    upgrade_to_head,
+)
 from chat.hub import LocalHub
 from chat.ioloop import IOLoop
 from chat.messages import MAX_HISTORY_LIMIT, MAX_MESSAGE_CHARS
@@ -327,11 +334,27 @@ class Server:
         try:
             # Before the migrations: a running server's schema is not changed under it.
             self.db_lock = DatabaseLock(engine)
-            if not self.db_lock.acquire():
+            if s.redis:
+                if engine.dialect.name != "postgresql":
+                    engine.dispose()
+                    raise SettingError(("redis", "db"), "the nodes of a cluster (redis) "
+                                       "share one PostgreSQL database: set db to a "
+                                       "postgresql+psycopg:// URL")
+                joined = self.db_lock.acquire_shared(lambda: upgrade_to_head(engine),
+                                                     lambda: at_head(engine))
+            else:
+                joined = self.db_lock.acquire()
+                if joined:
+                    upgrade_to_head(engine)
+            if not joined:
                 engine.dispose()
                 raise SettingError(names, "another server (or chat-admin) is using this "
                                    "database: its lock is held", exit_code=1)
-            upgrade_to_head(engine)
+        except SchemaBehind:
+            engine.dispose()
+            raise SettingError(names, "the cluster's running nodes use an older schema: "
+                               "stop them all, then start one node to migrate",
+                               exit_code=1) from None
         except (SQLAlchemyError, CommandError) as exc:
             if self.db_lock is not None:
                 self.db_lock.release()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pgtest
 import pytest
+import redistest
 from sqlalchemy import create_engine, text
 
 from chat import certs, tls
@@ -181,12 +182,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if (pgtest.required() and any(item.get_closest_marker("postgresql") for item in items)
             and (why := pgtest.unavailable()) is not None):
         pytest.exit(f"{why} (CI=true: the PostgreSQL tests must run)", returncode=1)
+    if (pgtest.required() and any(item.get_closest_marker("redis") for item in items)
+            and (why := redistest.unavailable()) is not None):
+        pytest.exit(f"{why} (CI=true: the cluster tests must run)", returncode=1)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     pgtest.one_skip_line(outcome.get_result())
+    redistest.one_skip_line(outcome.get_result())
 
 
 @pytest.fixture
@@ -261,7 +266,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "both_engines: run on SQLite and on PostgreSQL "
                             "(tests that use a server or db_url)")
     config.addinivalue_line("markers", "sqlite_only: in a both_engines module, SQLite only")
+    config.addinivalue_line("markers", "redis: needs a redis-server of its own "
+                            "(tests/redistest.py); skipped without one, except under CI")
     config.addinivalue_line("markers", "postgresql: the PostgreSQL run of a both_engines test "
                             "(-m 'not postgresql' leaves them out)")
     # Tests run the CLI as `python -m ...`; make sure it is this interpreter's package.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[redistest.RedisServer]:
+    """A redis-server of this test's own (tests/redistest.py); mark the test `redis`."""
+    redistest.need_redis()
+    server = redistest.RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
