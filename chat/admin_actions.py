@@ -93,25 +93,21 @@ class Ops:
 def _end_sessions(ops: Ops, rec: UserRecord, reason: str) -> int:
     """Close every session of the user with `bye reason`, in the writer's order."""
     hub, store = ops.hub, ops.store
+    if not getattr(hub, "reachable", True):
+        raise Refused("the cluster's nodes cannot reach each other (Redis) just now: the "
+                      "other nodes' sessions would stay; try again shortly")
     state = hub.user_state(rec.key)
     count = len(state.sessions) if state else 0
     if state is not None:
         taken = set(state.rooms)
-        state.rooms.clear()  # requests later in this batch are refused
-        state.ended = True
+        hub.ending(rec.key)  # requests later in this batch are refused
 
         def undo(state: UserState = state) -> None:
             state.rooms.update(taken)
             state.ended = False
 
         store.on_rollback(undo)
-
-    def end() -> None:
-        for session in hub.sessions_of(rec.key):
-            hub.detach(session)  # before anything later is fanned out
-            session.out.end(reason)
-
-    ops.later.append(end)
+    ops.later.append(lambda: hub.end_sessions(rec.key, reason))
     return count
 
 
@@ -247,13 +243,13 @@ def room_set_owner(ops: Ops, name: str, username: str, reason: str = "") -> dict
     else:
         if rec.id in room.bans:
             ops.store.rooms.unban(ops.db, room, rec.id)
-        ops.store.rooms.add_member(ops.db, room, rec.id, rec.name, acl.OWNER,
-                                   ops.store.last_msg_id, ms)
+        newest = ops.store.newest(ops.db, room=room.name)
+        ops.store.rooms.add_member(ops.db, room, rec.id, rec.name, acl.OWNER, newest, ms)
         state = ops.hub.user_state(rec.key)
         if state is not None:
             state.rooms.add(room.name)
             ops.store.on_rollback(lambda: state.rooms.discard(room.name))
-            ops.later.append(lambda: ops.hub.joined(state, room.name))
+            ops.later.append(lambda: ops.hub.joined(state, room.name, newest))
     audit(ops.db, ms, OPERATOR, "set_owner", target=rec.name, room=room.name, reason=reason)
     data = encode({"type": "role", "room": room.name, "username": rec.name, "role": acl.OWNER,
                    "by": OPERATOR})

@@ -177,7 +177,9 @@ class ControlServer:
                     answer.setdefault("ok", False)
                     answer.setdefault("error", "done, but telling the sessions failed "
                                                "(see the server's log)")
-                    done.set()
+                    # Over a cluster: once every node has applied it (ended sessions,
+                    # removed members), as the operator expects when the command returns.
+                    self.hub.sync(done.set)
 
             return after
 

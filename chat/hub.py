@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from chat.protocol import encode
 
@@ -85,6 +85,9 @@ class Session:
     # Users whose keys this session asked for (query_keys), oldest first: it is told of
     # their device changes. chat.keys bounds it (max_key_watch).
     watching: dict[str, None] = field(default_factory=dict, repr=False)
+    # The newest direct message its login's backlog held: over a cluster, a copy of one
+    # of those arriving live from another node is not given again.
+    dm_floor: int = 0
 
 
 def with_re(data: bytes, re: object) -> bytes:
@@ -119,7 +122,8 @@ class LocalHub:
         self._watchers: dict[str, set[Session]] = {}
 
     # --- sessions -------------------------------------------------------------------
-    def attach(self, session: Session, rooms: list[str], first: list[bytes]) -> bool:
+    def attach(self, session: Session, rooms: list[str], first: list[bytes],
+               cursors: dict[str, int] | None = None) -> bool:
         """Register a session in `rooms` (the user's, when the writer ran the login), give
         it `first` frames, and tell its rooms if it is the user's first session.
 
@@ -207,6 +211,29 @@ class LocalHub:
         for session in told:
             session.out.deliver(data)
 
+    def tell(self, key: str, data: bytes, device: str | None = None) -> None:
+        """One frame to every session of user `key` (with `device`, only to sessions bound
+        to that device): an invitation, a key count. Over a cluster, on every node."""
+        for session in self.sessions_of(key):
+            if device is None or session.device == device:
+                session.out.deliver(data)
+
+    def end_sessions(self, key: str, reason: str, keep: Session | None = None) -> None:
+        """Close every session of user `key` but `keep` with `bye reason`, detached first
+        so that nothing later is fanned out to them. Over a cluster, on every node."""
+        for session in self.sessions_of(key):
+            if session is not keep:
+                self.detach(session)
+                session.out.end(reason)
+
+    def ending(self, key: str) -> None:
+        """The operator ends the user's sessions: what they pipelined after it is refused
+        (the writer checks `ended`) while their `bye` is on its way."""
+        user = self._users.get(key)
+        if user is not None:
+            user.rooms.clear()
+            user.ended = True
+
     def sessions_of(self, key: str) -> list[Session]:
         user = self._users.get(key)
         return list(user.sessions) if user else []
@@ -220,7 +247,7 @@ class LocalHub:
         return user is not None and any(s.out.accepting() for s in user.sessions)
 
     # --- rooms ----------------------------------------------------------------------
-    def joined(self, user: UserState, room: str) -> None:
+    def joined(self, user: UserState, room: str, newest: int | None = None) -> None:
         """After the join is stored: the user's sessions receive the room; members hear it.
 
         Applied as decided, whatever `user.rooms` says by now: in a batch with a join, a
@@ -257,6 +284,26 @@ class LocalHub:
                 session.out.deliver(data)
         self.left(user, room)
 
+    def announce(self, room: str, roles: dict[int, str], encoded: dict[str, bytes]) -> None:
+        """The `room` frame to each member's sessions in the room, as their role sees it
+        (`roles` by user id, as decided; `encoded` by role)."""
+        for session in self._rooms.get(room, ()):
+            role = roles.get(session.user_id)
+            if role is not None:
+                session.out.deliver(encoded[role])
+
+    def to_device_queued(self, key: str, device: str) -> None:
+        """A to-device message was queued for user `key`'s `device`; this node gave it to
+        its live sessions already (over a cluster, other nodes pull theirs)."""
+
+    def removed_offline(self, key: str, room: str, data: bytes) -> None:
+        """A kick or ban of a user with no session here (over a cluster, other nodes may
+        have some)."""
+
+    def sync(self, then: Callable[[], None]) -> None:
+        """Call `then` once every node applied what was fanned out before (here: now)."""
+        then()
+
     def sessions_in(self, room: str) -> set[Session]:
         return self._rooms.get(room, set())
 
@@ -287,6 +334,14 @@ class LocalHub:
         else:
             change.cause = cause
 
+    # --- the writer's timers ---------------------------------------------------------
+    def due(self) -> float | None:
+        """Seconds until `tick` should run (0: now); None if nothing waits."""
+        return self.presence_due()
+
+    def tick(self) -> None:
+        self.flush_presence()
+
     def presence_due(self) -> float | None:
         """Seconds until the pending presence should go out (0: now); None if none waits."""
         if not self._pending:
@@ -295,15 +350,18 @@ class LocalHub:
 
     def flush_presence(self) -> None:
         """Send every pending net change of presence; one `deliver` per recipient session."""
+        self._deliver_presence(self._presence_changes())
+
+    def _presence_changes(self) -> list[tuple[str, str, str, bool, bytes]]:
+        """The pending net changes, now taken: (room, user key, cause, there, frame)."""
         pending, self._pending = self._pending, {}
         self._last_flush = self._clock()
-        out: dict[Session, list[bytes]] = {}
-        for room, changes in pending.items():
-            members = self._rooms.get(room, ())
+        changes = []
+        for room, room_changes in pending.items():
             # Coming online and going offline are not told in a room this full: every
             # login would be news for every session there, O(n^2) for a restart.
-            quiet = len(members) > self.presence_room_limit
-            for key, change in changes.items():
+            quiet = len(self._rooms.get(room, ())) > self.presence_room_limit
+            for key, change in room_changes.items():
                 if quiet and change.cause == CONNECTION:
                     continue
                 user = self._users.get(key)
@@ -312,19 +370,28 @@ class LocalHub:
                     continue  # the changes cancelled out
                 data = encode({"type": "presence", "room": room, "username": change.name,
                                "event": "join" if there else "leave", "cause": change.cause})
-                for session in members:
-                    # Coming online or going offline is news for others only; a join or
-                    # leave of the room also tells the user's other sessions.
-                    if session.key != key or change.cause == ROOM:
-                        out.setdefault(session, []).append(data)
-                if not there and change.cause == ROOM and user is not None:
-                    for session in user.sessions:  # left: no longer among the members
+                changes.append((room, key, change.cause, there, data))
+        return changes
+
+    def _deliver_presence(self, changes: list[tuple[str, str, str, bool, bytes]]) -> None:
+        out: dict[Session, list[bytes]] = {}
+        for room, key, cause, there, data in changes:
+            for session in self._rooms.get(room, ()):
+                # Coming online or going offline is news for others only; a join or
+                # leave of the room also tells the user's other sessions.
+                if session.key != key or cause == ROOM:
+                    out.setdefault(session, []).append(data)
+            user = self._users.get(key)
+            if not there and cause == ROOM and user is not None:
+                for session in user.sessions:  # left: no longer among the members
+                    if room not in session.rooms_in:
                         out.setdefault(session, []).append(data)
         for session, frames in out.items():
             session.out.deliver(frames[0] if len(frames) == 1 else b"".join(frames))
 
     # --- fan-out --------------------------------------------------------------------
-    def publish_room_many(self, room: str, items: list[tuple[bytes, Session, bytes]]) -> None:
+    def publish_room_many(self, room: str, items: list[tuple[bytes, Session, bytes]],
+                          chain: list[tuple[int, int]] | None = None) -> None:
         """Deliver messages, in order, to every session in the room, as one blob each.
 
         `items` are (frame, origin session, origin's copy with `re`); an origin gets its
@@ -341,7 +408,8 @@ class LocalHub:
                 session.out.deliver(blob)
 
     def publish_direct(
-        self, to: str, sender: str, data: bytes, origin: Session | None, echo: bytes
+        self, to: str, sender: str, data: bytes, origin: Session | None, echo: bytes,
+        chain: Any = None,
     ) -> bool:
         """Deliver a direct message to every session of both users (each session once).
 

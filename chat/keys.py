@@ -216,9 +216,7 @@ def claim_key(conn: Connection, req: m.ClaimKey) -> None:
 
         def after() -> None:
             conn.reply(req.id, reply)
-            for other in hub.sessions_of(rec.key):  # so that the device tops up
-                if other.device == req.device:
-                    other.out.deliver(count)
+            hub.tell(rec.key, count, device=req.device)  # so that the device tops up
 
         return after
 

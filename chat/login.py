@@ -35,6 +35,7 @@ from chat.errors import (
     InvalidToken,
     InvalidUsername,
     RegistrationClosed,
+    ServerBusy,
 )
 from chat.hub import Session
 from chat.protocol import encode
@@ -66,9 +67,17 @@ def _guarded(conn: Connection, rid: m.RequestId, work: Callable[[], None],
     return run
 
 
+def _serving(conn: Connection) -> None:
+    if conn.server.fenced:
+        # Cut off from the cluster's other nodes (chat.cluster): a session here could miss
+        # what they decide. The balancer sends the client to another node.
+        raise ServerBusy("this node cannot reach the rest of the cluster; try again")
+
+
 def register(conn: Connection, req: m.Register) -> None:
     if conn.session is not None:
         raise AlreadyAuthenticated()
+    _serving(conn)
     if not m.valid_username(req.username):
         raise InvalidUsername()
     server, rid = conn.server, req.id
@@ -125,6 +134,7 @@ def register(conn: Connection, req: m.Register) -> None:
 def login(conn: Connection, req: m.Login) -> None:
     if conn.session is not None or conn.pending_session is not None:
         raise AlreadyAuthenticated()
+    _serving(conn)
     server, rid, ip = conn.server, req.id, conn.ip
     key = req.username.lower()
     server.throttle.check_login(ip, key)
@@ -173,7 +183,12 @@ def login(conn: Connection, req: m.Login) -> None:
             # Everything stored after this reaches the session live (the writer attaches
             # it before any later fan-out), so a client catching up after a reconnect
             # asks for what is newer than the larger of this and the last id it got.
-            last_msg_id = server.store.last_msg_id
+            last_msg_id = server.store.newest(db)
+            # Over a cluster: where this node starts following the session's
+            # conversations, if it did not yet (chat.cluster).
+            cursors = server.store.follow(db, rooms, rec.id)
+            if backlog:
+                session.dm_floor = backlog[-1]["msg_id"]
 
             def after() -> None:
                 welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
@@ -185,7 +200,7 @@ def login(conn: Connection, req: m.Login) -> None:
                 if rid is not None:
                     welcome["re"] = rid
                 first = [encode(welcome)] + [encode(f) for f in backlog]
-                attached = server.hub.attach(session, rooms, first)
+                attached = server.hub.attach(session, rooms, first, cursors)
                 if not attached and backlog:
                     server.store.correct_marks([f["msg_id"] for f in backlog], False)
                 conn.loop.call_soon(conn.logged_in, session, attached, more)
@@ -240,10 +255,9 @@ def passwd(conn: Connection, req: m.Passwd) -> None:
             def after() -> None:
                 if req.logout_others:
                     # `quit`: the user asked for these sessions to end, from another.
-                    for other in server.hub.sessions_of(session.key):
-                        if other is not session:
-                            other.out.end("quit")
-                conn.finish_auth(rid, {"type": "ok", "op": "passwd"})
+                    server.hub.end_sessions(session.key, "quit", keep=session)
+                # Over a cluster, once the other nodes have ended theirs too.
+                server.hub.sync(lambda: conn.finish_auth(rid, {"type": "ok", "op": "passwd"}))
 
             return after
 

@@ -52,6 +52,12 @@ class Metrics:
         self.fanout_seconds = Histogram(
             "chat_fanout_seconds", "One writer batch's continuations after COMMIT (fan-out "
             "to the sessions' queues)", buckets=_SECONDS, registry=r)
+        self.gap_repairs = Counter(
+            "chat_cluster_gap_repairs", "Reads of messages Redis did not bring (a gap, or "
+            "a conversation whose newest message never came), several nodes only",
+            registry=r)
+        self.redis_errors = Counter(
+            "chat_redis_errors", "Redis calls that failed (several nodes only)", registry=r)
         self.connections = Gauge("chat_connections", "Open client connections", registry=r)
         self.auth_queue = Gauge(
             "chat_auth_queue", "Password checks waiting for a bcrypt worker", registry=r)

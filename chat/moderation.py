@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from chat import acl
 from chat import messages as m
-from chat.errors import Blocked, InvalidField, NoSuchUser
+from chat.errors import Blocked, InvalidField, NoSuchUser, ServerBusy
 from chat.hub import LocalHub
 from chat.protocol import encode
 from chat.roombook import RoomState, audit
@@ -82,8 +82,18 @@ def remove(store: Store, hub: LocalHub, db: Any, room: RoomState, target: UserRe
             if online is not state:
                 online.rooms.discard(name)
             hub.removed(online, name, data)
+        elif was_member:
+            hub.removed_offline(target.key, name, data)
 
     return after
+
+
+def reachable(hub: LocalHub) -> None:
+    """Refuse, before changing anything, what must reach every node of a cluster while
+    this node cannot reach the others (chat.cluster): it would hold for some only."""
+    if not getattr(hub, "reachable", True):
+        raise ServerBusy("the nodes cannot reach each other (Redis) just now; try again "
+                         "shortly")
 
 
 def announce_room(hub: LocalHub, room: RoomState, by: str) -> Callable[[], None]:
@@ -92,13 +102,7 @@ def announce_room(hub: LocalHub, room: RoomState, by: str) -> Callable[[], None]
     roles = {uid: mb.role for uid, mb in room.members.items()}  # as of now, in order
     encoded = {role: encode({**room.info(role), "by": by}) for role in set(roles.values())}
 
-    def after() -> None:
-        for session in hub.sessions_in(room.name):
-            role = roles.get(session.user_id)
-            if role is not None:
-                session.out.deliver(encoded[role])
-
-    return after
+    return lambda: hub.announce(room.name, roles, encoded)
 
 
 # --- requests (loop thread; decided on the writer) -----------------------------------
@@ -123,8 +127,7 @@ def invite(conn: Connection, req: m.Invite) -> None:
         data = encode({"type": "invited", "room": room.name, "by": session.name})
 
         def after() -> None:
-            for other in hub.sessions_of(target.key):
-                other.out.deliver(data)
+            hub.tell(target.key, data)
             conn.reply(rid, ok)
 
         return after
@@ -140,12 +143,15 @@ def _removal(how: str) -> Callable[[Connection, Any], None]:
         def run(db: Any) -> Callable[[], None]:
             room, view, target, tview = _actor_and_target(conn, db, req.room, req.username)
             (acl.kick if how == "kick" else acl.act_on)(view, tview)
+            reachable(hub)
             tell = remove(store, hub, db, room, target, how, session.name, req.reason)
 
             def after() -> None:
                 tell()
-                conn.reply(rid, {"type": "ok", "op": how, "room": room.name,
-                                 "username": target.name})
+                # Over a cluster, the `ok` waits until every node has removed the target's
+                # sessions from the room.
+                hub.sync(lambda: conn.reply(rid, {"type": "ok", "op": how, "room": room.name,
+                                                  "username": target.name}))
 
             return after
 

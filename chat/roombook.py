@@ -19,6 +19,7 @@ and its record commit together or not at all.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +135,9 @@ class RoomBook:
         # Counts changes to what is held: a job that fails after changing something has
         # the book forgotten (Store._run_job), one refused before any change does not.
         self.changes = 0
+        # Over a cluster (Store.order_with_others): takes a room's lock before it is read,
+        # so that two nodes decide about one room one after the other.
+        self.lock: Callable[[Connection, str], None] | None = None
 
     def forget(self) -> None:
         """A batch failed: what was changed in memory may not be in the database."""
@@ -147,6 +151,8 @@ class RoomBook:
         if room is not None:
             self._rooms.move_to_end(name)
             return room
+        if self.lock is not None:
+            self.lock(db, name)
         row = db.execute(select(rooms_t).where(rooms_t.c.name == name)).first()
         if row is None:
             return None

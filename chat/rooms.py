@@ -178,16 +178,19 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
                 return lambda: conn.reply(rid, again)
         if len(user.rooms) >= limit:
             raise InvalidField(f"room: you are in {limit} rooms already; leave one first")
-        ms, last = now_ms(), store.last_msg_id
+        ms = now_ms()
         made = room is None
         if room is None:
             visibility, history = ((create.visibility, create.history) if create
                                    else (acl.PUBLIC, acl.SHARED))
-            room = store.rooms.create(db, name, visibility, history, last, ms,
+            room = store.rooms.create(db, name, visibility, history, store.newest(db), ms,
                                       create is not None and create.encrypted)
         # general holds everyone from registration on, so it has no member limit.
         elif name != DEFAULT_ROOM and len(room.members) >= max_members:
             raise InvalidField(f"room: {name} is full ({max_members} members)")
+        # The room's newest message: a `joined` history begins after it (over a cluster,
+        # read under the room's lock, so nothing older can still commit).
+        last = store.newest(db, room=name)
         # Whoever makes a room owns it; so does the first to enter a room nobody is in
         # (a v1 room whose members all left): a room with members keeps an owner.
         role = acl.OWNER if not room.members and name != DEFAULT_ROOM else acl.MEMBER
@@ -202,7 +205,7 @@ def _enter(conn: Connection, rid: m.RequestId, name: str, create: m.Create | Non
 
         def after() -> None:
             conn.reply(rid, reply)
-            hub.joined(user, name)
+            hub.joined(user, name, last)
 
         return after
 
@@ -329,7 +332,8 @@ def history(conn: Connection, req: m.History) -> None:
         if req.room is not None:
             user, room = _member(conn, db, req.room)
             floor = room.readable_after(user.user_id)
-        return store.last_msg_id, floor
+            return store.newest(db, room=req.room), floor
+        return store.newest(db, user_id=session.user_id), floor
 
     def read(decided: tuple[int, int]) -> tuple[dict[str, Any], int]:
         upto, floor = decided

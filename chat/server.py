@@ -28,6 +28,7 @@ import ssl
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from chat import SERVER_NAME, __version__, certs, files, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
+from chat.cluster import REDIS_TIMEOUT, Bus, ClusterHub, Filler
 from chat.config import (
     SettingError,
     Settings,
@@ -137,6 +139,8 @@ class Server:
         self.checkpointer: WalCheckpointer | None = None
         self.db_lock: DatabaseLock | None = None  # PostgreSQL's (chat.db)
         self.metrics_server: MetricsServer | None = None
+        self.bus: Bus | None = None  # several nodes (chat.cluster)
+        self.fenced = False  # cut off from the other nodes: no sessions
         self._count = 0
         self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
@@ -181,10 +185,13 @@ class Server:
         self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
         self.hello = encode(hello_frame(self.server_id, s, self.registration))
         self.throttle = Throttle(s.throttle_limits())
-        self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
         self.metrics = Metrics()
-        self.store = Store(self.engine, self.hub, self.metrics)
-        self.store.start()
+        if s.redis:
+            self._start_cluster()
+        else:
+            self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
+            self.store = Store(self.engine, self.hub, self.metrics)
+            self.store.start()
         self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth", nice=s.auth_nice)
         self.auth_pool.start()
         self.read_pool = BoundedPool(READ_WORKERS, s.auth_queue * 4, name="read")
@@ -222,6 +229,49 @@ class Server:
                 "%s listening on %s:%d (TLS %s, db %s)", self.server_id, host,
                  self.address[1], s.tls_profile, self.engine.url.render_as_string())
 
+    def _start_cluster(self) -> None:
+        """One node of several (chat.cluster): its hub publishes to Redis and applies what
+        the others publish; its store orders itself with theirs in the database."""
+        s = self.settings
+        hub = ClusterHub(uuid.uuid4().hex[:12], s.presence_interval, s.presence_room_limit,
+                         s.cluster_gap_wait, s.cluster_reconcile_interval)
+        self.hub = hub
+        self.store = Store(self.engine, hub, self.metrics)
+        self.store.order_with_others()
+        hub.store = self.store
+        self.filler = Filler(self.engine, self.store, hub, self.metrics)
+        self.bus = Bus(s.redis, s.redis_prefix, hub, self.store, self.filler,
+                       s.cluster_node_ttl, self.metrics, self._fence)
+        hub.publish = self.bus.publish
+        hub.ask_fill = self.filler.fill
+        hub.ask_reconcile = self.filler.reconcile
+        hub.sync_then = self.bus.sync
+        self.store.start()
+        self.filler.start()
+        if not self.bus.start(wait=REDIS_TIMEOUT * 3):
+            self.bus.stop()
+            self.filler.stop()
+            self.store.stop()
+            raise SettingError("redis", "cannot reach Redis (the URL is not shown: it may "
+                               "carry a password)", exit_code=1)
+        log.info("cluster node %s (redis_prefix %s)", hub.node, s.redis_prefix)
+
+    def _fence(self, fenced: bool) -> None:
+        """Bus thread: this node lost Redis for cluster_node_ttl (or has it back). Its
+        sessions may miss what other nodes decide (a kick), so they end; clients come back
+        through the balancer to a node that has Redis."""
+        self.fenced = fenced
+        if not fenced:
+            return
+
+        def close_all(loop: IOLoop) -> None:
+            for handler in list(loop.handlers):
+                if isinstance(handler, Connection):
+                    handler.close("shutdown")
+
+        for loop in self.loops:
+            loop.call_soon(close_all, loop)
+
     def _start_metrics(self) -> None:
         """`/metrics` and `/health` on `metrics_address`, if set (chat.metrics)."""
         s = self.settings
@@ -243,8 +293,10 @@ class Server:
 
     def healthy(self) -> bool:
         """Taking work: not stopping, the writer running, the database answering."""
-        if self.stopping or not self.store.running:
+        if self.stopping or not self.store.running or self.fenced:
             return False
+        if self.bus is not None and not self.bus.connected.is_set():
+            return False  # no new clients while the node cannot reach the others
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return True
@@ -481,6 +533,9 @@ class Server:
         self.auth_pool.stop()
         self.read_pool.stop()
         self.store.stop()  # everything submitted is stored and delivered
+        if self.bus is not None:
+            self.bus.stop()
+            self.filler.stop()
         if self.checkpointer is not None:
             self.checkpointer.stop()
 

@@ -38,6 +38,15 @@ from sqlalchemy.exc import IntegrityError
 
 from chat import acl
 from chat.auth import username_skeleton
+from chat.cluster import (
+    DirectChain,
+    lock_conversations,
+    newest_any,
+    newest_direct,
+    newest_in_rooms,
+    room_conv,
+    user_conv,
+)
 from chat.devices import canonical
 from chat.errors import (
     Blocked,
@@ -73,7 +82,18 @@ MAX_BACKLOG_PAGE = 500
 # limit, so a burst never makes a healthy reader look like a slow consumer.
 MAX_FANOUT_BYTES = 256 * 1024
 
+# The writer's shortest wait for a timer: a timer due again at once must not spin it.
+TIMER_FLOOR = 0.001
+# A batch that met a deadlock with another node's is run again, at most this often.
+DEADLOCK_RETRIES = 5
+
 After = Callable[[], None] | None
+
+
+def _deadlocked(exc: BaseException) -> bool:
+    """PostgreSQL failed the transaction to break a lock cycle (or a serialization
+    conflict): nothing of it happened, and running it again is safe."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
 
 
 def now_ms() -> int:
@@ -167,6 +187,14 @@ class Store:
         self._undo: list[Callable[[], None]] = []
         # Rooms, members, roles, bans: writer thread only (chat.roombook).
         self.rooms = RoomBook()
+        # Several nodes write this database (chat.cluster): conversations are locked,
+        # membership is read from the database, nothing is cached across batches.
+        self.ordered = False
+
+    def order_with_others(self) -> None:
+        """Before start: this node is one of several on this (PostgreSQL) database."""
+        self.ordered = True
+        self.rooms.lock = lambda db, name: lock_conversations(db, [room_conv(name)])
 
     # --- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -410,10 +438,12 @@ class Store:
         stop = False
         hub = self.hub
         while not stop:
-            due = hub.presence_due()
+            due = hub.due()
             if due == 0.0:
-                hub.flush_presence()
-                due = None
+                hub.tick()
+                due = hub.due()  # the next timer (presence, a gap, a reconcile), if any
+                if due is not None:
+                    due = max(due, TIMER_FLOOR)
             try:
                 batch = [self._queue.get(timeout=due)]
             except queue.Empty:
@@ -441,43 +471,39 @@ class Store:
                 job.fail(ServerBusy("the server is shutting down"))
 
     def _run_batch(self, batch: list[Job | MessageJob]) -> None:
-        afters: list[After] = []
-        logging_in: set[str] = set()
         last_msg_id = self.last_msg_id
-        self._undo.clear()
         started = time.perf_counter()
-        self._batch_stored = 0
-        try:
-            conn = self._writer_conn()
-            with conn.begin():
-                messages: list[MessageJob] = []
-                for job in batch:
-                    if isinstance(job, MessageJob):
-                        messages.append(job)
-                        continue
-                    if messages:
-                        afters.extend(self._insert_messages(conn, messages, logging_in))
-                        messages = []
-                    after, ok = self._run_job(conn, job)
-                    afters.append(after)
-                    if ok and job.logs_in is not None:
-                        logging_in.add(job.logs_in)
-                if messages:
-                    afters.extend(self._insert_messages(conn, messages, logging_in))
-        except Exception:
-            log.exception("store: a batch of %d jobs could not be committed", len(batch))
-            self.metrics.db_errors.inc()
-            self.last_msg_id = last_msg_id  # its ids may be given out again
-            for undo in reversed(self._undo):
-                undo()
+        attempt = 0
+        while True:
+            afters: list[After] = []
             self._undo.clear()
-            self._drop_writer_conn()
-            self._users.clear()
-            self.rooms.forget()
-            for job in batch:
-                job.fail(Internal())
-            _done(batch)
-            return
+            self._batch_stored = 0
+            try:
+                self._attempt(batch, afters)
+                break
+            except Exception as exc:
+                retry = self.ordered and _deadlocked(exc) and attempt < DEADLOCK_RETRIES
+                if not retry:
+                    log.exception("store: a batch of %d jobs could not be committed",
+                                  len(batch))
+                    self.metrics.db_errors.inc()
+                self.last_msg_id = last_msg_id  # its ids may be given out again
+                for undo in reversed(self._undo):
+                    undo()
+                self._undo.clear()
+                self._drop_writer_conn()
+                self._users.clear()
+                self.rooms.forget()
+                if retry:
+                    # Two nodes' batches waited for each other's locks; PostgreSQL
+                    # broke the cycle by failing this one. Nothing of it is left: again.
+                    attempt += 1
+                    log.info("store: a batch met a deadlock with another node; again")
+                    continue
+                for job in batch:
+                    job.fail(Internal())
+                _done(batch)
+                return
         self._undo.clear()
         committed = time.perf_counter()
         self.metrics.commit_seconds.observe(committed - started)
@@ -495,6 +521,79 @@ class Store:
         if self._corrections:
             self._apply_corrections()
 
+    def _attempt(self, batch: list[Job | MessageJob], afters: list[After]) -> None:
+        logging_in: set[str] = set()
+        conn = self._writer_conn()
+        with conn.begin():
+            if self.ordered:
+                # Other nodes write too: nothing read before this batch may be trusted.
+                self._users.clear()
+                self.rooms.forget()
+                self._lock_messages(conn, batch)
+            messages: list[MessageJob] = []
+            for job in batch:
+                if isinstance(job, MessageJob):
+                    messages.append(job)
+                    continue
+                if messages:
+                    afters.extend(self._insert_messages(conn, messages, logging_in))
+                    messages = []
+                after, ok = self._run_job(conn, job)
+                afters.append(after)
+                if ok and job.logs_in is not None:
+                    logging_in.add(job.logs_in)
+            if messages:
+                afters.extend(self._insert_messages(conn, messages, logging_in))
+
+    def _lock_messages(self, conn: Connection, batch: list[Job | MessageJob]) -> None:
+        """Every conversation the batch's messages go to, locked before anything else
+        (chat.cluster): a lock taken later, in a job, may meet another node's in a
+        cycle, which PostgreSQL breaks by failing a batch (then run again)."""
+        convs = set()
+        for job in batch:
+            if isinstance(job, MessageJob):
+                if job.room is not None:
+                    convs.add(room_conv(job.room))
+                else:
+                    convs.add(user_conv(job.session.user_id))
+                    rec = self.user(conn, (job.to or "").lower())
+                    if rec is not None:
+                        convs.add(user_conv(rec.id))
+        lock_conversations(conn, convs)
+
+    # --- several nodes (chat.cluster) ------------------------------------------------
+    def lock(self, conn: Connection, convs: list[str]) -> None:
+        """Writer thread, in a job: over a cluster, take these conversations' locks (a
+        device's queue, say) until the batch commits; alone, nothing to do."""
+        if self.ordered:
+            lock_conversations(conn, convs)
+
+    def newest(self, conn: Connection, room: str | None = None,
+               user_id: int | None = None) -> int:
+        """Writer thread: the newest message id of a room, or of a user's direct messages
+        (what a `history` may reach, where a `joined` room's reading begins). One node
+        knows it without asking; over a cluster, the database is asked: every message of
+        the conversation up to its newest committed one is committed (chat.cluster)."""
+        if not self.ordered:
+            return self.last_msg_id
+        if room is not None:
+            return newest_in_rooms(conn, [room])[room]
+        if user_id is not None:
+            return newest_direct(conn, [user_id])[user_id]
+        return newest_any(conn)
+
+    def follow(self, conn: Connection, rooms: list[str], user_id: int) -> dict[str, int]:
+        """Writer thread, at a login over a cluster: where this node starts following the
+        conversations it does not follow yet (the session's rooms, its direct messages)."""
+        if not self.ordered:
+            return {}
+        seq = self.hub.seq  # type: ignore[attr-defined]
+        new_rooms = [r for r in rooms if seq.cursor(room_conv(r)) is None]
+        cursors = {room_conv(r): n for r, n in newest_in_rooms(conn, new_rooms).items()}
+        if seq.cursor(user_conv(user_id)) is None:
+            cursors[user_conv(user_id)] = newest_direct(conn, [user_id])[user_id]
+        return cursors
+
     def _run_job(self, conn: Connection, job: Job) -> tuple[After, bool]:
         undo_from, book = len(self._undo), self.rooms.changes
         try:
@@ -503,7 +602,9 @@ class Store:
         except ChatError as exc:
             self._unwind(undo_from, book)
             return _failing(job.fail, exc), False
-        except Exception:
+        except Exception as exc:
+            if self.ordered and _deadlocked(exc):
+                raise  # the whole batch again (_run_batch)
             log.exception("store: a job failed")
             self._unwind(undo_from, book)
             return _failing(job.fail, Internal()), False
@@ -523,9 +624,13 @@ class Store:
         afters: list[After] = [None] * len(jobs)
         rows: list[dict[str, Any]] = []
         placed: list[tuple[int, MessageJob, UserRecord | None]] = []
+        members = self._senders_in_rooms(conn, jobs) if self.ordered else None
         for i, job in enumerate(jobs):
             sess = job.session
-            if job.room is not None and (sess.user is None or job.room not in sess.user.rooms):
+            if job.room is not None and (
+                    sess.user is None or (job.room not in sess.user.rooms if members is None
+                                          else sess.user.ended
+                                          or (job.room, sess.user_id) not in members)):
                 # Membership is what this thread decided, in order: a send pipelined
                 # behind a refused join (or after a leave, a kick, a ban) is refused here.
                 afters[i] = _failing(job.fail, self._not_sendable(conn, job.room, sess))
@@ -564,16 +669,20 @@ class Store:
                 row.update(
                     recipient_id=rec.id, recipient_name=rec.name,
                     dm_pair=dm_pair(sess.user_id, rec.id),
-                    delivered=rec.key in logging_in or self.hub.is_online(rec.key),
+                    # Over a cluster, whichever node hands it to a session marks it.
+                    delivered=not self.ordered and (rec.key in logging_in
+                                                    or self.hub.is_online(rec.key)),
                 )
             rows.append(row)
             placed.append((i, job, rec))
         if not rows:
             return afters
+        prev = self._newest_before(conn, placed) if self.ordered else None
         ids = self._insert_rows(conn, rows)
         ts = format_ts(ms)
         run: list[tuple[MessageJob, Frame]] = []  # consecutive messages to one room
         run_at = run_size = run_last = 0
+        chain: list[tuple[int, int]] | None = None  # the run's (prev, id), over a cluster
         for (i, job, rec), row, msg_id in zip(placed, rows, ids, strict=True):
             frame: Frame = {
                 "type": "message", "msg_id": msg_id, "ts": ts, "username": job.session.name,
@@ -588,11 +697,16 @@ class Store:
                 # keeps it at its first message's place, before that.
                 if run and (run[0][0].room != job.room or i != run_last + 1
                             or run_size + size > MAX_FANOUT_BYTES):
-                    afters[run_at] = self._room_fanout_later(run)
+                    afters[run_at] = self._room_fanout_later(run, chain)
                     run = []
                 if not run:
                     run_at, run_size = i, 0
+                    chain = [] if prev is not None else None
                 run.append((job, frame))
+                if chain is not None and prev is not None:
+                    conv = room_conv(job.room)  # type: ignore[arg-type]
+                    chain.append((prev[conv], msg_id))
+                    prev[conv] = msg_id
                 run_size += size
                 run_last = i
                 continue
@@ -600,10 +714,42 @@ class Store:
             frame["message"] = job.text
             if job.envelope is not None:
                 frame["encrypted"] = job.envelope
-            afters[i] = self._fanout_later(job, rec, frame, bool(row["delivered"]))
+            direct = None
+            if prev is not None:
+                sender, recipient = user_conv(job.session.user_id), user_conv(rec.id)
+                direct = DirectChain(msg_id, rec.id, prev[recipient], job.session.user_id,
+                                     prev[sender])
+                prev[sender] = prev[recipient] = msg_id
+            afters[i] = self._fanout_later(job, rec, frame, bool(row["delivered"]), direct)
         if run:
-            afters[run_at] = self._room_fanout_later(run)
+            afters[run_at] = self._room_fanout_later(run, chain)
         return afters
+
+    def _senders_in_rooms(self, conn: Connection, jobs: list[MessageJob]
+                          ) -> set[tuple[str, int]]:
+        """Over a cluster: (room, sender id) of the batch's room messages whose sender is
+        a member, as the database says now, under the rooms' locks (another node's kick
+        has either committed, and is seen, or waits for this batch)."""
+        rooms = {job.room for job in jobs if job.room is not None}
+        senders = {job.session.user_id for job in jobs if job.room is not None}
+        if not rooms:
+            return set()
+        rows = conn.execute(select(members_t.c.room, members_t.c.user_id).where(
+            members_t.c.room.in_(rooms), members_t.c.user_id.in_(senders)))
+        return {(room, uid) for room, uid in rows}
+
+    def _newest_before(self, conn: Connection, placed: list[tuple[int, MessageJob,
+                       UserRecord | None]]) -> dict[str, int]:
+        """Over a cluster, under the conversations' locks: each one's newest id before
+        this batch's messages, which the first of them names as its `prev`."""
+        rooms = {job.room for _i, job, rec in placed if rec is None}
+        users = set()
+        for _i, job, rec in placed:
+            if rec is not None:
+                users.update((job.session.user_id, rec.id))
+        prev = {room_conv(r): n for r, n in newest_in_rooms(conn, rooms).items()}  # type: ignore[arg-type]
+        prev.update({user_conv(u): n for u, n in newest_direct(conn, users).items()})
+        return prev
 
     def _not_sendable(self, conn: Connection, name: str, sess: Session) -> ChatError:
         """Why a session may not send to a room it is not in: the room's own answer."""
@@ -645,7 +791,8 @@ class Store:
         self._batch_stored += len(ids)
         return ids
 
-    def _room_fanout_later(self, run: list[tuple[MessageJob, Frame]]) -> After:
+    def _room_fanout_later(self, run: list[tuple[MessageJob, Frame]],
+                           chain: list[tuple[int, int]] | None = None) -> After:
         """Consecutive messages to one room go out as one write per member.
 
         Nothing else happened between them (no join, leave, login or direct message), so
@@ -663,17 +810,19 @@ class Store:
                 items.append((data, job.session, echo))
             room = run[0][0].room
             assert room is not None
-            self.hub.publish_room_many(room, items)
+            self.hub.publish_room_many(room, items, chain)
 
         return fanout
 
     def _fanout_later(
-        self, job: MessageJob, rec: UserRecord, frame: Frame, stored_delivered: bool
+        self, job: MessageJob, rec: UserRecord, frame: Frame, stored_delivered: bool,
+        chain: DirectChain | None = None,
     ) -> After:
         def fanout() -> None:
             data = encode(frame)
             echo = data if job.rid is None else with_re(data, job.rid)
-            delivered = self.hub.publish_direct(rec.key, job.session.key, data, job.session, echo)
+            delivered = self.hub.publish_direct(rec.key, job.session.key, data, job.session,
+                                                echo, chain)
             if delivered != stored_delivered:
                 # The recipient's last session went (or a first one came) between the
                 # INSERT and now: correct the mark so the next login gets it exactly once.

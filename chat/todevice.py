@@ -29,7 +29,7 @@ from chat.hub import Session
 from chat.models import DEVICE_LIVE, Device, ToDevice, ToDeviceSend
 from chat.protocol import encode
 from chat.rooms import requester, submit
-from chat.store import now_ms
+from chat.store import Job, now_ms
 
 if TYPE_CHECKING:
     from chat.connection import Connection
@@ -100,9 +100,15 @@ def send(conn: Connection, req: m.ToDevice) -> None:
                       **json.loads(earlier), "repeat": True}
             return lambda: conn.reply(req.id, repeat)
 
+        # Over a cluster, each target device's queue is locked: seq order is then commit
+        # order, so a device given everything up to a seq can never miss a lower one.
+        store.lock(db, [device_conv(rec.id, item.device) for item in req.messages
+                        if m.valid_username(item.username)
+                        and (rec := store.user(db, item.username.lower())) is not None])
         capacity: dict[tuple[int, str], int] = {}  # target -> messages it can still take, or -1
         skipped: list[dict[str, str]] = []
         live: list[tuple[Session, bytes]] = []
+        arrived: set[tuple[str, str]] = set()  # (user key, device) that were queued to
         queued = 0
         for item in req.messages:
             rec = (store.user(db, item.username.lower())
@@ -127,6 +133,7 @@ def send(conn: Connection, req: m.ToDevice) -> None:
                 sender_device=device, olm=canonical(item.olm).decode(), created_ms=ms)
             ).inserted_primary_key[0]
             queued += 1
+            arrived.add((rec.key, item.device))
             data = None
             for other in hub.sessions_of(rec.key):
                 if other.device == item.device and other.to_device_live:
@@ -154,10 +161,34 @@ def send(conn: Connection, req: m.ToDevice) -> None:
             conn.reply(req.id, reply)
             for other, data in live:
                 other.out.deliver(data)
+            for key, dev in arrived:
+                hub.to_device_queued(key, dev)  # a cluster's other nodes pull theirs
 
         return after
 
     submit(conn, req.id, run)
+
+
+def pull(store: Any, session: Session) -> None:
+    """Over a cluster: something was queued on another node for this session's device.
+    If the session is following its queue live, it gets what it has not had yet, read
+    from the database in seq order (the device's lock makes that commit order)."""
+    def run(db: Any) -> Callable[[], None] | None:
+        if session.closed or not session.to_device_live or session.device is None:
+            return None
+        page = next_page(db, session.out, session)  # type: ignore[arg-type]
+
+        def after() -> None:
+            for data in page:
+                session.out.deliver(data)
+
+        return after
+
+    store.submit(Job(run, lambda exc: None))
+
+
+def device_conv(user_id: int, device: str) -> str:
+    return f"d:{user_id}:{device}"
 
 
 def _room_for(db: Any, settings: Any, sender: Session, user_id: int, device: str) -> int:
