@@ -46,6 +46,9 @@ class Metrics:
         self.db_errors = Counter(
             "chat_db_errors", "Writer batches whose transaction failed (all rolled back)",
             registry=r)
+        self.redis_errors = Counter(
+            "chat_redis_errors", "Redis calls that failed (refused, timed out, or an error); "
+            "meanwhile each node limits logins and registrations on its own", registry=r)
         self.commit_seconds = Histogram(
             "chat_commit_seconds", "One writer batch, from BEGIN to COMMIT", buckets=_SECONDS,
             registry=r)

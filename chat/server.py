@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, text
@@ -63,6 +63,11 @@ from chat.pool import BoundedPool
 from chat.protocol import PROTOCOL_VERSION, encode
 from chat.store import Store
 from chat.throttle import Throttle, address_key
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from chat.throttle_redis import RedisThrottle
 
 log = logging.getLogger("chat.server")
 
@@ -137,6 +142,7 @@ class Server:
         self.checkpointer: WalCheckpointer | None = None
         self.db_lock: DatabaseLock | None = None  # PostgreSQL's (chat.db)
         self.metrics_server: MetricsServer | None = None
+        self.redis: Redis | None = None  # the cluster's (chat.throttle_redis.connect)
         self._count = 0
         self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
@@ -180,9 +186,19 @@ class Server:
             self.checkpointer.start()
         self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
         self.hello = encode(hello_frame(self.server_id, s, self.registration))
-        self.throttle = Throttle(s.throttle_limits())
-        self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
         self.metrics = Metrics()
+        self.throttle: Throttle | RedisThrottle
+        if s.redis:
+            # Imported only here: a single node does not pay for importing redis-py (50 ms).
+            from chat.throttle_redis import RedisThrottle, connect
+
+            # Connects at its first use: a node starts while Redis is down, counting alone.
+            self.redis = connect(s.redis)
+            self.throttle = RedisThrottle(s.throttle_limits(), self.redis, s.redis_prefix,
+                                          on_error=self.metrics.redis_errors.inc)
+        else:
+            self.throttle = Throttle(s.throttle_limits())
+        self.hub = LocalHub(s.presence_interval, s.presence_room_limit)
         self.store = Store(self.engine, self.hub, self.metrics)
         self.store.start()
         self.auth_pool = BoundedPool(workers, s.auth_queue, name="auth", nice=s.auth_nice)
@@ -498,6 +514,8 @@ class Server:
             loop.stop()
         for loop in self.loops:
             loop.join(5)
+        if self.redis is not None:
+            self.redis.close()
         if self.db_lock is not None:
             self.db_lock.release()
         self.engine.dispose()

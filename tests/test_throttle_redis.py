@@ -14,6 +14,7 @@ import logging
 import pytest
 import redis
 import redistest
+from conftest import PASSWORD
 
 from chat.errors import RateLimited
 from chat.throttle import Limits
@@ -312,3 +313,31 @@ def test_a_registration_given_back_while_redis_is_away_stays_counted(node, clock
         two.register_attempt(IP)
     clock.now += 3600
     two.register_attempt(IP)
+
+
+# --- end to end -----------------------------------------------------------------------
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_servers_share_the_login_limit_and_keep_working_without_redis(
+        server_factory, redis_server, tmp_path):
+    # Two nodes of one cluster: one PostgreSQL schema, one Redis, one pepper.
+    shared = {"redis": redis_server.url, "redis_prefix": redistest.unique_prefix(),
+              "pepper_file": str(tmp_path / "pepper"), "login_account_failures": 3,
+              "login_max_delay": 600}
+    one = server_factory(**shared)
+    two = server_factory(data_dir=str(tmp_path / "node2"), **shared)
+    one.register("victim")
+    c = one.client()
+    for _ in range(3):
+        assert c.login("victim", "wrong guess number one")["code"] == "invalid_credentials"
+    limited = two.client().login("victim")
+    assert limited["code"] == "rate_limited" and limited["retry_after"] >= 1
+    # Redis stopped: the nodes go on, each limiting on its own; the failed call is counted.
+    redis_server.stop()
+    two.register("bystander")
+    assert two.client().login("bystander")["type"] == "welcome"
+    assert one.client().login("bystander", PASSWORD)["type"] == "welcome"
+    errors = two.server.metrics.registry.get_sample_value("chat_redis_errors_total")
+    assert errors is not None and errors >= 1
