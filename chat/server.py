@@ -176,6 +176,8 @@ class Server:
         s = self.settings
         check_socket_path(socket_path(s.data_path))
         self.ssl_context = self._make_ssl_context()
+        if s.redis:
+            self.redis = self._redis_client()
         pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
         workers = s.auth_workers or os.cpu_count() or 2
@@ -188,12 +190,9 @@ class Server:
         self.hello = encode(hello_frame(self.server_id, s, self.registration))
         self.metrics = Metrics()
         self.throttle: Throttle | RedisThrottle
-        if s.redis:
-            # Imported only here: a single node does not pay for importing redis-py (50 ms).
-            from chat.throttle_redis import RedisThrottle, connect
+        if self.redis is not None:
+            from chat.throttle_redis import RedisThrottle
 
-            # Connects at its first use: a node starts while Redis is down, counting alone.
-            self.redis = connect(s.redis)
             self.throttle = RedisThrottle(s.throttle_limits(), self.redis, s.redis_prefix,
                                           on_error=self.metrics.redis_errors.inc)
         else:
@@ -331,6 +330,19 @@ class Server:
                 raise SettingError("previous_pepper_files", f"previous {exc}",
                                    exit_code=1) from None
         return pepper, previous
+
+    def _redis_client(self) -> Redis:
+        """The cluster's Redis client; it connects at its first use, so a node starts
+        while Redis is down (and counts logins alone, chat.throttle_redis)."""
+        # Imported only here: a single node does not pay for importing redis-py (50 ms).
+        from chat.throttle_redis import connect
+
+        try:
+            return connect(self.settings.redis)
+        except ValueError:
+            # Not echoed: a URL may carry a password.
+            raise SettingError("redis", "redis is not a Redis URL this server can use (like "
+                               "redis://host:6379/0)") from None
 
     def _open_database(self, pool_size: int) -> Engine:
         s = self.settings
