@@ -46,6 +46,9 @@ class Metrics:
         self.db_errors = Counter(
             "chat_db_errors", "Writer batches whose transaction failed (all rolled back)",
             registry=r)
+        self.redis_errors = Counter(
+            "chat_redis_errors", "Redis calls that failed (refused, timed out, or an error), "
+            "several nodes only", registry=r)
         self.commit_seconds = Histogram(
             "chat_commit_seconds", "One writer batch, from BEGIN to COMMIT", buckets=_SECONDS,
             registry=r)
@@ -56,8 +59,6 @@ class Metrics:
             "chat_cluster_gap_repairs", "Reads of messages Redis did not bring (a gap, or "
             "a conversation whose newest message never came), several nodes only",
             registry=r)
-        self.redis_errors = Counter(
-            "chat_redis_errors", "Redis calls that failed (several nodes only)", registry=r)
         self.connections = Gauge("chat_connections", "Open client connections", registry=r)
         self.auth_queue = Gauge(
             "chat_auth_queue", "Password checks waiting for a bcrypt worker", registry=r)

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine, text
@@ -65,6 +65,11 @@ from chat.pool import BoundedPool
 from chat.protocol import PROTOCOL_VERSION, encode
 from chat.store import Store
 from chat.throttle import Throttle, address_key
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from chat.throttle_redis import RedisThrottle
 
 log = logging.getLogger("chat.server")
 
@@ -141,6 +146,7 @@ class Server:
         self.metrics_server: MetricsServer | None = None
         self.bus: Bus | None = None  # several nodes (chat.cluster)
         self.fenced = False  # cut off from the other nodes: no sessions
+        self.redis: Redis | None = None  # the cluster's (chat.throttle_redis.connect)
         self._count = 0
         self._per_ip: dict[str, int] = {}
         self._count_lock = threading.Condition()
@@ -174,6 +180,8 @@ class Server:
         s = self.settings
         check_socket_path(socket_path(s.data_path))
         self.ssl_context = self._make_ssl_context()
+        if s.redis:
+            self.redis = self._redis_client()
         pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
         workers = s.auth_workers or os.cpu_count() or 2
@@ -184,8 +192,15 @@ class Server:
             self.checkpointer.start()
         self.hasher = PasswordHasher(pepper, s.bcrypt_rounds, previous=previous)
         self.hello = encode(hello_frame(self.server_id, s, self.registration))
-        self.throttle = Throttle(s.throttle_limits())
         self.metrics = Metrics()
+        self.throttle: Throttle | RedisThrottle
+        if self.redis is not None:
+            from chat.throttle_redis import RedisThrottle
+
+            self.throttle = RedisThrottle(s.throttle_limits(), self.redis, s.redis_prefix,
+                                          on_error=self.metrics.redis_errors.inc)
+        else:
+            self.throttle = Throttle(s.throttle_limits())
         if s.redis:
             self._start_cluster()
         else:
@@ -367,6 +382,19 @@ class Server:
                 raise SettingError("previous_pepper_files", f"previous {exc}",
                                    exit_code=1) from None
         return pepper, previous
+
+    def _redis_client(self) -> Redis:
+        """The cluster's Redis client; it connects at its first use, so a node starts
+        while Redis is down (and counts logins alone, chat.throttle_redis)."""
+        # Imported only here: a single node does not pay for importing redis-py (50 ms).
+        from chat.throttle_redis import connect
+
+        try:
+            return connect(self.settings.redis)
+        except ValueError:
+            # Not echoed: a URL may carry a password.
+            raise SettingError("redis", "redis is not a Redis URL this server can use (like "
+                               "redis://host:6379/0)") from None
 
     def _open_database(self, pool_size: int) -> Engine:
         s = self.settings
@@ -553,6 +581,8 @@ class Server:
             loop.stop()
         for loop in self.loops:
             loop.join(5)
+        if self.redis is not None:
+            self.redis.close()
         if self.db_lock is not None:
             self.db_lock.release()
         self.engine.dispose()

@@ -30,6 +30,13 @@ from chat.errors import RateLimited
 
 # Prune idle entries each time a table has grown by this many since the last prune.
 _PRUNE_EVERY = 1024
+# An account name is counted by its first this many characters: the name as typed in a
+# login is the client's to choose, and a key must not grow with it.
+ACCOUNT_KEY_CHARS = 64
+
+# The refusals' words, shared with the cluster's throttle (chat.throttle_redis).
+LOGIN_LIMITED = "too many failed logins; wait before trying again"
+REGISTRATION_LIMITED = "too many registrations from this address"
 
 
 def address_key(ip: str, v6_prefix: int) -> str:
@@ -78,6 +85,11 @@ class Limits:
             return self.lockout
         return min(self.max_delay, 2.0 ** max(0, consecutive - self.account_failures))
 
+    @property
+    def horizon(self) -> float:
+        """How long an idle entry may still matter; an account's own delay may be longer."""
+        return max(self.window, self.registration_window, self.max_delay)
+
 
 class Throttle:
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
@@ -98,7 +110,7 @@ class Throttle:
         """
         now = self._clock()
         lim = self.limits
-        account = account[:64]
+        account = account[:ACCOUNT_KEY_CHARS]
         with self._lock:
             wait = 0.0
             rec = self._accounts.get(account)
@@ -116,13 +128,13 @@ class Throttle:
                 elif recent + ip_rec.pending >= lim.ip_failures:
                     wait = max(wait, 1.0)
             if wait > 0:
-                raise RateLimited(wait, "too many failed logins; wait before trying again")
+                raise RateLimited(wait, LOGIN_LIMITED)
             self._record(self._accounts, account).pending += 1
             self._record(self._ips, ip).pending += 1
 
     def login_failed(self, ip: str, account: str) -> None:
         now = self._clock()
-        account = account[:64]
+        account = account[:ACCOUNT_KEY_CHARS]
         with self._lock:
             for table, key in ((self._accounts, account), (self._ips, ip)):
                 rec = self._record(table, key)
@@ -133,13 +145,13 @@ class Throttle:
 
     def login_succeeded(self, ip: str, account: str) -> None:
         with self._lock:
-            self._accounts.pop(account[:64], None)
+            self._accounts.pop(account[:ACCOUNT_KEY_CHARS], None)
             self._settle(self._ips, ip)
 
     def release(self, ip: str, account: str) -> None:
         """Settle an admitted attempt that never got to check a password."""
         with self._lock:
-            self._settle(self._accounts, account[:64])
+            self._settle(self._accounts, account[:ACCOUNT_KEY_CHARS])
             self._settle(self._ips, ip)
 
     def _settle(self, table: dict[str, _Record], key: str) -> None:
@@ -159,7 +171,7 @@ class Throttle:
             rec = self._record(self._registrations, ip)
             if self._recent(rec, now, lim.registration_window) >= lim.registrations_per_ip:
                 wait = rec.times[0] + lim.registration_window - now
-                raise RateLimited(wait, "too many registrations from this address")
+                raise RateLimited(wait, REGISTRATION_LIMITED)
             rec.times.append(now)
             rec.last = now
             return now
@@ -191,7 +203,7 @@ class Throttle:
 
     def _prune(self, now: float) -> None:
         lim = self.limits
-        horizon = max(lim.window, lim.registration_window, lim.max_delay)
+        horizon = lim.horizon
         for table in (self._ips, self._registrations):
             for key in [k for k, r in table.items()
                         if r.last < now - horizon and not r.pending]:

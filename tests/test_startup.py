@@ -267,6 +267,18 @@ def test_a_database_url_that_cannot_work_is_named_without_its_password(
 
 
 
+def test_a_redis_url_that_cannot_work_is_named_without_its_password(
+    run_main, tmp_path, cert_dir
+):
+    certfile, keyfile = _pair(tmp_path, cert_dir)
+    code, log_text = run_main(*_start_argv(tmp_path, certfile, keyfile,
+                                           "--redis", "redis://chat:s3cret@host:port/0"))
+    assert code == 2
+    assert "redis is not a Redis URL this server can use" in log_text
+    assert "(redis set by the flag --redis)" in log_text
+    assert "s3cret" not in log_text
+
+
 def test_a_database_file_that_cannot_be_made_is_named(run_main, tmp_path, cert_dir):
     certfile, keyfile = _pair(tmp_path, cert_dir)
     blocker = tmp_path / "not-a-dir"

@@ -9,6 +9,7 @@ import threading
 from collections import deque
 
 import pytest
+import redistest
 from conftest import PASSWORD, TIMEOUT
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -30,13 +31,28 @@ def clock() -> Clock:
     return Clock()
 
 
-def fail(t: Throttle, n: int, ip: str = "1.1.1.1", account: str = "alice") -> None:
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def make(request, clock):
+    """Builds the throttle under test from its limits: the in-memory one, or the cluster's
+    in a Redis of the test's own (chat.throttle_redis), which must behave the same."""
+    if request.param == "memory":
+        yield lambda limits: Throttle(limits, clock)
+        return
+    from chat.throttle_redis import RedisThrottle, connect
+
+    client = connect(request.getfixturevalue("redis_server").url)
+    prefix = redistest.unique_prefix()
+    yield lambda limits: RedisThrottle(limits, client, prefix, clock)
+    client.close()
+
+
+def fail(t, n: int, ip: str = "1.1.1.1", account: str = "alice") -> None:
     for _ in range(n):
         t.login_failed(ip, account)
 
 
-def test_account_delays_start_at_threshold_and_double(clock):
-    t = Throttle(Limits(account_failures=5, ip_failures=1000, max_delay=60), clock)
+def test_account_delays_start_at_threshold_and_double(make, clock):
+    t = make(Limits(account_failures=5, ip_failures=1000, max_delay=60))
     fail(t, 4)
     t.check_login("1.1.1.1", "alice")  # four failures: still free
     t.login_failed("1.1.1.1", "alice")
@@ -51,8 +67,8 @@ def test_account_delays_start_at_threshold_and_double(clock):
     assert waits == [1, 2, 4, 8, 16, 32, 60, 60]  # doubling, capped at max_delay
 
 
-def test_limited_account_refuses_every_attempt_until_the_delay_passes(clock):
-    t = Throttle(Limits(account_failures=5, max_delay=900), clock)
+def test_limited_account_refuses_every_attempt_until_the_delay_passes(make, clock):
+    t = make(Limits(account_failures=5, max_delay=900))
     fail(t, 8)
     for ip in ("1.1.1.1", "2.2.2.2"):  # another address does not escape the account limit
         with pytest.raises(RateLimited):
@@ -60,8 +76,8 @@ def test_limited_account_refuses_every_attempt_until_the_delay_passes(clock):
     t.check_login("1.1.1.1", "bob")  # other accounts are unaffected
 
 
-def test_success_resets_the_account(clock):
-    t = Throttle(Limits(account_failures=5), clock)
+def test_success_resets_the_account(make, clock):
+    t = make(Limits(account_failures=5))
     fail(t, 5)
     clock.now += 1
     t.check_login("1.1.1.1", "alice")
@@ -70,8 +86,8 @@ def test_success_resets_the_account(clock):
     t.check_login("1.1.1.1", "alice")
 
 
-def test_failures_leave_the_window(clock):
-    t = Throttle(Limits(window=900, account_failures=5), clock)
+def test_failures_leave_the_window(make, clock):
+    t = make(Limits(window=900, account_failures=5))
     fail(t, 5)
     with pytest.raises(RateLimited):
         t.check_login("1.1.1.1", "alice")
@@ -79,8 +95,8 @@ def test_failures_leave_the_window(clock):
     t.check_login("1.1.1.1", "alice")
 
 
-def test_password_spraying_is_limited_per_ip(clock):
-    t = Throttle(Limits(account_failures=5, ip_failures=20, window=900), clock)
+def test_password_spraying_is_limited_per_ip(make, clock):
+    t = make(Limits(account_failures=5, ip_failures=20, window=900))
     for i in range(20):
         fail(t, 1, ip="6.6.6.6", account=f"user{i}")
     with pytest.raises(RateLimited) as exc:
@@ -89,8 +105,8 @@ def test_password_spraying_is_limited_per_ip(clock):
     t.check_login("7.7.7.7", "user999")
 
 
-def test_registrations_per_ip(clock):
-    t = Throttle(Limits(registrations_per_ip=5, registration_window=3600), clock)
+def test_registrations_per_ip(make, clock):
+    t = make(Limits(registrations_per_ip=5, registration_window=3600))
     for _ in range(5):
         t.register_attempt("3.3.3.3")
     with pytest.raises(RateLimited) as exc:
@@ -101,8 +117,8 @@ def test_registrations_per_ip(clock):
     t.register_attempt("3.3.3.3")
 
 
-def test_a_released_registration_is_given_back(clock):
-    t = Throttle(Limits(registrations_per_ip=2, registration_window=3600), clock)
+def test_a_released_registration_is_given_back(make, clock):
+    t = make(Limits(registrations_per_ip=2, registration_window=3600))
     first = t.register_attempt("3.3.3.3")
     clock.now += 100
     second = t.register_attempt("3.3.3.3")
@@ -408,9 +424,9 @@ def test_login_storm_gets_server_busy_and_chat_still_flows(server_factory):
     assert set(codes) <= {"server_busy", "invalid_credentials"}
 
 
-def test_at_most_one_attempt_per_lockout_after_100_consecutive_failures(clock):
-    t = Throttle(Limits(account_failures=5, max_delay=900, max_consecutive=100,
-                        lockout=86400, window=900), clock)
+def test_at_most_one_attempt_per_lockout_after_100_consecutive_failures(make, clock):
+    t = make(Limits(account_failures=5, max_delay=900, max_consecutive=100,
+                    lockout=86400, window=900))
     attempts = 0
     # An attacker who waits out every delay for a week.
     end = clock.now + 7 * 86400
@@ -426,8 +442,8 @@ def test_at_most_one_attempt_per_lockout_after_100_consecutive_failures(clock):
     assert t.limits.account_delay(100) == 86400
 
 
-def test_attempts_in_flight_count_against_the_limit(clock):
-    t = Throttle(Limits(account_failures=3, ip_failures=1000), clock)
+def test_attempts_in_flight_count_against_the_limit(make, clock):
+    t = make(Limits(account_failures=3, ip_failures=1000))
     for _ in range(3):
         t.check_login("1.1.1.1", "alice")  # three checks admitted, none finished yet
     with pytest.raises(RateLimited):
