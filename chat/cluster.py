@@ -551,8 +551,10 @@ class ClusterHub(LocalHub):
     def _apply_membership(self, node: str, event: dict[str, Any]) -> None:
         key, room, kind = event["k"], event["room"], event["t"]
         remote = self._remote.get(key)
-        if remote is not None and node in remote.rooms:
-            (remote.rooms[node].add if kind == "j" else remote.rooms[node].discard)(room)
+        if remote is not None:
+            # A user's rooms are the user's, whichever node the change was made on.
+            for rooms in remote.rooms.values():
+                (rooms.add if kind == "j" else rooms.discard)(room)
             self._who.pop(room, None)
         user = self._users.get(key)
         if user is None:
@@ -561,13 +563,17 @@ class ClusterHub(LocalHub):
             user.rooms.add(room)
             self._joined_here(user, room, event.get("n"))
             self._pending.get(room, {}).pop(key, None)  # the origin tells presence
-            return
-        user.rooms.discard(room)
-        if kind == "x":
-            for session in user.sessions:
-                if room in session.rooms_in:
-                    session.out.deliver(event["f"].encode())
-        self._left_here(user, room, mark=False)
+        else:
+            user.rooms.discard(room)
+            if kind == "x":
+                for session in user.sessions:
+                    if room in session.rooms_in:
+                        session.out.deliver(event["f"].encode())
+            self._left_here(user, room, mark=False)
+        if node != self.node:
+            # Our user's rooms changed elsewhere: our Redis hash and the others' replica.
+            self.publish({"t": "o", "k": key, "name": user.name, "on": True,
+                          "rooms": sorted(user.rooms)})
 
     def _apply_online(self, node: str, event: dict[str, Any]) -> None:
         key = event["k"]
@@ -620,20 +626,25 @@ class ClusterHub(LocalHub):
         """This node's users and their rooms, for its Redis hash."""
         return {key: (u.name, sorted(u.rooms)) for key, u in self._users.items()}
 
-    def reconcile_rooms(self, truth: dict[str, set[str]]) -> None:
+    def reconcile_rooms(self, truth: dict[str, set[str]], newest: dict[str, int]) -> None:
         """After Redis came back: the rooms of this node's users as the database says;
-        membership events lost meanwhile are applied now (without presence)."""
+        membership events lost meanwhile are applied now (without presence). `newest`:
+        each room's newest id when it was read, where following a new one starts."""
         for key, rooms in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
                 continue
+            changed = rooms != user.rooms
             for room in rooms - user.rooms:
                 user.rooms.add(room)
-                LocalHub.joined(self, user, room)
+                self._joined_here(user, room, newest.get(room, 0))
                 self._pending.get(room, {}).pop(key, None)
             for room in user.rooms - rooms:
                 user.rooms.discard(room)
                 self._left_here(user, room, mark=False)
+            if changed:
+                self.publish({"t": "o", "k": key, "name": user.name, "on": True,
+                              "rooms": sorted(user.rooms)})
 
     # --- presence ---------------------------------------------------------------------
     def flush_presence(self) -> None:
@@ -767,13 +778,15 @@ class Filler:
                 {"keys": keys})
             for key, room in rows:
                 truth[key].add(room)
+            newest = newest_in_rooms(db, {r for rooms in truth.values() for r in rooms})
             disabled = set(db.execute(
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),
                     users_t.c.disabled_ms.is_not(None)), {"keys": keys}).scalars())
 
         def apply() -> None:
-            self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled})
+            self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled},
+                                     newest)
             for key in disabled:
                 LocalHub.ending(self.hub, key)
                 LocalHub.end_sessions(self.hub, key, "account_disabled")
@@ -860,7 +873,8 @@ class Bus:
             self.metrics.redis_errors.inc()
             return  # the oldest are kept; the database repairs messages, reconnect rooms
         self._unpublished += 1
-        self._out.put(json.dumps(event, separators=(",", ":")).encode())
+        self._out.put(("event", time.monotonic(),
+                       json.dumps(event, separators=(",", ":")).encode()))
 
     def sync(self, then: Callable[[], None]) -> None:
         sid = uuid.uuid4().hex[:16]
@@ -889,8 +903,14 @@ class Bus:
             try:
                 if client is None:
                     client = self._client()
-                self._send(client, pending)
-                self._unpublished -= sum(1 for p in pending if isinstance(p, bytes))
+                # An event older than the node ttl is no news by now: every node that
+                # missed it either fenced itself (and its sessions are gone) or repairs
+                # from the database. Applied late, an ended-sessions event would end
+                # sessions made since.
+                stale = time.monotonic() - self.ttl
+                fresh = [p for p in pending if p[0] != "event" or p[1] >= stale]
+                self._send(client, fresh)
+                self._unpublished -= sum(1 for p in pending if p[0] == "event")
                 pending = []
             except self._redis.RedisError:
                 self.metrics.redis_errors.inc()
@@ -903,9 +923,9 @@ class Bus:
         syncs = []
         me = self.node.encode() + b" "
         for item in items:
-            if isinstance(item, bytes):
-                pipe.publish(self.channel, me + item)
-                self._mirror(pipe, item)
+            if item[0] == "event":
+                pipe.publish(self.channel, me + item[2])
+                self._mirror(pipe, item[2])
             elif item[0] == "sync":
                 syncs.append(item[1])
                 pipe.publish(self.channel, me + json.dumps(

@@ -478,3 +478,60 @@ def test_logging_out_other_sessions_ends_them_on_every_node_before_the_ok(
     finally:
         here.close()
         there.close()
+
+
+def test_a_join_made_while_redis_was_down_is_followed_on_every_node_after(
+        cluster: Any) -> None:
+    c = cluster(2, cluster_node_ttl=120.0)
+    n1, n2 = c.nodes
+    guest_here = n1.user("guest")
+    guest_there = n2.client()
+    host = n2.user("host")
+    watcher = n1.user("watcher")
+    try:
+        assert guest_there.login("guest")["type"] == "welcome"
+        assert host.request({"type": "join", "room": "late"})["type"] == "ok"
+        c.redis.stop()
+        for node in c.nodes:
+            wait_for(lambda node=node: not node.server.bus.connected.is_set(),
+                     "the nodes to notice Redis is gone")
+        # Made on node 2; node 1, where guest has a session too, cannot hear of it.
+        assert guest_there.request({"type": "join", "room": "late"})["type"] == "ok"
+        c.redis.start()
+        for node in c.nodes:
+            wait_for(lambda node=node: node.server.bus.connected.is_set(),
+                     "the nodes to reconnect")
+        # Node 1 learns it from the database, and follows the room from then on.
+        wait_for(lambda: "late" in n1.server.hub.user_state("guest").rooms,
+                 "node 1 to repair guest's rooms")
+        sent = host.request({"type": "send", "room": "late", "message": "made it"})
+        assert guest_here.recv_until("message", room="late")["msg_id"] == sent["msg_id"]
+        # And `who` everywhere agrees with the database.
+        assert watcher.request({"type": "join", "room": "late"})["type"] == "ok"
+        wait_for(lambda: "guest" in watcher.request(
+            {"type": "who", "room": "late"})["users"], "who on node 1 to list guest")
+    finally:
+        for client in (guest_here, guest_there, host, watcher):
+            client.close()
+
+
+def test_who_forgets_a_member_kicked_on_a_node_where_they_have_no_session(
+        cluster: Any) -> None:
+    c = cluster(3)
+    n1, n2, n3 = c.nodes
+    owner = n1.user("owner")
+    member = n2.user("member")
+    onlooker = n3.user("onlooker")
+    try:
+        for client in (owner, member, onlooker):
+            assert client.request({"type": "join", "room": "den"})["type"] == "ok"
+        wait_for(lambda: "member" in onlooker.request(
+            {"type": "who", "room": "den"})["users"], "who to list the member")
+        assert owner.request({"type": "kick", "room": "den",
+                              "username": "member"})["type"] == "ok"
+        # The kick is made on node 1 about a session on node 2; node 3 hears both.
+        wait_for(lambda: "member" not in onlooker.request(
+            {"type": "who", "room": "den"})["users"], "who to forget the member")
+    finally:
+        for client in (owner, member, onlooker):
+            client.close()
