@@ -821,6 +821,7 @@ class Bus:
         self._syncs: dict[str, _Sync] = {}
         self._syncs_lock = threading.Lock()
         self.connected = threading.Event()  # the subscriber is subscribed
+        self._beaten = threading.Event()  # the node is registered in Redis
         self.fenced = False
         self._last_beat = time.monotonic()
         self._threads = [threading.Thread(target=fn, name=f"cluster-{name}", daemon=True)
@@ -836,10 +837,13 @@ class Bus:
 
     # --- lifecycle --------------------------------------------------------------------
     def start(self, wait: float) -> bool:
-        """Start the threads; True once subscribed (within `wait` seconds)."""
+        """Start the threads; True once subscribed and registered (within `wait` s)."""
         for thread in self._threads:
             thread.start()
-        return self.connected.wait(wait)
+        deadline = time.monotonic() + wait
+        if not self.connected.wait(wait):
+            return False
+        return self._beaten.wait(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
@@ -1093,7 +1097,11 @@ class Bus:
         client = None
         known: set[str] = set()
         interval = self.ttl / 3
-        while not self._stop.wait(min(interval, 0.2) if self._syncs else interval):
+        first = True
+        # The first beat at once: a node's sessions must not begin before the others
+        # count it among the nodes a barrier waits for.
+        while first or not self._stop.wait(min(interval, 0.2) if self._syncs else interval):
+            first = False
             now = time.monotonic()
             try:
                 if client is None:
@@ -1104,6 +1112,7 @@ class Bus:
                 pipe.execute()
                 live = self._live_nodes(client)
                 self._last_beat = now
+                self._beaten.set()
                 if self.fenced:
                     self.fenced = False
                     log.warning("cluster: Redis is back; serving again")
