@@ -298,6 +298,19 @@ class Node:
         except OSError:
             return None
 
+    def metrics(self) -> dict[str, float]:
+        """The node's /metrics: each sample by its name and labels as Prometheus writes
+        them (`chat_connections`, `chat_messages_stored_total`, ...)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as reply:
+            text = reply.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
     def client(self, **kw: Any) -> Client:
         """A client connected to this node itself, not through the balancer."""
         return Client(self.host, self.port, self.cafile, **kw)

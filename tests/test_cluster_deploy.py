@@ -47,6 +47,9 @@ def test_registered_through_the_balancer_on_one_node_logs_in_on_another(cluster_
     for node in cluster.nodes:  # and straight to each node, past the balancer
         c = node.client()
         assert c.login("alice")["type"] == "welcome", node
+        # This one only, once the node has seen the balancer's two go.
+        wait_until(lambda n=node: n.metrics()["chat_connections"] == 1,
+                   f"{node.name} to hold one connection")
         c.close()
 
 
