@@ -513,13 +513,21 @@ class Cluster:
         return self
 
     def stop(self) -> None:
+        """Stop the balancer and every node, even when one of them fails to stop (then
+        its error is raised, after the others are stopped)."""
         if self.balancer is not None:
             self.balancer.stop()
         nodes = [*self.nodes, *self.extra]
         for node in nodes:  # all told at once, so that their shutdowns overlap
             node.terminate()
+        failed: AssertionError | None = None
         for node in nodes:
-            node.stop()
+            try:
+                node.stop()
+            except AssertionError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -317,6 +317,8 @@ def cluster_factory(
     try:
         yield make
     finally:
-        for cluster in made:
-            cluster.stop()
-        pgtest.drop_schema(schema)
+        try:
+            for cluster in made:
+                cluster.stop()
+        finally:
+            pgtest.drop_schema(schema)  # even when a node would not stop
