@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -90,6 +92,11 @@ class MetricsServer:
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
+            # Buffered, so that a reply leaves in one write when the request is done. A
+            # balancer's check (HAProxy's) resets the connection as soon as it has read
+            # the status line: unbuffered, the body's own write then met the reset.
+            wbufsize = -1
+
             def do_GET(self) -> None:
                 if self.path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
@@ -112,7 +119,8 @@ class MetricsServer:
 
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         http = type("_HTTP", (ThreadingHTTPServer,),
-                    {"address_family": family, "daemon_threads": True})
+                    {"address_family": family, "daemon_threads": True,
+                     "handle_error": _handle_error})
         self._http = http(address, Handler)
         self.address: tuple[str, int] = self._http.server_address[:2]  # type: ignore[assignment]
         self._thread = threading.Thread(target=self._http.serve_forever, name="metrics",
@@ -124,6 +132,17 @@ class MetricsServer:
     def stop(self) -> None:
         self._http.shutdown()
         self._http.server_close()
+
+
+def _handle_error(server: Any, request: Any, client_address: Any) -> None:
+    """socketserver prints every handler's exception with its traceback to stderr; a
+    client that hung up before the reply was written (a check that timed out, a scanner)
+    is not worth one."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, ConnectionError):
+        log.debug("metrics: %s hung up early: %s", client_address, exc)
+    else:
+        log.error("metrics: request from %s failed", client_address, exc_info=True)
 
 
 def _safely(check: Callable[[], bool]) -> bool:

@@ -662,21 +662,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ssl.SSLError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if signum == signal.SIGHUP:
-            server.reload_certificates()
-        else:
-            stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    while not stop.wait(1.0):
-        pass
+    wait_for_signals(server.reload_certificates)
     server.stop()
     return 0
+
+
+def _ignore(_signum: int, _frame: Any) -> None:
+    pass
+
+
+def wait_for_signals(reload: Callable[[], None]) -> None:
+    """Return at SIGTERM or SIGINT; call `reload` at each SIGHUP meanwhile. Call it from
+    the main thread. Later signals, during the shutdown, are ignored.
+
+    The handlers themselves do nothing: Python runs a handler in the main thread between
+    any two bytecodes, even inside another handler, so a handler that takes a lock can
+    deadlock. One that set a threading.Event did, when a second SIGTERM came while the
+    first one's `set` held the Event's lock: the server never stopped (the cluster tests'
+    node logs showed it). Instead, Python's C-level handler writes each signal's number to
+    the wake-up socket, and this loop reads them.
+    """
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _ignore)
+    try:
+        while True:
+            for signum in wake_r.recv(64):  # each byte a signal's number
+                if signum == signal.SIGHUP:
+                    reload()
+                elif signum in (signal.SIGTERM, signal.SIGINT):
+                    return
+    finally:
+        signal.set_wakeup_fd(-1)
+        wake_r.close()
+        wake_w.close()
 
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     pgtest.one_skip_line(outcome.get_result())
     redistest.one_skip_line(outcome.get_result())
+    import clustertest  # here: it imports this module
+
+    clustertest.one_skip_line(outcome.get_result())
 
 
 @pytest.fixture
@@ -284,3 +287,38 @@ def redis_server(tmp_path: Path) -> Iterator[redistest.RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cluster_factory(
+    tmp_path: Path, cert_dir: certs.CertPaths, redis_server: redistest.RedisServer
+) -> Iterator[Any]:
+    """`make(size=3, balancer=True, **settings)` starts a `clustertest.Cluster` of chat
+    server processes on one PostgreSQL schema of this test's own and this test's Redis,
+    behind HAProxy unless `balancer=False`, and returns it once every node listens (and
+    is UP behind the balancer); everything is stopped and the schema dropped at teardown.
+    Mark the test `redis`. Skipped without PostgreSQL, Redis or (for a balancer) HAProxy,
+    except under CI."""
+    import clustertest  # here: it imports this module
+
+    pgtest.need_postgres()
+    schema, url = pgtest.create_schema()
+    made: list[clustertest.Cluster] = []
+
+    def make(size: int = 3, balancer: bool = True, **overrides: Any) -> clustertest.Cluster:
+        if balancer:
+            clustertest.need_haproxy()
+        cluster = clustertest.Cluster(tmp_path / f"c{len(made)}", cert_dir, url,
+                                      redis_server.url, size=size, balancer=balancer,
+                                      **overrides)
+        made.append(cluster)
+        return cluster.start()
+
+    try:
+        yield make
+    finally:
+        try:
+            for cluster in made:
+                cluster.stop()
+        finally:
+            pgtest.drop_schema(schema)  # even when a node would not stop

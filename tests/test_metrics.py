@@ -3,6 +3,8 @@ and a balancer's health check read."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import urllib.error
 import urllib.request
 
@@ -55,3 +57,19 @@ def test_metrics_are_off_unless_asked_and_a_bare_port_is_loopback(chat_server):
     for bad in ("9107", "host:", "host:99999"):
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+def test_a_check_that_resets_after_the_status_line_leaves_no_traceback(server_factory, capfd):
+    # HAProxy's `http-check expect status 200` resets the connection as soon as it has
+    # the status line; the node's log showed a ConnectionResetError traceback for some.
+    server = server_factory(metrics_address="127.0.0.1:0")
+    host, port = server.server.metrics_server.address
+    for _ in range(30):
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+            assert s.recv(12) == b"HTTP/1.0 200"
+            # Linger 0: close() sends a reset, as HAProxy's check does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert get(server, "/health") == (200, "ok\n")  # and the server still answers
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err

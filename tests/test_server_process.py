@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from conftest import TIMEOUT, Client
@@ -59,3 +61,39 @@ def test_bad_setting_is_a_usage_error(tmp_path):
     )
     assert result.returncode == 2
     assert "bcrypt_rounds" in result.stderr
+
+
+def test_a_signal_during_a_signal_neither_nests_nor_deadlocks():
+    # Two SIGTERMs close together hung a node: the second one's handler ran inside the
+    # first's Event.set, on its lock. The handlers now do nothing; the numbers are read.
+    from chat.server import wait_for_signals
+
+    watched = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    saved = {signum: signal.getsignal(signum) for signum in watched}
+    for signum in watched:  # harmless until wait_for_signals installs its own
+        signal.signal(signum, lambda *_: None)
+    depth, reloads = [0], []
+
+    def reload() -> None:
+        depth[0] += 1
+        reloads.append(depth[0])
+        if len(reloads) == 1:
+            # Signals in the middle of a reload: each is read after it returns.
+            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGTERM):
+                os.kill(os.getpid(), signum)
+        depth[0] -= 1
+
+    def knock() -> None:  # SIGHUP until the loop is listening and has reloaded
+        while not reloads:
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.01)
+
+    knocker = threading.Thread(target=knock)
+    knocker.start()
+    try:
+        wait_for_signals(reload)  # returns at the first SIGTERM
+    finally:
+        knocker.join()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert reloads and max(reloads) == 1, reloads
