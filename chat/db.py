@@ -118,19 +118,29 @@ def upgrade(engine: Engine, revision: str) -> None:
 JOIN_WAIT = 30.0
 
 
-class SchemaBehind(Exception):
-    """Running cluster nodes use an older schema: migrating means stopping them all."""
+class SchemaMismatch(Exception):
+    """Running cluster nodes use another schema than this node's: the message says which
+    way round, and what to do."""
 
 
-def at_head(engine: Engine) -> bool:
-    """Whether the database's schema is at the newest migration."""
+def schema_mismatch(engine: Engine) -> str | None:
+    """None if the database's schema is at this code's newest migration; else why not."""
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    heads = set(ScriptDirectory.from_config(cfg).get_heads())
+    scripts = ScriptDirectory.from_config(cfg)
+    heads = set(scripts.get_heads())
     with engine.connect() as conn:
-        return set(MigrationContext.configure(conn).get_current_heads()) == heads
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    if current == heads:
+        return None
+    known = {rev.revision for rev in scripts.walk_revisions()}
+    if current - known:
+        return ("the database's schema is newer than this node's code (another node was "
+                "upgraded): upgrade this node to the same release")
+    return ("the cluster's running nodes use an older schema than this node's code: stop "
+            "them all, then start one upgraded node to migrate")
 
 
 # The first key of our advisory locks: "chat" in ASCII, apart from other programs' locks.
@@ -172,12 +182,13 @@ class DatabaseLock:
         self._conn = conn
         return True
 
-    def acquire_shared(self, migrate: Callable[[], None], at_head: Callable[[], bool]) -> bool:
+    def acquire_shared(self, migrate: Callable[[], None],
+                       mismatch: Callable[[], str | None]) -> bool:
         """A cluster node's lock: shared with the other nodes. The first node (nobody else
         holds the lock) runs `migrate` while it holds it exclusively; a node that joins
-        running ones must find the schema at head (`at_head`), since changing it under
-        them is not safe: a migration means stopping every node. False if a lone server
-        or chat-admin holds it."""
+        running ones must find the schema at its own newest migration (`mismatch` says
+        None), since changing it under them is not safe: a migration means stopping every
+        node. False if a lone server or chat-admin holds it."""
         if self.engine.dialect.name != "postgresql":
             migrate()
             return True
@@ -205,8 +216,8 @@ class DatabaseLock:
                         "SELECT pg_advisory_unlock(:c, hashtext(current_schema()))"),
                         {"c": _LOCK_CLASS})
                     conn.commit()
-            elif got and not at_head():
-                raise SchemaBehind()
+            elif got and (why := mismatch()) is not None:
+                raise SchemaMismatch(why)
         except BaseException:
             conn.close()
             raise

@@ -51,10 +51,10 @@ from chat.connection import Connection
 from chat.control import ControlServer, check_socket_path, socket_path
 from chat.db import (
     DatabaseLock,
-    SchemaBehind,
+    SchemaMismatch,
     WalCheckpointer,
-    at_head,
     make_engine,
+    schema_mismatch,
     upgrade_to_head,
 )
 from chat.hub import LocalHub
@@ -421,7 +421,7 @@ class Server:
                                        "share one PostgreSQL database: set db to a "
                                        "postgresql+psycopg:// URL")
                 joined = self.db_lock.acquire_shared(lambda: upgrade_to_head(engine),
-                                                     lambda: at_head(engine))
+                                                     lambda: schema_mismatch(engine))
             else:
                 joined = self.db_lock.acquire()
                 if joined:
@@ -430,11 +430,9 @@ class Server:
                 engine.dispose()
                 raise SettingError(names, "another server (or chat-admin) is using this "
                                    "database: its lock is held", exit_code=1)
-        except SchemaBehind:
+        except SchemaMismatch as exc:
             engine.dispose()
-            raise SettingError(names, "the cluster's running nodes use an older schema: "
-                               "stop them all, then start one node to migrate",
-                               exit_code=1) from None
+            raise SettingError(names, str(exc), exit_code=1) from None
         except (SQLAlchemyError, CommandError) as exc:
             if self.db_lock is not None:
                 self.db_lock.release()

@@ -535,3 +535,25 @@ def test_who_forgets_a_member_kicked_on_a_node_where_they_have_no_session(
     finally:
         for client in (owner, member, onlooker):
             client.close()
+
+
+@pytest.mark.parametrize(("revision", "says"), [("0005", "older schema"),
+                                                ("f00d0000cafe", "newer than this node")])
+def test_a_node_joining_running_ones_on_another_schema_is_refused_and_told_why(
+        cluster: Any, revision: str, says: str) -> None:
+    from chat.config import SettingError
+
+    c = cluster(1)  # running: a joining node may not migrate under it
+    (version,) = c.nodes[0].query("SELECT version_num FROM alembic_version")[0]
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(c.db)
+    try:
+        with engine.begin() as db:
+            db.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": revision})
+        with pytest.raises(SettingError, match=says):
+            c.start_node()
+    finally:
+        with engine.begin() as db:
+            db.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": version})
+        engine.dispose()
