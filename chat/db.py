@@ -163,6 +163,7 @@ class DatabaseLock:
         self.engine = engine
         self._conn: Any = None
         self._shared = False
+        self._taken = False  # acquired once: `held` takes it again when it is lost
 
     def acquire(self) -> bool:
         """Take the lock; False if someone else holds it."""
@@ -180,6 +181,7 @@ class DatabaseLock:
             conn.close()
             return False
         self._conn = conn
+        self._taken = True
         return True
 
     def acquire_shared(self, migrate: Callable[[], None],
@@ -226,9 +228,50 @@ class DatabaseLock:
             return False
         self._conn = conn
         self._shared = True
+        self._taken = True
+        return True
+
+    def held(self) -> bool:
+        """Still held, or taken again (from the lock keeper's thread, every few seconds).
+
+        A session lock lives as long as its connection: a PostgreSQL restart (or a
+        dropped connection) ends it, and a lone server could then start beside us.
+        So the connection is checked, and when it is gone a new one takes the lock again,
+        the same kind; False if that fails (someone else has it now, or no database)."""
+        if not self._taken or self.engine.dialect.name != "postgresql":
+            return True
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT 1"))
+                self._conn.commit()
+                return True
+            except Exception:
+                log.warning("the database lock's connection is gone; taking the lock again")
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:
+                log.debug("closing the database lock's old connection failed", exc_info=True)
+            self._conn = None
+        take = "pg_try_advisory_lock_shared" if self._shared else "pg_try_advisory_lock"
+        try:
+            conn = self.engine.connect()
+            got = conn.execute(text(f"SELECT {take}(:c, hashtext(current_schema()))"),
+                               {"c": _LOCK_CLASS}).scalar()
+            conn.commit()
+        except Exception:
+            log.warning("the database lock cannot be taken again yet", exc_info=True)
+            return False
+        if not got:
+            conn.close()
+            log.error("the database lock is held by another server now: this one stops "
+                      "taking work")
+            return False
+        self._conn = conn
         return True
 
     def release(self) -> None:
+        self._taken = False
         conn, self._conn = self._conn, None
         if conn is None:
             return

@@ -145,7 +145,11 @@ class Server:
         self.db_lock: DatabaseLock | None = None  # PostgreSQL's (chat.db)
         self.metrics_server: MetricsServer | None = None
         self.bus: Bus | None = None  # several nodes (chat.cluster)
-        self.fenced = False  # cut off from the other nodes: no sessions
+        # Why this server takes no work now ("redis": cut off from the other nodes;
+        # "lock": its database lock was lost and taken by another): no sessions.
+        self._fences: set[str] = set()
+        self._lock_keeper: threading.Thread | None = None
+        self._keeper_stop = threading.Event()
         self.redis: Redis | None = None  # the cluster's (chat.throttle_redis.connect)
         self._count = 0
         self._per_ip: dict[str, int] = {}
@@ -235,6 +239,10 @@ class Server:
         self.control.start()
         self.address = self.listen_sock.getsockname()[:2]
         self._start_metrics()
+        if self.engine.dialect.name == "postgresql":
+            self._lock_keeper = threading.Thread(target=self._keep_lock, name="lock-keeper",
+                                                 daemon=True)
+            self._lock_keeper.start()
         self.listener = _Listener(self, self.loops[0], self.listen_sock)
         for loop in self.loops:
             loop.start()
@@ -256,7 +264,8 @@ class Server:
         hub.store = self.store
         self.filler = Filler(self.engine, self.store, hub, self.metrics)
         self.bus = Bus(s.redis, s.redis_prefix, hub, self.store, self.filler,
-                       s.cluster_node_ttl, self.metrics, self._fence)
+                       s.cluster_node_ttl, self.metrics,
+                       lambda on: self._fence("redis", on))
         hub.publish = self.bus.publish
         hub.ask_fill = self.filler.fill
         hub.ask_reconcile = self.filler.reconcile
@@ -271,12 +280,17 @@ class Server:
                                "carry a password)", exit_code=1)
         log.info("cluster node %s (redis_prefix %s)", hub.node, s.redis_prefix)
 
-    def _fence(self, fenced: bool) -> None:
-        """Bus thread: this node lost Redis for cluster_node_ttl (or has it back). Its
-        sessions may miss what other nodes decide (a kick), so they end; clients come back
-        through the balancer to a node that has Redis."""
-        self.fenced = fenced
-        if not fenced:
+    @property
+    def fenced(self) -> bool:
+        return bool(self._fences)
+
+    def _fence(self, why: str, on: bool) -> None:
+        """Any thread: stop (or start again) taking work, for `why`. This node's sessions
+        could miss what others decide (a kick) or write beside another server, so they
+        end; clients come back through the balancer to a node that can serve them."""
+        was = self.fenced
+        (self._fences.add if on else self._fences.discard)(why)
+        if not on or was:
             return
 
         def close_all(loop: IOLoop) -> None:
@@ -305,6 +319,13 @@ class Server:
         host, port = self.metrics_server.address
         log.info("metrics and health on http://%s:%d/metrics and /health",
                  f"[{host}]" if ":" in host else host, port)
+
+    def _keep_lock(self) -> None:
+        """Thread: every LOCK_CHECK seconds, the database lock is checked (and taken
+        again after a PostgreSQL restart); while it cannot be, this server is fenced."""
+        assert self.db_lock is not None
+        while not self._keeper_stop.wait(LOCK_CHECK):
+            self._fence("lock", not self.db_lock.held())
 
     def healthy(self) -> bool:
         """Taking work: not stopping, the writer running, the database answering."""
@@ -581,6 +602,9 @@ class Server:
             loop.join(5)
         if self.redis is not None:
             self.redis.close()
+        self._keeper_stop.set()
+        if self._lock_keeper is not None:
+            self._lock_keeper.join()
         if self.db_lock is not None:
             self.db_lock.release()
         self.engine.dispose()
@@ -593,6 +617,8 @@ class Server:
 
 
 READ_WORKERS = 2  # history reads, beside the writer thread
+# Seconds between checks that the PostgreSQL lock is still held (chat.db.DatabaseLock).
+LOCK_CHECK = 5.0
 
 
 def hello_frame(server_id: str, s: Settings, registration: str) -> dict[str, Any]:

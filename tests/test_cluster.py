@@ -557,3 +557,47 @@ def test_a_node_joining_running_ones_on_another_schema_is_refused_and_told_why(
         with engine.begin() as db:
             db.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": version})
         engine.dispose()
+
+
+def test_a_node_whose_database_lock_is_lost_takes_it_again_or_stops_serving(
+        cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psycopg
+
+    from chat import server as server_module
+
+    monkeypatch.setattr(server_module, "LOCK_CHECK", 0.05)
+    c = cluster(1)
+    node = c.nodes[0]
+    alice = node.user("alice")
+    conninfo = pgtest._conninfo(c.db)
+    # This schema's lock only (pg_locks shows the signed hash as an unsigned oid): other
+    # runs' nodes hold theirs on the same database.
+    lock_holders = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND classid::bigint = 1667785076 AND objsubid = 2 AND granted "
+                    "AND objid::bigint = (hashtext(current_schema())::bigint & 4294967295)")
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        (holder,) = admin.execute(lock_holders).fetchone()
+
+        def taken_from_the_node() -> bool:
+            # As a PostgreSQL restart would: the connection that held the lock is gone;
+            # and a lone server is quicker to take it (the node may win a round first).
+            for (pid,) in admin.execute(lock_holders).fetchall():
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            return admin.execute("SELECT pg_try_advisory_lock(1667785076, "
+                                 "hashtext(current_schema()))").fetchone()[0]
+
+        wait_for(taken_from_the_node, "the test to take the node's lock")
+        try:
+            assert alice.recv_until("bye")["reason"] == "shutdown"
+            assert not node.server.healthy()
+        finally:
+            admin.execute(
+                "SELECT pg_advisory_unlock(1667785076, hashtext(current_schema()))")
+        # Free again: the node takes it back and serves again.
+        wait_for(lambda: node.server.healthy(), "the node to take its lock again")
+        (again,) = admin.execute(lock_holders).fetchone()
+        assert again != holder
+    back = node.client()
+    assert back.login("alice")["type"] == "welcome"
+    back.close()
+    alice.close()
