@@ -268,6 +268,12 @@ class Settings:
         256, "A device's latest to-device send_ids the server remembers (with their "
         "answers), so that a repeat is answered again, not queued twice."
     )
+    proxy_protocol: str = _setting(
+        "", "Addresses or networks of TCP balancers (comma-separated) whose connections "
+        "start with a PROXY protocol v2 header naming the client (HAProxy's "
+        "send-proxy-v2): it is required from them and believed, so that per-address "
+        "limits count clients, not the balancer. Empty: off."
+    )
     redis: str = _setting(
         "", "Redis URL (redis://host:port/0) shared by several nodes of one cluster: fan-out, "
         "presence and throttles across nodes. Needs a PostgreSQL db. Empty: one node."
@@ -402,6 +408,14 @@ class Settings:
                 parse_address(self.metrics_address)
             except ValueError as exc:
                 raise bad("metrics_address", f"must be {exc}") from None
+        if self.proxy_protocol:
+            from chat.proxy import trusted_networks
+
+            try:
+                trusted_networks(self.proxy_protocol)
+            except ValueError as exc:
+                raise bad("proxy_protocol", f"must list addresses or networks: {exc}") \
+                    from None
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise SettingError("redis", "redis must be a redis://, rediss:// or unix:// "
                                "URL")  # not echoed: a URL may carry a password

@@ -37,7 +37,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from chat import SERVER_NAME, __version__, certs, files, tls
+from chat import SERVER_NAME, __version__, certs, files, proxy, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
 from chat.cluster import REDIS_TIMEOUT, Bus, ClusterHub, Filler
 from chat.config import (
@@ -132,6 +132,69 @@ class _Listener:
         self.sock.close()
 
 
+class _ProxyHeader:
+    """A balancer's connection until its PROXY header is read (chat.proxy); then the
+    server adopts it as the client's. On one loop; exact reads, so the TLS handshake
+    behind the header is left for the Connection."""
+
+    def __init__(self, server: Server, loop: IOLoop, raw: socket.socket, addr: Any) -> None:
+        self.server, self.loop, self.raw, self.addr = server, loop, raw, addr
+        self.data = b""
+        self.need = proxy.HEADER
+        self.head = b""
+        try:
+            raw.setblocking(False)
+            loop.selector.register(raw, selectors.EVENT_READ, self)
+        except (OSError, ValueError):
+            self._drop("reset before its header")
+            return
+        loop.handlers.add(self)
+        loop.schedule(self, time.monotonic() + server.settings.handshake_timeout)
+
+    def on_io(self, mask: int) -> None:
+        try:
+            chunk = self.raw.recv(self.need - len(self.data))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(f"reset ({exc})")
+            return
+        if not chunk:
+            self._drop("closed before its PROXY header")
+            return
+        self.data += chunk
+        if len(self.data) < self.need:
+            return
+        try:
+            if not self.head:
+                self.head, self.data = self.data, b""
+                self.need = proxy.body_length(self.head)
+                if self.need:
+                    return
+            client = proxy.client_address(self.head, self.data)
+        except proxy.ProxyError as exc:
+            self._drop(str(exc))
+            return
+        self._done()
+        self.server.adopt_client(self.raw, client or self.addr, counted=True)
+
+    def tick(self, now: float) -> float | None:
+        self._drop("no PROXY header in time")
+        return None
+
+    def _done(self) -> None:
+        self.loop.handlers.discard(self)
+        self.loop.cancel(self)
+        self.loop.selector.unregister(self.raw)
+
+    def _drop(self, why: str) -> None:
+        log.info("%s: dropped: %s", self.addr, why)
+        if self in self.loop.handlers:
+            self._done()
+        self.raw.close()
+        self.server.connection_closed(None)
+
+
 class Server:
     def __init__(self, settings: Settings, sources: Mapping[str, str] | None = None) -> None:
         self.settings = settings
@@ -188,6 +251,7 @@ class Server:
             self.redis = self._redis_client()
         pepper, previous = self._load_peppers()
         self.max_connections = _connection_cap(s.max_connections)
+        self.proxies = proxy.trusted_networks(s.proxy_protocol)
         workers = s.auth_workers or os.cpu_count() or 2
         # One connection more than threads: SQLite's checkpointer, PostgreSQL's lock.
         self.engine = self._open_database(pool_size=workers + READ_WORKERS + 3)
@@ -491,22 +555,48 @@ class Server:
 
     def adopt(self, raw: socket.socket, addr: Any) -> None:
         """Called on loop 0 for each accepted socket."""
-        ip = self.address_key(addr)  # the Connection computes the same as its `ip`
+        if self.proxies and proxy.is_trusted(str(addr[0]), self.proxies):
+            # A balancer's: who the client is comes first (chat.proxy), and the client is
+            # what the per-address limits count.
+            if self._admit(None, addr):
+                loop = self.loops[self._next_loop % len(self.loops)]
+                self._next_loop += 1
+                loop.call_soon(_ProxyHeader, self, loop, raw, addr)
+            else:
+                raw.close()
+            return
+        self.adopt_client(raw, addr)
+
+    def _admit(self, ip: str | None, addr: Any) -> bool:
+        """Count a connection in, from `ip` (None: not known yet); False if refused."""
         with self._count_lock:
-            per_ip = self._per_ip.get(ip, 0)
+            per_ip = self._per_ip.get(ip, 0) if ip is not None else 0
             if self.stopping:
                 refusal = "shutting down"
-            elif self._count >= self.max_connections:
+            elif ip is None and self._count >= self.max_connections:
                 refusal = f"{self._count} connections already"
-            elif per_ip >= self.settings.max_connections_per_ip:
+            elif ip is not None and per_ip >= self.settings.max_connections_per_ip:
                 refusal = f"{per_ip} connections from {ip} already"
             else:
                 refusal = ""
-                self._count += 1
-                self._per_ip[ip] = per_ip + 1
+                if ip is None:
+                    self._count += 1
+                else:
+                    self._per_ip[ip] = per_ip + 1
         if refusal:
             # Before TLS there is no way to say why; the client sees the connection close.
             log.warning("refusing %s: %s", addr, refusal)
+        return not refusal
+
+    def adopt_client(self, raw: socket.socket, addr: Any, counted: bool = False) -> None:
+        """A socket whose client is `addr` (after a balancer's header, `counted` already
+        among the connections): the per-address limit, then a Connection."""
+        ip = self.address_key(addr)  # the Connection computes the same as its `ip`
+        if not counted and not self._admit(None, addr):
+            raw.close()
+            return
+        if not self._admit(ip, addr):
+            self.connection_closed(None)
             raw.close()
             return
         try:
@@ -528,10 +618,14 @@ class Server:
             raw.close()
             self.connection_closed(self.address_key(addr))
 
-    def connection_closed(self, ip: str) -> None:
-        """Count a connection out; `ip` is its `address_key`."""
+    def connection_closed(self, ip: str | None) -> None:
+        """Count a connection out; `ip` is its `address_key` (None: a balancer's whose
+        header did not come)."""
         with self._count_lock:
             self._count -= 1
+            if ip is None:
+                self._count_lock.notify_all()
+                return
             left = self._per_ip.get(ip, 1) - 1
             if left > 0:
                 self._per_ip[ip] = left

@@ -325,12 +325,19 @@ class Node:
 
 # --- the balancer ------------------------------------------------------------------------
 
+# Where HAProxy connects to the nodes from (deploy/haproxy.cfg's one-host variant): the
+# nodes believe a PROXY header from there only, and the tests' own direct connections,
+# from 127.0.0.1, need none.
+BALANCER_SOURCE = "127.0.0.2"
+
+
 def haproxy_config(port: int, stats_port: int, nodes: Sequence[Node]) -> str:
     """deploy/haproxy.cfg's choices, with the tests' timings: a node is checked every
     200 ms and is DOWN after two failures (one slow answer on a loaded machine must not
     cut a healthy node's clients) and UP again after one success."""
     servers = "\n".join(
-        f"    server {n.name} {n.host}:{n.port} check addr {n.host} port {n.metrics_port}"
+        f"    server {n.name} {n.host}:{n.port} send-proxy-v2 source {BALANCER_SOURCE} "
+        f"check addr {n.host} port {n.metrics_port}"
         for n in nodes)
     return f"""\
 global
@@ -485,7 +492,9 @@ class Cluster:
         self._made += 1
         name = f"node{self._made}"
         shared = {"db": self.db_url, "redis": self.redis_url,
-                  "redis_prefix": self.redis_prefix, "pepper_file": str(self.pepper_path)}
+                  "redis_prefix": self.redis_prefix, "pepper_file": str(self.pepper_path),
+                  # The balancer names each client (send-proxy-v2) from its own address.
+                  "proxy_protocol": BALANCER_SOURCE}
         settings = make_settings(
             self.dir / name, self.cert_paths, port=redistest.free_port(),
             metrics_address=f"127.0.0.1:{redistest.free_port()}",

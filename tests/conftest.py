@@ -44,7 +44,7 @@ class Client:
 
     def __init__(
         self, host: str, port: int, cafile: Path, *, read_hello: bool = True,
-        rcvbuf: int | None = None,
+        rcvbuf: int | None = None, preamble: bytes = b"",
     ) -> None:
         ctx = tls.client_context(cafile)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -54,6 +54,7 @@ class Client:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         raw.settimeout(TIMEOUT)
         raw.connect((host, port))
+        raw.sendall(preamble)  # a balancer's PROXY header, say, before the TLS handshake
         self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
         self.file = self.sock.makefile("rwb")
         self.hello = self.recv() if read_hello else None

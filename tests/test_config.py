@@ -172,6 +172,7 @@ SAMPLES = {
     "max_to_device_queue": "500", "to_device_page": "20", "to_device_send_id_ttl": "600",
     "max_key_watch": "200", "metrics_address": "127.0.0.1:9107",
     "redis": "redis://127.0.0.1:6379/0", "redis_prefix": "chat-b",
+    "proxy_protocol": "10.0.0.10, 10.0.1.0/24",
     "cluster_node_ttl": "7.5", "cluster_gap_wait": "0.1",
     "cluster_reconcile_interval": "3.0",
     "max_to_device_per_sender": "40", "to_device_send_ids": "64",

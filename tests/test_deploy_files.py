@@ -27,13 +27,17 @@ def test_the_node_example_is_a_cluster_node_behind_the_balancer():
     assert node.db.startswith("postgresql+psycopg://") and node.redis
     assert node.pepper_file  # one file every node shares, never each its own
     assert node.registration  # required off loopback
-    assert node.max_connections_per_ip >= node.max_connections  # all come from the balancer
+    # The balancer names each client (send-proxy-v2), so per-address limits stay as
+    # they are and count clients.
+    assert node.proxy_protocol
+    assert node.max_connections_per_ip == Settings().max_connections_per_ip
     # The unit gives node1 the data directory the example names, and reads its file.
     unit = (DEPLOY / "chat-server@.service").read_text()
     assert "StateDirectory=chat/%i" in unit and node.data_dir == "/var/lib/chat/node1"
     assert "--config /etc/chat/%i.toml" in unit
     # The balancer's node1 is this node: its chat port and, for the check, its metrics.
-    server = re.search(r"^\s*server node1 (\S+):(\d+) check addr (\S+) port (\d+)$",
+    server = re.search(r"^\s*server node1 (\S+):(\d+) send-proxy-v2 check addr (\S+) "
+                       r"port (\d+)$",
                        HAPROXY.read_text(), re.M)
     assert server is not None
     metrics_host, _, metrics_port = node.metrics_address.rpartition(":")
