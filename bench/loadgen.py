@@ -1,7 +1,9 @@
 """Load generator for protocol v1 over TLS: workloads (a) latency, (b) throughput,
-(c) many idle connections, (e) storage, against a server already running.
+(c) many idle connections, (e) storage, (f) (a) and (b) over several nodes, against a
+server (or the nodes of a cluster) already running.
 
     python bench/loadgen.py WORKLOAD --port P --cafile CA --pid SERVER_PID [options]
+    python bench/loadgen.py f --ports P1,P2,P3 --pids PID1,PID2,PID3 --cafile CA [options]
 
 One process, one thread, one selector over every client socket, so its own CPU use
 (reported) tells whether the generator or the server was the limit. Messages carry
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import irc
+from bench import irc, nodes
 from chat import tls
 
 PASSWORD = "loadgen kettle ivory 7731 zq"
@@ -43,6 +45,23 @@ def proc_cpu(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each process still there."""
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = proc_cpu(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the processes of `before` used since; one that went counts nothing."""
+    now = cpu_of(list(before))
+    return sum(now[pid] - before[pid] for pid in now)
 
 
 def proc_rss(pid: int) -> int:
@@ -198,6 +217,11 @@ class Run:
         self.first: dict[tuple[int, int], int] = {}
         self.pending: dict[int, bytearray] = {}
         self.pongs: list[tuple[int, bytes]] = []
+        # (f): each client's node; receipts by others are then kept apart by whether the
+        # receiver is on the sender's node or another.
+        self.node_of: list[int] | None = None
+        self.same_node: list[int] = []
+        self.other_node: list[int] = []
 
     def send(self, sender: int) -> None:
         c = self.clients[sender]
@@ -257,6 +281,9 @@ class Run:
                 lat = now - int(t)
                 self.latencies.append(lat)
                 self.first.setdefault((sender, seq), lat)
+                if self.node_of is not None and i != sender:
+                    same = self.node_of[i] == self.node_of[sender]
+                    (self.same_node if same else self.other_node).append(lat)
         if self.echo and (b'"type":"error"' in chunk or b'"type":"bye"' in chunk):
             self.errors.append(f"receiver {i}: {chunk[:200]!r}")
         elif not self.echo and b"PING" in chunk:
@@ -290,22 +317,10 @@ def workload_a(args, ctx, on_start=None) -> dict:
     run = Run(clients, senders=10, proto=args.proto)
     if on_start is not None:
         on_start()
-    rate = 500.0
-    interval = 10 / rate  # each of 10 senders sends every 20 ms
+    rate = 500.0  # each of 10 senders sends every 20 ms
     start = time.perf_counter()
     cpu0, gen0 = proc_cpu(args.pid), self_cpu()
-    k = 0
-    while True:
-        now = time.perf_counter()
-        if now - start >= args.seconds:
-            break
-        due = start + k * interval / 10
-        if now >= due:
-            run.send(k % 10)
-            k += 1
-            continue
-        run.flush_pending()
-        run.poll(min(0.002, due - now), measure=True)
+    _paced(args, run, rate)
     run.drain()
     took = time.perf_counter() - start
     lat = sorted(run.latencies)
@@ -321,35 +336,95 @@ def workload_a(args, ctx, on_start=None) -> dict:
     }
 
 
+def _paced(args, run: Run, rate: float) -> None:
+    """`rate` messages a second for args.seconds, the senders in turn, latency measured."""
+    start = time.perf_counter()
+    k = 0
+    while True:
+        now = time.perf_counter()
+        if now - start >= args.seconds:
+            break
+        due = start + k / rate
+        if now >= due:
+            run.send(k % run.senders)
+            k += 1
+            continue
+        run.flush_pending()
+        run.poll(min(0.002, due - now), measure=True)
+
+
+def percentile(values: list[int], q: float) -> float | None:
+    """The q-quantile of nanoseconds, in milliseconds."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(int(len(values) * q), len(values) - 1)] / 1e6
+
+
 def workload_b(args, ctx) -> dict:
     clients = connect_all(args, ctx, 50, args.prefix)
     return _throughput(args, Run(clients, senders=10, proto=args.proto))
 
 
-def _throughput(args, run: Run) -> dict:
+def _throughput(args, run: Run, side_pids: list[int] | None = None) -> dict:
+    """Every sender keeps 10 messages unacknowledged for args.seconds. The server's CPU
+    is its processes' (args.pids); `side_pids` (PostgreSQL's backends, Redis) apart."""
     window = 10
-    for s in range(10):
+    for s in range(run.senders):
         for _ in range(window):
             run.send(s)
     start = time.perf_counter()
-    cpu0, gen0 = proc_cpu(args.pid), self_cpu()
+    cpu0, side0, gen0 = cpu_of(args.pids), cpu_of(side_pids or []), self_cpu()
     d0 = run.deliveries
     while time.perf_counter() - start < args.seconds:
         run.flush_pending()
         run.poll(0.01, measure=False)
-        for s in range(10):
+        for s in range(run.senders):
             while run.sent[s] - run.acked[s] < window:
                 run.send(s)
     took = time.perf_counter() - start
     deliveries = run.deliveries - d0
-    server_cpu, gen_cpu = proc_cpu(args.pid) - cpu0, self_cpu() - gen0
+    server_cpu, side_cpu, gen_cpu = cpu_since(cpu0), cpu_since(side0), self_cpu() - gen0
     run.drain()
     return {
         "deliveries": deliveries, "deliveries_per_s": deliveries / took,
         "server_us_per_delivery": server_cpu / deliveries * 1e6 if deliveries else None,
-        "server_cpu_s": server_cpu, "generator_cpu_s": gen_cpu, "seconds": took,
-        "errors": run.errors[:5], "ok": not run.errors,
+        "side_us_per_delivery": side_cpu / deliveries * 1e6 if deliveries else None,
+        "server_cpu_s": server_cpu, "side_cpu_s": side_cpu, "generator_cpu_s": gen_cpu,
+        "seconds": took, "errors": run.errors[:5], "ok": not run.errors,
     }
+
+
+def workload_f(args, ctx) -> dict:
+    """(a) and (b) over the nodes of a cluster (or one server, for comparison): 48
+    clients in one room, client i on node i mod n, the first 12 sending (so 4 on each of
+    3 nodes). First each of `--rates` messages a second for args.seconds, for the latency
+    from send to receipt on the sender's node and on the others; then each sender keeps
+    10 unacknowledged, for deliveries/s and CPU per delivery: the nodes', and apart
+    PostgreSQL's backends for --pg-db and the Redis of --redis-pid."""
+    n, senders = 48, 12
+    ports = args.ports
+    clients = _parallel(lambda i: Client(ports[i % len(ports)], ctx, f"{args.prefix}{i}",
+                                         register=args.register), n)
+    run = Run(clients, senders)
+    run.node_of = [i % len(ports) for i in range(n)]
+    latency, errors = {}, []
+    for rate in args.rates:
+        run.same_node, run.other_node = [], []
+        _paced(args, run, rate)
+        run.drain(30)
+        latency[f"{rate:g}"] = {
+            "same_p50_ms": percentile(run.same_node, 0.5),
+            "same_p99_ms": percentile(run.same_node, 0.99),
+            "other_p50_ms": percentile(run.other_node, 0.5),
+            "other_p99_ms": percentile(run.other_node, 0.99)}
+        errors += run.errors
+        run.errors = []
+    side = [*(nodes.backend_pids(args.pg_db) if args.pg_db else []),
+            *([args.redis_pid] if args.redis_pid else [])]
+    result = _throughput(args, run, side)
+    return {**result, "nodes": len(ports), "latency": latency,
+            "errors": (errors + result["errors"])[:5], "ok": not errors and result["ok"]}
 
 
 class EncryptedRun(Run):
@@ -813,10 +888,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workload", choices=["a", "b", "be", "decrypt", "c", "d", "e", "verify",
-                                         "storm"])
-    ap.add_argument("--port", type=int, required=True)
+                                         "storm", "f"])
+    ap.add_argument("--port", required=True, help="(f) one per node, comma-separated")
     ap.add_argument("--cafile", required=True)
-    ap.add_argument("--pid", type=int, required=True, help="the server's process id")
+    ap.add_argument("--pid", required=True,
+                    help="the server's process id; (f) one per node, comma-separated")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--idle-seconds", type=float, default=120.0,
@@ -829,11 +905,20 @@ def main() -> int:
     ap.add_argument("--bcrypt-cost", type=int, default=12, help="(d) the server's cost")
     ap.add_argument("--kill-after", type=float, default=0.0, help="(e) SIGKILL the server then")
     ap.add_argument("--seen-file", help="(e) where to write, (verify) where to read, the ids")
+    ap.add_argument("--rates", default="50,200",
+                    help="(f) messages/s offered for the latency, comma-separated")
+    ap.add_argument("--pg-db", help="(f) the database whose PostgreSQL backends to measure")
+    ap.add_argument("--redis-pid", type=int, help="(f) the Redis server's process id")
     args = ap.parse_args()
+    args.ports = [int(p) for p in args.port.split(",")]
+    args.pids = [int(p) for p in args.pid.split(",")]
+    args.port, args.pid = args.ports[0], args.pids[0]
+    args.rates = [float(r) for r in args.rates.split(",")]
     ctx = tls.client_context(args.cafile)
     result = {"a": workload_a, "b": workload_b, "be": workload_be, "decrypt": decrypt_rate,
               "c": workload_c, "d": workload_d,
-              "e": workload_e, "verify": verify, "storm": storm}[args.workload](args, ctx)
+              "e": workload_e, "verify": verify, "storm": storm,
+              "f": workload_f}[args.workload](args, ctx)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
