@@ -761,38 +761,63 @@ class _Storm:
 
 
 ECHO_RE = re.compile(rb'"msg_id":(\d+),[^\n]*"message":"(\d+):(\d+):\d+","re"')
+ROOM_MSG_RE = re.compile(rb'"msg_id":(\d+),[^\n]*?"room":"([^"]+)"')
 
 
 def workload_e(args, ctx) -> dict:
     """Messages stored per second: each of 50 senders alone in its own room, 20 messages
     unacknowledged, so the server's work is the storing, not the fan-out. With
     --kill-after, the server gets SIGKILL then, and every msg_id a sender saw echoed
-    (stored, so acknowledged) is written to --seen-file for `verify`."""
+    (stored, so acknowledged) is written to --seen-file for `verify`.
+
+    Over several nodes (--port P1,P2,P3): sender i is on node i mod n, and one reader on
+    each node is in every sender's room. The kill is the first node's; its clients log
+    in again on the others, in turn, and go on to the run's end. Then the readers are
+    given `--settle` quiet seconds, and each reader session's msg_ids, per room, go to
+    --seen-file too, for `verify` to compare with history."""
     n, window = 50, 20
-    clients = _parallel(lambda i: Client(args.port, ctx, f"{args.prefix}{i}",
-                                         register=args.register, room=f"{args.prefix}r{i}",
-                                         leave_general=True), n)
+    ports = args.ports
+    cluster = len(ports) > 1
+    room = [f"{args.prefix}r{i}" for i in range(n)]
+    conns = _parallel(lambda i: Client(ports[i % len(ports)], ctx, f"{args.prefix}{i}",
+                                       register=args.register, room=room[i],
+                                       leave_general=True), n)
+    for k, port in enumerate(ports if cluster else []):
+        reader = Client(port, ctx, f"{args.prefix}reader{k}", register=args.register, room=None)
+        for r in room:
+            if reader._request({"type": "join", "room": r})["type"] != "ok":
+                raise SystemExit(f"join failed for {reader.name}")
+        conns.append(reader)
     sel = selectors.DefaultSelector()
-    for i, c in enumerate(clients):
-        c.go_nonblocking()
-        sel.register(c.sock, selectors.EVENT_READ, i)
-    sent, acked = [0] * n, [0] * n
+
+    def watch(idx: int) -> None:
+        conns[idx].go_nonblocking()
+        sel.register(conns[idx].sock, selectors.EVENT_READ, idx)
+
+    for idx in range(len(conns)):
+        watch(idx)
+    live = set(range(len(conns)))
+    sent, acked, unacked, expect = [0] * n, [0] * n, [0] * n, [0] * n
     seen: list[list[int]] = [[] for _ in range(n)]
+    # Per reader, per session (a new one after a reconnect): room -> msg_ids received.
+    streams: list[list[dict[str, list[int]]]] = [[{}] for _ in conns[n:]]
     errors: list[str] = []
     pending: dict[int, bytearray] = {}
-    open_ = set(range(n))
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    back: dict[concurrent.futures.Future, int] = {}  # logins under way after the kill
 
     def send(i: int) -> None:
         data = (b'{"type":"send","room":"%sr%d","message":"%d:%d:%d","id":1}\n'
                 % (args.prefix.encode(), i, i, sent[i], time.perf_counter_ns()))
         sent[i] += 1
+        unacked[i] += 1
         buf = pending.setdefault(i, bytearray())
         buf += data
 
     def flush() -> None:
         for i, buf in list(pending.items()):
             try:
-                k = clients[i].sock.send(buf)
+                k = conns[i].sock.send(buf)
             except ssl.SSLWantWriteError:
                 continue
             except OSError:
@@ -802,69 +827,131 @@ def workload_e(args, ctx) -> dict:
             if not buf:
                 del pending[i]
 
-    killed_at = None
-    start = time.perf_counter()
-    cpu0 = proc_cpu(args.pid)
+    def closed(idx: int) -> None:
+        sel.unregister(conns[idx].sock)
+        conns[idx].sock.close()
+        live.discard(idx)
+        pending.pop(idx, None)
+        if killed_at is None:
+            errors.append(f"client {idx} closed by the server")
+        elif cluster:  # to another node, as behind a balancer
+            others = ports[1:]
+            back[pool.submit(Client, others[idx % len(others)], ctx, conns[idx].name,
+                             register=False, room=None)] = idx
+
+    def returned(fut: concurrent.futures.Future, idx: int) -> None:
+        try:
+            conns[idx] = fut.result()
+        except (OSError, SystemExit, ValueError) as exc:
+            errors.append(f"client {idx} could not log in again: {exc}")
+            return
+        watch(idx)
+        live.add(idx)
+        if idx < n:  # what was in flight at the kill is not waited for
+            unacked[idx], expect[idx] = 0, sent[idx]
+        else:
+            streams[idx - n].append({})
+
+    killed_at = back_at = server_cpu = None
+    start = last_frame = time.perf_counter()
+    cpu0 = cpu_of(args.pids)
     stored_in_window = 0
-    while open_ and time.perf_counter() - start < args.seconds + 10:
+    while True:
         elapsed = time.perf_counter() - start
         if killed_at is None and args.kill_after and elapsed >= args.kill_after:
-            cpu_at_kill = proc_cpu(args.pid)
-            os.kill(args.pid, signal.SIGKILL)
+            server_cpu = cpu_since(cpu0)
+            os.kill(args.pids[0], signal.SIGKILL)
             killed_at = elapsed
-        if killed_at is None and elapsed >= args.seconds:
+        sending = elapsed < args.seconds and (killed_at is None or cluster)
+        if not sending and not cluster and (killed_at is None or not live
+                                            or elapsed >= args.seconds + 10):
             break
-        if killed_at is None:
-            for i in open_:
-                while sent[i] - acked[i] < window:
+        if not sending and cluster and (elapsed >= args.seconds + 30 or (
+                not back and not any(unacked)
+                and time.perf_counter() - last_frame >= args.settle)):
+            break
+        for fut in [f for f in back if f.done()]:
+            returned(fut, back.pop(fut))
+            if not back:
+                back_at = time.perf_counter() - start
+        if sending:
+            for i in range(n):
+                while i in live and unacked[i] < window:
                     send(i)
             flush()
         for key, _ in sel.select(0.01):
-            i = key.data
-            lines, closed = read_lines(clients[i])
-            if closed:
-                sel.unregister(clients[i].sock)
-                open_.discard(i)
-            for mid, s_, q in ECHO_RE.findall(lines):
-                if int(s_) != i or int(q) != acked[i]:
-                    errors.append(f"sender {i}: echo {int(s_)}:{int(q)} after {acked[i] - 1}")
-                acked[i] += 1
-                seen[i].append(int(mid))
-                if killed_at is None:
-                    stored_in_window += 1
+            idx = key.data
+            lines, gone = read_lines(conns[idx])
+            if idx < n:
+                for mid, s_, q in ECHO_RE.findall(lines):
+                    if int(s_) != idx or int(q) != expect[idx]:
+                        errors.append(f"sender {idx}: echo {int(s_)}:{int(q)} after "
+                                      f"{expect[idx] - 1}")
+                    expect[idx] = int(q) + 1
+                    acked[idx] += 1
+                    unacked[idx] = max(0, unacked[idx] - 1)
+                    seen[idx].append(int(mid))
+                    if killed_at is None:
+                        stored_in_window += 1
+            else:
+                session = streams[idx - n][-1]
+                for mid, r in ROOM_MSG_RE.findall(lines):
+                    session.setdefault(r.decode(), []).append(int(mid))
+                    last_frame = time.perf_counter()
             if b'"type":"error"' in lines:
-                errors.append(f"sender {i}: {lines[:200]!r}")
+                errors.append(f"client {idx}: {lines[:200]!r}")
+            if gone:
+                closed(idx)
+    pool.shutdown(wait=False, cancel_futures=True)
+    if back:
+        errors.append(f"{len(back)} clients not logged in again by the end")
     took = killed_at if killed_at is not None else time.perf_counter() - start
-    server_cpu = (cpu_at_kill if killed_at is not None else proc_cpu(args.pid)) - cpu0
+    if server_cpu is None:
+        server_cpu = cpu_since(cpu0)
     if args.seen_file:
-        Path(args.seen_file).write_text(json.dumps(
-            {f"{args.prefix}r{i}": {"user": clients[i].name, "ids": seen[i]} for i in range(n)}))
+        Path(args.seen_file).write_text(json.dumps({
+            "rooms": {room[i]: {"user": conns[i].name, "ids": seen[i]} for i in range(n)},
+            "readers": [{"user": conns[n + k].name, "sessions": s}
+                        for k, s in enumerate(streams)]}))
+    for c in conns:
+        c.sock.close()
     return {
         "stored_per_s": stored_in_window / took, "stored": sum(acked),
         "server_us_per_message": server_cpu / stored_in_window * 1e6 if stored_in_window else None,
-        "killed_at_s": killed_at, "seconds": took, "errors": errors[:5], "ok": not errors,
+        "killed_at_s": killed_at, "seconds": took, "nodes": len(ports),
+        "back_after_s": back_at - killed_at if back_at and killed_at else None,
+        "errors": errors[:5], "ok": not errors,
     }
 
 
 def verify(args, ctx) -> dict:
-    """After a restart on the same data: every acknowledged msg_id is in history, once."""
+    """After the kill (a restart, on one node): every acknowledged msg_id is in history,
+    and no message (msg_id, or sender and sequence number) is in it twice. With readers
+    (several nodes), each reader session's stream of a room must be in order, once each,
+    and hold every stored message from its first to its last; the first session from the
+    room's first message, the last to the room's last."""
     saw = json.loads(Path(args.seen_file).read_text())
-    missing, extra, checked = 0, 0, 0
+    missing = extra = checked = doubled = 0
     errors: list[str] = []
-    for room, entry in sorted(saw.items()):
+    history: dict[str, list[int]] = {}
+    for room, entry in sorted(saw["rooms"].items()):
         ids = entry["ids"]
         c = Client(args.port, ctx, entry["user"], register=False, room=None)
         stored: list[int] = []
+        texts: list[str] = []
         after = 0
         while True:
             h = c._request({"type": "history", "room": room, "after": after, "limit": 200})
-            got = [m["msg_id"] for m in h["messages"]]
-            if not got:
+            if not h["messages"]:
                 break
-            stored += got
-            after = got[-1]
-        if len(stored) != len(set(stored)):
-            errors.append(f"{room}: a msg_id twice in history")
+            stored += [m["msg_id"] for m in h["messages"]]
+            texts += [m["message"].rsplit(":", 1)[0] for m in h["messages"]]
+            after = stored[-1]
+        history[room] = stored
+        twice = len(stored) - len(set(stored)) + len(texts) - len(set(texts))
+        if twice:
+            errors.append(f"{room}: {twice} messages twice in history")
+        doubled += twice
         lost = set(ids) - set(stored)
         missing += len(lost)
         extra += len(stored) - len(set(ids) & set(stored))
@@ -872,10 +959,31 @@ def verify(args, ctx) -> dict:
         if lost:
             errors.append(f"{room}: {len(lost)} acknowledged messages missing, e.g. {min(lost)}")
         c.sock.close()
+    r_checked = r_missing = r_doubled = 0
+    for reader in saw.get("readers", []):
+        sessions = reader["sessions"]
+        for j, session in enumerate(sessions):
+            for room, stored in history.items():
+                got = session.get(room, [])
+                if got != sorted(set(got)):
+                    r_doubled += len(got) - len(set(got))
+                    errors.append(f"{reader['user']} session {j}: {room} out of order or twice")
+                if not stored or (not got and len(sessions) > 1):
+                    continue  # nothing to place it: what it missed is a catch-up's
+                low = stored[0] if j == 0 else got[0]
+                high = stored[-1] if j == len(sessions) - 1 else got[-1]
+                want = {m for m in stored if low <= m <= high}
+                lost = want - set(got)
+                r_checked += len(want)
+                r_missing += len(lost)
+                if lost:
+                    errors.append(f"{reader['user']} session {j}: {len(lost)} of {room} "
+                                  f"missing, e.g. {min(lost)}")
     # `extra`: stored but never seen acknowledged, the messages in flight at the kill
     # whose echo was lost with the server; allowed, since no one was told they were stored.
     return {"acknowledged": checked, "missing": missing, "stored_unacknowledged": extra,
-            "errors": errors[:5], "ok": not errors}
+            "doubled": doubled, "reader_deliveries": r_checked, "reader_missing": r_missing,
+            "reader_doubled": r_doubled, "errors": errors[:5], "ok": not errors}
 
 
 PROTOCOLS.update({
@@ -909,6 +1017,8 @@ def main() -> int:
                     help="(f) messages/s offered for the latency, comma-separated")
     ap.add_argument("--pg-db", help="(f) the database whose PostgreSQL backends to measure")
     ap.add_argument("--redis-pid", type=int, help="(f) the Redis server's process id")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="(e) over several nodes: quiet seconds the readers get at the end")
     args = ap.parse_args()
     args.ports = [int(p) for p in args.port.split(",")]
     args.pids = [int(p) for p in args.pid.split(",")]
