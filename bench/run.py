@@ -105,8 +105,10 @@ def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subproc
         if m := re.search(r"listening on [^ ]+:(\d+)", line):
             # Keep draining stderr so the server never blocks on a full pipe, into a file
             # a setup of several nodes shows at its end (warnings and errors only).
-            threading.Thread(target=_keep, args=(proc.stderr, data / "server.log"),
-                             daemon=True).start()
+            keeper = threading.Thread(target=_keep, args=(proc.stderr, data / "server.log"),
+                                      daemon=True)
+            keeper.start()
+            proc.keeper = keeper  # type: ignore[attr-defined]
             return proc, int(m.group(1))
     raise SystemExit(f"{kind} did not start")
 
@@ -125,6 +127,8 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+    if keeper := getattr(proc, "keeper", None):
+        keeper.join(5)  # the last lines written, for show_logs
 
 
 # (f)'s setups of our server: (nodes, on PostgreSQL, with Redis). "pg-redis" is one node
