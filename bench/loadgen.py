@@ -832,9 +832,10 @@ def workload_e(args, ctx) -> dict:
         conns[idx].sock.close()
         live.discard(idx)
         pending.pop(idx, None)
-        if killed_at is None:
-            errors.append(f"client {idx} closed by the server")
-        elif cluster:  # to another node, as behind a balancer
+        node = idx % len(ports) if idx < n else idx - n
+        if killed_at is None or node != 0:
+            errors.append(f"client {idx} closed by node {node + 1}")
+        if killed_at is not None and cluster:  # to another node, as behind a balancer
             others = ports[1:]
             back[pool.submit(Client, others[idx % len(others)], ctx, conns[idx].name,
                              register=False, room=None)] = idx
