@@ -1,7 +1,9 @@
 """Load generator for protocol v1 over TLS: workloads (a) latency, (b) throughput,
-(c) many idle connections, (e) storage, against a server already running.
+(c) many idle connections, (e) storage, (f) (a) and (b) over several nodes, against a
+server (or the nodes of a cluster) already running.
 
     python bench/loadgen.py WORKLOAD --port P --cafile CA --pid SERVER_PID [options]
+    python bench/loadgen.py f --ports P1,P2,P3 --pids PID1,PID2,PID3 --cafile CA [options]
 
 One process, one thread, one selector over every client socket, so its own CPU use
 (reported) tells whether the generator or the server was the limit. Messages carry
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import irc
+from bench import irc, nodes
 from chat import tls
 
 PASSWORD = "loadgen kettle ivory 7731 zq"
@@ -43,6 +45,23 @@ def proc_cpu(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each process still there."""
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = proc_cpu(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds the processes of `before` used since; one that went counts nothing."""
+    now = cpu_of(list(before))
+    return sum(now[pid] - before[pid] for pid in now)
 
 
 def proc_rss(pid: int) -> int:
@@ -198,6 +217,11 @@ class Run:
         self.first: dict[tuple[int, int], int] = {}
         self.pending: dict[int, bytearray] = {}
         self.pongs: list[tuple[int, bytes]] = []
+        # (f): each client's node; receipts by others are then kept apart by whether the
+        # receiver is on the sender's node or another.
+        self.node_of: list[int] | None = None
+        self.same_node: list[int] = []
+        self.other_node: list[int] = []
 
     def send(self, sender: int) -> None:
         c = self.clients[sender]
@@ -257,6 +281,9 @@ class Run:
                 lat = now - int(t)
                 self.latencies.append(lat)
                 self.first.setdefault((sender, seq), lat)
+                if self.node_of is not None and i != sender:
+                    same = self.node_of[i] == self.node_of[sender]
+                    (self.same_node if same else self.other_node).append(lat)
         if self.echo and (b'"type":"error"' in chunk or b'"type":"bye"' in chunk):
             self.errors.append(f"receiver {i}: {chunk[:200]!r}")
         elif not self.echo and b"PING" in chunk:
@@ -290,22 +317,10 @@ def workload_a(args, ctx, on_start=None) -> dict:
     run = Run(clients, senders=10, proto=args.proto)
     if on_start is not None:
         on_start()
-    rate = 500.0
-    interval = 10 / rate  # each of 10 senders sends every 20 ms
+    rate = 500.0  # each of 10 senders sends every 20 ms
     start = time.perf_counter()
     cpu0, gen0 = proc_cpu(args.pid), self_cpu()
-    k = 0
-    while True:
-        now = time.perf_counter()
-        if now - start >= args.seconds:
-            break
-        due = start + k * interval / 10
-        if now >= due:
-            run.send(k % 10)
-            k += 1
-            continue
-        run.flush_pending()
-        run.poll(min(0.002, due - now), measure=True)
+    _paced(args, run, rate)
     run.drain()
     took = time.perf_counter() - start
     lat = sorted(run.latencies)
@@ -321,35 +336,95 @@ def workload_a(args, ctx, on_start=None) -> dict:
     }
 
 
+def _paced(args, run: Run, rate: float) -> None:
+    """`rate` messages a second for args.seconds, the senders in turn, latency measured."""
+    start = time.perf_counter()
+    k = 0
+    while True:
+        now = time.perf_counter()
+        if now - start >= args.seconds:
+            break
+        due = start + k / rate
+        if now >= due:
+            run.send(k % run.senders)
+            k += 1
+            continue
+        run.flush_pending()
+        run.poll(min(0.002, due - now), measure=True)
+
+
+def percentile(values: list[int], q: float) -> float | None:
+    """The q-quantile of nanoseconds, in milliseconds."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(int(len(values) * q), len(values) - 1)] / 1e6
+
+
 def workload_b(args, ctx) -> dict:
     clients = connect_all(args, ctx, 50, args.prefix)
     return _throughput(args, Run(clients, senders=10, proto=args.proto))
 
 
-def _throughput(args, run: Run) -> dict:
+def _throughput(args, run: Run, side_pids: list[int] | None = None) -> dict:
+    """Every sender keeps 10 messages unacknowledged for args.seconds. The server's CPU
+    is its processes' (args.pids); `side_pids` (PostgreSQL's backends, Redis) apart."""
     window = 10
-    for s in range(10):
+    for s in range(run.senders):
         for _ in range(window):
             run.send(s)
     start = time.perf_counter()
-    cpu0, gen0 = proc_cpu(args.pid), self_cpu()
+    cpu0, side0, gen0 = cpu_of(args.pids), cpu_of(side_pids or []), self_cpu()
     d0 = run.deliveries
     while time.perf_counter() - start < args.seconds:
         run.flush_pending()
         run.poll(0.01, measure=False)
-        for s in range(10):
+        for s in range(run.senders):
             while run.sent[s] - run.acked[s] < window:
                 run.send(s)
     took = time.perf_counter() - start
     deliveries = run.deliveries - d0
-    server_cpu, gen_cpu = proc_cpu(args.pid) - cpu0, self_cpu() - gen0
+    server_cpu, side_cpu, gen_cpu = cpu_since(cpu0), cpu_since(side0), self_cpu() - gen0
     run.drain()
     return {
         "deliveries": deliveries, "deliveries_per_s": deliveries / took,
         "server_us_per_delivery": server_cpu / deliveries * 1e6 if deliveries else None,
-        "server_cpu_s": server_cpu, "generator_cpu_s": gen_cpu, "seconds": took,
-        "errors": run.errors[:5], "ok": not run.errors,
+        "side_us_per_delivery": side_cpu / deliveries * 1e6 if deliveries else None,
+        "server_cpu_s": server_cpu, "side_cpu_s": side_cpu, "generator_cpu_s": gen_cpu,
+        "seconds": took, "errors": run.errors[:5], "ok": not run.errors,
     }
+
+
+def workload_f(args, ctx) -> dict:
+    """(a) and (b) over the nodes of a cluster (or one server, for comparison): 48
+    clients in one room, client i on node i mod n, the first 12 sending (so 4 on each of
+    3 nodes). First each of `--rates` messages a second for args.seconds, for the latency
+    from send to receipt on the sender's node and on the others; then each sender keeps
+    10 unacknowledged, for deliveries/s and CPU per delivery: the nodes', and apart
+    PostgreSQL's backends for --pg-db and the Redis of --redis-pid."""
+    n, senders = 48, 12
+    ports = args.ports
+    clients = _parallel(lambda i: Client(ports[i % len(ports)], ctx, f"{args.prefix}{i}",
+                                         register=args.register), n)
+    run = Run(clients, senders)
+    run.node_of = [i % len(ports) for i in range(n)]
+    latency, errors = {}, []
+    for rate in args.rates:
+        run.same_node, run.other_node = [], []
+        _paced(args, run, rate)
+        run.drain(30)
+        latency[f"{rate:g}"] = {
+            "same_p50_ms": percentile(run.same_node, 0.5),
+            "same_p99_ms": percentile(run.same_node, 0.99),
+            "other_p50_ms": percentile(run.other_node, 0.5),
+            "other_p99_ms": percentile(run.other_node, 0.99)}
+        errors += run.errors
+        run.errors = []
+    side = [*(nodes.backend_pids(args.pg_db) if args.pg_db else []),
+            *([args.redis_pid] if args.redis_pid else [])]
+    result = _throughput(args, run, side)
+    return {**result, "nodes": len(ports), "latency": latency,
+            "errors": (errors + result["errors"])[:5], "ok": not errors and result["ok"]}
 
 
 class EncryptedRun(Run):
@@ -686,38 +761,63 @@ class _Storm:
 
 
 ECHO_RE = re.compile(rb'"msg_id":(\d+),[^\n]*"message":"(\d+):(\d+):\d+","re"')
+ROOM_MSG_RE = re.compile(rb'"msg_id":(\d+),[^\n]*?"room":"([^"]+)"')
 
 
 def workload_e(args, ctx) -> dict:
     """Messages stored per second: each of 50 senders alone in its own room, 20 messages
     unacknowledged, so the server's work is the storing, not the fan-out. With
     --kill-after, the server gets SIGKILL then, and every msg_id a sender saw echoed
-    (stored, so acknowledged) is written to --seen-file for `verify`."""
+    (stored, so acknowledged) is written to --seen-file for `verify`.
+
+    Over several nodes (--port P1,P2,P3): sender i is on node i mod n, and one reader on
+    each node is in every sender's room. The kill is the first node's; its clients log
+    in again on the others, in turn, and go on to the run's end. Then the readers are
+    given `--settle` quiet seconds, and each reader session's msg_ids, per room, go to
+    --seen-file too, for `verify` to compare with history."""
     n, window = 50, 20
-    clients = _parallel(lambda i: Client(args.port, ctx, f"{args.prefix}{i}",
-                                         register=args.register, room=f"{args.prefix}r{i}",
-                                         leave_general=True), n)
+    ports = args.ports
+    cluster = len(ports) > 1
+    room = [f"{args.prefix}r{i}" for i in range(n)]
+    conns = _parallel(lambda i: Client(ports[i % len(ports)], ctx, f"{args.prefix}{i}",
+                                       register=args.register, room=room[i],
+                                       leave_general=True), n)
+    for k, port in enumerate(ports if cluster else []):
+        reader = Client(port, ctx, f"{args.prefix}reader{k}", register=args.register, room=None)
+        for r in room:
+            if reader._request({"type": "join", "room": r})["type"] != "ok":
+                raise SystemExit(f"join failed for {reader.name}")
+        conns.append(reader)
     sel = selectors.DefaultSelector()
-    for i, c in enumerate(clients):
-        c.go_nonblocking()
-        sel.register(c.sock, selectors.EVENT_READ, i)
-    sent, acked = [0] * n, [0] * n
+
+    def watch(idx: int) -> None:
+        conns[idx].go_nonblocking()
+        sel.register(conns[idx].sock, selectors.EVENT_READ, idx)
+
+    for idx in range(len(conns)):
+        watch(idx)
+    live = set(range(len(conns)))
+    sent, acked, unacked, expect = [0] * n, [0] * n, [0] * n, [0] * n
     seen: list[list[int]] = [[] for _ in range(n)]
+    # Per reader, per session (a new one after a reconnect): room -> msg_ids received.
+    streams: list[list[dict[str, list[int]]]] = [[{}] for _ in conns[n:]]
     errors: list[str] = []
     pending: dict[int, bytearray] = {}
-    open_ = set(range(n))
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    back: dict[concurrent.futures.Future, int] = {}  # logins under way after the kill
 
     def send(i: int) -> None:
         data = (b'{"type":"send","room":"%sr%d","message":"%d:%d:%d","id":1}\n'
                 % (args.prefix.encode(), i, i, sent[i], time.perf_counter_ns()))
         sent[i] += 1
+        unacked[i] += 1
         buf = pending.setdefault(i, bytearray())
         buf += data
 
     def flush() -> None:
         for i, buf in list(pending.items()):
             try:
-                k = clients[i].sock.send(buf)
+                k = conns[i].sock.send(buf)
             except ssl.SSLWantWriteError:
                 continue
             except OSError:
@@ -727,69 +827,132 @@ def workload_e(args, ctx) -> dict:
             if not buf:
                 del pending[i]
 
-    killed_at = None
-    start = time.perf_counter()
-    cpu0 = proc_cpu(args.pid)
+    def closed(idx: int) -> None:
+        sel.unregister(conns[idx].sock)
+        conns[idx].sock.close()
+        live.discard(idx)
+        pending.pop(idx, None)
+        node = idx % len(ports) if idx < n else idx - n
+        if killed_at is None or node != 0:
+            errors.append(f"client {idx} closed by node {node + 1}")
+        if killed_at is not None and cluster:  # to another node, as behind a balancer
+            others = ports[1:]
+            back[pool.submit(Client, others[idx % len(others)], ctx, conns[idx].name,
+                             register=False, room=None)] = idx
+
+    def returned(fut: concurrent.futures.Future, idx: int) -> None:
+        try:
+            conns[idx] = fut.result()
+        except (OSError, SystemExit, ValueError) as exc:
+            errors.append(f"client {idx} could not log in again: {exc}")
+            return
+        watch(idx)
+        live.add(idx)
+        if idx < n:  # what was in flight at the kill is not waited for
+            unacked[idx], expect[idx] = 0, sent[idx]
+        else:
+            streams[idx - n].append({})
+
+    killed_at = back_at = server_cpu = None
+    start = last_frame = time.perf_counter()
+    cpu0 = cpu_of(args.pids)
     stored_in_window = 0
-    while open_ and time.perf_counter() - start < args.seconds + 10:
+    while True:
         elapsed = time.perf_counter() - start
         if killed_at is None and args.kill_after and elapsed >= args.kill_after:
-            cpu_at_kill = proc_cpu(args.pid)
-            os.kill(args.pid, signal.SIGKILL)
+            server_cpu = cpu_since(cpu0)
+            os.kill(args.pids[0], signal.SIGKILL)
             killed_at = elapsed
-        if killed_at is None and elapsed >= args.seconds:
+        sending = elapsed < args.seconds and (killed_at is None or cluster)
+        if not sending and not cluster and (killed_at is None or not live
+                                            or elapsed >= args.seconds + 10):
             break
-        if killed_at is None:
-            for i in open_:
-                while sent[i] - acked[i] < window:
+        if not sending and cluster and (elapsed >= args.seconds + 30 or (
+                not back and not any(unacked)
+                and time.perf_counter() - last_frame >= args.settle)):
+            break
+        for fut in [f for f in back if f.done()]:
+            returned(fut, back.pop(fut))
+            if not back:
+                back_at = time.perf_counter() - start
+        if sending:
+            for i in range(n):
+                while i in live and unacked[i] < window:
                     send(i)
             flush()
         for key, _ in sel.select(0.01):
-            i = key.data
-            lines, closed = read_lines(clients[i])
-            if closed:
-                sel.unregister(clients[i].sock)
-                open_.discard(i)
-            for mid, s_, q in ECHO_RE.findall(lines):
-                if int(s_) != i or int(q) != acked[i]:
-                    errors.append(f"sender {i}: echo {int(s_)}:{int(q)} after {acked[i] - 1}")
-                acked[i] += 1
-                seen[i].append(int(mid))
-                if killed_at is None:
-                    stored_in_window += 1
+            idx = key.data
+            lines, gone = read_lines(conns[idx])
+            if idx < n:
+                for mid, s_, q in ECHO_RE.findall(lines):
+                    if int(s_) != idx or int(q) != expect[idx]:
+                        errors.append(f"sender {idx}: echo {int(s_)}:{int(q)} after "
+                                      f"{expect[idx] - 1}")
+                    expect[idx] = int(q) + 1
+                    acked[idx] += 1
+                    unacked[idx] = max(0, unacked[idx] - 1)
+                    seen[idx].append(int(mid))
+                    if killed_at is None:
+                        stored_in_window += 1
+            else:
+                session = streams[idx - n][-1]
+                for mid, r in ROOM_MSG_RE.findall(lines):
+                    session.setdefault(r.decode(), []).append(int(mid))
+                    last_frame = time.perf_counter()
             if b'"type":"error"' in lines:
-                errors.append(f"sender {i}: {lines[:200]!r}")
+                errors.append(f"client {idx}: {lines[:200]!r}")
+            if gone:
+                closed(idx)
+    pool.shutdown(wait=False, cancel_futures=True)
+    if back:
+        errors.append(f"{len(back)} clients not logged in again by the end")
     took = killed_at if killed_at is not None else time.perf_counter() - start
-    server_cpu = (cpu_at_kill if killed_at is not None else proc_cpu(args.pid)) - cpu0
+    if server_cpu is None:
+        server_cpu = cpu_since(cpu0)
     if args.seen_file:
-        Path(args.seen_file).write_text(json.dumps(
-            {f"{args.prefix}r{i}": {"user": clients[i].name, "ids": seen[i]} for i in range(n)}))
+        Path(args.seen_file).write_text(json.dumps({
+            "rooms": {room[i]: {"user": conns[i].name, "ids": seen[i]} for i in range(n)},
+            "readers": [{"user": conns[n + k].name, "sessions": s}
+                        for k, s in enumerate(streams)]}))
+    for c in conns:
+        c.sock.close()
     return {
         "stored_per_s": stored_in_window / took, "stored": sum(acked),
         "server_us_per_message": server_cpu / stored_in_window * 1e6 if stored_in_window else None,
-        "killed_at_s": killed_at, "seconds": took, "errors": errors[:5], "ok": not errors,
+        "killed_at_s": killed_at, "seconds": took, "nodes": len(ports),
+        "back_after_s": back_at - killed_at if back_at and killed_at else None,
+        "errors": errors[:5], "ok": not errors,
     }
 
 
 def verify(args, ctx) -> dict:
-    """After a restart on the same data: every acknowledged msg_id is in history, once."""
+    """After the kill (a restart, on one node): every acknowledged msg_id is in history,
+    and no message (msg_id, or sender and sequence number) is in it twice. With readers
+    (several nodes), each reader session's stream of a room must be in order, once each,
+    and hold every stored message from its first to its last; the first session from the
+    room's first message, the last to the room's last."""
     saw = json.loads(Path(args.seen_file).read_text())
-    missing, extra, checked = 0, 0, 0
+    missing = extra = checked = doubled = 0
     errors: list[str] = []
-    for room, entry in sorted(saw.items()):
+    history: dict[str, list[int]] = {}
+    for room, entry in sorted(saw["rooms"].items()):
         ids = entry["ids"]
         c = Client(args.port, ctx, entry["user"], register=False, room=None)
         stored: list[int] = []
+        texts: list[str] = []
         after = 0
         while True:
             h = c._request({"type": "history", "room": room, "after": after, "limit": 200})
-            got = [m["msg_id"] for m in h["messages"]]
-            if not got:
+            if not h["messages"]:
                 break
-            stored += got
-            after = got[-1]
-        if len(stored) != len(set(stored)):
-            errors.append(f"{room}: a msg_id twice in history")
+            stored += [m["msg_id"] for m in h["messages"]]
+            texts += [m["message"].rsplit(":", 1)[0] for m in h["messages"]]
+            after = stored[-1]
+        history[room] = stored
+        twice = len(stored) - len(set(stored)) + len(texts) - len(set(texts))
+        if twice:
+            errors.append(f"{room}: {twice} messages twice in history")
+        doubled += twice
         lost = set(ids) - set(stored)
         missing += len(lost)
         extra += len(stored) - len(set(ids) & set(stored))
@@ -797,10 +960,31 @@ def verify(args, ctx) -> dict:
         if lost:
             errors.append(f"{room}: {len(lost)} acknowledged messages missing, e.g. {min(lost)}")
         c.sock.close()
+    r_checked = r_missing = r_doubled = 0
+    for reader in saw.get("readers", []):
+        sessions = reader["sessions"]
+        for j, session in enumerate(sessions):
+            for room, stored in history.items():
+                got = session.get(room, [])
+                if got != sorted(set(got)):
+                    r_doubled += len(got) - len(set(got))
+                    errors.append(f"{reader['user']} session {j}: {room} out of order or twice")
+                if not stored or (not got and len(sessions) > 1):
+                    continue  # nothing to place it: what it missed is a catch-up's
+                low = stored[0] if j == 0 else got[0]
+                high = stored[-1] if j == len(sessions) - 1 else got[-1]
+                want = {m for m in stored if low <= m <= high}
+                lost = want - set(got)
+                r_checked += len(want)
+                r_missing += len(lost)
+                if lost:
+                    errors.append(f"{reader['user']} session {j}: {len(lost)} of {room} "
+                                  f"missing, e.g. {min(lost)}")
     # `extra`: stored but never seen acknowledged, the messages in flight at the kill
     # whose echo was lost with the server; allowed, since no one was told they were stored.
     return {"acknowledged": checked, "missing": missing, "stored_unacknowledged": extra,
-            "errors": errors[:5], "ok": not errors}
+            "doubled": doubled, "reader_deliveries": r_checked, "reader_missing": r_missing,
+            "reader_doubled": r_doubled, "errors": errors[:5], "ok": not errors}
 
 
 PROTOCOLS.update({
@@ -813,10 +997,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workload", choices=["a", "b", "be", "decrypt", "c", "d", "e", "verify",
-                                         "storm"])
-    ap.add_argument("--port", type=int, required=True)
+                                         "storm", "f"])
+    ap.add_argument("--port", required=True, help="(f) one per node, comma-separated")
     ap.add_argument("--cafile", required=True)
-    ap.add_argument("--pid", type=int, required=True, help="the server's process id")
+    ap.add_argument("--pid", required=True,
+                    help="the server's process id; (f) one per node, comma-separated")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--idle-seconds", type=float, default=120.0,
@@ -829,11 +1014,22 @@ def main() -> int:
     ap.add_argument("--bcrypt-cost", type=int, default=12, help="(d) the server's cost")
     ap.add_argument("--kill-after", type=float, default=0.0, help="(e) SIGKILL the server then")
     ap.add_argument("--seen-file", help="(e) where to write, (verify) where to read, the ids")
+    ap.add_argument("--rates", default="50,200",
+                    help="(f) messages/s offered for the latency, comma-separated")
+    ap.add_argument("--pg-db", help="(f) the database whose PostgreSQL backends to measure")
+    ap.add_argument("--redis-pid", type=int, help="(f) the Redis server's process id")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="(e) over several nodes: quiet seconds the readers get at the end")
     args = ap.parse_args()
+    args.ports = [int(p) for p in args.port.split(",")]
+    args.pids = [int(p) for p in args.pid.split(",")]
+    args.port, args.pid = args.ports[0], args.pids[0]
+    args.rates = [float(r) for r in args.rates.split(",")]
     ctx = tls.client_context(args.cafile)
     result = {"a": workload_a, "b": workload_b, "be": workload_be, "decrypt": decrypt_rate,
               "c": workload_c, "d": workload_d,
-              "e": workload_e, "verify": verify, "storm": storm}[args.workload](args, ctx)
+              "e": workload_e, "verify": verify, "storm": storm,
+              "f": workload_f}[args.workload](args, ctx)
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

@@ -1,17 +1,24 @@
 """Start each server, run the workloads against it, stop it, print one table.
 
     bench/run.sh [--runs 3] [--seconds 10] [--idle 10000] [--servers chat,naive]
-                 [--workloads a,b,be,c,d,e]
+                 [--workloads a,b,be,c,d,e,f] [--setups sqlite,pg,pg-redis,cluster]
 
 Our server runs with its flood limits raised (the documented benchmark settings: frame
-rate, connections and registrations per address, failed logins per address), since the
-peers run with theirs off; everything else is default, bcrypt cost 12 included, except
-workload (c), which registers its many users at cost 4 (stated in the table).
+rate, connections and registrations per address, failed logins per address, the reply
+budget for (e)'s reading of history), since the peers run with theirs off; everything
+else is default, bcrypt cost 12 included, except workloads (c) and (f), which register
+their users at cost 4 (stated in the table).
+
+Workload (f) runs against our server set up several ways (`--setups`): one node on SQLite,
+one on PostgreSQL, one on PostgreSQL and Redis (a cluster of one), and three nodes on
+PostgreSQL and Redis (bench/nodes.py makes a database and a Redis of the run's own).
+With `e` and the setup `cluster`, (e)'s kill -9 check runs on the three nodes too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -22,11 +29,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PY = sys.executable
+sys.path.insert(0, str(REPO))
+
+from bench import nodes  # noqa: E402
 
 PEERS = ("ngircd", "inspircd", "miniircd")
 BENCH_LIMITS = [
@@ -34,6 +45,9 @@ BENCH_LIMITS = [
     "--read-bytes-per-second", "1000000000",
     "--max-connections-per-ip", "100000", "--registrations-per-ip", "1000000",
     "--login-ip-failures", "1000000", "--log-level", "WARNING",
+    # (e)'s check reads every stored message back through history, which the reply
+    # budget (issue 16) would pace to ~250 rows a second: 10 minutes for a 10 s run.
+    "--reply-bytes-per-second", "1000000000",
 ]
 
 
@@ -89,10 +103,22 @@ def start(kind: str, certs: Path, data: Path, extra: list[str]) -> tuple[subproc
     assert proc.stderr is not None
     for line in proc.stderr:
         if m := re.search(r"listening on [^ ]+:(\d+)", line):
-            # Keep draining stderr so the server never blocks on a full pipe.
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            # Keep draining stderr so the server never blocks on a full pipe, into a file
+            # a setup of several nodes shows at its end (warnings and errors only).
+            keeper = threading.Thread(target=_keep, args=(proc.stderr, data / "server.log"),
+                                      daemon=True)
+            keeper.start()
+            proc.keeper = keeper  # type: ignore[attr-defined]
             return proc, int(m.group(1))
     raise SystemExit(f"{kind} did not start")
+
+
+def _keep(stream, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as out:
+        for line in stream:
+            out.write(line)
+            out.flush()
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -101,11 +127,67 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+    if keeper := getattr(proc, "keeper", None):
+        keeper.join(5)  # the last lines written, for show_logs
 
 
-def loadgen(workload: str, port: int, pid: int, cafile: Path, prefix: str, proto: str,
-            **opts) -> dict:
-    cmd = [PY, str(BENCH / "loadgen.py"), workload, "--port", str(port), "--pid", str(pid),
+# (f)'s setups of our server: (nodes, on PostgreSQL, with Redis). "pg-redis" is one node
+# of a cluster: the cluster's write path (chat.cluster) without the other nodes.
+SETUPS = {"sqlite": (1, False, False), "pg": (1, True, False), "pg-redis": (1, True, True),
+          "cluster": (3, True, True)}
+SETUP_NAMES = {"sqlite": "1 node, SQLite", "pg": "1 node, PostgreSQL",
+               "pg-redis": "1 node, PostgreSQL + Redis", "cluster": "3 nodes, PostgreSQL + Redis"}
+
+
+@contextlib.contextmanager
+def setup(name: str, certs: Path, data: Path, extra: list[str]) -> Iterator[dict]:
+    """Our server as (f)'s setup `name`, started and, at the end, stopped: its nodes'
+    processes and ports, the database and the Redis, and `restart(i)` for node i."""
+    count, pg, redis = SETUPS[name]
+    with contextlib.ExitStack() as stack:
+        stack.callback(show_logs, name, [data / f"node{i}" / "server.log" for i in range(count)])
+        flags = list(extra)
+        got: dict = {"db": None, "redis": None}
+        if pg:
+            got["db"], url = nodes.create_database()
+            stack.callback(nodes.drop_database, got["db"])
+            flags += ["--db", url]
+        if redis:
+            got["redis"] = nodes.Redis(data / "redis")
+            stack.callback(got["redis"].stop)
+            # Nodes share the pepper (and the certificate); each has its own data dir.
+            flags += ["--redis", got["redis"].url, "--redis-prefix", "bench",
+                      "--pepper-file", str(data / "pepper")]
+
+        got["procs"], got["ports"] = [None] * count, [None] * count
+
+        def restart(i: int) -> None:
+            got["procs"][i], got["ports"][i] = start("chat", certs, data / f"node{i}", flags)
+            stack.callback(stop, got["procs"][i])
+
+        for i in range(count):
+            restart(i)
+        got["restart"] = restart
+        yield got
+
+
+def show_logs(name: str, paths: list[Path]) -> None:
+    """What the nodes logged (at WARNING and above), on stderr: a healthy run logs nothing."""
+    for i, path in enumerate(paths):
+        lines = path.read_text().splitlines() if path.exists() else []
+        if lines:
+            print(f"{name} node {i} logged {len(lines)} lines; the first:", file=sys.stderr)
+            for line in lines[:20]:
+                print(f"    {line}", file=sys.stderr)
+
+
+def loadgen(workload: str, port: int | list[int], pid: int | list[int], cafile: Path,
+            prefix: str, proto: str, **opts) -> dict:
+    """bench/loadgen.py's result; several ports and pids for the nodes of a cluster."""
+    def listed(x: int | list[int]) -> str:
+        return ",".join(map(str, x)) if isinstance(x, list) else str(x)
+
+    cmd = [PY, str(BENCH / "loadgen.py"), workload, "--port", listed(port), "--pid", listed(pid),
            "--cafile", str(cafile), "--prefix", prefix, "--proto", proto]
     for k, v in opts.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -164,6 +246,39 @@ def run_e(certs: Path, tmp: Path, runs: int, seconds: float) -> dict:
     return {"runs": stored, "killed": killed, "verify": check}
 
 
+def run_f(certs: Path, tmp: Path, setups: list[str], runs: int, seconds: float) -> dict:
+    """(f) against each setup, runs outermost as for (a) and (b)."""
+    results: dict[str, list] = {name: [] for name in setups}
+    for run in range(runs):
+        for name in setups:
+            with setup(name, certs, tmp / f"f-{name}-{run}", ["--bcrypt-rounds", "4"]) as s:
+                side = {"pg_db": s["db"]} if s["db"] else {}
+                if s["redis"]:
+                    side["redis_pid"] = s["redis"].proc.pid
+                results[name].append(loadgen(
+                    "f", s["ports"], [p.pid for p in s["procs"]], certs / "ca.crt",
+                    f"f{run}x", "chat", seconds=seconds, **side))
+            print(f"{name} f run {run}: {results[name][-1]}", file=sys.stderr)
+    return results
+
+
+def run_e_cluster(certs: Path, tmp: Path, seconds: float) -> dict:
+    """(e)'s kill -9 on three nodes: the first killed half way, its clients logging in
+    again on the others; then it is restarted and every acknowledged msg_id, and every
+    reader's stream, compared with history there."""
+    seen = tmp / "seen-cluster.json"
+    with setup("cluster", certs, tmp / "e-cluster", []) as s:
+        killed = loadgen("e", s["ports"], [p.pid for p in s["procs"]], certs / "ca.crt",
+                         "ec", "chat", seconds=seconds,
+                         **{"kill-after": seconds / 2, "seen-file": seen})
+        s["procs"][0].wait(30)
+        s["restart"](0)
+        check = loadgen("verify", s["ports"][0], s["procs"][0].pid, certs / "ca.crt", "ec",
+                        "chat", **{"seen-file": seen})
+    print(f"cluster e kill: {killed} / verify: {check}", file=sys.stderr)
+    return {"killed": killed, "verify": check}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +292,10 @@ def main() -> int:
                     help="comma-separated; the IRC peers need bench/peers/install.sh first; "
                     "chat@PATH is our server from another checkout (before/after)")
     ap.add_argument("--workloads", default="a,b,c,d,e",
-                    help="(c), (d) and (e) run against our server only")
+                    help="(c), (d), (e) and (f) run against our server only")
+    ap.add_argument("--setups", default="sqlite,pg,pg-redis,cluster",
+                    help="(f): our server on SQLite, on PostgreSQL, one and three nodes on "
+                    "PostgreSQL and Redis; comma-separated")
     args = ap.parse_args()
     workloads = set(args.workloads.split(","))
     cal = calibrate()
@@ -233,6 +351,11 @@ def main() -> int:
                     print(f"chat d run {run}: {extra['d'][-1]}", file=sys.stderr)
             if "e" in workloads:
                 extra["e"] = run_e(certs, tmp, args.runs, args.seconds)
+        if "f" in workloads:
+            setups = args.setups.split(",")
+            extra["f"] = run_f(certs, tmp, setups, args.runs, args.seconds)
+            if "e" in workloads and "cluster" in setups:
+                extra["e_cluster"] = run_e_cluster(certs, tmp, args.seconds)
         if "be" in workloads:  # the client's side: no server needed
             extra["decrypt"] = loadgen("decrypt", 0, os.getpid(), certs / "ca.crt", "x", "chat")
     print_tables(args, cal, rows, extra)
@@ -245,37 +368,8 @@ def print_tables(args, cal: dict, rows: list, extra: dict) -> None:
           f"median (min..max) of {args.runs} runs of {args.seconds:g} s. Calibration: "
           f"sum(range(1000)) {cal['sum_range_1000_us']:.1f} µs, one bcrypt hash at cost 12 "
           f"{cal['bcrypt12_s'] * 1000:.0f} ms\n")
-    print("| server | (a) p50 ms | (a) p99 ms | (a) max ms | (a) p99 of first receipt ms | "
-          "(a) generator CPU s | (b) deliveries/s | (b) server µs/delivery | "
-          "(b) generator CPU s | all ok |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for kind, res in rows:
-        a, b = res["a"], res["b"]
-        ok = all(r.get("ok") for r in a + b)
-        print(f"| {kind} | {spread([r.get('p50_ms') for r in a], '.2f')} | "
-              f"{spread([r.get('p99_ms') for r in a], '.2f')} | "
-              f"{spread([r.get('max_ms') for r in a], '.1f')} | "
-              f"{spread([r.get('first_p99_ms') for r in a], '.2f')} | "
-              f"{spread([r.get('generator_cpu_s') for r in a], '.1f')} | "
-              f"{spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
-              f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
-              f"{spread([r.get('generator_cpu_s') for r in b], '.1f')} | {'yes' if ok else 'NO'} |")
-    enc = [(kind, res) for kind, res in rows if res["be"]]
-    if enc:
-        print("\n(be) = (b) in an end-to-end encrypted private room: every message a Megolm "
-              "envelope of 200 bytes of text, encrypted by its sender as it is sent; beside "
-              "the plaintext (b) of the same runs.\n")
-        print("| server | (b) deliveries/s | (be) deliveries/s | (b) server µs/delivery | "
-              "(be) server µs/delivery | (be) generator CPU s | all ok |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        for kind, res in enc:
-            b, be = res["b"], res["be"]
-            print(f"| {kind} | {spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
-                  f"{spread([r.get('deliveries_per_s') for r in be], ',.0f')} | "
-                  f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
-                  f"{spread([r.get('server_us_per_delivery') for r in be], '.2f')} | "
-                  f"{spread([r.get('generator_cpu_s') for r in be], '.1f')} | "
-                  f"{'yes' if all(r.get('ok') for r in be) else 'NO'} |")
+    if rows and any(res["a"] or res["b"] for _, res in rows):
+        print_ab(rows)
     if dec := extra.get("decrypt"):
         print(f"\nA client's decryption of room messages (chat-client's machinery: frame "
               f"checks, Megolm, the replay table in its key store; one core): "
@@ -311,9 +405,91 @@ def print_tables(args, cal: dict, rows: list, extra: dict) -> None:
               f"messages stored/s ({us}"
               f" µs of server CPU each); kill -9 after {k.get('killed_at_s') or 0:.1f} s: "
               f"{v.get('acknowledged')} acknowledged, {v.get('missing')} missing from history, "
-              f"{v.get('stored_unacknowledged')} stored but not acknowledged; "
+              f"{v.get('doubled')} doubled, {v.get('stored_unacknowledged')} stored but not "
+              f"acknowledged; "
+              f"{'ok' if v.get('ok') and k.get('ok') else 'FAILED ' + str(k) + str(v)}")
+    if f := extra.get("f"):
+        print_f(args, f)
+    if ec := extra.get("e_cluster"):
+        k, v = ec["killed"], ec["verify"]
+        print(f"\n(e) on 3 nodes (PostgreSQL, Redis), bcrypt cost 12, a reader on each node in "
+              f"all 50 rooms: {k.get('stored_per_s') or 0:,.0f} messages stored/s before the "
+              f"kill ({k.get('server_us_per_message') or 0:.1f} µs of the nodes' CPU each); "
+              f"node 1 killed with kill -9 after {k.get('killed_at_s') or 0:.1f} s, its clients "
+              f"logged in on nodes 2 and 3 within {k.get('back_after_s') or 0:.1f} s; "
+              f"{v.get('acknowledged')} acknowledged, {v.get('missing')} missing from history "
+              f"(read on node 1 restarted), {v.get('doubled')} doubled, "
+              f"{v.get('stored_unacknowledged')} stored but not acknowledged; readers: "
+              f"{v.get('reader_deliveries')} deliveries checked, {v.get('reader_missing')} "
+              f"missing, {v.get('reader_doubled')} doubled or out of order; "
               f"{'ok' if v.get('ok') and k.get('ok') else 'FAILED ' + str(k) + str(v)}")
 
+
+def print_ab(rows: list) -> None:
+    print("| server | (a) p50 ms | (a) p99 ms | (a) max ms | (a) p99 of first receipt ms | "
+          "(a) generator CPU s | (b) deliveries/s | (b) server µs/delivery | "
+          "(b) generator CPU s | all ok |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for kind, res in rows:
+        a, b = res["a"], res["b"]
+        ok = all(r.get("ok") for r in a + b)
+        print(f"| {kind} | {spread([r.get('p50_ms') for r in a], '.2f')} | "
+              f"{spread([r.get('p99_ms') for r in a], '.2f')} | "
+              f"{spread([r.get('max_ms') for r in a], '.1f')} | "
+              f"{spread([r.get('first_p99_ms') for r in a], '.2f')} | "
+              f"{spread([r.get('generator_cpu_s') for r in a], '.1f')} | "
+              f"{spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
+              f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
+              f"{spread([r.get('generator_cpu_s') for r in b], '.1f')} | {'yes' if ok else 'NO'} |")
+    enc = [(kind, res) for kind, res in rows if res["be"]]
+    if enc:
+        print("\n(be) = (b) in an end-to-end encrypted private room: every message a Megolm "
+              "envelope of 200 bytes of text, encrypted by its sender as it is sent; beside "
+              "the plaintext (b) of the same runs.\n")
+        print("| server | (b) deliveries/s | (be) deliveries/s | (b) server µs/delivery | "
+              "(be) server µs/delivery | (be) generator CPU s | all ok |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for kind, res in enc:
+            b, be = res["b"], res["be"]
+            print(f"| {kind} | {spread([r.get('deliveries_per_s') for r in b], ',.0f')} | "
+                  f"{spread([r.get('deliveries_per_s') for r in be], ',.0f')} | "
+                  f"{spread([r.get('server_us_per_delivery') for r in b], '.2f')} | "
+                  f"{spread([r.get('server_us_per_delivery') for r in be], '.2f')} | "
+                  f"{spread([r.get('generator_cpu_s') for r in be], '.1f')} | "
+                  f"{'yes' if all(r.get('ok') for r in be) else 'NO'} |")
+
+
+def print_f(args, results: dict) -> None:
+    print("\n(f): 48 clients in one room, client i on node i mod n, 12 senders (4 a node on "
+          "3 nodes); users at bcrypt cost 4. Deliveries/s with 10 messages unacknowledged a "
+          "sender; CPU per delivery: the nodes' processes, and apart PostgreSQL's backends "
+          "for the run's database and the Redis server.\n")
+    print("| setup | deliveries/s | nodes µs/delivery | PostgreSQL + Redis µs/delivery | "
+          "generator CPU s | all ok |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, rs in results.items():
+        def col(key: str, fmt: str, rs: list = rs) -> str:
+            return spread([r.get(key) for r in rs], fmt)
+
+        ok = bool(rs) and all(r.get("ok") for r in rs)
+        print(f"| {SETUP_NAMES.get(name, name)} | {col('deliveries_per_s', ',.0f')} | "
+              f"{col('server_us_per_delivery', '.2f')} | "
+              f"{col('side_us_per_delivery', '.2f') if name != 'sqlite' else '-'} | "
+              f"{col('generator_cpu_s', '.1f')} | "
+              f"{'yes' if ok else 'NO ' + str([r.get('errors') for r in rs])} |")
+    print("\n(f) latency from send to receipt at a fixed rate, before the deliveries/s: "
+          "on the sender's node (its own echo left out) and on the other nodes.\n")
+    print("| setup | messages/s | p50 ms same node | p99 ms same node | p50 ms other nodes | "
+          "p99 ms other nodes |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, rs in results.items():
+        rates = rs[0].get("latency", {}) if rs else {}
+        for rate in rates:
+            def lat(key: str, rs: list = rs, rate: str = rate) -> str:
+                return spread([r.get("latency", {}).get(rate, {}).get(key) for r in rs], ".2f")
+
+            print(f"| {SETUP_NAMES.get(name, name)} | {rate} | {lat('same_p50_ms')} | "
+                  f"{lat('same_p99_ms')} | {lat('other_p50_ms')} | {lat('other_p99_ms')} |")
 
 if __name__ == "__main__":
     raise SystemExit(main())
