@@ -350,8 +350,16 @@ def test_while_redis_is_down_messages_flow_and_kicks_wait_for_it(cluster: Any) -
         # What must reach every node before its `ok` is refused, and changes nothing.
         refused = alice.request({"type": "kick", "room": "den", "username": "bob"})
         assert refused["type"] == "error" and refused["code"] == "server_busy", refused
-        # The health check tells the balancer to send new clients elsewhere.
-        assert not n1.server.healthy()
+        # So is the operator's, at once, and saying why.
+        answer = n1.server.control.perform({"action": "room_kick", "args": {
+            "name": "den", "username": "bob"}})
+        assert not answer["ok"] and "Redis" in answer["error"], answer
+        answer = n1.server.control.perform({"action": "user_logout", "args": {
+            "name": "bob"}})
+        assert not answer["ok"] and "Redis" in answer["error"], answer
+        # Before the node ttl, the node still serves: a Redis blip must not have the
+        # balancer cut every client.
+        assert n1.server.healthy()
         c.redis.start()
         for node in c.nodes:
             wait_for(lambda node=node: node.server.bus.connected.is_set(),
