@@ -113,8 +113,10 @@ def handshake_failure(exc: OSError, peer: str, timeout: float) -> TLSFailed:
         )
     if isinstance(exc, ssl.SSLEOFError | ConnectionError):
         return TLSFailed(
-            f"{peer} closed the connection during the TLS handshake ({_why(exc)}): "
-            f"is it a chat server? The chat port is {DEFAULT_PORT}."
+            f"{peer} closed the connection during the TLS handshake ({_why(exc)}): a chat "
+            "server at its connection limit does that, and so does a balancer with no node "
+            f"to send you to; otherwise it may not be a chat server (the chat port is "
+            f"{DEFAULT_PORT})"
         )
     return TLSFailed(f"TLS handshake with {peer} failed: {_why(exc)}")
 
