@@ -328,7 +328,8 @@ class ClusterHub(LocalHub):
     def attach(self, session: Session, rooms: list[str], first: list[bytes],
                cursors: dict[str, int] | None = None) -> bool:
         """As LocalHub's; `cursors` (read by the login) start the conversations this node
-        did not follow yet: the session's rooms and its user's direct messages."""
+        does not follow yet: the session's rooms and its user's direct messages (those it
+        follows already keep their own cursor)."""
         first_here = session.key not in self._users
         if not super().attach(session, rooms, first):
             return False

@@ -584,14 +584,14 @@ class Store:
 
     def follow(self, conn: Connection, rooms: list[str], user_id: int) -> dict[str, int]:
         """Writer thread, at a login over a cluster: where this node starts following the
-        conversations it does not follow yet (the session's rooms, its direct messages)."""
+        session's conversations (its rooms, its direct messages) if it does not follow
+        them when the session is attached. Read for every one of them, followed now or
+        not: a continuation earlier in this batch (the last other session's detach, a
+        leave) may stop following one before this login's attach."""
         if not self.ordered:
             return {}
-        seq = self.hub.seq  # type: ignore[attr-defined]
-        new_rooms = [r for r in rooms if seq.cursor(room_conv(r)) is None]
-        cursors = {room_conv(r): n for r, n in newest_in_rooms(conn, new_rooms).items()}
-        if seq.cursor(user_conv(user_id)) is None:
-            cursors[user_conv(user_id)] = newest_direct(conn, [user_id])[user_id]
+        cursors = {room_conv(r): n for r, n in newest_in_rooms(conn, rooms).items()}
+        cursors[user_conv(user_id)] = newest_direct(conn, [user_id])[user_id]
         return cursors
 
     def _run_job(self, conn: Connection, job: Job) -> tuple[After, bool]:

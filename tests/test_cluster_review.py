@@ -1,0 +1,201 @@
+"""Review of the cluster core (issue 19): each test here shows one defect found in review.
+
+In-process nodes share a PostgreSQL schema and a private redis-server (the `cluster`
+fixture of test_cluster); the Sequencer, ClusterHub and Bus are also tested alone, with
+fakes. Races are made deterministic by holding a node's writer (WriterGate) or one of
+its Bus threads, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import test_cluster
+from conftest import PASSWORD, TIMEOUT
+from test_cluster import barrier
+from writer_gate import WriterGate, reply_to
+
+from chat.hub import Session
+
+pytestmark = [pytest.mark.redis]
+
+cluster = test_cluster.cluster  # the fixture: cluster(n, **settings)
+
+
+# --- helpers ------------------------------------------------------------------------
+class FakeOut:
+    """A session's outbound queue that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.ended: str | None = None
+
+    def deliver(self, data: bytes) -> bool:
+        self.frames.append(data)
+        return True
+
+    def accepting(self) -> bool:
+        return self.ended is None
+
+    def end(self, reason: str) -> None:
+        self.ended = reason
+
+    def messages(self) -> list[int]:
+        ids = []
+        for blob in self.frames:
+            for line in blob.splitlines():
+                frame = json.loads(line)
+                if frame.get("type") == "message":
+                    ids.append(frame["msg_id"])
+        return ids
+
+
+def fake_session(uid: int, name: str) -> Session:
+    return Session(uid, name.lower(), name, f"sid-{name}", out=FakeOut())
+
+
+def user_id(node: Any, name: str) -> int:
+    return node.query("SELECT id FROM users WHERE username_key = :k", k=name.lower())[0][0]
+
+
+class Submitted:
+    """Records what is submitted to a node's writer (while a WriterGate holds it), so a
+    test waits for the very jobs it means, whatever Pub/Sub queues beside them."""
+
+    def __init__(self, node: Any) -> None:
+        self.store = node.server.store
+        self.jobs: list[Any] = []
+        self._submit = self.store.submit
+
+        def submit(job: Any) -> None:
+            self.jobs.append(job)
+            self._submit(job)
+
+        self.store.submit = submit
+
+    def wait_for(self, test: Callable[[Any], bool], what: str) -> int:
+        """The index of the first recorded job passing `test`."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            for i, job in enumerate(list(self.jobs)):
+                if test(job):
+                    return i
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        del self.store.submit
+
+
+def is_login(job: Any) -> bool:
+    return getattr(job, "logs_in", None) is not None
+
+
+def is_detach(job: Any) -> bool:
+    return "_leave_hub" in getattr(job.fail, "__qualname__", "")
+
+
+def owned_by(client_port: int) -> Callable[[Any], bool]:
+    """A job of the server-side connection whose peer port is `client_port`."""
+    def test(job: Any) -> bool:
+        owner = getattr(job, "owner", None)
+        return owner is not None and owner.peer.endswith(f":{client_port}")
+    return test
+
+
+def run_on_writer(node: Any, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on the node's writer thread (the hub and Sequencer are its own)."""
+    from chat.store import Job
+
+    done = threading.Event()
+    box: list[Any] = []
+
+    def after() -> None:
+        try:
+            box.append(fn())
+        finally:
+            done.set()
+
+    node.server.store.submit(Job(lambda db: after, lambda exc: done.set()))
+    assert done.wait(TIMEOUT)
+    return box[0] if box else None
+
+
+# --- 1. a session attached in a conversation the node no longer follows -------------------
+def test_a_login_decided_beside_the_last_sessions_detach_still_gets_direct_messages(
+        cluster: Any) -> None:
+    """alice's only session on node 1 closes and a new one logs in, both decided in one
+    batch: the login's `follow` saw u:alice followed (the old session), the detach's
+    continuation then untracked it, and the new session is attached with nothing
+    tracking its direct messages: what other nodes send it is dropped for good."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    old = n1.user("alice")
+    bob = n2.user("bob")
+    new = n1.client()
+    try:
+        barrier(old)
+        gate, seen = WriterGate(n1.server), Submitted(n1)
+        try:
+            old.close()  # its detach is queued behind the gate...
+            detach = seen.wait_for(is_detach, "the old session's detach")
+            new.send({"type": "login", "username": "alice", "password": PASSWORD, "id": 1})
+            # ...then the login: decided in the same batch, after it
+            assert seen.wait_for(is_login, "the login") > detach
+        finally:
+            seen.close()
+            gate.open()
+        welcome = new.recv()
+        assert welcome["type"] == "welcome", welcome
+        uid = user_id(n1, "alice")
+        following = run_on_writer(n1, lambda: n1.server.hub.seq.cursor(f"u:{uid}"))
+        assert following is not None, "alice has a session on node 1, u:alice is not followed"
+        dm = bob.request({"type": "send", "to": "alice", "message": "are you there?"})
+        assert new.recv_until("message", to="alice")["msg_id"] == dm["msg_id"]
+    finally:
+        for client in (old, bob, new):
+            client.close()
+
+
+def test_a_login_decided_beside_the_rooms_last_leave_still_gets_the_rooms_messages(
+        cluster: Any) -> None:
+    """The same with a room: bob, node 1's only session in den, leaves it in the batch
+    that logs alice in (a member of den): r:den ends untracked with alice in it."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    n1.register("alice")
+    bob = n1.user("bob")
+    carol = n2.user("carol")
+    alice = n1.client()
+    try:
+        for who in (carol, bob):  # carol owns den: bob may leave it
+            assert who.request({"type": "join", "room": "den"})["type"] == "ok"
+        a0 = n2.client()
+        assert a0.login("alice")["type"] == "welcome"
+        assert a0.request({"type": "join", "room": "den"})["type"] == "ok"
+        a0.close()
+        barrier(bob)
+        gate, seen = WriterGate(n1.server), Submitted(n1)
+        try:
+            bob.send({"type": "leave", "room": "den", "id": 7})
+            leave = seen.wait_for(owned_by(bob.sock.getsockname()[1]), "bob's leave")
+            alice.send({"type": "login", "username": "alice", "password": PASSWORD, "id": 1})
+            assert seen.wait_for(is_login, "the login") > leave
+        finally:
+            seen.close()
+            gate.open()
+        assert reply_to(bob, 7)["type"] == "ok"
+        welcome = alice.recv()
+        assert welcome["type"] == "welcome" and "den" in welcome["rooms"], welcome
+        following = run_on_writer(n1, lambda: n1.server.hub.seq.cursor("r:den"))
+        assert following is not None, "alice is in den on node 1, r:den is not followed"
+        sent = carol.request({"type": "send", "room": "den", "message": "hello den"})
+        assert alice.recv_until("message", room="den")["msg_id"] == sent["msg_id"]
+    finally:
+        for client in (bob, carol, alice):
+            client.close()
