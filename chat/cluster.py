@@ -621,9 +621,11 @@ class ClusterHub(LocalHub):
         """This node's users and their rooms, for its Redis hash."""
         return {key: (u.name, sorted(u.rooms)) for key, u in self._users.items()}
 
-    def reconcile_rooms(self, truth: dict[str, set[str]]) -> None:
+    def reconcile_rooms(self, truth: dict[str, set[str]], newest: dict[str, int]) -> None:
         """After Redis came back: the rooms of this node's users as the database says;
-        membership events lost meanwhile are applied now (without presence)."""
+        membership events lost meanwhile are applied now (without presence). A room this
+        node did not follow is followed from `newest` (its newest id when the rooms were
+        read: anything later that went by meanwhile is a gap, filled)."""
         for key, rooms in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
@@ -632,6 +634,8 @@ class ClusterHub(LocalHub):
                 user.rooms.add(room)
                 LocalHub.joined(self, user, room)
                 self._pending.get(room, {}).pop(key, None)
+                if room in self._rooms:
+                    self.seq.track(room_conv(room), newest[room])
             for room in user.rooms - rooms:
                 user.rooms.discard(room)
                 self._left_here(user, room, mark=False)
@@ -772,9 +776,11 @@ class Filler:
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),
                     users_t.c.disabled_ms.is_not(None)), {"keys": keys}).scalars())
+            newest = newest_in_rooms(db, set().union(*truth.values()))
 
         def apply() -> None:
-            self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled})
+            self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled},
+                                     newest)
             for key in disabled:
                 LocalHub.ending(self.hub, key)
                 LocalHub.end_sessions(self.hub, key, "account_disabled")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import test_cluster
 from conftest import PASSWORD, TIMEOUT
-from test_cluster import barrier
+from test_cluster import barrier, wait_for
 from writer_gate import WriterGate, reply_to
 
 from chat.hub import Session
@@ -198,4 +198,42 @@ def test_a_login_decided_beside_the_rooms_last_leave_still_gets_the_rooms_messag
         assert alice.recv_until("message", room="den")["msg_id"] == sent["msg_id"]
     finally:
         for client in (bob, carol, alice):
+            client.close()
+
+
+# --- 2. a membership repaired after a reconnect is not followed ---------------------------
+def test_a_join_repaired_after_a_reconnect_gets_the_rooms_messages(
+        cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A join whose event never reached node 2 (Redis lost it, or the publisher's bound
+    dropped it) is repaired after node 2 reconnects (Filler.rooms, reconcile_rooms); but
+    reconcile_rooms puts the session in the room's fan-out without following r:den on
+    node 2, so what other nodes send to den never reaches it."""
+    from chat import cluster as cl
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    bob = n1.user("bob")
+    alice1 = n1.user("alice")
+    alice2 = n2.client()
+    try:
+        assert alice2.login("alice")["type"] == "welcome"
+        assert bob.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(alice2)
+        # alice joins den on node 1; the event is lost (the bound of what waits to be
+        # published: as after 100,000 events with Redis down).
+        monkeypatch.setattr(cl, "MAX_UNPUBLISHED", 0)
+        assert alice1.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(alice1)  # the join's continuation (which publishes) is done
+        monkeypatch.undo()
+        # The subscriptions drop; after the reconnect node 2 reads alice's rooms.
+        assert c.redis.client().client_kill_filter(_type="pubsub") >= 2
+        hub2 = n2.server.hub
+        wait_for(lambda: run_on_writer(n2, lambda: "den" in hub2.user_state("alice").rooms),
+                 "node 2 to repair alice's rooms")
+        assert run_on_writer(n2, lambda: hub2.seq.cursor("r:den")) is not None, \
+            "alice is in den on node 2, r:den is not followed"
+        sent = bob.request({"type": "send", "room": "den", "message": "hello den"})
+        assert alice2.recv_until("message", room="den")["msg_id"] == sent["msg_id"]
+    finally:
+        for client in (bob, alice1, alice2):
             client.close()
