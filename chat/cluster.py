@@ -427,7 +427,17 @@ class ClusterHub(LocalHub):
         self.publish({"t": "dv", "k": key, "rooms": rooms, "f": data.decode()})
 
     def to_device_queued(self, key: str, device: str) -> None:
+        self._pull(key, device)
         self.publish({"t": "td", "k": key, "d": device})
+
+    def _pull(self, key: str, device: str) -> None:
+        """The device's live sessions here read what they have not had of its queue, in
+        seq order, from their own place in it (chat.todevice.pull)."""
+        from chat.todevice import pull
+
+        for session in self.sessions_of(key):
+            if session.device == device and session.to_device_live:
+                pull(self.store, session)
 
     def sync(self, then: Callable[[], None]) -> None:
         """Call `then` (any thread) once every other node applied what was published."""
@@ -543,11 +553,7 @@ class ClusterHub(LocalHub):
         elif kind == "o":
             self._apply_online(node, event)
         elif kind == "td":
-            from chat.todevice import pull
-
-            for session in self.sessions_of(event["k"]):
-                if session.device == event["d"] and session.to_device_live:
-                    pull(self.store, session)
+            self._pull(event["k"], event["d"])
 
     def _apply_membership(self, node: str, event: dict[str, Any]) -> None:
         key, room, kind = event["k"], event["room"], event["t"]

@@ -237,3 +237,37 @@ def test_a_join_repaired_after_a_reconnect_gets_the_rooms_messages(
     finally:
         for client in (bob, alice1, alice2):
             client.close()
+
+
+# --- 3. to-device: a device's queue given twice, out of order ----------------------------
+def test_to_device_messages_from_the_devices_own_node_and_another_arrive_once_in_order(
+        cluster: Any) -> None:
+    """bob's phone is on node 2. carol's message, sent on node 2 too, goes to it live
+    without moving the session's `to_device_sent`; alice's, sent on node 1, makes node 2
+    `pull` the queue from `to_device_sent`: carol's message comes again, and (had
+    alice's committed first) after a later one."""
+    from test_todevice import Device
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    n2.register("bob")
+    bob = Device(n2, "bob", "phone")
+    carol = Device(n2, "carol", "tablet", register=True)
+    alice = Device(n1, "alice", "laptop", register=True)
+    try:
+        assert carol.to_device([("bob", "phone")], "c1")["queued"] == 1
+        assert alice.to_device([("bob", "phone")], "a1")["queued"] == 1
+        seqs: list[int] = []
+
+        def received(n: int) -> bool:
+            bob.pump()
+            seqs.extend(bob.received())
+            return len(seqs) >= n
+
+        wait_for(lambda: received(2), "both to-device messages")
+        bob.pump()
+        seqs.extend(bob.received())
+        assert seqs == sorted(set(seqs)), f"bob's phone got {seqs}"
+    finally:
+        for d in (alice, bob, carol):
+            d.conn.close()
