@@ -361,6 +361,7 @@ class ClusterHub(LocalHub):
     # --- membership -------------------------------------------------------------------
     def joined(self, user: UserState, room: str, newest: int | None = None) -> None:
         self._joined_here(user, room, newest)
+        self._remote_member(user.key, room, True)
         self.publish({"t": "j", "k": user.key, "room": room, "n": newest, **_mine(user)})
 
     def _joined_here(self, user: UserState, room: str, newest: int | None) -> None:
@@ -370,6 +371,7 @@ class ClusterHub(LocalHub):
 
     def left(self, user: UserState, room: str) -> None:
         self._left_here(user, room)
+        self._remote_member(user.key, room, False)
         self.publish({"t": "l", "k": user.key, "room": room, **_mine(user)})
 
     def _left_here(self, user: UserState, room: str, mark: bool = True) -> None:
@@ -396,11 +398,22 @@ class ClusterHub(LocalHub):
             if room in session.rooms_in:
                 session.out.deliver(data)
         self._left_here(user, room)
+        self._remote_member(user.key, room, False)
         self.publish({"t": "x", "k": user.key, "room": room, "f": data.decode(), **_mine(user)})
 
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
         """A kick or ban of a user with no session here: other nodes may have some."""
+        self._remote_member(key, room, False)
         self.publish({"t": "x", "k": key, "room": room, "f": data.decode()})
+
+    def _remote_member(self, key: str, room: str, member: bool) -> None:
+        """The user's membership changed: so it did for its sessions on every node (the
+        replica keeps their rooms per node, all the same rooms: the user's)."""
+        remote = self._remote.get(key)
+        if remote is not None:
+            for rooms in remote.rooms.values():
+                (rooms.add if member else rooms.discard)(room)
+            self._who.pop(room, None)
 
     def publish_room(self, room: str, data: bytes) -> None:
         super().publish_room(room, data)
@@ -557,10 +570,7 @@ class ClusterHub(LocalHub):
 
     def _apply_membership(self, node: str, event: dict[str, Any]) -> None:
         key, room, kind = event["k"], event["room"], event["t"]
-        remote = self._remote.get(key)
-        if remote is not None and node in remote.rooms:
-            (remote.rooms[node].add if kind == "j" else remote.rooms[node].discard)(room)
-            self._who.pop(room, None)
+        self._remote_member(key, room, kind == "j")
         user = self._users.get(key)
         if user is None:
             return

@@ -271,3 +271,59 @@ def test_to_device_messages_from_the_devices_own_node_and_another_arrive_once_in
     finally:
         for d in (alice, bob, carol):
             d.conn.close()
+
+
+# --- 4. membership events of two nodes applied out of order on a third ------------------
+def hold_publishing(node: Any, holds: Callable[[bytes], bool], until: threading.Event
+                    ) -> None:
+    """Node's publisher sends an event that `holds` only once `until` is set: a publisher
+    that lags (a burst queued before it, a slow connection), as Redis allows."""
+    bus = node.server.bus
+    send = bus._send
+
+    def held_send(client: Any, items: list[Any]) -> None:
+        if any(isinstance(i, bytes) and holds(i) for i in items):
+            assert until.wait(TIMEOUT)
+        send(client, items)
+
+    bus._send = held_send
+
+
+def tell_when_published(node: Any, published: Callable[[bytes], bool]) -> threading.Event:
+    bus = node.server.bus
+    send = bus._send
+    done = threading.Event()
+
+    def watched_send(client: Any, items: list[Any]) -> None:
+        send(client, items)
+        if any(isinstance(i, bytes) and published(i) for i in items):
+            done.set()
+
+    bus._send = watched_send
+    return done
+
+
+def test_who_on_the_kickers_node_forgets_a_user_kicked_from_another_node(
+        cluster: Any) -> None:
+    """The replica of who is online where keeps rooms per node: a kick decided on node 1
+    of a user online on node 2 changes no entry (node 1 does not apply its own `x`, and
+    others only touch the publisher's entry), so `who` keeps listing the kicked user."""
+    c = cluster(3)
+    n1, n2, n3 = c.nodes
+    owner = n1.user("owner")
+    target = n2.user("target")
+    watcher = n3.user("watcher")
+    try:
+        for who in (owner, target, watcher):
+            assert who.request({"type": "join", "room": "den"})["type"] == "ok"
+        for client in (owner, watcher):
+            wait_for(lambda client=client: "target" in client.request(
+                {"type": "who", "room": "den"})["users"], "target in den everywhere")
+        reply = owner.request({"type": "kick", "room": "den", "username": "target"})
+        assert reply["type"] == "ok", reply
+        for client in (owner, watcher):  # the ok waited for every node
+            users = client.request({"type": "who", "room": "den"})["users"]
+            assert "target" not in users, users
+    finally:
+        for client in (owner, target, watcher):
+            client.close()
