@@ -136,6 +136,17 @@ def newest_direct(db: Connection, user_ids: Iterable[int]) -> dict[int, int]:
     return {u: (n or 0) for u, n in rows}
 
 
+def memberships(db: Connection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (user key, room) pairs are memberships now."""
+    keys = sorted({k for k, _ in pairs})
+    rooms = sorted({r for _, r in pairs})
+    rows = db.execute(
+        select(users_t.c.username_key, members_t.c.room)
+        .join(members_t, members_t.c.user_id == users_t.c.id)
+        .where(users_t.c.username_key.in_(keys), members_t.c.room.in_(rooms)))
+    return {(k, r) for k, r in rows if (k, r) in pairs}
+
+
 def newest_any(db: Connection) -> int:
     return db.execute(text("SELECT coalesce(max(id), 0) FROM messages")).scalar() or 0
 
@@ -535,7 +546,10 @@ class ClusterHub(LocalHub):
         self.seq.filled(conv, after, upto, deliveries)
 
     # --- what other nodes published ----------------------------------------------------
-    def apply(self, node: str, event: dict[str, Any]) -> None:
+    def apply(self, node: str, event: dict[str, Any],
+              members: set[tuple[str, str]] | None = None) -> None:
+        """Another node's event. `members`: the (user key, room) pairs of the membership
+        events among it that the database held when they were applied (Bus.decide)."""
         kind = event["t"]
         if kind == "m":
             room = event["room"]
@@ -548,7 +562,7 @@ class ClusterHub(LocalHub):
             c = DirectChain(*event["c"])
             self._direct(event["to"], event["from"], event["f"].encode(), None, b"", c, False)
         elif kind in ("j", "l", "x"):
-            self._apply_membership(node, event)
+            self._apply_membership(node, event, members)
         elif kind == "p":
             super().publish_room(event["room"], event["f"].encode())
         elif kind == "a":
@@ -568,9 +582,18 @@ class ClusterHub(LocalHub):
         elif kind == "td":
             self._pull(event["k"], event["d"])
 
-    def _apply_membership(self, node: str, event: dict[str, Any]) -> None:
+    def _apply_membership(self, node: str, event: dict[str, Any],
+                          members: set[tuple[str, str]] | None = None) -> None:
+        """A join, leave or removal decided on another node. Events of different nodes
+        reach this one in no particular order (a kick on one node may come before the
+        join it undid, made on another a moment earlier): where the database, read when
+        the event was applied, says otherwise, it is right, and the event changes nothing
+        here (the event of whatever made the difference comes, or came, too)."""
         key, room, kind = event["k"], event["room"], event["t"]
-        self._remote_member(key, room, kind == "j")
+        member = kind == "j" if members is None else (key, room) in members
+        self._remote_member(key, room, member)
+        if member != (kind == "j"):
+            return
         user = self._users.get(key)
         if user is None:
             return
@@ -1077,17 +1100,30 @@ class Bus:
                     continue
                 events.append((node_s, event))
             if events:
-                self.store.submit(Job(lambda db, events=events: (lambda: self._apply(events)),
+                self.store.submit(Job(lambda db, events=events: self.decide(db, events),
                                       lambda exc: None))
 
-    def _apply(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def decide(self, db: Connection, events: list[tuple[str, dict[str, Any]]]
+               ) -> Callable[[], None]:
+        """Writer thread, in its batch: the memberships the events' joins, leaves and
+        removals are about, as the database holds them now (after every one of those
+        events was committed), for `_apply`."""
+        pairs = set()
+        for _node, event in events:
+            if event.get("t") in ("j", "l", "x"):
+                pairs.add((str(event.get("k")), str(event.get("room"))))
+        members = memberships(db, pairs) if pairs else set()
+        return lambda: self._apply(events, members)
+
+    def _apply(self, events: list[tuple[str, dict[str, Any]]],
+               members: set[tuple[str, str]] | None = None) -> None:
         """Writer thread."""
         for node, event in events:
             try:
                 if event["t"] == "s":
                     self._out.put(("ack", event["id"], event["from"]))
                 else:
-                    self.hub.apply(node, event)
+                    self.hub.apply(node, event, members)
             except Exception:
                 log.exception("cluster: could not apply an event from %s", node)
 

@@ -303,6 +303,42 @@ def tell_when_published(node: Any, published: Callable[[bytes], bool]) -> thread
     return done
 
 
+def test_a_banned_user_is_not_put_back_in_the_room_by_an_earlier_join_arriving_late(
+        cluster: Any) -> None:
+    """target joins den on node 2; node 2's `j` is slow to go out. owner bans target on
+    node 1: node 3 applies the `x` (nothing to do: its session is not in den yet), then
+    node 2's `j`, and puts the banned user's session in den, where it gets the room's
+    messages after the ban's `ok` (events of different nodes have no order in Redis)."""
+    c = cluster(3)
+    n1, n2, n3 = c.nodes
+    owner = n1.user("owner")
+    there = n2.user("target")
+    third = n3.client()
+    try:
+        assert third.login("target")["type"] == "welcome"
+        assert owner.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(third)
+        x_out = tell_when_published(n1, lambda e: e.startswith(b'{"t":"x"'))
+        hold_publishing(n2, lambda e: e.startswith(b'{"t":"j"') and b'"den"' in e, x_out)
+        assert there.request({"type": "join", "room": "den"})["type"] == "ok"
+        reply = owner.request({"type": "ban", "room": "den", "username": "target"})
+        assert reply["type"] == "ok", reply
+        owner.request({"type": "send", "room": "den", "message": "after the ban"})
+        owner.request({"type": "send", "to": "target", "message": "barrier"})
+        seen = []
+        while True:
+            frame = third.recv()
+            if frame["type"] == "message" and frame.get("to") == "target":
+                break
+            seen.append(frame)
+        assert [f for f in seen if f["type"] == "message" and f.get("room") == "den"] == [], \
+            "the banned user's session on node 3 got den's message after the ban's ok"
+        assert run_on_writer(n3, lambda: "den" not in n3.server.hub.user_state("target").rooms)
+    finally:
+        for client in (owner, there, third):
+            client.close()
+
+
 def test_who_on_the_kickers_node_forgets_a_user_kicked_from_another_node(
         cluster: Any) -> None:
     """The replica of who is online where keeps rooms per node: a kick decided on node 1
