@@ -1090,13 +1090,22 @@ class Bus:
             for m in batch:
                 if m.get("type") != "message":
                     continue
-                node, _, body = m["data"].partition(b" ")
-                node_s = node.decode()
-                if node_s == self.node:
-                    continue
-                event = json.loads(body)
-                if event["t"] == "k":
-                    self._acked(event["id"], node_s)
+                try:
+                    node, _, body = m["data"].partition(b" ")
+                    node_s = node.decode()
+                    if node_s == self.node:
+                        continue
+                    event = json.loads(body)
+                    if not isinstance(event, dict) or not isinstance(event.get("t"), str):
+                        raise ValueError("not an event")
+                    if event["t"] == "k":
+                        self._acked(str(event["id"]), node_s)
+                        continue
+                except (ValueError, KeyError, TypeError) as exc:
+                    # Not one of ours (another version, another program on the channel):
+                    # skipped, not the rest of the batch with it.
+                    log.warning("cluster: skipped a malformed event on %s (%s)",
+                                self.channel, type(exc).__name__)
                     continue
                 events.append((node_s, event))
             if events:

@@ -363,3 +363,76 @@ def test_who_on_the_kickers_node_forgets_a_user_kicked_from_another_node(
     finally:
         for client in (owner, target, watcher):
             client.close()
+
+
+# --- 5. bad input from Redis ------------------------------------------------------------
+class FakeStore:
+    def __init__(self) -> None:
+        self.jobs: list[Any] = []
+
+    def submit(self, job: Any) -> None:
+        self.jobs.append(job)
+
+
+class FakeMetrics:
+    class _Counter:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def inc(self, n: int = 1) -> None:
+            self.n += n
+
+    def __init__(self) -> None:
+        self.redis_errors = self._Counter()
+        self.db_errors = self._Counter()
+        self.gap_repairs = self._Counter()
+
+
+class FakePubSub:
+    """Hands out `messages`, then stops the bus."""
+
+    def __init__(self, bus: Any, messages: list[bytes]) -> None:
+        self.bus = bus
+        self.messages = [{"type": "message", "channel": b"c", "data": m} for m in messages]
+
+    def get_message(self, timeout: float = 0.0) -> dict[str, Any] | None:
+        if self.messages:
+            return self.messages.pop(0)
+        self.bus._stop.set()
+        return None
+
+
+def fake_bus(node: str = "me") -> Any:
+    from chat.cluster import Bus
+
+    class Hub:
+        def __init__(self) -> None:
+            self.node = node
+            self.applied: list[tuple[str, dict[str, Any]]] = []
+
+        def apply(self, node: str, event: dict[str, Any], *more: Any) -> None:
+            self.applied.append((node, event))
+
+    hub = Hub()
+    return Bus("redis://127.0.0.1:1/0", "p", hub, FakeStore(), None, 2.0,  # type: ignore[arg-type]
+               FakeMetrics(), lambda fenced: None)
+
+
+@pytest.mark.parametrize("bad", [
+    b"\xff\xfe {}",                      # a node name that is not UTF-8
+    b"other not json",                   # a body that is not JSON
+    b"other [1, 2]",                     # JSON, not an object
+    b'other {"x": 1}',                   # no "t"
+    b'other {"t": "k"}',                 # an acknowledgement without its id
+])
+def test_a_malformed_event_is_skipped_and_the_rest_of_its_batch_applied(bad: bytes) -> None:
+    """`_listen` parses every message of a batch before submitting it: one it cannot
+    parse raises out of the loop, the subscription is dropped and made again (counted
+    as a Redis error, `reachable` false meanwhile: kicks refused), and the good events
+    read with it (up to 256) are lost."""
+    bus = fake_bus()
+    good = b'other {"t":"u","k":"alice","f":"{}\\n","d":null}'
+    bus._listen(FakePubSub(bus, [bad, good]))  # raised
+    for job in bus.store.jobs:
+        job.run(None)()  # as the writer does (no membership event: no database read)
+    assert bus.hub.applied == [("other", json.loads(good.partition(b" ")[2]))]
