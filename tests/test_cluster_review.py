@@ -436,3 +436,47 @@ def test_a_malformed_event_is_skipped_and_the_rest_of_its_batch_applied(bad: byt
     for job in bus.store.jobs:
         job.run(None)()  # as the writer does (no membership event: no database read)
     assert bus.hub.applied == [("other", json.loads(good.partition(b" ")[2]))]
+
+
+# --- 6. passwd while the nodes cannot reach each other -------------------------------------
+def redis_down(c: Any) -> None:
+    c.redis.stop()
+    for node in c.nodes:
+        wait_for(lambda node=node: not node.server.bus.connected.is_set(),
+                 "the nodes to notice Redis is gone")
+
+
+def test_logging_out_other_sessions_is_refused_while_redis_is_unreachable(
+        cluster: Any) -> None:
+    """Like a kick or the operator's logout, `passwd` with `logout_others` must reach
+    every node before its ok; while the bus is down it was carried out all the same
+    (the other node's session stays), its ok held for 2 x cluster_node_ttl."""
+    c = cluster(2, cluster_node_ttl=120.0)
+    n1, n2 = c.nodes
+    here = n1.user("erin")
+    there = n2.client()
+    try:
+        assert there.login("erin")["type"] == "welcome"
+        redis_down(c)
+        reply = here.request({"type": "passwd", "old": PASSWORD,
+                              "new": PASSWORD + " and more", "logout_others": True})
+        assert reply["type"] == "error" and reply["code"] == "server_busy", reply
+        # Refused before anything changed: the old password still logs in.
+        assert here.request({"type": "passwd", "old": PASSWORD, "new": PASSWORD + " again"}
+                            )["type"] == "ok"
+    finally:
+        here.close()
+        there.close()
+
+
+def test_a_plain_passwd_does_not_wait_for_the_other_nodes(cluster: Any) -> None:
+    """Without `logout_others` nothing needs the other nodes, yet the ok waited for a
+    barrier: with Redis down, 2 x cluster_node_ttl."""
+    c = cluster(2, cluster_node_ttl=120.0)
+    here = c.nodes[0].user("erin")
+    try:
+        redis_down(c)
+        reply = here.request({"type": "passwd", "old": PASSWORD, "new": PASSWORD + " too"})
+        assert reply["type"] == "ok", reply
+    finally:
+        here.close()
