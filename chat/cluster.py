@@ -869,10 +869,23 @@ class Bus:
 
     # --- lifecycle --------------------------------------------------------------------
     def start(self, wait: float) -> bool:
-        """Start the threads; True once subscribed (within `wait` seconds)."""
+        """Start the threads; True once subscribed (within `wait` seconds) and registered.
+
+        Registered here, not at the heartbeat's first beat (a third of the ttl later):
+        from now on the node may serve sessions, and every barrier must wait for it."""
         for thread in self._threads:
             thread.start()
-        return self.connected.wait(wait)
+        if not self.connected.wait(wait):
+            return False
+        try:
+            client = self._client()
+            try:
+                client.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+            finally:
+                client.close()
+        except self._redis.RedisError:
+            return False
+        return True
 
     def stop(self) -> None:
         self._stop.set()

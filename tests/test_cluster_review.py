@@ -545,3 +545,47 @@ def test_a_logout_is_not_ok_while_a_live_node_missed_it(cluster: Any) -> None:
         release.set()
         here.close()
         there.close()
+
+
+# --- 8. a new node serves before it is registered ------------------------------------------
+def test_a_ban_waits_for_a_node_that_started_a_moment_ago(cluster: Any) -> None:
+    """A node registers itself (`<prefix>:nodes:<id>`) at its first heartbeat, a third of
+    cluster_node_ttl after it started serving: a ban decided meanwhile does not wait for
+    it, and its `ok` comes while the new node still has the target in the room."""
+    c = cluster(2, cluster_node_ttl=30.0)  # the first heartbeat 10 s after the start
+    n1, n2 = c.nodes
+    owner = n1.user("owner")
+    target = n2.user("target")
+    try:
+        assert owner.request({"type": "join", "room": "den"})["type"] == "ok"
+        assert target.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(owner)
+        barrier(target)
+        gate = WriterGate(n2.server)  # node 2 applies nothing until it is opened
+        answered = threading.Event()
+
+        def open_once_waited_for() -> None:
+            bus, node = n1.server.bus, n2.server.hub.node
+            deadline = time.monotonic() + TIMEOUT
+            while not answered.is_set() and time.monotonic() < deadline:
+                if any(s.published and node in s.waiting for s in list(bus._syncs.values())):
+                    break
+                time.sleep(0.005)
+            gate.open()
+
+        opener = threading.Thread(target=open_once_waited_for)
+        opener.start()
+        try:
+            owner.send({"type": "ban", "room": "den", "username": "target", "id": 99})
+            reply = reply_to(owner, 99)
+            state = n2.server.hub.user_state("target")
+            still_in = state is not None and "den" in state.rooms
+        finally:
+            answered.set()
+            opener.join(TIMEOUT)
+            gate.open()
+        assert reply["type"] == "ok", reply
+        assert not still_in, "the ban's ok came before node 2 took target out of den"
+    finally:
+        owner.close()
+        target.close()
