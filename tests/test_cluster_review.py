@@ -589,3 +589,119 @@ def test_a_ban_waits_for_a_node_that_started_a_moment_ago(cluster: Any) -> None:
     finally:
         owner.close()
         target.close()
+
+
+# --- 9. a node cut off from Redis closes its sessions after the others stopped waiting ------
+class Proxy:
+    """A TCP relay to Redis for one node; `blackhole` stops relaying without closing
+    anything (a network that drops packets): the node's Redis calls then time out."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.upstream = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropping = threading.Event()
+        self.closed = threading.Event()
+        self.socks: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def blackhole(self) -> None:
+        self.dropping.set()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self.closed.is_set():
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.dropping.is_set():
+                self.socks.append(down)  # held open, never answered
+                continue
+            up = socket.create_connection(self.upstream)
+            self.socks += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._relay, args=(a, b), daemon=True).start()
+
+    def _relay(self, src: Any, dst: Any) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if not self.dropping.is_set():
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in [self.listener, *self.socks]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+class Operator:
+    """One control-socket request, in a thread of its own (it waits for the cluster)."""
+
+    def __init__(self, node: Any, action: str, args: dict[str, Any]) -> None:
+        from pathlib import Path
+
+        from chat import control
+
+        self.answer: dict[str, Any] = {}
+        path = control.socket_path(Path(node.settings.data_dir))
+        self.thread = threading.Thread(
+            target=lambda: self.answer.update(control.call(path, action, args)))
+        self.thread.start()
+
+    def result(self) -> dict[str, Any]:
+        self.thread.join(TIMEOUT)
+        assert self.answer.get("ok"), self.answer
+        return self.answer["result"]
+
+
+@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the fence comes after the "
+                   "node's registration lapses (at least REDIS_TIMEOUT after, Redis unreachable)")
+def test_a_disabled_user_on_a_node_cut_off_from_redis_cannot_send_after_the_ok(
+        cluster: Any) -> None:
+    """Node 2 loses Redis (packets dropped). The operator disables erin on node 1: the
+    barrier stops waiting for node 2 once its registration lapses (cluster_node_ttl after
+    its last beat), but node 2 fences itself only when a beat that *started* more than
+    the ttl after the last good one has failed, REDIS_TIMEOUT later: meanwhile the
+    `ok` is given and erin, on node 2, still sends direct messages."""
+    c = cluster(1)
+    proxy = Proxy(c.redis.port)
+    try:
+        n2 = c.start_node(redis=proxy.url)
+        n1 = c.nodes[0]
+        n1.register("erin")
+        there = n2.client()
+        alice = n1.user("alice")
+        try:
+            assert there.login("erin")["type"] == "welcome"
+            proxy.blackhole()
+            Operator(n1, "user_disable", {"name": "erin"}).result()
+            try:
+                sent = there.request({"type": "send", "to": "alice", "message": "after the ok"})
+            except (EOFError, OSError):
+                sent = None
+            assert sent is None or sent["type"] == "error", \
+                f"erin, disabled, still sends on node 2 after the ok: {sent}"
+        finally:
+            there.close()
+            alice.close()
+    finally:
+        proxy.close()
