@@ -168,6 +168,7 @@ class _Conv:
     held: dict[int, _Item] = field(default_factory=dict)  # by id
     since: float = 0.0  # when the oldest held item began to wait
     filling: float = 0.0  # when a repair was asked for (0: none in flight)
+    following: bool = True  # False: untracked while items waited; forgotten once they went
 
 
 class Sequencer:
@@ -183,14 +184,22 @@ class Sequencer:
 
     def track(self, conv: str, cursor: int) -> None:
         """The node's sessions are now in `conv`: its messages after `cursor` go out."""
-        if conv not in self.convs:
+        state = self.convs.get(conv)
+        if state is None:
             self.convs[conv] = _Conv(cursor)
+        else:
+            state.following = True
 
     def untrack(self, conv: str) -> None:
         """No session here is in `conv` any more (kept while items wait: an origin's own
-        copy must still reach it)."""
+        copy must still reach it; forgotten once they went)."""
         state = self.convs.get(conv)
-        if state is not None and not state.held:
+        if state is not None:
+            state.following = False
+            self._settle(conv, state)
+
+    def _settle(self, conv: str, state: _Conv) -> None:
+        if not state.following and not state.held:
             del self.convs[conv]
 
     def cursor(self, conv: str) -> int | None:
@@ -221,6 +230,7 @@ class Sequencer:
             deliver()
             state.cursor = msg_id
             self._drain(state)
+            self._settle(conv, state)
             return
         if not state.held:
             state.since = self._clock()
@@ -258,6 +268,7 @@ class Sequencer:
         self._drain(state)
         if state.held:
             state.since = self._clock()
+        self._settle(conv, state)
 
     def due(self) -> float | None:
         waits = [s.since for s in self.convs.values() if s.held and not s.filling]

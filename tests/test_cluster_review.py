@@ -705,3 +705,29 @@ def test_a_disabled_user_on_a_node_cut_off_from_redis_cannot_send_after_the_ok(
             alice.close()
     finally:
         proxy.close()
+
+
+# --- 10. the Sequencer alone ------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_conversation_left_while_a_message_waited_is_forgotten_once_it_is_delivered() -> None:
+    """`untrack` keeps a conversation while items wait in it (an origin's own copy must
+    still go out), but nothing forgets it after they went: it is followed for good, and
+    every reconcile reads its newest id, for a room nobody here is in any more."""
+    from chat.cluster import Sequencer
+
+    asked: list[tuple[str, int, int]] = []
+    seq = Sequencer(0.05, lambda c, a, u: asked.append((c, a, u)), Clock())
+    seq.track("r:den", 10)
+    out: list[int] = []
+    seq.offer("r:den", 11, 12, lambda: out.append(12), local=True)  # 11 is late
+    seq.untrack("r:den")  # the last session here left den
+    seq.offer("r:den", 10, 11, lambda: out.append(11))  # the late one: both go out
+    assert out == [11, 12]
+    assert seq.cursor("r:den") is None, "r:den is followed though nobody here is in it"
