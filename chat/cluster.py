@@ -776,9 +776,15 @@ class Filler:
                     self._submit(lambda conv=task[1]: self.hub.seq.retry(conv))
 
     def _submit(self, after: Callable[[], None]) -> None:
+        """`after` on the writer thread; run even if its batch fails to commit (it reads
+        and writes nothing there), but not at a shutdown's refusal (on this thread)."""
         from chat.store import Job
 
-        self.store.submit(Job(lambda db: after, lambda exc: None))
+        def failed(exc: Exception) -> None:
+            if self.store.on_writer_thread():
+                after()
+
+        self.store.submit(Job(lambda db: after, failed))
 
     def _read(self, conv: str, after: int, upto: int) -> list[Any]:
         m = messages_t.c
@@ -1134,7 +1140,14 @@ class Bus:
                 events.append((node_s, event))
             if events:
                 self.store.submit(Job(lambda db, events=events: self.decide(db, events),
-                                      lambda exc: None))
+                                      lambda exc, events=events: self._not_decided(events)))
+
+    def _not_decided(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """The batch that was to apply these failed (the database): they happened all
+        the same, on other nodes, and are applied as they say. Not at a shutdown's
+        refusal (from this thread; the writer has stopped)."""
+        if self.store.on_writer_thread():
+            self._apply(events)
 
     def decide(self, db: Connection, events: list[tuple[str, dict[str, Any]]]
                ) -> Callable[[], None]:

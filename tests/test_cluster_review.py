@@ -731,3 +731,45 @@ def test_a_conversation_left_while_a_message_waited_is_forgotten_once_it_is_deli
     seq.offer("r:den", 10, 11, lambda: out.append(11))  # the late one: both go out
     assert out == [11, 12]
     assert seq.cursor("r:den") is None, "r:den is followed though nobody here is in it"
+
+
+# --- 11. what other nodes published, lost with a batch that failed to commit ------------------
+def test_an_ended_session_is_not_lost_with_a_batch_that_failed_to_commit(
+        cluster: Any) -> None:
+    """Node 2 applies what Redis brings as a job of its writer, whose `fail` does
+    nothing: a batch that fails to commit (the database restarted, a failover) drops
+    every event in it. Here erin's other sessions are logged out from node 1; the batch
+    of node 2 that holds the `e` fails, and erin's session on node 2 stays, after the ok."""
+    from sqlalchemy import text
+
+    from chat.store import Job
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    here = n1.user("erin")
+    there = n2.client()
+    try:
+        assert there.login("erin")["type"] == "welcome"
+        gate, seen = WriterGate(n2.server), Submitted(n2)
+        try:
+            here.send({"type": "passwd", "old": PASSWORD, "new": PASSWORD + " and more",
+                       "logout_others": True, "id": 5})
+            seen.wait_for(lambda job: "_listen" in job.run.__qualname__
+                          and any(e.get("t") == "e" for _n, e in job.run.__defaults__[0]),
+                          "node 2 to queue the ended session")
+            # In the same batch, the writer's connection dies: the batch cannot commit.
+            n2.server.store.submit(Job(lambda db: db.execute(text(
+                "SELECT pg_terminate_backend(pg_backend_pid())")), lambda exc: None))
+        finally:
+            seen.close()
+            gate.open()
+        reply = reply_to(here, 5)
+        assert reply["type"] == "ok", reply
+        try:
+            still = there.request({"type": "join", "room": "general"})
+        except (EOFError, OSError):
+            still = None
+        assert still is None, f"erin's session on node 2 is open after the ok: {still}"
+    finally:
+        here.close()
+        there.close()
