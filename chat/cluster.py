@@ -35,13 +35,14 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   since a node cut off from Redis that long has closed its clients (below).
 
 * **Liveness.** Each node refreshes `<prefix>:nodes:<id>` every third of
-  `cluster_node_ttl`. A node that cannot reach Redis for `cluster_node_ttl` is *fenced*:
-  it ends every session (`bye shutdown`; clients reconnect through the balancer to a
-  healthy node), refuses logins and answers /health with 503 until Redis is back. While
-  the bus is down (before the fence), requests that must reach other nodes (kick, ban,
-  disable, logout) are refused with `server_busy`; messages keep flowing through the
-  database (the reconcile). After a reconnect, a node subscribes first and then
-  reconciles: messages, and the rooms of its online users from the database.
+  `cluster_node_ttl` (and is in the set `<prefix>:nodes`, which is what is read to find
+  the live ones: never a scan of the keyspace). A node that cannot reach Redis for
+  `cluster_node_ttl` is *fenced*: it ends every session (`bye shutdown`; clients reconnect
+  through the balancer to a healthy node), refuses logins and answers /health with 503
+  until Redis is back. While the bus is down (before the fence), requests that must reach
+  other nodes (kick, ban, disable, logout) are refused with `server_busy`; messages keep
+  flowing through the database (the reconcile). After a reconnect, a node subscribes first
+  and then reconciles: messages, and the rooms of its online users from the database.
 
 * **Presence** is coalesced per node as on one node (chat.hub). A node publishes the
   presence frames its flush made and which of its users came online or went offline;
@@ -897,7 +898,7 @@ class Bus:
         try:
             client = self._client()
             try:
-                client.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+                self._register(client.pipeline(transaction=False)).execute()
             finally:
                 client.close()
         except self._redis.RedisError:
@@ -919,6 +920,7 @@ class Bus:
             # Gone at once, rather than after the ttl: others stop waiting for us.
             c = self._client()
             c.delete(self._node_key(), self._online_key())
+            c.srem(self._nodes_key(), self.node)
             c.close()
         except Exception:
             log.warning("cluster: could not remove this node's keys from Redis; they "
@@ -926,6 +928,16 @@ class Bus:
 
     def _node_key(self) -> str:
         return f"{self.prefix}:nodes:{self.node}"
+
+    def _nodes_key(self) -> str:
+        """The set of the nodes' ids (each alive while its own key is): what is scanned
+        for live nodes, instead of the whole keyspace (the throttles' keys included)."""
+        return f"{self.prefix}:nodes"
+
+    def _register(self, pipe: Any) -> Any:
+        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+        pipe.sadd(self._nodes_key(), self.node)
+        return pipe
 
     def _online_key(self, node: str | None = None) -> str:
         return f"{self.prefix}:online:{node or self.node}"
@@ -1013,8 +1025,10 @@ class Bus:
                                                                    event["rooms"]]))
 
     def _live_nodes(self, client: Any) -> set[str]:
-        head = f"{self.prefix}:nodes:"
-        return {k.decode()[len(head):] for k in client.scan_iter(match=head + "*", count=100)}
+        """The nodes whose registration has not lapsed (one round trip; the lapsed are
+        taken out of the set, atomically, so that one registering again stays in)."""
+        live = client.eval(_LIVE_NODES, 1, self._nodes_key(), f"{self.prefix}:nodes:")
+        return {n.decode() for n in live}
 
     # --- acknowledgements ---------------------------------------------------------------
     def _acked(self, sid: str, node: str) -> None:
@@ -1183,8 +1197,7 @@ class Bus:
             try:
                 if client is None:
                     client = self._client()
-                pipe = client.pipeline(transaction=False)
-                pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+                pipe = self._register(client.pipeline(transaction=False))
                 pipe.pexpire(self._online_key(), int(self.ttl * 1000))
                 pipe.execute()
                 live = self._live_nodes(client)
@@ -1208,6 +1221,20 @@ class Bus:
             for node in gone:
                 self.filler._submit(lambda node=node: self.hub.node_gone(node))
             self._finish_syncs(live=live, now=now)
+
+
+# KEYS[1]: the set of node ids; ARGV[1]: the prefix of their keys.
+_LIVE_NODES = """
+local live = {}
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. node) == 1 then
+    table.insert(live, node)
+  else
+    redis.call('SREM', KEYS[1], node)
+  end
+end
+return live
+"""
 
 
 @dataclass(slots=True)

@@ -773,3 +773,35 @@ def test_an_ended_session_is_not_lost_with_a_batch_that_failed_to_commit(
     finally:
         here.close()
         there.close()
+
+
+# --- 12. finding the live nodes walks the whole keyspace ----------------------------------------
+def test_finding_the_live_nodes_does_not_walk_every_key_in_redis(cluster: Any) -> None:
+    """`_live_nodes` is a SCAN MATCH <prefix>:nodes:* with COUNT 100: it walks the whole
+    keyspace, 100 keys a round trip, at every heartbeat (every 0.2 s while a barrier
+    waits), at every barrier's publish and at every reconnect. The throttles keep a key
+    per address and account in the same Redis: with a million of them (a password
+    spraying run) that is 10,000 round trips, seconds in which the heartbeat does not
+    beat and the node's registration may lapse."""
+    c = cluster(1)
+    node = c.nodes[0]
+    r = c.redis.client()
+    pipe = r.pipeline(transaction=False)
+    for i in range(30_000):  # as the throttles' keys: same Redis, same prefix
+        pipe.set(f"{c.prefix}:throttle:login:10.0.{i // 256}.{i % 256}", 1, ex=600)
+    pipe.execute()
+    client = node.server.bus._client()
+    calls = 0
+    execute = client.execute_command
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return execute(*args, **kw)
+
+    client.execute_command = counting
+    try:
+        assert node.server.bus._live_nodes(client) == {node.server.hub.node}
+    finally:
+        client.close()
+    assert calls <= 5, f"{calls} round trips to Redis to find one live node"
