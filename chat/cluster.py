@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, select, text
 
-from chat.hub import CONNECTION, LocalHub, Session, UserState
+from chat.hub import CONNECTION, ROOM, LocalHub, Session, UserState, _Change
 from chat.models import Membership, Message, User
 from chat.protocol import encode
 
@@ -425,7 +425,12 @@ class ClusterHub(LocalHub):
         self.publish({"t": "x", "k": user.key, "room": room, "f": data.decode(), **_mine(user)})
 
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
-        """A kick or ban of a user with no session here: other nodes may have some."""
+        """A kick or ban of a user with no session here: other nodes may have some. They
+        apply it without presence (the origin tells): with no session here to mark, the
+        change is marked from the replica, and told at this node's next flush."""
+        remote = self._remote.get(key)
+        if remote is not None and any(room in rooms for rooms in remote.rooms.values()):
+            self._pending.setdefault(room, {}).setdefault(key, _Change(remote.name, True, ROOM))
         self._remote_member(key, room, False)
         self.publish({"t": "x", "k": key, "room": room, "f": data.decode()})
 

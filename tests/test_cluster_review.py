@@ -805,3 +805,36 @@ def test_finding_the_live_nodes_does_not_walk_every_key_in_redis(cluster: Any) -
     finally:
         client.close()
     assert calls <= 5, f"{calls} round trips to Redis to find one live node"
+
+
+# --- 13. presence -------------------------------------------------------------------------------
+def test_members_see_a_user_kicked_from_another_node_leave(cluster: Any) -> None:
+    """Alone, a kick tells the room's members `presence leave` (cause room). Over a
+    cluster, the node that decided it tells presence only for the target's sessions it
+    has (`removed` marks it); the others apply the `x` without presence (the origin
+    tells). When the target has no session on the kicker's node (`removed_offline`),
+    nobody tells anyone."""
+    c = cluster(3)
+    n1, n2, n3 = c.nodes
+    owner = n1.user("owner")
+    target = n2.user("target")
+    watcher = n3.user("watcher")
+    try:
+        for who in (owner, target, watcher):
+            assert who.request({"type": "join", "room": "den"})["type"] == "ok"
+        for client in (owner, watcher):
+            wait_for(lambda client=client: "target" in client.request(
+                {"type": "who", "room": "den"})["users"], "target in den everywhere")
+        owner.send({"type": "kick", "room": "den", "username": "target", "id": 31})
+        before_ok = []
+        while (frame := owner.recv()).get("re") != 31:
+            before_ok.append(frame)
+        assert frame["type"] == "ok", frame
+        told = [f for f in before_ok if f["type"] == "presence" and f["username"] == "target"]
+        for client in (watcher, owner):
+            frame = (told.pop() if client is owner and told else
+                     client.recv_until("presence", username="target", room="den"))
+            assert frame["event"] == "leave" and frame["cause"] == "room", frame
+    finally:
+        for client in (owner, target, watcher):
+            client.close()
