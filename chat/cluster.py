@@ -87,6 +87,9 @@ PUBLISH_BATCH = 256
 MAX_UNPUBLISHED = 100_000
 # Rows one gap repair reads at most; a longer gap takes several.
 FILL_PAGE = 500
+# Other nodes' messages one conversation holds behind a gap at most; past it they are
+# dropped (they are committed: the repair, or the reconcile, reads them in order).
+MAX_HELD = 10_000
 
 
 def room_conv(room: str) -> str:
@@ -233,6 +236,8 @@ class Sequencer:
             self._drain(state)
             self._settle(conv, state)
             return
+        if not local and len(state.held) >= MAX_HELD:
+            return  # read from the database with the rest (this node's own are kept)
         if not state.held:
             state.since = self._clock()
         state.held[msg_id] = _Item(prev, msg_id, deliver)

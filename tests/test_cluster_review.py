@@ -924,3 +924,27 @@ def test_a_member_joining_while_its_node_lags_gets_nothing_sent_before_its_join(
     hub.filled("r:den", 10, 11, [room_row(11, "den")])
     assert bob.out.messages() == [11, 12]  # type: ignore[attr-defined]
     assert alice.out.messages() == [], "alice got den's messages from before her join"  # type: ignore[attr-defined]
+
+
+def test_what_waits_behind_a_gap_is_bounded_and_still_delivered_once_in_order() -> None:
+    """Messages behind a gap wait in `held` until the repair reads it; nothing bounds
+    them: while repairs fail (the database, from this node) a busy conversation holds
+    every message other nodes send it. A bounded `held` may drop what arrives past the
+    bound: the database has it, and the repair (or the reconcile) reads it, in order."""
+    from chat.cluster import Sequencer
+
+    bound = 10_000
+    seq = Sequencer(0.05, lambda c, a, u: None, Clock())
+    seq.track("r:den", 0)
+    out: list[int] = []
+    total = bound * 3
+    for i in range(2, total + 1):  # 1 is lost
+        seq.offer("r:den", i - 1, i, lambda i=i: out.append(i))
+    assert len(seq.convs["r:den"].held) <= bound, len(seq.convs["r:den"].held)
+    seq.filled("r:den", 0, 1, [(1, lambda: out.append(1))])  # the gap's repair
+    cursor = seq.cursor("r:den")
+    assert cursor is not None
+    if cursor < total:  # what was dropped: the reconcile reads it
+        seq.filled("r:den", cursor, total,
+                   [(i, lambda i=i: out.append(i)) for i in range(cursor + 1, total + 1)])
+    assert out == list(range(1, total + 1))
