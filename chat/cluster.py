@@ -54,6 +54,7 @@ Each node is a whole server (its own writer, hub, connections). What they share:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import queue
@@ -170,6 +171,7 @@ class _Item:
 class _Conv:
     cursor: int
     held: dict[int, _Item] = field(default_factory=dict)  # by id
+    order: list[int] = field(default_factory=list)  # a heap of held ids (some gone since)
     since: float = 0.0  # when the oldest held item began to wait
     filling: float = 0.0  # when a repair was asked for (0: none in flight)
     following: bool = True  # False: untracked while items waited; forgotten once they went
@@ -241,17 +243,24 @@ class Sequencer:
         if not state.held:
             state.since = self._clock()
         state.held[msg_id] = _Item(prev, msg_id, deliver)
+        heapq.heappush(state.order, msg_id)
 
     def _drain(self, state: _Conv) -> None:
+        order = state.order
         while state.held:
-            nxt = min(state.held)
-            item = state.held[nxt]
+            nxt = order[0]
+            item = state.held.get(nxt)
+            if item is None:  # delivered by a repair meanwhile
+                heapq.heappop(order)
+                continue
             if item.prev > state.cursor:
                 return
+            heapq.heappop(order)
             del state.held[nxt]
             if nxt > state.cursor:
                 item.deliver()
                 state.cursor = nxt
+        order.clear()
         state.since = 0.0
 
     def filled(self, conv: str, after: int, upto: int,

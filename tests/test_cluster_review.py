@@ -948,3 +948,30 @@ def test_what_waits_behind_a_gap_is_bounded_and_still_delivered_once_in_order() 
         seq.filled("r:den", cursor, total,
                    [(i, lambda i=i: out.append(i)) for i in range(cursor + 1, total + 1)])
     assert out == list(range(1, total + 1))
+
+
+def test_draining_what_waited_costs_no_more_than_n_log_n() -> None:
+    """`_drain` takes `min(state.held)` for each item it delivers: quadratic in what
+    waited, on the writer thread (10,000 held: about a second during which the node
+    delivers nothing). Counted in comparisons of ids, not timed."""
+    from chat.cluster import Sequencer
+
+    compared = 0
+
+    class Id(int):
+        def __lt__(self, other: object) -> bool:
+            nonlocal compared
+            compared += 1
+            return int(self) < int(other)  # type: ignore[call-overload]
+
+        __gt__ = lambda self, other: Id.__lt__(other, self)  # type: ignore[assignment]  # noqa: E731
+
+    n = 2000
+    seq = Sequencer(0.05, lambda c, a, u: None, Clock())
+    seq.track("r:den", 0)
+    for i in range(2, n + 2):
+        seq.offer("r:den", Id(i - 1), Id(i), lambda: None)
+    compared = 0
+    seq.filled("r:den", 0, 1, [(1, lambda: None)])
+    assert seq.cursor("r:den") == n + 1
+    assert compared < 40 * n, f"{compared} comparisons to deliver {n} held messages"
