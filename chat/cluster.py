@@ -886,7 +886,6 @@ class Bus:
         self.channel = f"{prefix}:events"
         self.node_channel = f"{prefix}:node:{self.node}"
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._unpublished = 0
         self._stop = threading.Event()
         self._syncs: dict[str, _Sync] = {}
         self._syncs_lock = threading.Lock()
@@ -963,10 +962,11 @@ class Bus:
 
     # --- publishing (any thread queues; one thread sends, in order) -------------------
     def publish(self, event: dict[str, Any]) -> None:
-        if self._unpublished >= MAX_UNPUBLISHED:
+        # The queue's own size bounds it (a count kept by this thread and the publisher's,
+        # unlocked, lost updates and drifted).
+        if self._out.qsize() >= MAX_UNPUBLISHED:
             self.metrics.redis_errors.inc()
             return  # the oldest are kept; the database repairs messages, reconnect rooms
-        self._unpublished += 1
         self._out.put(json.dumps(event, separators=(",", ":")).encode())
 
     def sync(self, then: Callable[[], None]) -> None:
@@ -997,7 +997,6 @@ class Bus:
                 if client is None:
                     client = self._client()
                 self._send(client, pending)
-                self._unpublished -= sum(1 for p in pending if isinstance(p, bytes))
                 pending = []
             except self._redis.RedisError:
                 self.metrics.redis_errors.inc()

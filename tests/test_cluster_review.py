@@ -1016,3 +1016,52 @@ def test_a_joiners_session_on_another_node_gets_every_message_after_the_join(
     finally:
         for client in (owner, erin2, erin3, watcher):
             client.close()
+
+
+# --- 15. the Bus's count of what waits to be published --------------------------------------
+def test_the_count_of_unpublished_events_stays_exact_across_threads() -> None:
+    """`Bus.publish` (writer thread) does `self._unpublished += 1` and the publisher
+    thread `self._unpublished -= n`: two read-modify-writes of one attribute with no
+    lock, which the GIL does not make atomic. Updates get lost and the count drifts;
+    drifted up by MAX_UNPUBLISHED, every event is dropped for good (kicks, logouts
+    included, while the barriers that should cover them are still acknowledged).
+    (A race: the switch interval is made tiny so that it shows in one run.)"""
+    import sys
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def publish(self, channel: str, data: bytes) -> None:
+            self.n += 1
+
+        def execute(self) -> None:
+            sent[0] += self.n
+
+    class Client:
+        def pipeline(self, transaction: bool = False) -> Pipe:
+            return Pipe()
+
+    sent = [0]
+    bus = fake_bus()
+    bus._client = Client
+    n = 300_000
+    was = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=bus._publisher, daemon=True)
+    thread.start()
+    try:
+        event = {"t": "p", "room": "den", "f": "{}"}
+        for _ in range(n):
+            bus.publish(event)
+        deadline = time.monotonic() + TIMEOUT
+        while sent[0] < n:
+            assert time.monotonic() < deadline, f"{sent[0]} of {n} sent"
+            time.sleep(0.01)
+    finally:
+        sys.setswitchinterval(was)
+        bus._stop.set()
+        bus._out.put(None)
+        thread.join(TIMEOUT)
+    waiting = getattr(bus, "_unpublished", None)
+    assert (waiting if waiting is not None else bus._out.qsize()) == 0, waiting
