@@ -1019,9 +1019,13 @@ class Bus:
             else:  # ("ack", barrier id, its node)
                 pipe.publish(f"{self.prefix}:node:{item[2]}",
                              me + json.dumps({"t": "k", "id": item[1]}).encode())
-        pipe.execute()
         if syncs:
-            nodes = self._live_nodes(client) - {self.node}
+            # In the same round trip, after the barriers went out: the nodes live then.
+            # (Asked apart, a failure of that call sent the whole batch again.)
+            self._ask_live_nodes(pipe)
+        results = pipe.execute()
+        if syncs:
+            nodes = {n.decode() for n in results[-1]} - {self.node}
             with self._syncs_lock:
                 for sid in syncs:
                     sync = self._syncs.get(sid)
@@ -1045,8 +1049,11 @@ class Bus:
     def _live_nodes(self, client: Any) -> set[str]:
         """The nodes whose registration has not lapsed (one round trip; the lapsed are
         taken out of the set, atomically, so that one registering again stays in)."""
-        live = client.eval(_LIVE_NODES, 1, self._nodes_key(), f"{self.prefix}:nodes:")
-        return {n.decode() for n in live}
+        return {n.decode() for n in self._ask_live_nodes(client)}
+
+    def _ask_live_nodes(self, client: Any) -> Any:
+        """The live nodes' ids, as bytes (on a pipeline: queued, in its results)."""
+        return client.eval(_LIVE_NODES, 1, self._nodes_key(), f"{self.prefix}:nodes:")
 
     # --- acknowledgements ---------------------------------------------------------------
     def _acked(self, sid: str, node: str) -> None:

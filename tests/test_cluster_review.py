@@ -1065,3 +1065,55 @@ def test_the_count_of_unpublished_events_stays_exact_across_threads() -> None:
         thread.join(TIMEOUT)
     waiting = getattr(bus, "_unpublished", None)
     assert (waiting if waiting is not None else bus._out.qsize()) == 0, waiting
+
+
+def test_events_are_published_once_when_finding_the_live_nodes_fails() -> None:
+    """With a barrier among them, `_send` publishes the batch, then asks Redis for the
+    live nodes in a second round trip: if that one fails, the whole batch is sent again
+    (an invitation, a role, a topic, presence frames: told twice)."""
+    import redis
+
+    published: list[bytes] = []
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.done: list[bytes] = []
+            self.evals = 0
+
+        def publish(self, channel: str, data: bytes) -> None:
+            self.done.append(data)
+
+        def eval(self, *args: Any) -> None:
+            self.evals += 1
+
+        def execute(self) -> list[Any]:
+            published.extend(self.done)
+            return [1] * len(self.done) + [[b"me", b"other"]] * self.evals
+
+    class Client:
+        fail = True
+
+        def pipeline(self, transaction: bool = False) -> Pipe:
+            return Pipe()
+
+        def eval(self, *args: Any) -> Any:
+            if Client.fail:
+                Client.fail = False
+                raise redis.ConnectionError("gone for a moment")
+            return [b"me", b"other"]
+
+    bus = fake_bus()
+    bus._client = Client
+    bus.publish({"t": "u", "k": "alice", "f": "{}", "d": None})
+    bus.sync(lambda: None)
+    thread = threading.Thread(target=bus._publisher, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not any(s.published for s in list(bus._syncs.values())):
+        assert time.monotonic() < deadline, "the barrier was never published"
+        time.sleep(0.01)
+    bus._stop.set()
+    bus._out.put(None)
+    thread.join(TIMEOUT)
+    invitations = [p for p in published if b'"t":"u"' in p]
+    assert len(invitations) == 1, published
