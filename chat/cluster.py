@@ -695,11 +695,16 @@ class ClusterHub(LocalHub):
         """After Redis came back: the rooms of this node's users as the database says;
         membership events lost meanwhile are applied now (without presence). A room this
         node did not follow is followed from `newest` (its newest id when the rooms were
-        read: anything later that went by meanwhile is a gap, filled)."""
+        read: anything later that went by meanwhile is a gap, filled). A user whose rooms
+        changed is published online again with them: this node's Redis hash and the other
+        nodes' replica had the ones it republished after the reconnect, before this."""
         for key, rooms in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
                 continue
+            if rooms != user.rooms:
+                self.publish({"t": "o", "k": key, "name": user.name, "on": True,
+                              "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
                 LocalHub.joined(self, user, room)

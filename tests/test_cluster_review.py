@@ -1117,3 +1117,38 @@ def test_events_are_published_once_when_finding_the_live_nodes_fails() -> None:
     thread.join(TIMEOUT)
     invitations = [p for p in published if b'"t":"u"' in p]
     assert len(invitations) == 1, published
+
+
+# --- 16. the online hashes and the who replica after a reconnect ------------------------------
+def test_who_forgets_a_leave_that_a_reconnect_repaired(
+        cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """guest has sessions on nodes 1 and 2 and leaves den on node 1; the `l` is lost.
+    After the reconnect node 2 republishes guest as online with the rooms it held then
+    (den still in), and only afterwards repairs guest's rooms from the database, telling
+    nobody: its Redis hash and the other nodes' replica keep guest in den, and `who`
+    on node 3 lists guest there for as long as guest stays online."""
+    from chat import cluster as cl
+
+    c = cluster(3)
+    n1, n2, n3 = c.nodes
+    guest1 = n1.user("guest")
+    guest2 = n2.client()
+    watcher = n3.user("watcher")
+    try:
+        assert guest2.login("guest")["type"] == "welcome"
+        for client in (watcher, guest1):
+            assert client.request({"type": "join", "room": "den"})["type"] == "ok"
+        wait_for(lambda: "guest" in watcher.request({"type": "who", "room": "den"})["users"],
+                 "guest in den on node 3")
+        monkeypatch.setattr(cl, "MAX_UNPUBLISHED", 0)  # the leave's event is lost
+        assert guest1.request({"type": "leave", "room": "den"})["type"] == "ok"
+        barrier(guest1)
+        monkeypatch.undo()
+        assert c.redis.client().client_kill_filter(_type="pubsub") >= 3
+        wait_for(lambda: run_on_writer(n2, lambda: "den" not in n2.server.hub.user_state(
+            "guest").rooms), "node 2 to repair guest's rooms")
+        wait_for(lambda: "guest" not in watcher.request(
+            {"type": "who", "room": "den"})["users"], "who on node 3 to forget guest")
+    finally:
+        for client in (guest1, guest2, watcher):
+            client.close()
