@@ -744,7 +744,10 @@ class ClusterHub(LocalHub):
 
 
 def _mine(user: UserState) -> dict[str, Any]:
-    """A local user's name and rooms, for this node's Redis hash of who is online here."""
+    """A local user's name and rooms, for this node's Redis hash of who is online here
+    (nothing for a user no longer online here: the hash would list it for good)."""
+    if not user.sessions:
+        return {}
     return {"name": user.name, "rooms": sorted(user.rooms)}
 
 

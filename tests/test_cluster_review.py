@@ -1152,3 +1152,48 @@ def test_who_forgets_a_leave_that_a_reconnect_repaired(
     finally:
         for client in (guest1, guest2, watcher):
             client.close()
+
+
+def test_the_online_hash_keeps_no_user_whose_last_session_went_first(cluster: Any) -> None:
+    """`ClusterHub.joined` publishes the user's name and rooms whatever the user's state
+    here, and the publisher mirrors any event with rooms into the node's online hash.
+    The operator makes xena owner of den in the batch where her last session here
+    detaches (after it): the `j` goes out after her `o off`, and the hash lists her
+    online for good; a node that starts later counts her online (who, members)."""
+    c = cluster(1)
+    n1 = c.nodes[0]
+    owner = n1.user("owner")
+    xena = n1.user("xena")
+    try:
+        assert owner.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(xena)
+        gate, seen = WriterGate(n1.server), Submitted(n1)
+        try:
+            xena.close()
+            detach = seen.wait_for(is_detach, "xena's detach")
+            operator = Operator(n1, "room_set_owner", {"name": "den", "username": "xena"})
+            assert seen.wait_for(lambda job: "control" in type(job.run).__module__
+                                 or "control" in getattr(job.run, "__module__", ""),
+                                 "the operator's job") > detach
+        finally:
+            seen.close()
+            gate.open()
+        operator.result()
+        barrier(owner)
+        r = c.redis.client()
+        key = f"{c.prefix}:online:{n1.server.hub.node}"
+        published = threading.Event()  # a barrier: sent after everything before it
+        run_on_writer(n1, lambda: n1.server.hub.sync(published.set))
+        assert published.wait(TIMEOUT)
+        assert r.hget(key, "xena") is None, "xena, offline, is in the node's online hash"
+        late = c.start_node()
+        watcher = late.user("watcher")
+        try:
+            assert watcher.request({"type": "join", "room": "den"})["type"] == "ok"
+            users = watcher.request({"type": "who", "room": "den"})["users"]
+            assert "xena" not in users, users
+        finally:
+            watcher.close()
+    finally:
+        owner.close()
+        xena.close()
