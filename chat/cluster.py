@@ -35,13 +35,14 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   since a node cut off from Redis that long has closed its clients (below).
 
 * **Liveness.** Each node refreshes `<prefix>:nodes:<id>` every third of
-  `cluster_node_ttl`. A node that cannot reach Redis for `cluster_node_ttl` is *fenced*:
-  it ends every session (`bye shutdown`; clients reconnect through the balancer to a
-  healthy node), refuses logins and answers /health with 503 until Redis is back. While
-  the bus is down (before the fence), requests that must reach other nodes (kick, ban,
-  disable, logout) are refused with `server_busy`; messages keep flowing through the
-  database (the reconcile). After a reconnect, a node subscribes first and then
-  reconciles: messages, and the rooms of its online users from the database.
+  `cluster_node_ttl` (and is in the set `<prefix>:nodes`, which is what is read to find
+  the live ones: never a scan of the keyspace). A node that cannot reach Redis for
+  `cluster_node_ttl` is *fenced*: it ends every session (`bye shutdown`; clients reconnect
+  through the balancer to a healthy node), refuses logins and answers /health with 503
+  until Redis is back. While the bus is down (before the fence), requests that must reach
+  other nodes (kick, ban, disable, logout) are refused with `server_busy`; messages keep
+  flowing through the database (the reconcile). After a reconnect, a node subscribes first
+  and then reconciles: messages, and the rooms of its online users from the database.
 
 * **Presence** is coalesced per node as on one node (chat.hub). A node publishes the
   presence frames its flush made and which of its users came online or went offline;
@@ -53,6 +54,7 @@ Each node is a whole server (its own writer, hub, connections). What they share:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import queue
@@ -65,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, and_, bindparam, select, text
 
-from chat.hub import CONNECTION, LocalHub, Session, UserState
+from chat.hub import CONNECTION, ROOM, LocalHub, Session, UserState, _Change
 from chat.models import Membership, Message, User
 from chat.protocol import encode
 
@@ -86,6 +88,9 @@ PUBLISH_BATCH = 256
 MAX_UNPUBLISHED = 100_000
 # Rows one gap repair reads at most; a longer gap takes several.
 FILL_PAGE = 500
+# Other nodes' messages one conversation holds behind a gap at most; past it they are
+# dropped (they are committed: the repair, or the reconcile, reads them in order).
+MAX_HELD = 10_000
 
 
 def room_conv(room: str) -> str:
@@ -136,6 +141,17 @@ def newest_direct(db: Connection, user_ids: Iterable[int]) -> dict[int, int]:
     return {u: (n or 0) for u, n in rows}
 
 
+def memberships(db: Connection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (user key, room) pairs are memberships now."""
+    keys = sorted({k for k, _ in pairs})
+    rooms = sorted({r for _, r in pairs})
+    rows = db.execute(
+        select(users_t.c.username_key, members_t.c.room)
+        .join(members_t, members_t.c.user_id == users_t.c.id)
+        .where(users_t.c.username_key.in_(keys), members_t.c.room.in_(rooms)))
+    return {(k, r) for k, r in rows if (k, r) in pairs}
+
+
 def newest_any(db: Connection) -> int:
     return db.execute(text("SELECT coalesce(max(id), 0) FROM messages")).scalar() or 0
 
@@ -155,8 +171,10 @@ class _Item:
 class _Conv:
     cursor: int
     held: dict[int, _Item] = field(default_factory=dict)  # by id
+    order: list[int] = field(default_factory=list)  # a heap of held ids (some gone since)
     since: float = 0.0  # when the oldest held item began to wait
     filling: float = 0.0  # when a repair was asked for (0: none in flight)
+    following: bool = True  # False: untracked while items waited; forgotten once they went
 
 
 class Sequencer:
@@ -172,14 +190,22 @@ class Sequencer:
 
     def track(self, conv: str, cursor: int) -> None:
         """The node's sessions are now in `conv`: its messages after `cursor` go out."""
-        if conv not in self.convs:
+        state = self.convs.get(conv)
+        if state is None:
             self.convs[conv] = _Conv(cursor)
+        else:
+            state.following = True
 
     def untrack(self, conv: str) -> None:
         """No session here is in `conv` any more (kept while items wait: an origin's own
-        copy must still reach it)."""
+        copy must still reach it; forgotten once they went)."""
         state = self.convs.get(conv)
-        if state is not None and not state.held:
+        if state is not None:
+            state.following = False
+            self._settle(conv, state)
+
+    def _settle(self, conv: str, state: _Conv) -> None:
+        if not state.following and not state.held:
             del self.convs[conv]
 
     def cursor(self, conv: str) -> int | None:
@@ -210,21 +236,31 @@ class Sequencer:
             deliver()
             state.cursor = msg_id
             self._drain(state)
+            self._settle(conv, state)
             return
+        if not local and len(state.held) >= MAX_HELD:
+            return  # read from the database with the rest (this node's own are kept)
         if not state.held:
             state.since = self._clock()
         state.held[msg_id] = _Item(prev, msg_id, deliver)
+        heapq.heappush(state.order, msg_id)
 
     def _drain(self, state: _Conv) -> None:
+        order = state.order
         while state.held:
-            nxt = min(state.held)
-            item = state.held[nxt]
+            nxt = order[0]
+            item = state.held.get(nxt)
+            if item is None:  # delivered by a repair meanwhile
+                heapq.heappop(order)
+                continue
             if item.prev > state.cursor:
                 return
+            heapq.heappop(order)
             del state.held[nxt]
             if nxt > state.cursor:
                 item.deliver()
                 state.cursor = nxt
+        order.clear()
         state.since = 0.0
 
     def filled(self, conv: str, after: int, upto: int,
@@ -247,6 +283,7 @@ class Sequencer:
         self._drain(state)
         if state.held:
             state.since = self._clock()
+        self._settle(conv, state)
 
     def due(self) -> float | None:
         waits = [s.since for s in self.convs.values() if s.held and not s.filling]
@@ -328,7 +365,8 @@ class ClusterHub(LocalHub):
     def attach(self, session: Session, rooms: list[str], first: list[bytes],
                cursors: dict[str, int] | None = None) -> bool:
         """As LocalHub's; `cursors` (read by the login) start the conversations this node
-        did not follow yet: the session's rooms and its user's direct messages."""
+        does not follow yet: the session's rooms and its user's direct messages (those it
+        follows already keep their own cursor)."""
         first_here = session.key not in self._users
         if not super().attach(session, rooms, first):
             return False
@@ -360,6 +398,7 @@ class ClusterHub(LocalHub):
     # --- membership -------------------------------------------------------------------
     def joined(self, user: UserState, room: str, newest: int | None = None) -> None:
         self._joined_here(user, room, newest)
+        self._remote_member(user.key, room, True)
         self.publish({"t": "j", "k": user.key, "room": room, "n": newest, **_mine(user)})
 
     def _joined_here(self, user: UserState, room: str, newest: int | None) -> None:
@@ -369,6 +408,7 @@ class ClusterHub(LocalHub):
 
     def left(self, user: UserState, room: str) -> None:
         self._left_here(user, room)
+        self._remote_member(user.key, room, False)
         self.publish({"t": "l", "k": user.key, "room": room, **_mine(user)})
 
     def _left_here(self, user: UserState, room: str, mark: bool = True) -> None:
@@ -395,11 +435,27 @@ class ClusterHub(LocalHub):
             if room in session.rooms_in:
                 session.out.deliver(data)
         self._left_here(user, room)
+        self._remote_member(user.key, room, False)
         self.publish({"t": "x", "k": user.key, "room": room, "f": data.decode(), **_mine(user)})
 
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
-        """A kick or ban of a user with no session here: other nodes may have some."""
+        """A kick or ban of a user with no session here: other nodes may have some. They
+        apply it without presence (the origin tells): with no session here to mark, the
+        change is marked from the replica, and told at this node's next flush."""
+        remote = self._remote.get(key)
+        if remote is not None and any(room in rooms for rooms in remote.rooms.values()):
+            self._pending.setdefault(room, {}).setdefault(key, _Change(remote.name, True, ROOM))
+        self._remote_member(key, room, False)
         self.publish({"t": "x", "k": key, "room": room, "f": data.decode()})
+
+    def _remote_member(self, key: str, room: str, member: bool) -> None:
+        """The user's membership changed: so it did for its sessions on every node (the
+        replica keeps their rooms per node, all the same rooms: the user's)."""
+        remote = self._remote.get(key)
+        if remote is not None:
+            for rooms in remote.rooms.values():
+                (rooms.add if member else rooms.discard)(room)
+            self._who.pop(room, None)
 
     def publish_room(self, room: str, data: bytes) -> None:
         super().publish_room(room, data)
@@ -426,7 +482,17 @@ class ClusterHub(LocalHub):
         self.publish({"t": "dv", "k": key, "rooms": rooms, "f": data.decode()})
 
     def to_device_queued(self, key: str, device: str) -> None:
+        self._pull(key, device)
         self.publish({"t": "td", "k": key, "d": device})
+
+    def _pull(self, key: str, device: str) -> None:
+        """The device's live sessions here read what they have not had of its queue, in
+        seq order, from their own place in it (chat.todevice.pull)."""
+        from chat.todevice import pull
+
+        for session in self.sessions_of(key):
+            if session.device == device and session.to_device_live:
+                pull(self.store, session)
 
     def sync(self, then: Callable[[], None]) -> None:
         """Call `then` (any thread) once every other node applied what was published."""
@@ -511,7 +577,10 @@ class ClusterHub(LocalHub):
         self.seq.filled(conv, after, upto, deliveries)
 
     # --- what other nodes published ----------------------------------------------------
-    def apply(self, node: str, event: dict[str, Any]) -> None:
+    def apply(self, node: str, event: dict[str, Any],
+              members: set[tuple[str, str]] | None = None) -> None:
+        """Another node's event. `members`: the (user key, room) pairs of the membership
+        events among it that the database held when they were applied (Bus.decide)."""
         kind = event["t"]
         if kind == "m":
             room = event["room"]
@@ -524,7 +593,7 @@ class ClusterHub(LocalHub):
             c = DirectChain(*event["c"])
             self._direct(event["to"], event["from"], event["f"].encode(), None, b"", c, False)
         elif kind in ("j", "l", "x"):
-            self._apply_membership(node, event)
+            self._apply_membership(node, event, members)
         elif kind == "p":
             super().publish_room(event["room"], event["f"].encode())
         elif kind == "a":
@@ -542,20 +611,20 @@ class ClusterHub(LocalHub):
         elif kind == "o":
             self._apply_online(node, event)
         elif kind == "td":
-            from chat.todevice import pull
+            self._pull(event["k"], event["d"])
 
-            for session in self.sessions_of(event["k"]):
-                if session.device == event["d"] and session.to_device_live:
-                    pull(self.store, session)
-
-    def _apply_membership(self, node: str, event: dict[str, Any]) -> None:
+    def _apply_membership(self, node: str, event: dict[str, Any],
+                          members: set[tuple[str, str]] | None = None) -> None:
+        """A join, leave or removal decided on another node. Events of different nodes
+        reach this one in no particular order (a kick on one node may come before the
+        join it undid, made on another a moment earlier): where the database, read when
+        the event was applied, says otherwise, it is right, and the event changes nothing
+        here (the event of whatever made the difference comes, or came, too)."""
         key, room, kind = event["k"], event["room"], event["t"]
-        remote = self._remote.get(key)
-        if remote is not None:
-            # A user's rooms are the user's, whichever node the change was made on.
-            for rooms in remote.rooms.values():
-                (rooms.add if kind == "j" else rooms.discard)(room)
-            self._who.pop(room, None)
+        member = kind == "j" if members is None else (key, room) in members
+        self._remote_member(key, room, member)
+        if member != (kind == "j"):
+            return
         user = self._users.get(key)
         if user is None:
             return
@@ -628,13 +697,18 @@ class ClusterHub(LocalHub):
 
     def reconcile_rooms(self, truth: dict[str, set[str]], newest: dict[str, int]) -> None:
         """After Redis came back: the rooms of this node's users as the database says;
-        membership events lost meanwhile are applied now (without presence). `newest`:
-        each room's newest id when it was read, where following a new one starts."""
+        membership events lost meanwhile are applied now (without presence). A room this
+        node did not follow is followed from `newest` (its newest id when the rooms were
+        read: anything later that went by meanwhile is a gap, filled). A user whose rooms
+        changed is published online again with them: this node's Redis hash and the other
+        nodes' replica had the ones it republished after the reconnect, before this."""
         for key, rooms in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
                 continue
-            changed = rooms != user.rooms
+            if rooms != user.rooms:
+                self.publish({"t": "o", "k": key, "name": user.name, "on": True,
+                              "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
                 self._joined_here(user, room, newest.get(room, 0))
@@ -642,9 +716,6 @@ class ClusterHub(LocalHub):
             for room in user.rooms - rooms:
                 user.rooms.discard(room)
                 self._left_here(user, room, mark=False)
-            if changed:
-                self.publish({"t": "o", "k": key, "name": user.name, "on": True,
-                              "rooms": sorted(user.rooms)})
 
     # --- presence ---------------------------------------------------------------------
     def flush_presence(self) -> None:
@@ -675,7 +746,10 @@ class ClusterHub(LocalHub):
 
 
 def _mine(user: UserState) -> dict[str, Any]:
-    """A local user's name and rooms, for this node's Redis hash of who is online here."""
+    """A local user's name and rooms, for this node's Redis hash of who is online here
+    (nothing for a user no longer online here: the hash would list it for good)."""
+    if not user.sessions:
+        return {}
     return {"name": user.name, "rooms": sorted(user.rooms)}
 
 
@@ -732,9 +806,15 @@ class Filler:
                     self._submit(lambda conv=task[1]: self.hub.seq.retry(conv))
 
     def _submit(self, after: Callable[[], None]) -> None:
+        """`after` on the writer thread; run even if its batch fails to commit (it reads
+        and writes nothing there), but not at a shutdown's refusal (on this thread)."""
         from chat.store import Job
 
-        self.store.submit(Job(lambda db: after, lambda exc: None))
+        def failed(exc: Exception) -> None:
+            if self.store.on_writer_thread():
+                after()
+
+        self.store.submit(Job(lambda db: after, failed))
 
     def _read(self, conv: str, after: int, upto: int) -> list[Any]:
         m = messages_t.c
@@ -783,6 +863,7 @@ class Filler:
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),
                     users_t.c.disabled_ms.is_not(None)), {"keys": keys}).scalars())
+            newest = newest_in_rooms(db, set().union(*truth.values()))
 
         def apply() -> None:
             self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled},
@@ -816,12 +897,10 @@ class Bus:
         self.channel = f"{prefix}:events"
         self.node_channel = f"{prefix}:node:{self.node}"
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._unpublished = 0
         self._stop = threading.Event()
         self._syncs: dict[str, _Sync] = {}
         self._syncs_lock = threading.Lock()
         self.connected = threading.Event()  # the subscriber is subscribed
-        self._beaten = threading.Event()  # the node is registered in Redis
         self.fenced = False
         self._last_beat = time.monotonic()
         self._threads = [threading.Thread(target=fn, name=f"cluster-{name}", daemon=True)
@@ -837,13 +916,23 @@ class Bus:
 
     # --- lifecycle --------------------------------------------------------------------
     def start(self, wait: float) -> bool:
-        """Start the threads; True once subscribed and registered (within `wait` s)."""
+        """Start the threads; True once subscribed (within `wait` seconds) and registered.
+
+        Registered here, not at the heartbeat's first beat (a third of the ttl later):
+        from now on the node may serve sessions, and every barrier must wait for it."""
         for thread in self._threads:
             thread.start()
-        deadline = time.monotonic() + wait
         if not self.connected.wait(wait):
             return False
-        return self._beaten.wait(max(0.0, deadline - time.monotonic()))
+        try:
+            client = self._client()
+            try:
+                self._register(client.pipeline(transaction=False)).execute()
+            finally:
+                client.close()
+        except self._redis.RedisError:
+            return False
+        return True
 
     def stop(self) -> None:
         self._stop.set()
@@ -860,6 +949,7 @@ class Bus:
             # Gone at once, rather than after the ttl: others stop waiting for us.
             c = self._client()
             c.delete(self._node_key(), self._online_key())
+            c.srem(self._nodes_key(), self.node)
             c.close()
         except Exception:
             log.warning("cluster: could not remove this node's keys from Redis; they "
@@ -868,15 +958,26 @@ class Bus:
     def _node_key(self) -> str:
         return f"{self.prefix}:nodes:{self.node}"
 
+    def _nodes_key(self) -> str:
+        """The set of the nodes' ids (each alive while its own key is): what is scanned
+        for live nodes, instead of the whole keyspace (the throttles' keys included)."""
+        return f"{self.prefix}:nodes"
+
+    def _register(self, pipe: Any) -> Any:
+        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+        pipe.sadd(self._nodes_key(), self.node)
+        return pipe
+
     def _online_key(self, node: str | None = None) -> str:
         return f"{self.prefix}:online:{node or self.node}"
 
     # --- publishing (any thread queues; one thread sends, in order) -------------------
     def publish(self, event: dict[str, Any]) -> None:
-        if self._unpublished >= MAX_UNPUBLISHED:
+        # The queue's own size bounds it (a count kept by this thread and the publisher's,
+        # unlocked, lost updates and drifted).
+        if self._out.qsize() >= MAX_UNPUBLISHED:
             self.metrics.redis_errors.inc()
             return  # the oldest are kept; the database repairs messages, reconnect rooms
-        self._unpublished += 1
         self._out.put(("event", time.monotonic(),
                        json.dumps(event, separators=(",", ":")).encode()))
 
@@ -912,9 +1013,7 @@ class Bus:
                 # from the database. Applied late, an ended-sessions event would end
                 # sessions made since.
                 stale = time.monotonic() - self.ttl
-                fresh = [p for p in pending if p[0] != "event" or p[1] >= stale]
-                self._send(client, fresh)
-                self._unpublished -= sum(1 for p in pending if p[0] == "event")
+                self._send(client, [p for p in pending if p[0] != "event" or p[1] >= stale])
                 pending = []
             except self._redis.RedisError:
                 self.metrics.redis_errors.inc()
@@ -937,9 +1036,13 @@ class Bus:
             else:  # ("ack", barrier id, its node)
                 pipe.publish(f"{self.prefix}:node:{item[2]}",
                              me + json.dumps({"t": "k", "id": item[1]}).encode())
-        pipe.execute()
         if syncs:
-            nodes = self._live_nodes(client) - {self.node}
+            # In the same round trip, after the barriers went out: the nodes live then.
+            # (Asked apart, a failure of that call sent the whole batch again.)
+            self._ask_live_nodes(pipe)
+        results = pipe.execute()
+        if syncs:
+            nodes = {n.decode() for n in results[-1]} - {self.node}
             with self._syncs_lock:
                 for sid in syncs:
                     sync = self._syncs.get(sid)
@@ -961,8 +1064,13 @@ class Bus:
                                                                    event["rooms"]]))
 
     def _live_nodes(self, client: Any) -> set[str]:
-        head = f"{self.prefix}:nodes:"
-        return {k.decode()[len(head):] for k in client.scan_iter(match=head + "*", count=100)}
+        """The nodes whose registration has not lapsed (one round trip; the lapsed are
+        taken out of the set, atomically, so that one registering again stays in)."""
+        return {n.decode() for n in self._ask_live_nodes(client)}
+
+    def _ask_live_nodes(self, client: Any) -> Any:
+        """The live nodes' ids, as bytes (on a pipeline: queued, in its results)."""
+        return client.eval(_LIVE_NODES, 1, self._nodes_key(), f"{self.prefix}:nodes:")
 
     # --- acknowledgements ---------------------------------------------------------------
     def _acked(self, sid: str, node: str) -> None:
@@ -1068,27 +1176,56 @@ class Bus:
             for m in batch:
                 if m.get("type") != "message":
                     continue
-                node, _, body = m["data"].partition(b" ")
-                node_s = node.decode()
-                if node_s == self.node:
-                    continue
-                event = json.loads(body)
-                if event["t"] == "k":
-                    self._acked(event["id"], node_s)
+                try:
+                    node, _, body = m["data"].partition(b" ")
+                    node_s = node.decode()
+                    if node_s == self.node:
+                        continue
+                    event = json.loads(body)
+                    if not isinstance(event, dict) or not isinstance(event.get("t"), str):
+                        raise ValueError("not an event")
+                    if event["t"] == "k":
+                        self._acked(str(event["id"]), node_s)
+                        continue
+                except (ValueError, KeyError, TypeError) as exc:
+                    # Not one of ours (another version, another program on the channel):
+                    # skipped, not the rest of the batch with it.
+                    log.warning("cluster: skipped a malformed event on %s (%s)",
+                                self.channel, type(exc).__name__)
                     continue
                 events.append((node_s, event))
             if events:
-                self.store.submit(Job(lambda db, events=events: (lambda: self._apply(events)),
-                                      lambda exc: None))
+                self.store.submit(Job(lambda db, events=events: self.decide(db, events),
+                                      lambda exc, events=events: self._not_decided(events)))
 
-    def _apply(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+    def _not_decided(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """The batch that was to apply these failed (the database): they happened all
+        the same, on other nodes, and are applied as they say. Not at a shutdown's
+        refusal (from this thread; the writer has stopped)."""
+        if self.store.on_writer_thread():
+            self._apply(events)
+
+    def decide(self, db: Connection, events: list[tuple[str, dict[str, Any]]]
+               ) -> Callable[[], None]:
+        """Writer thread, in its batch: the memberships the events' joins, leaves and
+        removals are about, as the database holds them now (after every one of those
+        events was committed), for `_apply`."""
+        pairs = set()
+        for _node, event in events:
+            if event.get("t") in ("j", "l", "x"):
+                pairs.add((str(event.get("k")), str(event.get("room"))))
+        members = memberships(db, pairs) if pairs else set()
+        return lambda: self._apply(events, members)
+
+    def _apply(self, events: list[tuple[str, dict[str, Any]]],
+               members: set[tuple[str, str]] | None = None) -> None:
         """Writer thread."""
         for node, event in events:
             try:
                 if event["t"] == "s":
                     self._out.put(("ack", event["id"], event["from"]))
                 else:
-                    self.hub.apply(node, event)
+                    self.hub.apply(node, event, members)
             except Exception:
                 log.exception("cluster: could not apply an event from %s", node)
 
@@ -1106,13 +1243,11 @@ class Bus:
             try:
                 if client is None:
                     client = self._client()
-                pipe = client.pipeline(transaction=False)
-                pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+                pipe = self._register(client.pipeline(transaction=False))
                 pipe.pexpire(self._online_key(), int(self.ttl * 1000))
                 pipe.execute()
                 live = self._live_nodes(client)
                 self._last_beat = now
-                self._beaten.set()
                 if self.fenced:
                     self.fenced = False
                     log.warning("cluster: Redis is back; serving again")
@@ -1132,6 +1267,20 @@ class Bus:
             for node in gone:
                 self.filler._submit(lambda node=node: self.hub.node_gone(node))
             self._finish_syncs(live=live, now=now)
+
+
+# KEYS[1]: the set of node ids; ARGV[1]: the prefix of their keys.
+_LIVE_NODES = """
+local live = {}
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. node) == 1 then
+    table.insert(live, node)
+  else
+    redis.call('SREM', KEYS[1], node)
+  end
+end
+return live
+"""
 
 
 @dataclass(slots=True)

@@ -294,7 +294,8 @@ class LocalHub:
 
     def to_device_queued(self, key: str, device: str) -> None:
         """A to-device message was queued for user `key`'s `device`; this node gave it to
-        its live sessions already (over a cluster, other nodes pull theirs)."""
+        its live sessions already (over a cluster, every node, this one too, has the
+        device's live sessions pull the queue in seq order)."""
 
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
         """A kick or ban of a user with no session here (over a cluster, other nodes may

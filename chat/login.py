@@ -38,6 +38,7 @@ from chat.errors import (
     ServerBusy,
 )
 from chat.hub import Session
+from chat.moderation import reachable
 from chat.protocol import encode
 from chat.roombook import audit
 from chat.store import Job, now_ms
@@ -252,15 +253,22 @@ def passwd(conn: Connection, req: m.Passwd) -> None:
                                  "your other sessions would stay; try again shortly")
             if not server.store.password_hash_is(db, rec.id, rec.password_hash):
                 raise InvalidCredentials()  # changed by another session meanwhile
+            if req.logout_others:
+                # Over a cluster, refused (before anything changed) while the other nodes
+                # cannot be told: their sessions would stay.
+                reachable(server.hub)
             server.store.set_password_hash(db, rec.id, password_hash)
             log.info("%s: %s changed their password", conn.peer, rec.name)
+            ok = {"type": "ok", "op": "passwd"}
 
             def after() -> None:
-                if req.logout_others:
-                    # `quit`: the user asked for these sessions to end, from another.
-                    server.hub.end_sessions(session.key, "quit", keep=session)
+                if not req.logout_others:
+                    conn.finish_auth(rid, ok)
+                    return
+                # `quit`: the user asked for these sessions to end, from another.
+                server.hub.end_sessions(session.key, "quit", keep=session)
                 # Over a cluster, once the other nodes have ended theirs too.
-                server.hub.sync(lambda: conn.finish_auth(rid, {"type": "ok", "op": "passwd"}))
+                server.hub.sync(lambda: conn.finish_auth(rid, ok))
 
             return after
 

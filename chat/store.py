@@ -585,8 +585,9 @@ class Store:
     def follow(self, conn: Connection, rooms: list[str], user_id: int) -> dict[str, int]:
         """Writer thread, at a login over a cluster: where this node starts following the
         session's conversations (its rooms, its direct messages) if it does not follow
-        them yet when the session attaches. Read for all of them: one the node follows
-        now may be dropped by a continuation before the attach (its last session left)."""
+        them when the session is attached. Read for every one of them, followed now or
+        not: a continuation earlier in this batch (the last other session's detach, a
+        leave) may stop following one before this login's attach."""
         if not self.ordered:
             return {}
         cursors = {room_conv(r): n for r, n in newest_in_rooms(conn, rooms).items()}

@@ -135,7 +135,11 @@ def send(conn: Connection, req: m.ToDevice) -> None:
             queued += 1
             arrived.add((rec.key, item.device))
             data = None
-            for other in hub.sessions_of(rec.key):
+            # Over a cluster the device's sessions on this node, as on the others, read
+            # the queue in seq order (ClusterHub.to_device_queued): given live from here,
+            # a message would not move their place in it, and a pull for one queued on
+            # another node would give it again (or after a later one).
+            for other in hub.sessions_of(rec.key) if not store.ordered else ():
                 if other.device == item.device and other.to_device_live:
                     data = data or _frame(seq, session.name, device, item.olm)
                     live.append((other, data))
@@ -170,7 +174,8 @@ def send(conn: Connection, req: m.ToDevice) -> None:
 
 
 def pull(store: Any, session: Session) -> None:
-    """Over a cluster: something was queued on another node for this session's device.
+    """Over a cluster: something was queued (on this node or another) for this session's
+    device.
     If the session is following its queue live, it gets what it has not had yet, read
     from the database in seq order (the device's lock makes that commit order)."""
     def run(db: Any) -> Callable[[], None] | None:

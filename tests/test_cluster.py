@@ -248,7 +248,9 @@ def test_a_kick_on_one_node_reaches_the_target_on_every_node_before_the_ok(
                 seen.append(frame)
                 if frame["type"] == "message" and frame.get("to") == "target":
                     break
-            assert [f["type"] for f in seen if f.get("room") == "den"] == ["removed"]
+            # (Presence is coalesced: the joins' frames, or the leave, may come in between.)
+            assert [f["type"] for f in seen if f.get("room") == "den"
+                    and f["type"] != "presence"] == ["removed"]
         # And the banned user cannot send there from any node.
         for s in (target, target2):
             refused = s.request({"type": "send", "room": "den", "message": "let me"})
