@@ -86,6 +86,10 @@ REDIS_TIMEOUT = 2.0
 PUBLISH_BATCH = 256
 # Events kept while Redis is unreachable; past this the oldest go (the database repairs).
 MAX_UNPUBLISHED = 100_000
+# A node with neither its registration refreshed nor its subscription up for this share
+# of cluster_node_ttl fences itself: before the registration lapses (at the whole ttl),
+# when the other nodes' barriers stop waiting for it.
+FENCE_AFTER = 0.6
 # Rows one gap repair reads at most; a longer gap takes several.
 FILL_PAGE = 500
 # Other nodes' messages one conversation holds behind a gap at most; past it they are
@@ -902,11 +906,12 @@ class Bus:
         self._syncs_lock = threading.Lock()
         self.connected = threading.Event()  # the subscriber is subscribed
         self.fenced = False
-        self._last_beat = time.monotonic()
+        self._last_good = time.monotonic()  # registered and subscribed, last seen so
         self._threads = [threading.Thread(target=fn, name=f"cluster-{name}", daemon=True)
                          for name, fn in (("publish", self._publisher),
                                           ("subscribe", self._subscriber),
-                                          ("heartbeat", self._heartbeat))]
+                                          ("heartbeat", self._heartbeat),
+                                          ("watchdog", self._watchdog))]
         self._sub_client: Any = None
 
     def _client(self) -> Any:
@@ -1231,6 +1236,8 @@ class Bus:
 
     # --- heartbeat and fence ---------------------------------------------------------------
     def _heartbeat(self) -> None:
+        """Refreshes this node's registration while it is subscribed, notices nodes that
+        lapsed, and lets barriers go on when the nodes they wait for have."""
         client = None
         known: set[str] = set()
         interval = self.ttl / 3
@@ -1243,23 +1250,17 @@ class Bus:
             try:
                 if client is None:
                     client = self._client()
-                pipe = self._register(client.pipeline(transaction=False))
-                pipe.pexpire(self._online_key(), int(self.ttl * 1000))
-                pipe.execute()
+                if self.connected.is_set():
+                    # Only while subscribed: a node that hears nothing must lapse, so
+                    # that barriers stop waiting for it (it fences itself first).
+                    pipe = self._register(client.pipeline(transaction=False))
+                    pipe.pexpire(self._online_key(), int(self.ttl * 1000))
+                    pipe.execute()
+                    self._last_good = now
                 live = self._live_nodes(client)
-                self._last_beat = now
-                if self.fenced:
-                    self.fenced = False
-                    log.warning("cluster: Redis is back; serving again")
-                    self.on_fence(False)
             except self._redis.RedisError:
                 self.metrics.redis_errors.inc()
                 client = None
-                if not self.fenced and now - self._last_beat > self.ttl:
-                    self.fenced = True
-                    log.error("cluster: no Redis for %.1f s: closing every session until "
-                              "it is back", now - self._last_beat)
-                    self.on_fence(True)
                 self._finish_syncs(now=now)
                 continue
             gone = known - live - {self.node}
@@ -1267,6 +1268,24 @@ class Bus:
             for node in gone:
                 self.filler._submit(lambda node=node: self.hub.node_gone(node))
             self._finish_syncs(live=live, now=now)
+
+    def _watchdog(self) -> None:
+        """Fences the node when it has been neither registered nor subscribed for
+        FENCE_AFTER of the node ttl, and lifts the fence when it is both again. Its own
+        thread, never waiting on Redis: the heartbeat may be stuck in a call for
+        REDIS_TIMEOUT, and the fence must come before the registration lapses (a barrier
+        elsewhere then stops waiting for this node, whose sessions must be gone by then)."""
+        while not self._stop.wait(self.ttl / 20):
+            quiet = time.monotonic() - self._last_good
+            if not self.fenced and quiet > FENCE_AFTER * self.ttl:
+                self.fenced = True
+                log.error("cluster: cut off from the other nodes for %.1f s (Redis): closing "
+                          "every session until they can be reached", quiet)
+                self.on_fence(True)
+            elif self.fenced and quiet < self.ttl / 2 and self.connected.is_set():
+                self.fenced = False
+                log.warning("cluster: Redis is back; serving again")
+                self.on_fence(False)
 
 
 # KEYS[1]: the set of node ids; ARGV[1]: the prefix of their keys.

@@ -511,14 +511,13 @@ def hold_resubscribing(node: Any) -> threading.Event:
     return release
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: a barrier goes on at its "
-                   "deadline without a live node's ack, and an ended session is never repaired")
 def test_a_logout_is_not_ok_while_a_live_node_missed_it(cluster: Any) -> None:
-    """Node 2's subscription drops and stays down a while; its heartbeat goes on, so it
-    stays registered. A logout of other sessions on node 1 is published while node 2
-    cannot hear it: the barrier waits for node 2's ack until its own deadline
-    (2 x cluster_node_ttl), then answers ok anyway; node 2 never ends its session (no
-    reconcile repairs an ended session), and nothing fences node 2."""
+    """Node 2's subscription drops and stays down a while. A logout of other sessions on
+    node 1 is published while node 2 cannot hear it. (The review found the barrier going
+    on at its deadline while node 2, still registered by its heartbeat, kept the session.)
+    Now a node refreshes its registration only while subscribed, and fences itself at
+    FENCE_AFTER of the ttl, before the registration lapses and the barrier goes on: the
+    session is closed by then."""
     c = cluster(2)
     n1, n2 = c.nodes
     here = n1.user("erin")
@@ -673,15 +672,13 @@ class Operator:
         return self.answer["result"]
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the fence comes after the "
-                   "node's registration lapses (at least REDIS_TIMEOUT after, Redis unreachable)")
 def test_a_disabled_user_on_a_node_cut_off_from_redis_cannot_send_after_the_ok(
         cluster: Any) -> None:
     """Node 2 loses Redis (packets dropped). The operator disables erin on node 1: the
     barrier stops waiting for node 2 once its registration lapses (cluster_node_ttl after
-    its last beat), but node 2 fences itself only when a beat that *started* more than
-    the ttl after the last good one has failed, REDIS_TIMEOUT later: meanwhile the
-    `ok` is given and erin, on node 2, still sends direct messages."""
+    its last beat). (The review found node 2 fencing itself only after that, when a
+    heartbeat stuck for REDIS_TIMEOUT failed: the `ok` came while erin still sent.) Now a
+    watchdog that never waits on Redis fences the node at FENCE_AFTER of the ttl."""
     c = cluster(1)
     proxy = Proxy(c.redis.port)
     try:
@@ -979,9 +976,6 @@ def test_draining_what_waited_costs_no_more_than_n_log_n() -> None:
     assert compared < 40 * n, f"{compared} comparisons to deliver {n} held messages"
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: a join's sessions on "
-                   "another node, which follows the room already, miss what that node "
-                   "delivered before the join's event came")
 def test_a_joiners_session_on_another_node_gets_every_message_after_the_join(
         cluster: Any) -> None:
     """erin joins den on node 2; she also has a session on node 3, where watcher is in
