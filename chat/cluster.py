@@ -35,9 +35,10 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   since a node cut off from Redis that long has closed its clients (below).
 
 * **Liveness.** Each node refreshes `<prefix>:nodes:<id>` every third of
-  `cluster_node_ttl` (and is in the set `<prefix>:nodes`, which is what is read to find
-  the live ones: never a scan of the keyspace). A node that cannot reach Redis for
-  `cluster_node_ttl` is *fenced*: it ends every session (`bye shutdown`; clients reconnect
+  `cluster_node_ttl` while it is subscribed (and is in the set `<prefix>:nodes`, which is
+  what is read to find the live ones: never a scan of the keyspace). A node that has
+  been neither registered nor subscribed for `FENCE_AFTER` of the ttl (before its
+  registration can lapse) is *fenced*: it ends every session (`bye shutdown`; clients reconnect
   through the balancer to a healthy node), refuses logins and answers /health with 503
   until Redis is back. While the bus is down (before the fence), requests that must reach
   other nodes (kick, ban, disable, logout) are refused with `server_busy`; messages keep

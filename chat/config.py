@@ -284,8 +284,9 @@ class Settings:
     )
     cluster_node_ttl: float = _setting(
         5.0, "Seconds a node's heartbeat in Redis lasts. A node unseen this long is taken "
-        "for dead (its users' presence lapses); a node that cannot reach Redis this long "
-        "closes its clients' connections and reports unhealthy until Redis is back."
+        "for dead (its users' presence lapses); a node that cannot reach Redis for three "
+        "fifths of it closes its clients' connections and reports unhealthy until Redis "
+        "is back."
     )
     cluster_gap_wait: float = _setting(
         0.05, "Seconds a node holds a message whose predecessor in its conversation has "
