@@ -961,7 +961,9 @@ class Bus:
         return f"{self.prefix}:nodes"
 
     def _register(self, pipe: Any) -> Any:
-        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+        """Queue the registration; its first result is the one it replaced (None: there
+        was none, the node's registration had lapsed or was evicted)."""
+        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000), get=True)
         pipe.sadd(self._nodes_key(), self.node)
         return pipe
 
@@ -1232,7 +1234,13 @@ class Bus:
                     client = self._client()
                 pipe = self._register(client.pipeline(transaction=False))
                 pipe.pexpire(self._online_key(), int(self.ttl * 1000))
-                pipe.execute()
+                if pipe.execute()[0] is None:
+                    # Our registration had lapsed (a late beat) or was evicted, and our
+                    # online hash with it: the others took this node for gone and forgot
+                    # its users. Who is online here is told again (and mirrored).
+                    log.warning("cluster: this node's registration had lapsed; telling "
+                                "the others who is online here again")
+                    self.filler._submit(self._republish_online)
                 live = self._live_nodes(client)
                 self._last_beat = now
                 if self.fenced:

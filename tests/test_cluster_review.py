@@ -1197,3 +1197,40 @@ def test_the_online_hash_keeps_no_user_whose_last_session_went_first(cluster: An
     finally:
         owner.close()
         xena.close()
+
+
+def test_a_node_whose_registration_lapsed_while_it_lived_is_counted_online_again(
+        cluster: Any) -> None:
+    """Node 2's registration and online hash vanish from Redis though node 2 is fine
+    (evicted under maxmemory: they are the keys with a ttl; or a heartbeat late by the
+    ttl). Node 1 takes node 2 for gone and forgets its users. Node 2's next beat
+    registers it again, but nothing tells node 1 who is online there, and node 2's
+    hash stays empty: its users are offline for the rest of the cluster until they
+    log in again."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    alice = n1.user("alice")
+    bob = n2.user("bob")
+    try:
+        wait_for(lambda: "bob" in alice.request({"type": "who", "room": "general"})["users"],
+                 "bob online on node 1")
+        r = c.redis.client()
+        node2, bus2 = n2.server.hub.node, n2.server.bus
+        seen = n1.server.bus._last_beat  # node 1's heartbeat has seen node 2 live:
+        wait_for(lambda: n1.server.bus._last_beat != seen, "a beat of node 1's")
+        beat = threading.Event()  # node 2's heartbeat waits (as a late one does)
+        register = bus2._register
+        bus2._register = lambda pipe: beat.wait(TIMEOUT) and register(pipe)
+        try:
+            r.delete(f"{c.prefix}:nodes:{node2}", f"{c.prefix}:online:{node2}")
+            wait_for(lambda: "bob" not in alice.request(
+                {"type": "who", "room": "general"})["users"], "node 1 to take node 2 for gone")
+        finally:
+            beat.set()
+        wait_for(lambda: r.exists(f"{c.prefix}:nodes:{node2}"), "node 2's next beat")
+        wait_for(lambda: "bob" in alice.request({"type": "who", "room": "general"})["users"],
+                 "bob online again on node 1")
+        assert r.hget(f"{c.prefix}:online:{node2}", "bob") is not None
+    finally:
+        alice.close()
+        bob.close()
