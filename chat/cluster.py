@@ -485,6 +485,16 @@ class ClusterHub(LocalHub):
         self._pull(key, device)
         self.publish({"t": "td", "k": key, "d": device})
 
+    def pull_every_device(self) -> None:
+        """After a reconnect: every device session here that follows its queue live reads
+        what it has not had (a `td` saying so may have gone by while unsubscribed)."""
+        from chat.todevice import pull
+
+        for user in list(self._users.values()):
+            for session in user.sessions:
+                if session.device is not None and session.to_device_live:
+                    pull(self.store, session)
+
     def _pull(self, key: str, device: str) -> None:
         """The device's live sessions here read what they have not had of its queue, in
         seq order, from their own place in it (chat.todevice.pull)."""
@@ -1144,6 +1154,7 @@ class Bus:
             if not first:
                 self.filler.rooms(list(self.hub.online_here()))
                 self._republish_online()
+                self.hub.pull_every_device()  # a `td` may have been lost meanwhile
 
         self.filler._submit(apply)
 

@@ -1234,3 +1234,40 @@ def test_a_node_whose_registration_lapsed_while_it_lived_is_counted_online_again
     finally:
         alice.close()
         bob.close()
+
+
+def test_a_to_device_message_queued_while_a_nodes_subscription_was_down_is_given_after(
+        cluster: Any) -> None:
+    """A `td` (a device's queue got something) published while node 2 could not hear it
+    is lost: node 2's session of the device follows its queue live and pulls only when
+    told, so it gets nothing until some later message or acknowledgement. The
+    reconnect repairs messages and rooms, not this."""
+    from test_todevice import Device
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    n2.register("bob")
+    bob = Device(n2, "bob", "phone")
+    alice = Device(n1, "alice", "laptop", register=True)
+    release = hold_resubscribing(n2)
+    try:
+        assert c.redis.client().client_kill_filter(_type="pubsub") >= 2
+        wait_for(lambda: not n2.server.bus.connected.is_set(), "node 2 to lose its subscription")
+        wait_for(lambda: n1.server.bus.connected.is_set(), "node 1 to subscribe again")
+        sent = alice.to_device([("bob", "phone")], "while-away")
+        assert sent.get("queued") == 1, sent
+        published = threading.Event()
+        run_on_writer(n1, lambda: n1.server.hub.sync(published.set))
+        assert published.wait(TIMEOUT)  # the td went out (to nobody on node 2)
+        release.set()
+        wait_for(lambda: n2.server.bus.connected.is_set(), "node 2 to subscribe again")
+
+        def received() -> bool:
+            bob.pump()
+            return bool(bob.received())
+
+        wait_for(received, "bob's phone to get the message")
+    finally:
+        release.set()
+        for d in (alice, bob):
+            d.conn.close()
