@@ -90,12 +90,18 @@ class Ops:
             fn()
 
 
+def _must_reach_every_node(ops: Ops) -> None:
+    """Refuse, before anything changes, what the other nodes of a cluster must apply
+    while this one cannot reach them (chat.cluster)."""
+    if not getattr(ops.hub, "reachable", True):
+        raise Refused("the cluster's nodes cannot reach each other (Redis) just now: the "
+                      "other nodes' sessions would stay; try again shortly")
+
+
 def _end_sessions(ops: Ops, rec: UserRecord, reason: str) -> int:
     """Close every session of the user with `bye reason`, in the writer's order."""
     hub, store = ops.hub, ops.store
-    if not getattr(hub, "reachable", True):
-        raise Refused("the cluster's nodes cannot reach each other (Redis) just now: the "
-                      "other nodes' sessions would stay; try again shortly")
+    _must_reach_every_node(ops)
     state = hub.user_state(rec.key)
     count = len(state.sessions) if state else 0
     if state is not None:
@@ -266,6 +272,7 @@ def _room_removal(how: str) -> Callable[..., dict[str, Any]]:
                           "(chat-admin user disable)")
         if how == "kick" and rec.id not in room.members:
             raise Refused(f"{rec.name} is not in #{room.name}")
+        _must_reach_every_node(ops)
         ops.later.append(remove(ops.store, ops.hub, ops.db, room, rec, how, OPERATOR, reason))
         return {"room": room.name, "username": rec.name, how: True}
 
@@ -289,6 +296,7 @@ def room_delete(ops: Ops, name: str, reason: str = "") -> dict[str, Any]:
     room = ops.room(name)
     if room.name == DEFAULT_ROOM:
         raise Refused(f"{DEFAULT_ROOM} cannot be deleted")
+    _must_reach_every_node(ops)
     # Everyone in it is removed first, as by a kick: each session is told, in order.
     for uid in list(room.members):
         rec = ops.store.user(ops.db, room.members[uid].name.lower())

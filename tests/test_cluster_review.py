@@ -1271,3 +1271,25 @@ def test_a_to_device_message_queued_while_a_nodes_subscription_was_down_is_given
         release.set()
         for d in (alice, bob):
             d.conn.close()
+
+
+# --- 17. the operator's actions over a cluster -------------------------------------------------
+def test_the_operators_kick_is_refused_while_redis_is_unreachable(cluster: Any) -> None:
+    """A member's kick or ban is refused (server_busy) while the bus is down; the
+    operator's `room kick`, `room ban` and `room delete` are carried out, and their
+    answer waits for a barrier that cannot complete before 2 x cluster_node_ttl, while
+    the target's sessions on other nodes stay in the room."""
+    c = cluster(2, cluster_node_ttl=120.0)
+    n1, n2 = c.nodes
+    owner = n1.user("owner")
+    target = n2.user("target")
+    try:
+        assert owner.request({"type": "join", "room": "den"})["type"] == "ok"
+        assert target.request({"type": "join", "room": "den"})["type"] == "ok"
+        redis_down(c)
+        op = Operator(n1, "room_kick", {"name": "den", "username": "target"})
+        op.thread.join(TIMEOUT)
+        assert op.answer.get("ok") is False and "Redis" in op.answer.get("error", ""), op.answer
+    finally:
+        owner.close()
+        target.close()
