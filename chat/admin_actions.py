@@ -338,6 +338,7 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
     """Remove a device (a lost phone): nobody can start a session with it, and its keys
     can never be registered again (the row stays, marked removed)."""
     rec = ops.user(name)
+    _must_reach_every_node(ops)  # its sessions on the other nodes are unbound too
     gone = ops.db.execute(update(devices_t).where(and_(
         devices_t.c.user_id == rec.id, devices_t.c.device == device,
         DEVICE_LIVE)).values(removed_ms=now_ms())).rowcount
@@ -364,6 +365,7 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
                 session.to_device_sent, session.to_device_live = sent, live
 
         ops.store.on_rollback(rebind)
+    ops.later.append(lambda: ops.hub.device_removed(rec.key, device))
     ops.later.append(device_list_notice(ops.db, ops.store, rec.id, rec.key, rec.name))
     return {"username": rec.name, "device": device, "removed": True}
 

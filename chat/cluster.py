@@ -481,6 +481,17 @@ class ClusterHub(LocalHub):
         super().devices_changed(key, rooms, data)
         self.publish({"t": "dv", "k": key, "rooms": rooms, "f": data.decode()})
 
+    def device_removed(self, key: str, device: str) -> None:
+        self.publish({"t": "dr", "k": key, "d": device})
+
+    def _unbind(self, key: str, device: str) -> None:
+        """Another node's operator removed the device: its sessions here send nothing
+        more as it (chat.admin_actions.device_remove does the same on its node)."""
+        for session in self.sessions_of(key):
+            if session.device == device:
+                session.device = session.device_curve = None
+                session.to_device_sent, session.to_device_live = 0, False
+
     def to_device_queued(self, key: str, device: str) -> None:
         self._pull(key, device)
         self.publish({"t": "td", "k": key, "d": device})
@@ -622,6 +633,8 @@ class ClusterHub(LocalHub):
             self._apply_online(node, event)
         elif kind == "td":
             self._pull(event["k"], event["d"])
+        elif kind == "dr":
+            self._unbind(event["k"], event["d"])
 
     def _apply_membership(self, node: str, event: dict[str, Any],
                           members: set[tuple[str, str]] | None = None) -> None:

@@ -1293,3 +1293,24 @@ def test_the_operators_kick_is_refused_while_redis_is_unreachable(cluster: Any) 
     finally:
         owner.close()
         target.close()
+
+
+def test_a_device_removed_by_the_operator_sends_nothing_more_from_another_node(
+        cluster: Any) -> None:
+    """`device remove` unbinds the device's sessions on the node that ran it, so that
+    they send nothing more as that device; its sessions on other nodes stay bound, and
+    go on sending to-device messages as the removed device after the operator's ok."""
+    from test_todevice import Device
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    n1.register("bob")
+    phone = Device(n2, "bob", "phone")
+    alice = Device(n1, "alice", "laptop", register=True)
+    try:
+        Operator(n1, "device_remove", {"name": "bob", "device": "phone"}).result()
+        reply = phone.to_device([("alice", "laptop")], "after-removal")
+        assert reply["type"] == "error" and reply["code"] == "invalid_field", reply
+    finally:
+        for d in (phone, alice):
+            d.conn.close()
