@@ -1204,7 +1204,7 @@ class Bus:
                     if event["t"] == "k":
                         self._acked(str(event["id"]), node_s)
                         continue
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     # Not one of ours (another version, another program on the channel):
                     # skipped, not the rest of the batch with it.
                     log.warning("cluster: skipped a malformed event on %s (%s)",

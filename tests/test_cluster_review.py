@@ -424,6 +424,7 @@ def fake_bus(node: str = "me") -> Any:
     b"other [1, 2]",                     # JSON, not an object
     b'other {"x": 1}',                   # no "t"
     b'other {"t": "k"}',                 # an acknowledgement without its id
+    b"other " + b"[" * 100_000,          # nested past the parser's recursion limit
 ])
 def test_a_malformed_event_is_skipped_and_the_rest_of_its_batch_applied(bad: bytes) -> None:
     """`_listen` parses every message of a batch before submitting it: one it cannot
