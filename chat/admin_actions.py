@@ -90,18 +90,18 @@ class Ops:
             fn()
 
 
-def _reachable(ops: Ops) -> None:
-    """Refuse, before changing anything, what must reach every node of a cluster while
-    this node cannot reach the others: it would hold on some nodes only."""
+def _must_reach_every_node(ops: Ops) -> None:
+    """Refuse, before anything changes, what the other nodes of a cluster must apply
+    while this one cannot reach them (chat.cluster)."""
     if not getattr(ops.hub, "reachable", True):
         raise Refused("the cluster's nodes cannot reach each other (Redis) just now: the "
-                      "other nodes' sessions would not hear of it; try again shortly")
+                      "other nodes' sessions would stay; try again shortly")
 
 
 def _end_sessions(ops: Ops, rec: UserRecord, reason: str) -> int:
     """Close every session of the user with `bye reason`, in the writer's order."""
     hub, store = ops.hub, ops.store
-    _reachable(ops)
+    _must_reach_every_node(ops)
     state = hub.user_state(rec.key)
     count = len(state.sessions) if state else 0
     if state is not None:
@@ -272,7 +272,7 @@ def _room_removal(how: str) -> Callable[..., dict[str, Any]]:
                           "(chat-admin user disable)")
         if how == "kick" and rec.id not in room.members:
             raise Refused(f"{rec.name} is not in #{room.name}")
-        _reachable(ops)
+        _must_reach_every_node(ops)
         ops.later.append(remove(ops.store, ops.hub, ops.db, room, rec, how, OPERATOR, reason))
         return {"room": room.name, "username": rec.name, how: True}
 
@@ -296,7 +296,7 @@ def room_delete(ops: Ops, name: str, reason: str = "") -> dict[str, Any]:
     room = ops.room(name)
     if room.name == DEFAULT_ROOM:
         raise Refused(f"{DEFAULT_ROOM} cannot be deleted")
-    _reachable(ops)
+    _must_reach_every_node(ops)
     # Everyone in it is removed first, as by a kick: each session is told, in order.
     for uid in list(room.members):
         rec = ops.store.user(ops.db, room.members[uid].name.lower())
@@ -338,6 +338,7 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
     """Remove a device (a lost phone): nobody can start a session with it, and its keys
     can never be registered again (the row stays, marked removed)."""
     rec = ops.user(name)
+    _must_reach_every_node(ops)  # its sessions on the other nodes are unbound too
     gone = ops.db.execute(update(devices_t).where(and_(
         devices_t.c.user_id == rec.id, devices_t.c.device == device,
         DEVICE_LIVE)).values(removed_ms=now_ms())).rowcount
@@ -364,6 +365,7 @@ def device_remove(ops: Ops, name: str, device: str, reason: str = "") -> dict[st
                 session.to_device_sent, session.to_device_live = sent, live
 
         ops.store.on_rollback(rebind)
+    ops.later.append(lambda: ops.hub.device_removed(rec.key, device))
     ops.later.append(device_list_notice(ops.db, ops.store, rec.id, rec.key, rec.name))
     return {"username": rec.name, "device": device, "removed": True}
 

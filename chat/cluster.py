@@ -486,9 +486,30 @@ class ClusterHub(LocalHub):
         super().devices_changed(key, rooms, data)
         self.publish({"t": "dv", "k": key, "rooms": rooms, "f": data.decode()})
 
+    def device_removed(self, key: str, device: str) -> None:
+        self.publish({"t": "dr", "k": key, "d": device})
+
+    def _unbind(self, key: str, device: str) -> None:
+        """Another node's operator removed the device: its sessions here send nothing
+        more as it (chat.admin_actions.device_remove does the same on its node)."""
+        for session in self.sessions_of(key):
+            if session.device == device:
+                session.device = session.device_curve = None
+                session.to_device_sent, session.to_device_live = 0, False
+
     def to_device_queued(self, key: str, device: str) -> None:
         self._pull(key, device)
         self.publish({"t": "td", "k": key, "d": device})
+
+    def pull_every_device(self) -> None:
+        """After a reconnect: every device session here that follows its queue live reads
+        what it has not had (a `td` saying so may have gone by while unsubscribed)."""
+        from chat.todevice import pull
+
+        for user in list(self._users.values()):
+            for session in user.sessions:
+                if session.device is not None and session.to_device_live:
+                    pull(self.store, session)
 
     def _pull(self, key: str, device: str) -> None:
         """The device's live sessions here read what they have not had of its queue, in
@@ -617,6 +638,8 @@ class ClusterHub(LocalHub):
             self._apply_online(node, event)
         elif kind == "td":
             self._pull(event["k"], event["d"])
+        elif kind == "dr":
+            self._unbind(event["k"], event["d"])
 
     def _apply_membership(self, node: str, event: dict[str, Any],
                           members: set[tuple[str, str]] | None = None) -> None:
@@ -970,7 +993,9 @@ class Bus:
         return f"{self.prefix}:nodes"
 
     def _register(self, pipe: Any) -> Any:
-        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
+        """Queue the registration; its first result is the one it replaced (None: there
+        was none, the node's registration had lapsed or was evicted)."""
+        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000), get=True)
         pipe.sadd(self._nodes_key(), self.node)
         return pipe
 
@@ -1157,6 +1182,7 @@ class Bus:
             if not first:
                 self.filler.rooms(list(self.hub.online_here()))
                 self._republish_online()
+                self.hub.pull_every_device()  # a `td` may have been lost meanwhile
 
         self.filler._submit(apply)
 
@@ -1193,7 +1219,7 @@ class Bus:
                     if event["t"] == "k":
                         self._acked(str(event["id"]), node_s)
                         continue
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:
                     # Not one of ours (another version, another program on the channel):
                     # skipped, not the rest of the batch with it.
                     log.warning("cluster: skipped a malformed event on %s (%s)",
@@ -1256,7 +1282,13 @@ class Bus:
                     # that barriers stop waiting for it (it fences itself first).
                     pipe = self._register(client.pipeline(transaction=False))
                     pipe.pexpire(self._online_key(), int(self.ttl * 1000))
-                    pipe.execute()
+                    if pipe.execute()[0] is None:
+                        # Our registration had lapsed (a late beat) or was evicted, and
+                        # our online hash with it: the others took this node for gone
+                        # and forgot its users. Who is online here is told again.
+                        log.warning("cluster: this node's registration had lapsed; "
+                                    "telling the others who is online here again")
+                        self.filler._submit(self._republish_online)
                     self._last_good = now
                 live = self._live_nodes(client)
             except self._redis.RedisError:

@@ -297,6 +297,10 @@ class LocalHub:
         its live sessions already (over a cluster, every node, this one too, has the
         device's live sessions pull the queue in seq order)."""
 
+    def device_removed(self, key: str, device: str) -> None:
+        """The operator removed user `key`'s `device`; its sessions here were unbound in
+        the job that did it (over a cluster, every other node unbinds its own)."""
+
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
         """A kick or ban of a user with no session here (over a cluster, other nodes may
         have some)."""

@@ -424,6 +424,7 @@ def fake_bus(node: str = "me") -> Any:
     b"other [1, 2]",                     # JSON, not an object
     b'other {"x": 1}',                   # no "t"
     b'other {"t": "k"}',                 # an acknowledgement without its id
+    b"other " + b"[" * 100_000,          # nested past the parser's recursion limit
 ])
 def test_a_malformed_event_is_skipped_and_the_rest_of_its_batch_applied(bad: bytes) -> None:
     """`_listen` parses every message of a batch before submitting it: one it cannot
@@ -1191,3 +1192,120 @@ def test_the_online_hash_keeps_no_user_whose_last_session_went_first(cluster: An
     finally:
         owner.close()
         xena.close()
+
+
+def test_a_node_whose_registration_lapsed_while_it_lived_is_counted_online_again(
+        cluster: Any) -> None:
+    """Node 2's registration and online hash vanish from Redis though node 2 is fine
+    (evicted under maxmemory: they are the keys with a ttl; or a heartbeat late by the
+    ttl). Node 1 takes node 2 for gone and forgets its users. Node 2's next beat
+    registers it again, but nothing tells node 1 who is online there, and node 2's
+    hash stays empty: its users are offline for the rest of the cluster until they
+    log in again."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    alice = n1.user("alice")
+    bob = n2.user("bob")
+    try:
+        wait_for(lambda: "bob" in alice.request({"type": "who", "room": "general"})["users"],
+                 "bob online on node 1")
+        r = c.redis.client()
+        node2, bus2 = n2.server.hub.node, n2.server.bus
+        seen = n1.server.bus._last_beat  # node 1's heartbeat has seen node 2 live:
+        wait_for(lambda: n1.server.bus._last_beat != seen, "a beat of node 1's")
+        beat = threading.Event()  # node 2's heartbeat waits (as a late one does)
+        register = bus2._register
+        bus2._register = lambda pipe: beat.wait(TIMEOUT) and register(pipe)
+        try:
+            r.delete(f"{c.prefix}:nodes:{node2}", f"{c.prefix}:online:{node2}")
+            wait_for(lambda: "bob" not in alice.request(
+                {"type": "who", "room": "general"})["users"], "node 1 to take node 2 for gone")
+        finally:
+            beat.set()
+        wait_for(lambda: r.exists(f"{c.prefix}:nodes:{node2}"), "node 2's next beat")
+        wait_for(lambda: "bob" in alice.request({"type": "who", "room": "general"})["users"],
+                 "bob online again on node 1")
+        assert r.hget(f"{c.prefix}:online:{node2}", "bob") is not None
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_to_device_message_queued_while_a_nodes_subscription_was_down_is_given_after(
+        cluster: Any) -> None:
+    """A `td` (a device's queue got something) published while node 2 could not hear it
+    is lost: node 2's session of the device follows its queue live and pulls only when
+    told, so it gets nothing until some later message or acknowledgement. The
+    reconnect repairs messages and rooms, not this."""
+    from test_todevice import Device
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    n2.register("bob")
+    bob = Device(n2, "bob", "phone")
+    alice = Device(n1, "alice", "laptop", register=True)
+    release = hold_resubscribing(n2)
+    try:
+        assert c.redis.client().client_kill_filter(_type="pubsub") >= 2
+        wait_for(lambda: not n2.server.bus.connected.is_set(), "node 2 to lose its subscription")
+        wait_for(lambda: n1.server.bus.connected.is_set(), "node 1 to subscribe again")
+        sent = alice.to_device([("bob", "phone")], "while-away")
+        assert sent.get("queued") == 1, sent
+        published = threading.Event()
+        run_on_writer(n1, lambda: n1.server.hub.sync(published.set))
+        assert published.wait(TIMEOUT)  # the td went out (to nobody on node 2)
+        release.set()
+        wait_for(lambda: n2.server.bus.connected.is_set(), "node 2 to subscribe again")
+
+        def received() -> bool:
+            bob.pump()
+            return bool(bob.received())
+
+        wait_for(received, "bob's phone to get the message")
+    finally:
+        release.set()
+        for d in (alice, bob):
+            d.conn.close()
+
+
+# --- 17. the operator's actions over a cluster -------------------------------------------------
+def test_the_operators_kick_is_refused_while_redis_is_unreachable(cluster: Any) -> None:
+    """A member's kick or ban is refused (server_busy) while the bus is down; the
+    operator's `room kick`, `room ban` and `room delete` are carried out, and their
+    answer waits for a barrier that cannot complete before 2 x cluster_node_ttl, while
+    the target's sessions on other nodes stay in the room."""
+    c = cluster(2, cluster_node_ttl=120.0)
+    n1, n2 = c.nodes
+    owner = n1.user("owner")
+    target = n2.user("target")
+    try:
+        assert owner.request({"type": "join", "room": "den"})["type"] == "ok"
+        assert target.request({"type": "join", "room": "den"})["type"] == "ok"
+        redis_down(c)
+        op = Operator(n1, "room_kick", {"name": "den", "username": "target"})
+        op.thread.join(TIMEOUT)
+        assert op.answer.get("ok") is False and "Redis" in op.answer.get("error", ""), op.answer
+    finally:
+        owner.close()
+        target.close()
+
+
+def test_a_device_removed_by_the_operator_sends_nothing_more_from_another_node(
+        cluster: Any) -> None:
+    """`device remove` unbinds the device's sessions on the node that ran it, so that
+    they send nothing more as that device; its sessions on other nodes stay bound, and
+    go on sending to-device messages as the removed device after the operator's ok."""
+    from test_todevice import Device
+
+    c = cluster(2)
+    n1, n2 = c.nodes
+    n1.register("bob")
+    phone = Device(n2, "bob", "phone")
+    alice = Device(n1, "alice", "laptop", register=True)
+    try:
+        Operator(n1, "device_remove", {"name": "bob", "device": "phone"}).result()
+        reply = phone.to_device([("alice", "laptop")], "after-removal")
+        assert reply["type"] == "error" and reply["code"] == "invalid_field", reply
+    finally:
+        for d in (phone, alice):
+            d.conn.close()
