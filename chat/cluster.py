@@ -931,6 +931,7 @@ class Bus:
         self.connected = threading.Event()  # the subscriber is subscribed
         self.fenced = False
         self._last_good = time.monotonic()  # registered and subscribed, last seen so
+        self._last_beat = 0.0  # the heartbeat's last look at the live nodes
         self._threads = [threading.Thread(target=fn, name=f"cluster-{name}", daemon=True)
                          for name, fn in (("publish", self._publisher),
                                           ("subscribe", self._subscriber),
@@ -1291,6 +1292,7 @@ class Bus:
                         self.filler._submit(self._republish_online)
                     self._last_good = now
                 live = self._live_nodes(client)
+                self._last_beat = now
             except self._redis.RedisError:
                 self.metrics.redis_errors.inc()
                 client = None

@@ -1202,7 +1202,7 @@ def test_a_node_whose_registration_lapsed_while_it_lived_is_counted_online_again
     registers it again, but nothing tells node 1 who is online there, and node 2's
     hash stays empty: its users are offline for the rest of the cluster until they
     log in again."""
-    c = cluster(2)
+    c = cluster(2, cluster_node_ttl=6.0)
     n1, n2 = c.nodes
     alice = n1.user("alice")
     bob = n2.user("bob")
@@ -1213,6 +1213,11 @@ def test_a_node_whose_registration_lapsed_while_it_lived_is_counted_online_again
         node2, bus2 = n2.server.hub.node, n2.server.bus
         seen = n1.server.bus._last_beat  # node 1's heartbeat has seen node 2 live:
         wait_for(lambda: n1.server.bus._last_beat != seen, "a beat of node 1's")
+        # Held just after a good beat of node 2's, so that the hold (until node 1 takes
+        # node 2 for gone: one beat interval, a third of the ttl) stays well short of
+        # node 2's fence (three fifths of the ttl without a good beat).
+        seen2 = bus2._last_beat
+        wait_for(lambda: bus2._last_beat != seen2, "a beat of node 2's")
         beat = threading.Event()  # node 2's heartbeat waits (as a late one does)
         register = bus2._register
         bus2._register = lambda pipe: beat.wait(TIMEOUT) and register(pipe)
@@ -1239,21 +1244,27 @@ def test_a_to_device_message_queued_while_a_nodes_subscription_was_down_is_given
     reconnect repairs messages and rooms, not this."""
     from test_todevice import Device
 
-    c = cluster(2)
+    # A long node ttl: node 2's outage must stay shorter than its fence (3/5 of it).
+    c = cluster(2, cluster_node_ttl=60.0)
     n1, n2 = c.nodes
     n2.register("bob")
     bob = Device(n2, "bob", "phone")
     alice = Device(n1, "alice", "laptop", register=True)
     release = hold_resubscribing(n2)
+    listener = c.redis.client().pubsub(ignore_subscribe_messages=True)
     try:
         assert c.redis.client().client_kill_filter(_type="pubsub") >= 2
         wait_for(lambda: not n2.server.bus.connected.is_set(), "node 2 to lose its subscription")
         wait_for(lambda: n1.server.bus.connected.is_set(), "node 1 to subscribe again")
+        listener.subscribe(f"{c.prefix}:events")
         sent = alice.to_device([("bob", "phone")], "while-away")
         assert sent.get("queued") == 1, sent
-        published = threading.Event()
-        run_on_writer(n1, lambda: n1.server.hub.sync(published.set))
-        assert published.wait(TIMEOUT)  # the td went out (to nobody on node 2)
+
+        def td_published() -> bool:
+            msg = listener.get_message(timeout=0.1)
+            return msg is not None and b'{"t":"td"' in msg["data"]
+
+        wait_for(td_published, "the td to go out (to nobody on node 2)")
         release.set()
         wait_for(lambda: n2.server.bus.connected.is_set(), "node 2 to subscribe again")
 
@@ -1264,6 +1275,7 @@ def test_a_to_device_message_queued_while_a_nodes_subscription_was_down_is_given
         wait_for(received, "bob's phone to get the message")
     finally:
         release.set()
+        listener.close()
         for d in (alice, bob):
             d.conn.close()
 
