@@ -80,7 +80,10 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT
 # --- HAProxy: found, or skipped with one reason ------------------------------------------
 
 def haproxy_binary() -> str | None:
-    return (os.environ.get("CHAT_TEST_HAPROXY") or shutil.which("haproxy")
+    named = os.environ.get("CHAT_TEST_HAPROXY")
+    if named:
+        return shutil.which(named)  # as named, if it can be run
+    return (shutil.which("haproxy")
             or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin"))
 
 
