@@ -1315,3 +1315,25 @@ def test_a_device_removed_by_the_operator_sends_nothing_more_from_another_node(
     finally:
         for d in (phone, alice):
             d.conn.close()
+
+
+# --- 18. start-up ------------------------------------------------------------------------------
+def test_a_node_that_fails_to_start_leaves_no_threads_and_no_registration(
+        cluster: Any) -> None:
+    """The cluster's threads (writer, filler, publisher, subscriber, heartbeat) start
+    before the server listens; when listening then fails (the port is taken), they are
+    left running: the dead node stays registered and keeps beating for as long as the
+    process lives."""
+    from chat.config import SettingError
+
+    c = cluster(1)
+    n1 = c.nodes[0]
+    before = {t for t in threading.enumerate() if t.name.startswith(("cluster-", "store-"))}
+    with pytest.raises(SettingError):
+        c.start_node(port=n1.port)
+    r = c.redis.client()
+    left = {t for t in threading.enumerate()
+            if t.name.startswith(("cluster-", "store-")) and t not in before}
+    assert not left, sorted(t.name for t in left)
+    nodes = {m.decode() for m in r.smembers(f"{c.prefix}:nodes")}
+    assert nodes == {n1.server.hub.node}, nodes
