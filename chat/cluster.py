@@ -901,7 +901,8 @@ class Bus:
     with its own connection, so that none waits behind another."""
 
     def __init__(self, url: str, prefix: str, hub: ClusterHub, store: Store, filler: Filler,
-                 ttl: float, metrics: Any, on_fence: Callable[[bool], None]) -> None:
+                 ttl: float, metrics: Any, on_fence: Callable[[bool], None],
+                 writer_queue_limit: int = 10_000) -> None:
         import redis
 
         self._redis = redis
@@ -914,6 +915,10 @@ class Bus:
         self.ttl = ttl
         self.metrics = metrics
         self.on_fence = on_fence
+        # Past this many jobs waiting for the writer, the subscriber reads no more: what
+        # comes waits in Redis (bounded there by its pubsub output buffer limit, past
+        # which it drops the subscription, and the reconnect repairs from the database).
+        self.writer_queue_limit = writer_queue_limit
         self.channel = f"{prefix}:events"
         self.node_channel = f"{prefix}:node:{self.node}"
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -1180,6 +1185,9 @@ class Bus:
         from chat.store import Job
 
         while not self._stop.is_set():
+            if self.store.backlog > self.writer_queue_limit:
+                self._stop.wait(0.01)  # the writer is behind: not in this process's memory
+                continue
             msg = pubsub.get_message(timeout=1.0)
             if msg is None:
                 continue

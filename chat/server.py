@@ -276,7 +276,7 @@ class Server:
         hub.store = self.store
         self.filler = Filler(self.engine, self.store, hub, self.metrics)
         self.bus = Bus(s.redis, s.redis_prefix, hub, self.store, self.filler,
-                       s.cluster_node_ttl, self.metrics, self._fence)
+                       s.cluster_node_ttl, self.metrics, self._fence, s.writer_queue_limit)
         hub.publish = self.bus.publish
         hub.ask_fill = self.filler.fill
         hub.ask_reconcile = self.filler.reconcile

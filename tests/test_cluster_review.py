@@ -367,11 +367,16 @@ def test_who_on_the_kickers_node_forgets_a_user_kicked_from_another_node(
 
 # --- 5. bad input from Redis ------------------------------------------------------------
 class FakeStore:
+    backlog = 0
+
     def __init__(self) -> None:
         self.jobs: list[Any] = []
 
     def submit(self, job: Any) -> None:
         self.jobs.append(job)
+
+    def on_writer_thread(self) -> bool:
+        return True
 
 
 class FakeMetrics:
@@ -1337,3 +1342,53 @@ def test_a_node_that_fails_to_start_leaves_no_threads_and_no_registration(
     assert not left, sorted(t.name for t in left)
     nodes = {m.decode() for m in r.smembers(f"{c.prefix}:nodes")}
     assert nodes == {n1.server.hub.node}, nodes
+
+
+# --- 19. what Redis brings while the writer is behind -------------------------------------------
+def test_the_subscriber_holds_while_the_writer_is_behind() -> None:
+    """The subscriber reads Redis as fast as it can and submits each batch to the
+    writer: with the writer behind (a slow database, a huge fan-out) the jobs pile up in
+    the process without bound, rather than in Redis (where the pubsub output buffer
+    limit bounds them and a dropped subscription is repaired from the database)."""
+    bound = 10
+
+    class Store(FakeStore):
+        """A writer that catches up whenever it is found behind (so the test ends)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = 0
+
+        def submit(self, job: Any) -> None:
+            super().submit(job)
+            self.waiting += 1
+
+        @property
+        def backlog(self) -> int:
+            n = self.waiting
+            if n > bound:
+                self.waiting = 0
+            return n
+
+    class PubSub:
+        def __init__(self) -> None:
+            self.left = 20 * bound
+            self.seen: list[int] = []
+
+        def get_message(self, timeout: float = 0.0) -> dict[str, Any] | None:
+            if not timeout:
+                return None  # one message a batch: a job each
+            if not self.left:
+                bus._stop.set()
+                return None
+            self.left -= 1
+            self.seen.append(store.waiting)
+            return {"type": "message", "data": b'other {"t":"p","room":"den","f":"{}"}'}
+
+    store = Store()
+    bus = fake_bus()
+    bus.store = store
+    bus.writer_queue_limit = bound
+    pubsub = PubSub()
+    bus._listen(pubsub)
+    assert max(pubsub.seen) <= bound, max(pubsub.seen)
