@@ -1083,6 +1083,8 @@ class Bus:
         elif "rooms" in event:
             pipe.hset(self._online_key(), event["k"], json.dumps([event["name"],
                                                                    event["rooms"]]))
+            # The HSET may have made the hash again: it lapses with the node all the same.
+            pipe.pexpire(self._online_key(), int(self.ttl * 1000))
 
     def _live_nodes(self, client: Any) -> set[str]:
         """The nodes whose registration has not lapsed (one round trip; the lapsed are

@@ -1392,3 +1392,25 @@ def test_the_subscriber_holds_while_the_writer_is_behind() -> None:
     pubsub = PubSub()
     bus._listen(pubsub)
     assert max(pubsub.seen) <= bound, max(pubsub.seen)
+
+
+def test_an_online_hash_made_again_between_beats_has_a_ttl(cluster: Any) -> None:
+    """A node's online hash goes when its last user goes offline (the last HDEL), and
+    comes back with the next login's HSET, without a ttl until the next beat: a node
+    killed in between leaves it in Redis for good (node ids are new at every start)."""
+    c = cluster(1, cluster_node_ttl=30.0)  # beats 10 s apart
+    node = c.nodes[0]
+    r = c.redis.client()
+    key = f"{c.prefix}:online:{node.server.hub.node}"
+    first = node.user("first")
+    first.close()
+    wait_for(lambda: not r.exists(key), "the hash to go with its last user")
+    second = node.user("second")
+    try:
+        published = threading.Event()  # a barrier: sent after everything before it
+        run_on_writer(node, lambda: node.server.hub.sync(published.set))
+        assert published.wait(TIMEOUT)
+        assert r.exists(key)
+        assert r.pttl(key) > 0, "the online hash has no ttl"
+    finally:
+        second.close()
