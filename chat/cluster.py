@@ -989,9 +989,10 @@ class Bus:
         return f"{self.prefix}:nodes"
 
     def _register(self, pipe: Any) -> Any:
-        """Queue the registration; its first result is the one it replaced (None: there
-        was none, the node's registration had lapsed or was evicted)."""
-        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000), get=True)
+        """Queue the registration; its first result says whether the node was still
+        registered (0: its registration had lapsed, or was evicted)."""
+        pipe.exists(self._node_key())
+        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
         pipe.sadd(self._nodes_key(), self.node)
         return pipe
 
@@ -1268,7 +1269,7 @@ class Bus:
                     client = self._client()
                 pipe = self._register(client.pipeline(transaction=False))
                 pipe.pexpire(self._online_key(), int(self.ttl * 1000))
-                if pipe.execute()[0] is None:
+                if not pipe.execute()[0]:
                     # Our registration had lapsed (a late beat) or was evicted, and our
                     # online hash with it: the others took this node for gone and forgot
                     # its users. Who is online here is told again (and mirrored).
