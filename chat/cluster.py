@@ -40,9 +40,11 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   `cluster_node_ttl` is *fenced*: it ends every session (`bye shutdown`; clients reconnect
   through the balancer to a healthy node), refuses logins and answers /health with 503
   until Redis is back. While the bus is down (before the fence), requests that must reach
-  other nodes (kick, ban, disable, logout) are refused with `server_busy`; messages keep
-  flowing through the database (the reconcile). After a reconnect, a node subscribes first
-  and then reconciles: messages, and the rooms of its online users from the database.
+  other nodes (kick, ban, `passwd` with `logout_others`; the operator's disable, logout,
+  room kick, ban and delete, device remove) are refused (`server_busy`, or the operator's
+  refusal); messages keep flowing through the database (the reconcile). After a reconnect,
+  a node subscribes first and then reconciles: messages, and the rooms of its online users
+  from the database.
 
 * **Presence** is coalesced per node as on one node (chat.hub). A node publishes the
   presence frames its flush made and which of its users came online or went offline;
