@@ -669,8 +669,9 @@ class ClusterHub(LocalHub):
         key = event["k"]
         if event["on"]:
             remote = self._remote.setdefault(key, _Remote(event["name"]))
+            before = remote.rooms.get(node, set())
             remote.rooms[node] = set(event.get("rooms", ()))
-            for room in remote.rooms[node]:
+            for room in before | remote.rooms[node]:  # left ones too
                 self._who.pop(room, None)
         else:
             remote = self._remote.get(key)

@@ -1414,3 +1414,20 @@ def test_an_online_hash_made_again_between_beats_has_a_ttl(cluster: Any) -> None
         assert r.pttl(key) > 0, "the online hash has no ttl"
     finally:
         second.close()
+
+
+def test_who_is_recomputed_for_the_rooms_a_remote_user_is_no_longer_in() -> None:
+    """`_apply_online` replaces a remote user's rooms on its node and drops the `who`
+    kept for the rooms of the new set only: a room the user is no longer in keeps the
+    old list (which named it) until something else changes there."""
+    from chat.cluster import ClusterHub
+
+    hub = ClusterHub("a", clock=Clock())
+    me = fake_session(1, "watcher")
+    assert hub.attach(me, ["den", "general"], [], {"r:den": 0, "r:general": 0, "u:1": 0})
+    hub.apply("b", {"t": "o", "k": "guest", "name": "guest", "on": True,
+                    "rooms": ["den", "general"]})
+    assert hub.who("den") == ["guest", "watcher"]
+    hub.apply("b", {"t": "o", "k": "guest", "name": "guest", "on": True,
+                    "rooms": ["general"]})
+    assert hub.who("den") == ["watcher"]
