@@ -38,12 +38,14 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   `cluster_node_ttl` while it is subscribed (and is in the set `<prefix>:nodes`, which is
   what is read to find the live ones: never a scan of the keyspace). A node that has
   been neither registered nor subscribed for `FENCE_AFTER` of the ttl (before its
-  registration can lapse) is *fenced*: it ends every session (`bye shutdown`; clients reconnect
-  through the balancer to a healthy node), refuses logins and answers /health with 503
-  until Redis is back. While the bus is down (before the fence), requests that must reach
-  other nodes (kick, ban, disable, logout) are refused with `server_busy`; messages keep
-  flowing through the database (the reconcile). After a reconnect, a node subscribes first
-  and then reconciles: messages, and the rooms of its online users from the database.
+  registration can lapse) is *fenced*: it ends every session (`bye shutdown`; clients
+  reconnect through the balancer to a healthy node), refuses logins and answers /health
+  with 503 until Redis is back. While the bus is down (before the fence), requests that must reach
+  other nodes (kick, ban, `passwd` with `logout_others`; the operator's disable, logout,
+  room kick, ban and delete, device remove) are refused (`server_busy`, or the operator's
+  refusal); messages keep flowing through the database (the reconcile). After a reconnect,
+  a node subscribes first and then reconciles: messages, and the rooms of its online users
+  from the database.
 
 * **Presence** is coalesced per node as on one node (chat.hub). A node publishes the
   presence frames its flush made and which of its users came online or went offline;
@@ -676,8 +678,9 @@ class ClusterHub(LocalHub):
         key = event["k"]
         if event["on"]:
             remote = self._remote.setdefault(key, _Remote(event["name"]))
+            before = remote.rooms.get(node, set())
             remote.rooms[node] = set(event.get("rooms", ()))
-            for room in remote.rooms[node]:
+            for room in before | remote.rooms[node]:  # left ones too
                 self._who.pop(room, None)
         else:
             remote = self._remote.get(key)
@@ -909,7 +912,8 @@ class Bus:
     with its own connection, so that none waits behind another."""
 
     def __init__(self, url: str, prefix: str, hub: ClusterHub, store: Store, filler: Filler,
-                 ttl: float, metrics: Any, on_fence: Callable[[bool], None]) -> None:
+                 ttl: float, metrics: Any, on_fence: Callable[[bool], None],
+                 writer_queue_limit: int = 10_000) -> None:
         import redis
 
         self._redis = redis
@@ -922,6 +926,10 @@ class Bus:
         self.ttl = ttl
         self.metrics = metrics
         self.on_fence = on_fence
+        # Past this many jobs waiting for the writer, the subscriber reads no more: what
+        # comes waits in Redis (bounded there by its pubsub output buffer limit, past
+        # which it drops the subscription, and the reconnect repairs from the database).
+        self.writer_queue_limit = writer_queue_limit
         self.channel = f"{prefix}:events"
         self.node_channel = f"{prefix}:node:{self.node}"
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -994,9 +1002,10 @@ class Bus:
         return f"{self.prefix}:nodes"
 
     def _register(self, pipe: Any) -> Any:
-        """Queue the registration; its first result is the one it replaced (None: there
-        was none, the node's registration had lapsed or was evicted)."""
-        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000), get=True)
+        """Queue the registration; its first result says whether the node was still
+        registered (0: its registration had lapsed, or was evicted)."""
+        pipe.exists(self._node_key())
+        pipe.set(self._node_key(), str(time.time()), px=int(self.ttl * 1000))
         pipe.sadd(self._nodes_key(), self.node)
         return pipe
 
@@ -1094,6 +1103,8 @@ class Bus:
         elif "rooms" in event:
             pipe.hset(self._online_key(), event["k"], json.dumps([event["name"],
                                                                    event["rooms"]]))
+            # The HSET may have made the hash again: it lapses with the node all the same.
+            pipe.pexpire(self._online_key(), int(self.ttl * 1000))
 
     def _live_nodes(self, client: Any) -> set[str]:
         """The nodes whose registration has not lapsed (one round trip; the lapsed are
@@ -1196,6 +1207,9 @@ class Bus:
         from chat.store import Job
 
         while not self._stop.is_set():
+            if self.store.backlog > self.writer_queue_limit:
+                self._stop.wait(0.01)  # the writer is behind: not in this process's memory
+                continue
             msg = pubsub.get_message(timeout=1.0)
             if msg is None:
                 continue
@@ -1283,7 +1297,7 @@ class Bus:
                     # that barriers stop waiting for it (it fences itself first).
                     pipe = self._register(client.pipeline(transaction=False))
                     pipe.pexpire(self._online_key(), int(self.ttl * 1000))
-                    if pipe.execute()[0] is None:
+                    if not pipe.execute()[0]:
                         # Our registration had lapsed (a late beat) or was evicted, and
                         # our online hash with it: the others took this node for gone
                         # and forgot its users. Who is online here is told again.

@@ -238,10 +238,30 @@ class Server:
         try:
             self._start()
         except BaseException:
+            self._stop_started()
             if self.db_lock is not None:
                 self.db_lock.release()
             self.data_lock.release()
             raise
+
+    def _stop_started(self) -> None:
+        """A start that failed half-way (the port taken, say): the threads it started
+        stop, and over a cluster the node leaves Redis (else, for as long as the process
+        lives, it stays registered and beating, a node that serves nobody)."""
+        for pool in (getattr(self, "auth_pool", None), getattr(self, "read_pool", None)):
+            if pool is not None:
+                pool.stop()
+        store = getattr(self, "store", None)
+        if store is not None and store.running:
+            store.stop()
+        if self.bus is not None:
+            self.bus.stop()
+            self.filler.stop()
+            self.bus = None
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+        if self.redis is not None:
+            self.redis.close()
 
     def _start(self) -> None:
         s = self.settings
@@ -329,7 +349,7 @@ class Server:
         self.filler = Filler(self.engine, self.store, hub, self.metrics)
         self.bus = Bus(s.redis, s.redis_prefix, hub, self.store, self.filler,
                        s.cluster_node_ttl, self.metrics,
-                       lambda on: self._fence("redis", on))
+                       lambda on: self._fence("redis", on), s.writer_queue_limit)
         hub.publish = self.bus.publish
         hub.ask_fill = self.filler.fill
         hub.ask_reconcile = self.filler.reconcile
@@ -340,6 +360,7 @@ class Server:
             self.bus.stop()
             self.filler.stop()
             self.store.stop()
+            self.bus = None
             raise SettingError("redis", "cannot reach Redis (the URL is not shown: it may "
                                "carry a password)", exit_code=1)
         log.info("cluster node %s (redis_prefix %s)", hub.node, s.redis_prefix)

@@ -367,11 +367,16 @@ def test_who_on_the_kickers_node_forgets_a_user_kicked_from_another_node(
 
 # --- 5. bad input from Redis ------------------------------------------------------------
 class FakeStore:
+    backlog = 0
+
     def __init__(self) -> None:
         self.jobs: list[Any] = []
 
     def submit(self, job: Any) -> None:
         self.jobs.append(job)
+
+    def on_writer_thread(self) -> bool:
+        return True
 
 
 class FakeMetrics:
@@ -1321,3 +1326,114 @@ def test_a_device_removed_by_the_operator_sends_nothing_more_from_another_node(
     finally:
         for d in (phone, alice):
             d.conn.close()
+
+
+# --- 18. start-up ------------------------------------------------------------------------------
+def test_a_node_that_fails_to_start_leaves_no_threads_and_no_registration(
+        cluster: Any) -> None:
+    """The cluster's threads (writer, filler, publisher, subscriber, heartbeat) start
+    before the server listens; when listening then fails (the port is taken), they are
+    left running: the dead node stays registered and keeps beating for as long as the
+    process lives."""
+    from chat.config import SettingError
+
+    c = cluster(1)
+    n1 = c.nodes[0]
+    before = {t for t in threading.enumerate() if t.name.startswith(("cluster-", "store-"))}
+    with pytest.raises(SettingError):
+        c.start_node(port=n1.port)
+    r = c.redis.client()
+    left = {t for t in threading.enumerate()
+            if t.name.startswith(("cluster-", "store-")) and t not in before}
+    assert not left, sorted(t.name for t in left)
+    nodes = {m.decode() for m in r.smembers(f"{c.prefix}:nodes")}
+    assert nodes == {n1.server.hub.node}, nodes
+
+
+# --- 19. what Redis brings while the writer is behind -------------------------------------------
+def test_the_subscriber_holds_while_the_writer_is_behind() -> None:
+    """The subscriber reads Redis as fast as it can and submits each batch to the
+    writer: with the writer behind (a slow database, a huge fan-out) the jobs pile up in
+    the process without bound, rather than in Redis (where the pubsub output buffer
+    limit bounds them and a dropped subscription is repaired from the database)."""
+    bound = 10
+
+    class Store(FakeStore):
+        """A writer that catches up whenever it is found behind (so the test ends)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = 0
+
+        def submit(self, job: Any) -> None:
+            super().submit(job)
+            self.waiting += 1
+
+        @property
+        def backlog(self) -> int:
+            n = self.waiting
+            if n > bound:
+                self.waiting = 0
+            return n
+
+    class PubSub:
+        def __init__(self) -> None:
+            self.left = 20 * bound
+            self.seen: list[int] = []
+
+        def get_message(self, timeout: float = 0.0) -> dict[str, Any] | None:
+            if not timeout:
+                return None  # one message a batch: a job each
+            if not self.left:
+                bus._stop.set()
+                return None
+            self.left -= 1
+            self.seen.append(store.waiting)
+            return {"type": "message", "data": b'other {"t":"p","room":"den","f":"{}"}'}
+
+    store = Store()
+    bus = fake_bus()
+    bus.store = store
+    bus.writer_queue_limit = bound
+    pubsub = PubSub()
+    bus._listen(pubsub)
+    assert max(pubsub.seen) <= bound, max(pubsub.seen)
+
+
+def test_an_online_hash_made_again_between_beats_has_a_ttl(cluster: Any) -> None:
+    """A node's online hash goes when its last user goes offline (the last HDEL), and
+    comes back with the next login's HSET, without a ttl until the next beat: a node
+    killed in between leaves it in Redis for good (node ids are new at every start)."""
+    c = cluster(1, cluster_node_ttl=30.0)  # beats 10 s apart
+    node = c.nodes[0]
+    r = c.redis.client()
+    key = f"{c.prefix}:online:{node.server.hub.node}"
+    first = node.user("first")
+    first.close()
+    wait_for(lambda: not r.exists(key), "the hash to go with its last user")
+    second = node.user("second")
+    try:
+        published = threading.Event()  # a barrier: sent after everything before it
+        run_on_writer(node, lambda: node.server.hub.sync(published.set))
+        assert published.wait(TIMEOUT)
+        assert r.exists(key)
+        assert r.pttl(key) > 0, "the online hash has no ttl"
+    finally:
+        second.close()
+
+
+def test_who_is_recomputed_for_the_rooms_a_remote_user_is_no_longer_in() -> None:
+    """`_apply_online` replaces a remote user's rooms on its node and drops the `who`
+    kept for the rooms of the new set only: a room the user is no longer in keeps the
+    old list (which named it) until something else changes there."""
+    from chat.cluster import ClusterHub
+
+    hub = ClusterHub("a", clock=Clock())
+    me = fake_session(1, "watcher")
+    assert hub.attach(me, ["den", "general"], [], {"r:den": 0, "r:general": 0, "u:1": 0})
+    hub.apply("b", {"t": "o", "k": "guest", "name": "guest", "on": True,
+                    "rooms": ["den", "general"]})
+    assert hub.who("den") == ["guest", "watcher"]
+    hub.apply("b", {"t": "o", "k": "guest", "name": "guest", "on": True,
+                    "rooms": ["general"]})
+    assert hub.who("den") == ["watcher"]
