@@ -109,7 +109,14 @@ def test_nodes_share_users_rooms_and_deliver_across_nodes(cluster: Any) -> None:
         assert got["message"] == "psst" and got["msg_id"] == dm["msg_id"]
         # A second session of carol's, on another node, gets her next direct message.
         carol2 = n1.client()
-        assert carol2.login("carol")["type"] == "welcome"
+        welcome = carol2.login("carol")
+        assert welcome["type"] == "welcome"
+        # (Node 3 marks "psst" delivered in a batch after handing it over: a login on
+        # node 1 before that commits has it in its backlog too, first.)
+        backlog = welcome.get("backlog", {"count": 0})["count"]
+        assert backlog in (0, 1), welcome
+        for _ in range(backlog):
+            assert carol2.recv_until("message", to="carol")["msg_id"] == dm["msg_id"]
         dm2 = alice.request({"type": "send", "to": "carol", "message": "both of you"})
         for session in (carol, carol2):
             assert session.recv_until("message", to="carol")["msg_id"] == dm2["msg_id"]
