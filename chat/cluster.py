@@ -1165,8 +1165,10 @@ class Bus:
                 # nothing published from now on can fall between the two.
                 self._reconnected(client, first)
                 first = False
-                self.connected.set()
+                # In this order (and the reverse below): whoever sees `connected` sees
+                # `reachable` agree.
                 self.hub.reachable = True
+                self.connected.set()
                 backoff = 0.1
                 self._listen(pubsub)
             except Exception as exc:
@@ -1177,8 +1179,8 @@ class Bus:
                 self.metrics.redis_errors.inc()
                 if self.connected.is_set():
                     log.warning("cluster: lost Redis (%s); reconnecting", exc)
-                self.connected.clear()
                 self.hub.reachable = False
+                self.connected.clear()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
 

@@ -448,8 +448,8 @@ def test_a_malformed_event_is_skipped_and_the_rest_of_its_batch_applied(bad: byt
 def redis_down(c: Any) -> None:
     c.redis.stop()
     for node in c.nodes:
-        wait_for(lambda node=node: not node.server.bus.connected.is_set(),
-                 "the nodes to notice Redis is gone")
+        wait_for(lambda node=node: not node.server.bus.connected.is_set()
+                 and not node.server.hub.reachable, "the nodes to notice Redis is gone")
 
 
 def test_logging_out_other_sessions_is_refused_while_redis_is_unreachable(
@@ -534,18 +534,19 @@ def test_a_logout_is_not_ok_while_a_live_node_missed_it(cluster: Any) -> None:
         wait_for(lambda: registered(c, n2), "node 2's first heartbeat")
         assert c.redis.client().client_kill_filter(_type="pubsub") >= 2
         wait_for(lambda: not n2.server.bus.connected.is_set(), "node 2 to lose its subscription")
-        wait_for(lambda: n1.server.bus.connected.is_set(), "node 1 to subscribe again")
+        wait_for(lambda: n1.server.bus.connected.is_set() and n1.server.hub.reachable,
+                 "node 1 to subscribe again")
         reply = here.request({"type": "passwd", "old": PASSWORD,
                               "new": PASSWORD + " and more", "logout_others": True})
         release.set()
         wait_for(lambda: n2.server.bus.connected.is_set(), "node 2 to subscribe again")
-        if reply["type"] == "ok":
-            # The ok says every node has ended erin's other sessions.
-            try:
-                still = there.request({"type": "join", "room": "general"})
-            except (EOFError, OSError):
-                still = None
-            assert still is None, f"erin's session on node 2 is open after the ok: {still}"
+        assert reply["type"] == "ok", reply
+        # The ok says every node has ended erin's other sessions.
+        try:
+            still = there.request({"type": "join", "room": "general"})
+        except (EOFError, OSError):
+            still = None
+        assert still is None, f"erin's session on node 2 is open after the ok: {still}"
     finally:
         release.set()
         here.close()
