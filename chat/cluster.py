@@ -1018,7 +1018,7 @@ class Bus:
         # unlocked, lost updates and drifted).
         if self._out.qsize() >= MAX_UNPUBLISHED:
             self.metrics.redis_errors.inc()
-            return  # the oldest are kept; the database repairs messages, reconnect rooms
+            return  # the newest is dropped; the database repairs messages, a reconnect rooms
         self._out.put(("event", time.monotonic(),
                        json.dumps(event, separators=(",", ":")).encode()))
 
