@@ -419,23 +419,9 @@ class ClusterHub(LocalHub):
         self.publish({"t": "l", "k": user.key, "room": room, **_mine(user)})
 
     def _left_here(self, user: UserState, room: str, mark: bool = True) -> None:
-        if mark:
-            super().left(user, room)
-        else:
-            self._quietly_left(user, room)
+        LocalHub.left(self, user, room, mark=mark)
         if room not in self._rooms:
             self.seq.untrack(room_conv(room))
-
-    def _quietly_left(self, user: UserState, room: str) -> None:
-        members = self._rooms.get(room)
-        if members is None:
-            return
-        for session in user.sessions:
-            members.discard(session)
-            session.rooms_in.discard(room)
-        self._who.pop(room, None)
-        if not members:
-            del self._rooms[room]
 
     def removed(self, user: UserState, room: str, data: bytes) -> None:
         for session in user.sessions:

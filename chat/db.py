@@ -147,6 +147,12 @@ def schema_mismatch(engine: Engine) -> str | None:
 _LOCK_CLASS = 0x63686174
 
 
+def _advisory(conn: Any, function: str) -> Any:
+    """One of PostgreSQL's advisory-lock functions on this schema's key, on `conn`."""
+    return conn.execute(text(f"SELECT {function}(:c, hashtext(current_schema()))"),
+                        {"c": _LOCK_CLASS}).scalar()
+
+
 class DatabaseLock:
     """PostgreSQL's side of `files.DataLock`: a session advisory lock on the database's
     schema, held on a connection of its own by a running server for its life (and by
@@ -171,8 +177,7 @@ class DatabaseLock:
             return True
         conn = self.engine.connect()
         try:
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:c, hashtext(current_schema()))"),
-                               {"c": _LOCK_CLASS}).scalar()
+            got = _advisory(conn, "pg_try_advisory_lock")
             conn.commit()  # a session lock outlives the transaction
         except BaseException:
             conn.close()
@@ -200,12 +205,8 @@ class DatabaseLock:
             # moment: it waits that out, as it would not wait out a lone server's.
             deadline = time.monotonic() + JOIN_WAIT
             while True:
-                first = conn.execute(text(
-                    "SELECT pg_try_advisory_lock(:c, hashtext(current_schema()))"),
-                    {"c": _LOCK_CLASS}).scalar()
-                got = conn.execute(text(
-                    "SELECT pg_try_advisory_lock_shared(:c, hashtext(current_schema()))"),
-                    {"c": _LOCK_CLASS}).scalar()
+                first = _advisory(conn, "pg_try_advisory_lock")
+                got = _advisory(conn, "pg_try_advisory_lock_shared")
                 conn.commit()
                 if got or time.monotonic() > deadline:
                     break
@@ -214,9 +215,7 @@ class DatabaseLock:
                 try:
                     migrate()
                 finally:
-                    conn.execute(text(
-                        "SELECT pg_advisory_unlock(:c, hashtext(current_schema()))"),
-                        {"c": _LOCK_CLASS})
+                    _advisory(conn, "pg_advisory_unlock")
                     conn.commit()
             elif got and (why := mismatch()) is not None:
                 raise SchemaMismatch(why)
@@ -256,8 +255,7 @@ class DatabaseLock:
         take = "pg_try_advisory_lock_shared" if self._shared else "pg_try_advisory_lock"
         try:
             conn = self.engine.connect()
-            got = conn.execute(text(f"SELECT {take}(:c, hashtext(current_schema()))"),
-                               {"c": _LOCK_CLASS}).scalar()
+            got = _advisory(conn, take)
             conn.commit()
         except Exception:
             log.warning("the database lock cannot be taken again yet", exc_info=True)
@@ -277,8 +275,7 @@ class DatabaseLock:
             return
         unlock = "pg_advisory_unlock_shared" if self._shared else "pg_advisory_unlock"
         try:
-            conn.execute(text(f"SELECT {unlock}(:c, hashtext(current_schema()))"),
-                         {"c": _LOCK_CLASS})
+            _advisory(conn, unlock)
             conn.commit()
         except Exception:
             # Back in the pool it would still hold the lock: close it for good instead.
