@@ -135,6 +135,33 @@ def newest_in_rooms(db: Connection, rooms: Iterable[str]) -> dict[str, int]:
     return {r: (n or 0) for r, n in rows}
 
 
+@dataclass(frozen=True, slots=True)
+class RoomFacts:
+    """What a batch of room messages needs to know of a room, under its lock."""
+
+    newest: int  # the room's newest message id (0 if none): the first message's `prev`
+    encrypted: bool
+    members: frozenset[int]  # which of the batch's senders are members
+
+
+def room_facts(db: Connection, rooms: Iterable[str], senders: Iterable[int]
+               ) -> dict[str, RoomFacts]:
+    """Each room's newest id, whether it is encrypted and which of `senders` are in it: one
+    round trip, since the rooms' locks are held until COMMIT and every round trip under
+    them is one more wait for every other node's writer with a message to the room."""
+    names = sorted(set(rooms))
+    if not names:
+        return {}
+    rows = db.execute(text(
+        "SELECT r, (SELECT max(m.id) FROM messages m WHERE m.room = r), "
+        "(SELECT x.encrypted FROM rooms x WHERE x.name = r), "
+        "ARRAY(SELECT s.user_id FROM memberships s "
+        "WHERE s.room = r AND s.user_id = ANY(CAST(:senders AS integer[]))) "
+        "FROM unnest(CAST(:rooms AS varchar[])) AS r"),
+        {"rooms": names, "senders": sorted(set(senders))})
+    return {r: RoomFacts(n or 0, bool(e), frozenset(m)) for r, n, e, m in rows}
+
+
 def newest_direct(db: Connection, user_ids: Iterable[int]) -> dict[int, int]:
     """Each user's newest direct message id, sent or received (0 if none)."""
     ids = sorted(set(user_ids))

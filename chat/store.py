@@ -40,11 +40,13 @@ from chat import acl
 from chat.auth import username_skeleton
 from chat.cluster import (
     DirectChain,
+    RoomFacts,
     lock_conversations,
     newest_any,
     newest_direct,
     newest_in_rooms,
     room_conv,
+    room_facts,
     user_conv,
 )
 from chat.devices import canonical
@@ -624,13 +626,17 @@ class Store:
         afters: list[After] = [None] * len(jobs)
         rows: list[dict[str, Any]] = []
         placed: list[tuple[int, MessageJob, UserRecord | None]] = []
-        members = self._senders_in_rooms(conn, jobs) if self.ordered else None
+        # Over a cluster, read under the rooms' locks (another node's kick has either
+        # committed, and is seen, or waits for this batch).
+        facts = room_facts(conn, (j.room for j in jobs if j.room is not None),
+                           (j.session.user_id for j in jobs if j.room is not None)
+                           ) if self.ordered else None
         for i, job in enumerate(jobs):
             sess = job.session
             if job.room is not None and (
-                    sess.user is None or (job.room not in sess.user.rooms if members is None
+                    sess.user is None or (job.room not in sess.user.rooms if facts is None
                                           else sess.user.ended
-                                          or (job.room, sess.user_id) not in members)):
+                                          or sess.user_id not in facts[job.room].members)):
                 # Membership is what this thread decided, in order: a send pipelined
                 # behind a refused join (or after a leave, a kick, a ban) is refused here.
                 afters[i] = _failing(job.fail, self._not_sendable(conn, job.room, sess))
@@ -642,7 +648,9 @@ class Store:
                     "encrypted: device and sender_key must be this session's device "
                     "(device_keys first)"))
                 continue
-            if job.room is not None and self.rooms.encrypted(conn, job.room) != (env is not None):
+            if job.room is not None and (
+                    self.rooms.encrypted(conn, job.room) if facts is None
+                    else facts[job.room].encrypted) != (env is not None):
                 afters[i] = _failing(job.fail, Forbidden(
                     f"{job.room} is end-to-end encrypted: the server takes only ciphertext "
                     "there") if env is None else InvalidField(
@@ -677,7 +685,7 @@ class Store:
             placed.append((i, job, rec))
         if not rows:
             return afters
-        prev = self._newest_before(conn, placed) if self.ordered else None
+        prev = self._newest_before(conn, placed, facts) if facts is not None else None
         ids = self._insert_rows(conn, rows)
         ts = format_ts(ms)
         run: list[tuple[MessageJob, Frame]] = []  # consecutive messages to one room
@@ -725,29 +733,15 @@ class Store:
             afters[run_at] = self._room_fanout_later(run, chain)
         return afters
 
-    def _senders_in_rooms(self, conn: Connection, jobs: list[MessageJob]
-                          ) -> set[tuple[str, int]]:
-        """Over a cluster: (room, sender id) of the batch's room messages whose sender is
-        a member, as the database says now, under the rooms' locks (another node's kick
-        has either committed, and is seen, or waits for this batch)."""
-        rooms = {job.room for job in jobs if job.room is not None}
-        senders = {job.session.user_id for job in jobs if job.room is not None}
-        if not rooms:
-            return set()
-        rows = conn.execute(select(members_t.c.room, members_t.c.user_id).where(
-            members_t.c.room.in_(rooms), members_t.c.user_id.in_(senders)))
-        return {(room, uid) for room, uid in rows}
-
     def _newest_before(self, conn: Connection, placed: list[tuple[int, MessageJob,
-                       UserRecord | None]]) -> dict[str, int]:
+                       UserRecord | None]], facts: dict[str, RoomFacts]) -> dict[str, int]:
         """Over a cluster, under the conversations' locks: each one's newest id before
         this batch's messages, which the first of them names as its `prev`."""
-        rooms = {job.room for _i, job, rec in placed if rec is None}
+        prev = {room_conv(r): f.newest for r, f in facts.items()}
         users = set()
         for _i, job, rec in placed:
             if rec is not None:
                 users.update((job.session.user_id, rec.id))
-        prev = {room_conv(r): n for r, n in newest_in_rooms(conn, rooms).items()}  # type: ignore[arg-type]
         prev.update({user_conv(u): n for u, n in newest_direct(conn, users).items()})
         return prev
 

@@ -267,6 +267,35 @@ def test_a_kick_on_one_node_reaches_the_target_on_every_node_before_the_ok(
             s.close()
 
 
+def test_an_encrypted_room_made_on_one_node_takes_no_plaintext_on_another(
+        cluster: Any) -> None:
+    """Over a cluster a room message's checks are read from the database under the room's
+    lock, in one query (chat.cluster.room_facts): membership, and whether the room is
+    encrypted, for a room the other node has never loaded."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    owner = n1.user("owner")
+    owner2 = n2.client()
+    outsider = n2.user("outsider")
+    try:
+        assert owner2.login("owner")["type"] == "welcome"
+        made = owner.request({"type": "create", "room": "vault", "visibility": "private",
+                              "encrypted": True})
+        assert made["type"] == "ok", made
+        refused = owner2.request({"type": "send", "room": "vault", "message": "in clear"})
+        assert refused["type"] == "error" and refused["code"] == "forbidden", refused
+        assert "encrypted" in refused["message"]
+        refused = outsider.request({"type": "send", "room": "vault", "message": "hi"})
+        # Not a member: refused as such (what a private room says to an outsider).
+        assert refused["type"] == "error" and "encrypted" not in refused["message"], refused
+        # A plain room beside it, in the same kind of batch, still takes plaintext.
+        sent = owner2.request({"type": "send", "room": "general", "message": "plain"})
+        assert sent["type"] == "message", sent
+    finally:
+        for client in (owner, owner2, outsider):
+            client.close()
+
+
 def test_presence_and_who_span_the_nodes(cluster: Any) -> None:
     c = cluster(2)
     n1, n2 = c.nodes
