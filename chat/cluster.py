@@ -115,13 +115,61 @@ def lock_key(conv: str) -> int:
                           signed=True)
 
 
-def lock_conversations(db: Connection, convs: Iterable[str]) -> None:
-    """Take the conversations' locks until the transaction ends, in one order (sorted
-    keys) on every node, so that two writers never wait for each other in a cycle."""
+# The conversations' locks, and what a writer reads under them, in psycopg's parameter
+# style: run on the driver's connection, in a pipeline (`locked_reads`).
+_LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest(%(keys)s::bigint[]) AS k"
+_ROOM_FACTS = (
+    "SELECT r, (SELECT max(m.id) FROM messages m WHERE m.room = r), "
+    "(SELECT x.encrypted FROM rooms x WHERE x.name = r), "
+    "ARRAY(SELECT s.user_id FROM memberships s "
+    "WHERE s.room = r AND s.user_id = ANY(%(senders)s::integer[])) "
+    "FROM unnest(%(rooms)s::varchar[]) AS r")
+_NEWEST_DIRECT = (
+    "SELECT u, GREATEST("
+    "(SELECT max(m.id) FROM messages m WHERE m.room IS NULL AND m.recipient_id = u), "
+    "(SELECT max(m.id) FROM messages m WHERE m.room IS NULL AND m.sender_id = u)) "
+    "FROM unnest(%(ids)s::integer[]) AS u")
+
+
+@dataclass(frozen=True, slots=True)
+class RoomFacts:
+    """What a batch of room messages needs to know of a room, under its lock."""
+
+    newest: int  # the room's newest message id (0 if none): the first message's `prev`
+    encrypted: bool
+    members: frozenset[int]  # which of the batch's senders are members
+
+
+def locked_reads(db: Connection, convs: Iterable[str] = (), rooms: Iterable[str] = (),
+                 senders: Iterable[int] = (), users: Iterable[int] = ()
+                 ) -> tuple[dict[str, RoomFacts], dict[int, int]]:
+    """Take the conversations' locks until the transaction ends, then read each room's
+    facts (which of `senders` are in it) and each user's newest direct message id.
+
+    The locks are taken in one order (sorted keys) on every node, so that two writers
+    never wait for each other in a cycle. Everything goes in one round trip, a pipeline:
+    PostgreSQL runs each statement after the one before it has finished, and in READ
+    COMMITTED each takes its own snapshot, so the reads see every commit made before the
+    locks were granted. One round trip, since the locks are held until COMMIT and every
+    trip back to a node's writer under them (a thread that must get the GIL again, on a
+    busy host) is a wait for every other node's writer with a message to the room."""
     keys = sorted({lock_key(c) for c in convs})
-    if keys:
-        db.execute(text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) "
-                        "AS k"), {"keys": keys})
+    names = sorted(set(rooms))
+    ids = sorted(set(users))
+    pg: Any = db.connection.driver_connection
+    with pg.pipeline():
+        if keys:
+            pg.execute(_LOCK, {"keys": keys})
+        facts = pg.execute(_ROOM_FACTS, {"rooms": names, "senders": sorted(set(senders))}
+                           ) if names else None
+        direct = pg.execute(_NEWEST_DIRECT, {"ids": ids}) if ids else None
+    return ({r: RoomFacts(n or 0, bool(e), frozenset(m))
+             for r, n, e, m in (facts if facts is not None else ())},
+            {u: (n or 0) for u, n in (direct if direct is not None else ())})
+
+
+def lock_conversations(db: Connection, convs: Iterable[str]) -> None:
+    locked_reads(db, convs)
 
 
 def newest_in_rooms(db: Connection, rooms: Iterable[str]) -> dict[str, int]:
@@ -135,44 +183,9 @@ def newest_in_rooms(db: Connection, rooms: Iterable[str]) -> dict[str, int]:
     return {r: (n or 0) for r, n in rows}
 
 
-@dataclass(frozen=True, slots=True)
-class RoomFacts:
-    """What a batch of room messages needs to know of a room, under its lock."""
-
-    newest: int  # the room's newest message id (0 if none): the first message's `prev`
-    encrypted: bool
-    members: frozenset[int]  # which of the batch's senders are members
-
-
-def room_facts(db: Connection, rooms: Iterable[str], senders: Iterable[int]
-               ) -> dict[str, RoomFacts]:
-    """Each room's newest id, whether it is encrypted and which of `senders` are in it: one
-    round trip, since the rooms' locks are held until COMMIT and every round trip under
-    them is one more wait for every other node's writer with a message to the room."""
-    names = sorted(set(rooms))
-    if not names:
-        return {}
-    rows = db.execute(text(
-        "SELECT r, (SELECT max(m.id) FROM messages m WHERE m.room = r), "
-        "(SELECT x.encrypted FROM rooms x WHERE x.name = r), "
-        "ARRAY(SELECT s.user_id FROM memberships s "
-        "WHERE s.room = r AND s.user_id = ANY(CAST(:senders AS integer[]))) "
-        "FROM unnest(CAST(:rooms AS varchar[])) AS r"),
-        {"rooms": names, "senders": sorted(set(senders))})
-    return {r: RoomFacts(n or 0, bool(e), frozenset(m)) for r, n, e, m in rows}
-
-
 def newest_direct(db: Connection, user_ids: Iterable[int]) -> dict[int, int]:
     """Each user's newest direct message id, sent or received (0 if none)."""
-    ids = sorted(set(user_ids))
-    if not ids:
-        return {}
-    rows = db.execute(text(
-        "SELECT u, GREATEST("
-        "(SELECT max(m.id) FROM messages m WHERE m.room IS NULL AND m.recipient_id = u), "
-        "(SELECT max(m.id) FROM messages m WHERE m.room IS NULL AND m.sender_id = u)) "
-        "FROM unnest(CAST(:ids AS integer[])) AS u"), {"ids": ids})
-    return {u: (n or 0) for u, n in rows}
+    return locked_reads(db, users=user_ids)[1]
 
 
 def memberships(db: Connection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -902,7 +915,6 @@ class Filler:
                 {"keys": keys})
             for key, room in rows:
                 truth[key].add(room)
-            newest = newest_in_rooms(db, {r for rooms in truth.values() for r in rooms})
             disabled = set(db.execute(
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),

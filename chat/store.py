@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,11 +42,11 @@ from chat.cluster import (
     DirectChain,
     RoomFacts,
     lock_conversations,
+    locked_reads,
     newest_any,
     newest_direct,
     newest_in_rooms,
     room_conv,
-    room_facts,
     user_conv,
 )
 from chat.devices import canonical
@@ -90,12 +90,17 @@ TIMER_FLOOR = 0.001
 DEADLOCK_RETRIES = 5
 
 After = Callable[[], None] | None
+# Over a cluster, what a run of messages reads under its conversations' locks: each room's
+# facts, each direct-message user's newest id (chat.cluster.locked_reads).
+_Read = tuple[dict[str, RoomFacts], dict[int, int]]
 
 
 def _deadlocked(exc: BaseException) -> bool:
     """PostgreSQL failed the transaction to break a lock cycle (or a serialization
     conflict): nothing of it happened, and running it again is safe."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
+    # The driver's own error where it was called directly (chat.cluster.locked_reads).
+    driver = getattr(exc, "orig", exc)
+    return getattr(driver, "sqlstate", None) in ("40P01", "40001")
 
 
 def now_ms() -> int:
@@ -531,26 +536,30 @@ class Store:
                 # Other nodes write too: nothing read before this batch may be trusted.
                 self._users.clear()
                 self.rooms.forget()
-                self._lock_messages(conn, batch)
+                read = self._lock_messages(conn, batch)
             messages: list[MessageJob] = []
             for job in batch:
                 if isinstance(job, MessageJob):
                     messages.append(job)
                     continue
                 if messages:
-                    afters.extend(self._insert_messages(conn, messages, logging_in))
+                    afters.extend(self._insert_messages(conn, messages, logging_in, read))
                     messages = []
+                read = None  # the job may change what was read
                 after, ok = self._run_job(conn, job)
                 afters.append(after)
                 if ok and job.logs_in is not None:
                     logging_in.add(job.logs_in)
             if messages:
-                afters.extend(self._insert_messages(conn, messages, logging_in))
+                afters.extend(self._insert_messages(conn, messages, logging_in, read))
 
-    def _lock_messages(self, conn: Connection, batch: list[Job | MessageJob]) -> None:
+    def _lock_messages(self, conn: Connection, batch: list[Job | MessageJob]
+                       ) -> _Read | None:
         """Every conversation the batch's messages go to, locked before anything else
         (chat.cluster): a lock taken later, in a job, may meet another node's in a
-        cycle, which PostgreSQL breaks by failing a batch (then run again)."""
+        cycle, which PostgreSQL breaks by failing a batch (then run again). In the same
+        round trip, what the messages before the batch's first other job need to know
+        (`_read`; often the whole batch)."""
         convs = set()
         for job in batch:
             if isinstance(job, MessageJob):
@@ -561,7 +570,33 @@ class Store:
                     rec = self.user(conn, (job.to or "").lower())
                     if rec is not None:
                         convs.add(user_conv(rec.id))
-        lock_conversations(conn, convs)
+        if not isinstance(batch[0], MessageJob):
+            lock_conversations(conn, convs)
+            return None
+        leading = []
+        for job in batch:
+            if not isinstance(job, MessageJob):
+                break
+            leading.append(job)
+        return self._read(conn, leading, convs)
+
+    def _read(self, conn: Connection, jobs: list[MessageJob], convs: Iterable[str] = ()
+              ) -> _Read:
+        """Over a cluster, under the conversations' locks (taking `convs` first): for the
+        messages to rooms, each room's newest id, whether it is encrypted and which
+        senders are in it (another node's kick has either committed, and is seen, or
+        waits for this batch); for direct messages, each side's newest direct id."""
+        rooms, senders, users = set(), set(), set()
+        for job in jobs:
+            if job.room is not None:
+                rooms.add(job.room)
+                senders.add(job.session.user_id)
+            else:
+                users.add(job.session.user_id)
+                rec = self.user(conn, (job.to or "").lower())
+                if rec is not None:
+                    users.add(rec.id)
+        return locked_reads(conn, convs, rooms, senders, users)
 
     # --- several nodes (chat.cluster) ------------------------------------------------
     def lock(self, conn: Connection, convs: list[str]) -> None:
@@ -620,17 +655,16 @@ class Store:
             self.rooms.forget()  # read again from the database, which is right
 
     def _insert_messages(
-        self, conn: Connection, jobs: list[MessageJob], logging_in: set[str]
+        self, conn: Connection, jobs: list[MessageJob], logging_in: set[str],
+        read: _Read | None = None,
     ) -> list[After]:
         ms = now_ms()
         afters: list[After] = [None] * len(jobs)
         rows: list[dict[str, Any]] = []
         placed: list[tuple[int, MessageJob, UserRecord | None]] = []
-        # Over a cluster, read under the rooms' locks (another node's kick has either
-        # committed, and is seen, or waits for this batch).
-        facts = room_facts(conn, (j.room for j in jobs if j.room is not None),
-                           (j.session.user_id for j in jobs if j.room is not None)
-                           ) if self.ordered else None
+        if self.ordered and read is None:
+            read = self._read(conn, jobs)
+        facts = read[0] if read is not None else None
         for i, job in enumerate(jobs):
             sess = job.session
             if job.room is not None and (
@@ -685,7 +719,11 @@ class Store:
             placed.append((i, job, rec))
         if not rows:
             return afters
-        prev = self._newest_before(conn, placed, facts) if facts is not None else None
+        prev = None
+        if read is not None:
+            # Each conversation's newest id before these messages: the first one's `prev`.
+            prev = {room_conv(r): f.newest for r, f in read[0].items()}
+            prev.update({user_conv(u): n for u, n in read[1].items()})
         ids = self._insert_rows(conn, rows)
         ts = format_ts(ms)
         run: list[tuple[MessageJob, Frame]] = []  # consecutive messages to one room
@@ -732,18 +770,6 @@ class Store:
         if run:
             afters[run_at] = self._room_fanout_later(run, chain)
         return afters
-
-    def _newest_before(self, conn: Connection, placed: list[tuple[int, MessageJob,
-                       UserRecord | None]], facts: dict[str, RoomFacts]) -> dict[str, int]:
-        """Over a cluster, under the conversations' locks: each one's newest id before
-        this batch's messages, which the first of them names as its `prev`."""
-        prev = {room_conv(r): f.newest for r, f in facts.items()}
-        users = set()
-        for _i, job, rec in placed:
-            if rec is not None:
-                users.update((job.session.user_id, rec.id))
-        prev.update({user_conv(u): n for u, n in newest_direct(conn, users).items()})
-        return prev
 
     def _not_sendable(self, conn: Connection, name: str, sess: Session) -> ChatError:
         """Why a session may not send to a room it is not in: the room's own answer."""

@@ -296,6 +296,22 @@ def test_an_encrypted_room_made_on_one_node_takes_no_plaintext_on_another(
             client.close()
 
 
+def test_a_deadlock_is_known_whether_the_driver_or_sqlalchemy_raised_it() -> None:
+    """A batch that PostgreSQL failed to break a lock cycle is run again (Store._run_batch);
+    the locks are taken on the driver's connection (chat.cluster.locked_reads), whose
+    errors come unwrapped, and through SQLAlchemy elsewhere, whose come wrapped."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from chat.store import _deadlocked
+
+    raw = psycopg.errors.DeadlockDetected("deadlock detected")
+    assert _deadlocked(raw)
+    assert _deadlocked(OperationalError("SELECT 1", {}, raw))
+    assert not _deadlocked(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not _deadlocked(RuntimeError("something else"))
+
+
 def test_presence_and_who_span_the_nodes(cluster: Any) -> None:
     c = cluster(2)
     n1, n2 = c.nodes
