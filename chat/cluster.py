@@ -7,7 +7,7 @@ Each node is a whole server (its own writer, hub, connections). What they share:
 * **PostgreSQL is the truth.** A message is committed before any node shows it. Inside
   its writer's transaction a node takes the conversation's lock first (an advisory
   transaction lock on `r:<room>`, or on `u:<user id>` for each side of a direct message;
-  see `lock_conversations`), reads the conversation's newest id (`prev`), and inserts.
+  see `locked_reads`), reads the conversation's newest id (`prev`), and inserts.
   So within one conversation ids are taken and committed in one order, and a message's
   `prev` is exactly the one before it: no reader of `id > cursor` can ever skip a row
   that commits later (the issue's 2-18% loss with a plain sequence).
