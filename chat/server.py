@@ -39,7 +39,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from chat import SERVER_NAME, __version__, certs, files, proxy, tls
 from chat.auth import PasswordHasher, load_or_create_pepper, read_pepper
-from chat.cluster import REDIS_TIMEOUT, Bus, ClusterHub, Filler
+from chat.bus import REDIS_TIMEOUT, Bus
+from chat.cluster import ClusterHub
 from chat.config import (
     SettingError,
     Settings,
@@ -49,6 +50,7 @@ from chat.config import (
 )
 from chat.connection import Connection
 from chat.control import ControlServer, check_socket_path, socket_path
+from chat.conversations import Filler
 from chat.db import (
     DatabaseLock,
     SchemaMismatch,

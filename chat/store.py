@@ -38,8 +38,8 @@ from sqlalchemy.exc import IntegrityError
 
 from chat import acl
 from chat.auth import username_skeleton
-from chat.cluster import (
-    DirectChain,
+from chat.cluster import DirectChain
+from chat.conversations import (
     RoomFacts,
     lock_conversations,
     locked_reads,
@@ -91,14 +91,14 @@ DEADLOCK_RETRIES = 5
 
 After = Callable[[], None] | None
 # Over a cluster, what a run of messages reads under its conversations' locks: each room's
-# facts, each direct-message user's newest id (chat.cluster.locked_reads).
+# facts, each direct-message user's newest id (chat.conversations.locked_reads).
 _Read = tuple[dict[str, RoomFacts], dict[int, int]]
 
 
 def _deadlocked(exc: BaseException) -> bool:
     """PostgreSQL failed the transaction to break a lock cycle (or a serialization
     conflict): nothing of it happened, and running it again is safe."""
-    # The driver's own error where it was called directly (chat.cluster.locked_reads).
+    # The driver's own error where it was called directly (chat.conversations.locked_reads).
     driver = getattr(exc, "orig", exc)
     return getattr(driver, "sqlstate", None) in ("40P01", "40001")
 

@@ -270,7 +270,7 @@ def test_a_kick_on_one_node_reaches_the_target_on_every_node_before_the_ok(
 def test_an_encrypted_room_made_on_one_node_takes_no_plaintext_on_another(
         cluster: Any) -> None:
     """Over a cluster a room message's checks are read from the database under the room's
-    lock, in one query (chat.cluster.room_facts): membership, and whether the room is
+    lock, in one query (chat.conversations.locked_reads): membership, and whether the room is
     encrypted, for a room the other node has never loaded."""
     c = cluster(2)
     n1, n2 = c.nodes
@@ -298,7 +298,7 @@ def test_an_encrypted_room_made_on_one_node_takes_no_plaintext_on_another(
 
 def test_a_deadlock_is_known_whether_the_driver_or_sqlalchemy_raised_it() -> None:
     """A batch that PostgreSQL failed to break a lock cycle is run again (Store._run_batch);
-    the locks are taken on the driver's connection (chat.cluster.locked_reads), whose
+    the locks are taken on the driver's connection (chat.conversations.locked_reads), whose
     errors come unwrapped, and through SQLAlchemy elsewhere, whose come wrapped."""
     import psycopg
     from sqlalchemy.exc import OperationalError

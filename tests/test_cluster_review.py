@@ -208,7 +208,7 @@ def test_a_join_repaired_after_a_reconnect_gets_the_rooms_messages(
     dropped it) is repaired after node 2 reconnects (Filler.rooms, reconcile_rooms); but
     reconcile_rooms puts the session in the room's fan-out without following r:den on
     node 2, so what other nodes send to den never reaches it."""
-    from chat import cluster as cl
+    from chat import bus as cl
 
     c = cluster(2)
     n1, n2 = c.nodes
@@ -408,7 +408,7 @@ class FakePubSub:
 
 
 def fake_bus(node: str = "me") -> Any:
-    from chat.cluster import Bus
+    from chat.bus import Bus
 
     class Hub:
         def __init__(self) -> None:
@@ -724,7 +724,7 @@ def test_a_conversation_left_while_a_message_waited_is_forgotten_once_it_is_deli
     """`untrack` keeps a conversation while items wait in it (an origin's own copy must
     still go out), but nothing forgets it after they went: it is followed for good, and
     every reconcile reads its newest id, for a room nobody here is in any more."""
-    from chat.cluster import Sequencer
+    from chat.sequencer import Sequencer
 
     asked: list[tuple[str, int, int]] = []
     seq = Sequencer(0.05, lambda c, a, u: asked.append((c, a, u)), Clock())
@@ -937,7 +937,7 @@ def test_what_waits_behind_a_gap_is_bounded_and_still_delivered_once_in_order() 
     them: while repairs fail (the database, from this node) a busy conversation holds
     every message other nodes send it. A bounded `held` may drop what arrives past the
     bound: the database has it, and the repair (or the reconcile) reads it, in order."""
-    from chat.cluster import Sequencer
+    from chat.sequencer import Sequencer
 
     bound = 10_000
     seq = Sequencer(0.05, lambda c, a, u: None, Clock())
@@ -960,7 +960,7 @@ def test_draining_what_waited_costs_no_more_than_n_log_n() -> None:
     """`_drain` takes `min(state.held)` for each item it delivers: quadratic in what
     waited, on the writer thread (10,000 held: about a second during which the node
     delivers nothing). Counted in comparisons of ids, not timed."""
-    from chat.cluster import Sequencer
+    from chat.sequencer import Sequencer
 
     compared = 0
 
@@ -1128,7 +1128,7 @@ def test_who_forgets_a_leave_that_a_reconnect_repaired(
     (den still in), and only afterwards repairs guest's rooms from the database, telling
     nobody: its Redis hash and the other nodes' replica keep guest in den, and `who`
     on node 3 lists guest there for as long as guest stays online."""
-    from chat import cluster as cl
+    from chat import bus as cl
 
     c = cluster(3)
     n1, n2, n3 = c.nodes
