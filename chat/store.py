@@ -531,6 +531,7 @@ class Store:
     def _attempt(self, batch: list[Job | MessageJob], afters: list[After]) -> None:
         logging_in: set[str] = set()
         conn = self._writer_conn()
+        read: _Read | None = None
         with conn.begin():
             if self.ordered:
                 # Other nodes write too: nothing read before this batch may be trusted.
