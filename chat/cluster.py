@@ -47,22 +47,27 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   a node subscribes first and then reconciles: messages, and the rooms of its online users
   from the database.
 
-* **Presence** is coalesced per node as on one node (chat.hub). A node publishes the
-  presence frames its flush made and which of its users came online or went offline;
-  the others deliver those frames to their own sessions and keep a replica of who is
-  online where (for `who`, for "online elsewhere"), rebuilt from Redis hashes at start
-  and dropped for a node whose heartbeat lapsed.
+* **Presence** is coalesced per node as on one node (chat.hub). A node publishes which
+  of its users came online or went offline (an `o` event), and every node keeps a
+  replica of who is online where (for `who`, for "online elsewhere"), rebuilt from
+  Redis hashes at start and dropped for a node whose heartbeat lapsed. Coming online
+  and going offline each node tells its own sessions, from that replica: when a user's
+  first session on any node begins or its last ends, once. No node could tell it for
+  the others: two nodes whose last sessions of a user close at once each still see the
+  other's at their flush (every node learns of both closes). Joins and leaves of rooms
+  are told by the node that decided them: it publishes its flush's frames of those, and
+  the others deliver them to their sessions.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from chat.conversations import room_conv, user_conv
-from chat.hub import CONNECTION, ROOM, LocalHub, Session, UserState, _Change
+from chat.hub import CONNECTION, ROOM, LocalHub, Session, UserState
 from chat.protocol import encode
 from chat.sequencer import Sequencer
 
@@ -190,8 +195,8 @@ class ClusterHub(LocalHub):
         apply it without presence (the origin tells): with no session here to mark, the
         change is marked from the replica, and told at this node's next flush."""
         remote = self._remote.get(key)
-        if remote is not None and any(room in rooms for rooms in remote.rooms.values()):
-            self._pending.setdefault(room, {}).setdefault(key, _Change(remote.name, True, ROOM))
+        if remote is not None and self._shown(room, key):
+            self._mark_key(room, key, remote.name, ROOM)
         self._remote_member(key, room, False)
         self.publish({"t": "x", "k": key, "room": room, "f": data.decode()})
 
@@ -416,41 +421,46 @@ class ClusterHub(LocalHub):
 
     def _apply_online(self, node: str, event: dict[str, Any]) -> None:
         key = event["k"]
-        if event["on"]:
-            remote = self._remote.setdefault(key, _Remote(event["name"]))
-            before = remote.rooms.get(node, set())
-            remote.rooms[node] = set(event.get("rooms", ()))
-            for room in before | remote.rooms[node]:  # left ones too
-                self._who.pop(room, None)
-        else:
-            remote = self._remote.get(key)
-            if remote is not None:
-                for room in remote.rooms.pop(node, set()):
-                    self._who.pop(room, None)
-                if not remote.rooms:
-                    del self._remote[key]
+        remote = self._remote.get(key)
+        if not event["on"]:
+            if remote is not None and node in remote.rooms:
+                self._offline_on(node, key, remote)
+            return
+        rooms = set(event.get("rooms", ()))
+        if remote is None:
+            self._connection_news(key, event["name"], rooms)
+            remote = self._remote[key] = _Remote(event["name"])
+        before = remote.rooms.get(node, set())
+        remote.rooms[node] = rooms
+        for room in before | rooms:  # left ones too
+            self._who.pop(room, None)
+
+    def _offline_on(self, node: str, key: str, remote: _Remote) -> None:
+        """The user has no session on `node` any more (its `o` said so, or it is gone)."""
+        if len(remote.rooms) == 1:
+            self._connection_news(key, remote.name, remote.rooms[node])
+        for room in remote.rooms.pop(node):
+            self._who.pop(room, None)
+        if not remote.rooms:
+            del self._remote[key]
+
+    def _connection_news(self, key: str, name: str, rooms: Iterable[str]) -> None:
+        """Before the replica changes: the user comes online on another node while online
+        on none, or goes offline on the last. Every node tells its own sessions so, from
+        its replica, and no node tells another's: two nodes whose last sessions of a user
+        close at once each still see the other's session at their flush, but every node
+        learns of both closes. A user online here is no news here (attach and detach mark
+        its own coming and going, with the replica in view)."""
+        if key not in self._users:
+            for room in rooms:
+                if room in self._rooms:  # else nobody here to tell
+                    self._mark_key(room, key, name, CONNECTION)
 
     def node_gone(self, node: str) -> None:
-        """A node's heartbeat lapsed: its users are offline unless online elsewhere."""
-        frames: dict[str, list[bytes]] = {}
+        """A node's heartbeat lapsed: its users went offline there."""
         for key, remote in list(self._remote.items()):
-            rooms = remote.rooms.pop(node, None)
-            if rooms is None:
-                continue
-            if not remote.rooms:
-                del self._remote[key]
-                if key not in self._users:
-                    for room in rooms:
-                        if len(self._rooms.get(room, ())) <= self.presence_room_limit:
-                            frames.setdefault(room, []).append(encode(
-                                {"type": "presence", "room": room, "username": remote.name,
-                                 "event": "leave", "cause": CONNECTION}))
-            for room in rooms:
-                self._who.pop(room, None)
-        for room, datas in frames.items():
-            blob = b"".join(datas)
-            for session in self._rooms.get(room, ()):
-                session.out.deliver(blob)
+            if node in remote.rooms:
+                self._offline_on(node, key, remote)
 
     def reset_remote(self, snapshot: dict[str, dict[str, tuple[str, list[str]]]]) -> None:
         """Who is online on the other nodes, as their Redis hashes say (start, reconnect)."""
@@ -489,21 +499,25 @@ class ClusterHub(LocalHub):
                 self._left_here(user, room, mark=False)
 
     # --- presence ---------------------------------------------------------------------
+    def _shown(self, room: str, key: str) -> bool:
+        remote = self._remote.get(key)
+        return super()._shown(room, key) or (
+            remote is not None and any(room in rooms for rooms in remote.rooms.values()))
+
     def flush_presence(self) -> None:
         changes = self._presence_changes()
-        kept = [c for c in changes if c[2] != CONNECTION or c[1] not in self._remote]
-        self._deliver_presence(kept)
-        if kept:
+        self._deliver_presence(changes)
+        # A join or leave of a room is told everywhere by the node that decided it; coming
+        # online and going offline, by every node to its own sessions (_connection_news).
+        rooms = [c for c in changes if c[2] == ROOM]
+        if rooms:
             self.publish({"t": "pr", "c": [[room, key, cause, there, data.decode()]
-                                           for room, key, cause, there, data in kept]})
+                                           for room, key, cause, there, data in rooms]})
 
     def _apply_presence(self, changes: list[list[Any]]) -> None:
-        mine = []
-        for room, key, cause, there, data in changes:
-            if cause == CONNECTION and key in self._users:
-                continue  # online here: coming or going elsewhere is no news
-            mine.append((room, key, cause, there, data.encode()))
-        self._deliver_presence(mine)
+        """Joins and leaves of rooms, told by the node that decided them."""
+        self._deliver_presence([(room, key, cause, there, data.encode())
+                                for room, key, cause, there, data in changes])
 
     def who(self, room: str) -> list[str]:
         users = self._who.get(room)

@@ -333,12 +333,20 @@ class LocalHub:
     def _visible(self, room: str, user: UserState) -> bool:
         return any(room in s.rooms_in for s in user.sessions)
 
+    def _shown(self, room: str, key: str) -> bool:
+        """Whether the user is shown online in the room (over a cluster, on any node)."""
+        user = self._users.get(key)
+        return user is not None and self._visible(room, user)
+
     def _mark(self, room: str, user: UserState, cause: str) -> None:
+        self._mark_key(room, user.key, user.name, cause)
+
+    def _mark_key(self, room: str, key: str, name: str, cause: str) -> None:
         """Before a change of the user's presence in the room: remember where it began."""
         changes = self._pending.setdefault(room, {})
-        change = changes.get(user.key)
+        change = changes.get(key)
         if change is None:
-            changes[user.key] = _Change(user.name, self._visible(room, user), cause)
+            changes[key] = _Change(name, self._shown(room, key), cause)
         else:
             change.cause = cause
 
@@ -372,8 +380,7 @@ class LocalHub:
             for key, change in room_changes.items():
                 if quiet and change.cause == CONNECTION:
                     continue
-                user = self._users.get(key)
-                there = user is not None and self._visible(room, user)
+                there = self._shown(room, key)
                 if there == change.was_there:
                     continue  # the changes cancelled out
                 data = encode({"type": "presence", "room": room, "username": change.name,
