@@ -352,6 +352,10 @@ class ClusterHub(LocalHub):
         self.reconcile_interval = reconcile_interval
         self._next_reconcile = clock() + reconcile_interval
         self._keys: dict[int, str] = {}  # user id -> key, of users with sessions here
+        # room -> session -> the newest id of the room when the session's reading of it
+        # began (its user's join), where this node had not delivered that far yet:
+        # what it still delivers up to there is not the session's (see _floor).
+        self._floors: dict[str, dict[Session, int]] = {}
         self._remote: dict[str, _Remote] = {}  # users online on other nodes
 
     # --- timers ---------------------------------------------------------------------
@@ -390,6 +394,8 @@ class ClusterHub(LocalHub):
         was_here = user is not None and session in user.sessions
         rooms = set(session.rooms_in)
         super().detach(session, quiet=quiet)
+        for room in rooms:
+            self._drop_floors(room, [session])
         if not was_here or session.key in self._users:
             return
         self._keys.pop(session.user_id, None)
@@ -411,7 +417,30 @@ class ClusterHub(LocalHub):
     def _joined_here(self, user: UserState, room: str, newest: int | None) -> None:
         super().joined(user, room)
         if room in self._rooms and newest is not None:
+            self._floor(user.sessions, room, newest)
             self.seq.track(room_conv(room), newest)
+
+    def _floor(self, sessions: list[Session], room: str, newest: int) -> None:
+        """These sessions' reading of `room` begins after `newest`. On one node nothing
+        stored before then reaches them; here the node may still have to deliver some of
+        it to the room's other sessions (a gap, a Pub/Sub slower than the database), and
+        in a `joined` room it is not theirs to read. Nothing is kept where the node is
+        past `newest` already, or starts following the room there."""
+        cursor = self.seq.cursor(room_conv(room))
+        if cursor is None or cursor >= newest:
+            return
+        floors = self._floors.setdefault(room, {})
+        for session in sessions:
+            if floors.get(session, 0) < newest:
+                floors[session] = newest
+
+    def _drop_floors(self, room: str, sessions: list[Session]) -> None:
+        floors = self._floors.get(room)
+        if floors is not None:
+            for session in sessions:
+                floors.pop(session, None)
+            if not floors:
+                del self._floors[room]
 
     def left(self, user: UserState, room: str) -> None:
         self._left_here(user, room)
@@ -420,6 +449,7 @@ class ClusterHub(LocalHub):
 
     def _left_here(self, user: UserState, room: str, mark: bool = True) -> None:
         LocalHub.left(self, user, room, mark=mark)
+        self._drop_floors(room, user.sessions)
         if room not in self._rooms:
             self.seq.untrack(room_conv(room))
 
@@ -523,22 +553,55 @@ class ClusterHub(LocalHub):
                           chain, items, strict=True)]})
         conv = room_conv(room)
         if self.seq.in_order(conv, chain[0][0]):
-            self._room_deliver(room, items)
+            self._room_deliver(room, items, [msg_id for _prev, msg_id in chain])
             self.seq.advance(conv, chain[-1][1])
             return
         for (prev, msg_id), item in zip(chain, items, strict=True):
-            self.seq.offer(conv, prev, msg_id,
-                           lambda item=item: self._room_deliver(room, [item]), local=True)
+            self.seq.offer(conv, prev, msg_id, lambda item=item, msg_id=msg_id:
+                           self._room_deliver(room, [item], [msg_id]), local=True)
 
-    def _room_deliver(self, room: str, items: list[tuple[bytes, Session | None, bytes]]
-                      ) -> None:
-        super().publish_room_many(room, items)  # type: ignore[arg-type]
+    def _room_deliver(self, room: str, items: list[tuple[bytes, Session | None, bytes]],
+                      ids: list[int]) -> None:
+        """Messages of `room` (`ids` theirs, in order) to its sessions here."""
+        floors = self._floors.get(room)
+        if floors is None:  # as good as always: no session entered it while the node lagged
+            super().publish_room_many(room, items)  # type: ignore[arg-type]
+        else:
+            self._deliver_above_floors(room, items, ids, floors)
         members = self._rooms.get(room, ())
         for _data, origin, echo in items:
             # A sender the database let in whose join this node has not applied yet
             # (made on another node a moment ago) still gets its own copy.
             if origin is not None and origin not in members:
                 origin.out.deliver(echo)
+
+    def _deliver_above_floors(self, room: str,
+                              items: list[tuple[bytes, Session | None, bytes]],
+                              ids: list[int], floors: dict[Session, int]) -> None:
+        """As LocalHub.publish_room_many, but a session with a floor gets only what is
+        above it. This node delivers the room in id order: a floor this run reaches is
+        done with, so each costs this slower path until the node caught up."""
+        blob = b"".join(data for data, _origin, _echo in items)
+        origins = {origin for _data, origin, _echo in items}
+        for session in self._rooms.get(room, ()):
+            floor = floors.get(session)
+            if floor is None or floor < ids[0]:
+                mine = items
+            else:
+                mine = [item for item, msg_id in zip(items, ids, strict=True)
+                        if msg_id > floor]
+                if not mine:
+                    continue
+            if mine is items and session not in origins:
+                session.out.deliver(blob)
+            else:
+                session.out.deliver(b"".join(echo if origin is session else data
+                                             for data, origin, echo in mine))
+        last = ids[-1]
+        for session in [s for s, floor in floors.items() if floor <= last]:
+            del floors[session]
+        if not floors:
+            del self._floors[room]
 
     def publish_direct(self, to: str, sender: str, data: bytes, origin: Session | None,
                        echo: bytes, chain: DirectChain | None = None) -> bool:
@@ -579,7 +642,7 @@ class ClusterHub(LocalHub):
         if conv.startswith("r:"):
             room = conv[2:]
             deliveries = [(r.id, lambda r=r: self._room_deliver(
-                room, [(encode(_frame(r)), None, b"")])) for r in rows]
+                room, [(encode(_frame(r)), None, b"")], [r.id])) for r in rows]
         else:
             uid = int(conv[2:])
             key = self._keys.get(uid)
@@ -601,8 +664,8 @@ class ClusterHub(LocalHub):
             conv = room_conv(room)
             for prev, msg_id, f in event["items"]:
                 data = f.encode()
-                self.seq.offer(conv, prev, msg_id,
-                               lambda data=data: self._room_deliver(room, [(data, None, b"")]))
+                self.seq.offer(conv, prev, msg_id, lambda data=data, msg_id=msg_id:
+                               self._room_deliver(room, [(data, None, b"")], [msg_id]))
         elif kind == "d":
             c = DirectChain(*event["c"])
             self._direct(event["to"], event["from"], event["f"].encode(), None, b"", c, False)
