@@ -353,7 +353,7 @@ class ClusterHub(LocalHub):
         self._next_reconcile = clock() + reconcile_interval
         self._keys: dict[int, str] = {}  # user id -> key, of users with sessions here
         # room -> session -> the newest id of the room when the session's reading of it
-        # began (its user's join), where this node had not delivered that far yet:
+        # began (its login, its user's join), where this node had not delivered that far:
         # what it still delivers up to there is not the session's (see _floor).
         self._floors: dict[str, dict[Session, int]] = {}
         self._remote: dict[str, _Remote] = {}  # users online on other nodes
@@ -382,7 +382,15 @@ class ClusterHub(LocalHub):
         if not super().attach(session, rooms, first):
             return False
         self._keys[session.user_id] = session.key
-        for conv, cursor in (cursors or {}).items():
+        cursors = cursors or {}
+        for room in rooms:
+            # As for a join: a room's messages stored before the login (up to the newest
+            # id it read of the room, no later than its `last_msg_id`) never reach the
+            # session live on one node; here the node may still be delivering them.
+            read = cursors.get(room_conv(room))
+            if read is not None:
+                self._floor([session], room, read)
+        for conv, cursor in cursors.items():
             self.seq.track(conv, cursor)
         if first_here:
             self.publish({"t": "o", "k": session.key, "name": session.name, "on": True,

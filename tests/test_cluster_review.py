@@ -1000,6 +1000,58 @@ def test_a_floor_goes_with_the_sessions_leave_or_close() -> None:
     assert hub._floors == {}
 
 
+def test_a_session_logging_in_while_its_node_lags_gets_nothing_from_before_its_login() -> None:
+    """carol, a member of den, logs in on node a while it lags there: her login read
+    den's newest id, 12 (her `last_msg_id` is no older), and on one node nothing stored
+    up to it would reach her session live; it may even be from before her join, made
+    on another node a moment ago, in a `joined` room."""
+    hub, bob, _alice = lagging_den()
+    carol = fake_session(3, "carol")
+    assert hub.attach(carol, ["den"], [], {"r:den": 12, "u:3": 0})
+    hub.filled("r:den", 10, 11, [room_row(11, "den")])
+    hub.apply("b", room_event(12, 13, "den"))
+    assert bob.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+    assert carol.out.messages() == [13]  # type: ignore[attr-defined]
+    assert hub._floors == {}
+
+
+def test_a_login_while_its_node_has_not_heard_of_a_message_does_not_get_it_live(
+        cluster: Any) -> None:
+    """carol sends to den on node 2 (a `joined` room), whose publisher is slow; alice
+    then joins den there, and logs in on node 1, where bob is in den and node 1 has not
+    heard of carol's message yet. alice's welcome says it was stored before her session
+    began, and it was sent before her join: it must not reach her, on node 1 either."""
+    c = cluster(2, cluster_reconcile_interval=3600.0)  # only Pub/Sub tells node 1
+    n1, n2 = c.nodes
+    bob = n1.user("bob")
+    carol = n2.user("carol")
+    alice2 = n2.user("alice")
+    alice1 = n1.client()
+    released = threading.Event()
+    try:
+        assert carol.request({"type": "create", "room": "den", "visibility": "public",
+                              "history": "joined"})["type"] == "ok"
+        assert bob.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(carol)
+        hold_publishing(n2, lambda e: e.startswith(b'{"t":"m"') and b'"den"' in e, released)
+        try:
+            before = carol.request({"type": "send", "room": "den", "message": "before"})
+            assert alice2.request({"type": "join", "room": "den"})["type"] == "ok"
+            welcome = alice1.login("alice")
+            assert welcome["type"] == "welcome" and "den" in welcome["rooms"], welcome
+            assert welcome["last_msg_id"] >= before["msg_id"], welcome
+        finally:
+            released.set()
+        assert bob.recv_until("message", room="den")["msg_id"] == before["msg_id"]
+        after = carol.request({"type": "send", "room": "den", "message": "after"})
+        assert bob.recv_until("message", room="den")["msg_id"] == after["msg_id"]
+        got = alice1.recv_until("message", room="den")
+        assert got["msg_id"] == after["msg_id"], f"alice got {got} before {after}"
+    finally:
+        for client in (bob, carol, alice2, alice1):
+            client.close()
+
+
 def test_what_waits_behind_a_gap_is_bounded_and_still_delivered_once_in_order() -> None:
     """Messages behind a gap wait in `held` until the repair reads it; nothing bounds
     them: while repairs fail (the database, from this node) a busy conversation holds
