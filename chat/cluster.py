@@ -422,10 +422,14 @@ class ClusterHub(LocalHub):
         self._remote_member(user.key, room, True)
         self.publish({"t": "j", "k": user.key, "room": room, "n": newest, **_mine(user)})
 
-    def _joined_here(self, user: UserState, room: str, newest: int | None) -> None:
+    def _joined_here(self, user: UserState, room: str, newest: int | None,
+                     since: int | None = None) -> None:
+        """`newest`: the room's newest id when the join was decided, or read since, where
+        this node starts following the room if it does not yet; `since`: where the join
+        began the user's reading (`newest` if not told)."""
         super().joined(user, room)
         if room in self._rooms and newest is not None:
-            self._floor(user.sessions, room, newest)
+            self._floor(user.sessions, room, newest if since is None else since)
             self.seq.track(room_conv(room), newest)
 
     def _floor(self, sessions: list[Session], room: str, newest: int) -> None:
@@ -783,23 +787,28 @@ class ClusterHub(LocalHub):
         """This node's users and their rooms, for its Redis hash."""
         return {key: (u.name, sorted(u.rooms)) for key, u in self._users.items()}
 
-    def reconcile_rooms(self, truth: dict[str, set[str]], newest: dict[str, int]) -> None:
-        """After Redis came back: the rooms of this node's users as the database says;
-        membership events lost meanwhile are applied now (without presence). A room this
-        node did not follow is followed from `newest` (its newest id when the rooms were
-        read: anything later that went by meanwhile is a gap, filled). A user whose rooms
-        changed is published online again with them: this node's Redis hash and the other
-        nodes' replica had the ones it republished after the reconnect, before this."""
-        for key, rooms in truth.items():
+    def reconcile_rooms(self, truth: dict[str, dict[str, int]], newest: dict[str, int]
+                        ) -> None:
+        """After Redis came back: the rooms of this node's users as the database says
+        (user key -> room -> the membership's since_msg_id, where its join began the
+        user's reading); membership events lost meanwhile are applied now (without
+        presence). A room this node did not follow is followed from `newest` (its newest
+        id when the rooms were read: anything later that went by meanwhile is a gap,
+        filled); in one it follows, the joiner's sessions get nothing up to the join. A
+        user whose rooms changed is published online again with them: this node's Redis
+        hash and the other nodes' replica had the ones it republished after the
+        reconnect, before this."""
+        for key, joins in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
                 continue
+            rooms = set(joins)
             if rooms != user.rooms:
                 self.publish({"t": "o", "k": key, "name": user.name, "on": True,
                               "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
-                self._joined_here(user, room, newest.get(room, 0))
+                self._joined_here(user, room, newest.get(room, 0), joins[room])
                 self._pending.get(room, {}).pop(key, None)
             for room in user.rooms - rooms:
                 user.rooms.discard(room)
@@ -937,21 +946,20 @@ class Filler:
     def _rooms(self, keys: list[str]) -> None:
         if not keys:
             return
-        truth: dict[str, set[str]] = {k: set() for k in keys}
+        truth: dict[str, dict[str, int]] = {k: {} for k in keys}
         with self.engine.connect() as db:
             rows = db.execute(
-                select(users_t.c.username_key, members_t.c.room)
+                select(users_t.c.username_key, members_t.c.room, members_t.c.since_msg_id)
                 .join(members_t, members_t.c.user_id == users_t.c.id)
                 .where(users_t.c.username_key.in_(bindparam("keys", expanding=True))),
                 {"keys": keys})
-            for key, room in rows:
-                truth[key].add(room)
-            newest = newest_in_rooms(db, {r for rooms in truth.values() for r in rooms})
+            for key, room, since in rows:
+                truth[key][room] = since
+            newest = newest_in_rooms(db, {r for joins in truth.values() for r in joins})
             disabled = set(db.execute(
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),
                     users_t.c.disabled_ms.is_not(None)), {"keys": keys}).scalars())
-            newest = newest_in_rooms(db, set().union(*truth.values()))
 
         def apply() -> None:
             self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled},

@@ -1015,6 +1015,19 @@ def test_a_session_logging_in_while_its_node_lags_gets_nothing_from_before_its_l
     assert hub._floors == {}
 
 
+def test_a_join_repaired_while_its_node_lags_gets_what_followed_the_join_only() -> None:
+    """alice joined den on another node when 11 was its newest message, and the `j`
+    was lost with Redis; the reconcile after the reconnect finds the membership (its
+    since_msg_id, 11) while node a still lags in den: 11 is not hers, 12 is."""
+    hub, bob, alice = lagging_den()
+    hub.reconcile_rooms({"bob": {"den": 0}, "alice": {"den": 11}}, {"den": 12})
+    hub.filled("r:den", 10, 11, [room_row(11, "den")])
+    hub.apply("b", room_event(12, 13, "den"))
+    assert bob.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+    assert alice.out.messages() == [12, 13]  # type: ignore[attr-defined]
+    assert hub._floors == {}
+
+
 def test_a_login_while_its_node_has_not_heard_of_a_message_does_not_get_it_live(
         cluster: Any) -> None:
     """carol sends to den on node 2 (a `joined` room), whose publisher is slow; alice
