@@ -27,6 +27,15 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   database with the node's: that catches a lost *last* message, which no later `prev`
   would reveal.
 
+* **A session gets nothing of a room from before it entered** (its login, its user's
+  join), as on one node. That point is a room's newest id, read under the room's lock
+  by a join (and sent in its `j`, and kept as the membership's `since_msg_id`) or read
+  by a login; a node behind it in the room (a gap, a Pub/Sub slower than the database)
+  still delivers what lies between to the room's other sessions. So the hub keeps that
+  session's *floor* in the room, and hands it nothing at or below it; a floor goes once
+  a delivery in the room reaches it, or with the session's leave or close. Checking is
+  one dict lookup per delivered run of a room: runs stay one write per member.
+
 * **Changes other nodes must apply before the actor hears `ok`** (a kick, a ban, a
   disable or logout) are followed by a `sync` barrier: every live node answers it on
   the actor's node channel after its writer has applied everything published before it
