@@ -27,6 +27,15 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   database with the node's: that catches a lost *last* message, which no later `prev`
   would reveal.
 
+* **A session gets nothing of a room from before it entered** (its login, its user's
+  join), as on one node. That point is a room's newest id, read under the room's lock
+  by a join (and sent in its `j`, and kept as the membership's `since_msg_id`) or read
+  by a login; a node behind it in the room (a gap, a Pub/Sub slower than the database)
+  still delivers what lies between to the room's other sessions. So the hub keeps that
+  session's *floor* in the room, and hands it nothing at or below it; a floor goes once
+  a delivery in the room reaches it, or with the session's leave or close. Checking is
+  one dict lookup per delivered run of a room: runs stay one write per member.
+
 * **Changes other nodes must apply before the actor hears `ok`** (a kick, a ban, a
   disable or logout) are followed by a `sync` barrier: every live node answers it on
   the actor's node channel after its writer has applied everything published before it
@@ -111,6 +120,10 @@ class ClusterHub(LocalHub):
         self.reconcile_interval = reconcile_interval
         self._next_reconcile = clock() + reconcile_interval
         self._keys: dict[int, str] = {}  # user id -> key, of users with sessions here
+        # room -> session -> the newest id of the room when the session's reading of it
+        # began (its login, its user's join), where this node had not delivered that far:
+        # what it still delivers up to there is not the session's (see _floor).
+        self._floors: dict[str, dict[Session, int]] = {}
         self._remote: dict[str, _Remote] = {}  # users online on other nodes
 
     # --- timers ---------------------------------------------------------------------
@@ -137,7 +150,15 @@ class ClusterHub(LocalHub):
         if not super().attach(session, rooms, first):
             return False
         self._keys[session.user_id] = session.key
-        for conv, cursor in (cursors or {}).items():
+        cursors = cursors or {}
+        for room in rooms:
+            # As for a join: a room's messages stored before the login (up to the newest
+            # id it read of the room, no later than its `last_msg_id`) never reach the
+            # session live on one node; here the node may still be delivering them.
+            read = cursors.get(room_conv(room))
+            if read is not None:
+                self._floor([session], room, read)
+        for conv, cursor in cursors.items():
             self.seq.track(conv, cursor)
         if first_here:
             self.publish({"t": "o", "k": session.key, "name": session.name, "on": True,
@@ -149,6 +170,8 @@ class ClusterHub(LocalHub):
         was_here = user is not None and session in user.sessions
         rooms = set(session.rooms_in)
         super().detach(session, quiet=quiet)
+        for room in rooms:
+            self._drop_floors(room, [session])
         if not was_here or session.key in self._users:
             return
         self._keys.pop(session.user_id, None)
@@ -167,10 +190,37 @@ class ClusterHub(LocalHub):
         self._remote_member(user.key, room, True)
         self.publish({"t": "j", "k": user.key, "room": room, "n": newest, **_mine(user)})
 
-    def _joined_here(self, user: UserState, room: str, newest: int | None) -> None:
+    def _joined_here(self, user: UserState, room: str, newest: int | None,
+                     since: int | None = None) -> None:
+        """`newest`: the room's newest id when the join was decided, or read since, where
+        this node starts following the room if it does not yet; `since`: where the join
+        began the user's reading (`newest` if not told)."""
         super().joined(user, room)
         if room in self._rooms and newest is not None:
+            self._floor(user.sessions, room, newest if since is None else since)
             self.seq.track(room_conv(room), newest)
+
+    def _floor(self, sessions: list[Session], room: str, newest: int) -> None:
+        """These sessions' reading of `room` begins after `newest`. On one node nothing
+        stored before then reaches them; here the node may still have to deliver some of
+        it to the room's other sessions (a gap, a Pub/Sub slower than the database), and
+        in a `joined` room it is not theirs to read. Nothing is kept where the node is
+        past `newest` already, or starts following the room there."""
+        cursor = self.seq.cursor(room_conv(room))
+        if cursor is None or cursor >= newest:
+            return
+        floors = self._floors.setdefault(room, {})
+        for session in sessions:
+            if floors.get(session, 0) < newest:
+                floors[session] = newest
+
+    def _drop_floors(self, room: str, sessions: list[Session]) -> None:
+        floors = self._floors.get(room)
+        if floors is not None:
+            for session in sessions:
+                floors.pop(session, None)
+            if not floors:
+                del self._floors[room]
 
     def left(self, user: UserState, room: str) -> None:
         self._left_here(user, room)
@@ -179,6 +229,7 @@ class ClusterHub(LocalHub):
 
     def _left_here(self, user: UserState, room: str, mark: bool = True) -> None:
         LocalHub.left(self, user, room, mark=mark)
+        self._drop_floors(room, user.sessions)
         if room not in self._rooms:
             self.seq.untrack(room_conv(room))
 
@@ -282,22 +333,55 @@ class ClusterHub(LocalHub):
                           chain, items, strict=True)]})
         conv = room_conv(room)
         if self.seq.in_order(conv, chain[0][0]):
-            self._room_deliver(room, items)
+            self._room_deliver(room, items, [msg_id for _prev, msg_id in chain])
             self.seq.advance(conv, chain[-1][1])
             return
         for (prev, msg_id), item in zip(chain, items, strict=True):
-            self.seq.offer(conv, prev, msg_id,
-                           lambda item=item: self._room_deliver(room, [item]), local=True)
+            self.seq.offer(conv, prev, msg_id, lambda item=item, msg_id=msg_id:
+                           self._room_deliver(room, [item], [msg_id]), local=True)
 
-    def _room_deliver(self, room: str, items: list[tuple[bytes, Session | None, bytes]]
-                      ) -> None:
-        super().publish_room_many(room, items)  # type: ignore[arg-type]
+    def _room_deliver(self, room: str, items: list[tuple[bytes, Session | None, bytes]],
+                      ids: list[int]) -> None:
+        """Messages of `room` (`ids` theirs, in order) to its sessions here."""
+        floors = self._floors.get(room)
+        if floors is None:  # as good as always: no session entered it while the node lagged
+            super().publish_room_many(room, items)  # type: ignore[arg-type]
+        else:
+            self._deliver_above_floors(room, items, ids, floors)
         members = self._rooms.get(room, ())
         for _data, origin, echo in items:
             # A sender the database let in whose join this node has not applied yet
             # (made on another node a moment ago) still gets its own copy.
             if origin is not None and origin not in members:
                 origin.out.deliver(echo)
+
+    def _deliver_above_floors(self, room: str,
+                              items: list[tuple[bytes, Session | None, bytes]],
+                              ids: list[int], floors: dict[Session, int]) -> None:
+        """As LocalHub.publish_room_many, but a session with a floor gets only what is
+        above it. This node delivers the room in id order: a floor this run reaches is
+        done with, so each costs this slower path until the node caught up."""
+        blob = b"".join(data for data, _origin, _echo in items)
+        origins = {origin for _data, origin, _echo in items}
+        for session in self._rooms.get(room, ()):
+            floor = floors.get(session)
+            if floor is None or floor < ids[0]:
+                mine = items
+            else:
+                mine = [item for item, msg_id in zip(items, ids, strict=True)
+                        if msg_id > floor]
+                if not mine:
+                    continue
+            if mine is items and session not in origins:
+                session.out.deliver(blob)
+            else:
+                session.out.deliver(b"".join(echo if origin is session else data
+                                             for data, origin, echo in mine))
+        last = ids[-1]
+        for session in [s for s, floor in floors.items() if floor <= last]:
+            del floors[session]
+        if not floors:
+            del self._floors[room]
 
     def publish_direct(self, to: str, sender: str, data: bytes, origin: Session | None,
                        echo: bytes, chain: DirectChain | None = None) -> bool:
@@ -338,7 +422,7 @@ class ClusterHub(LocalHub):
         if conv.startswith("r:"):
             room = conv[2:]
             deliveries = [(r.id, lambda r=r: self._room_deliver(
-                room, [(encode(_frame(r)), None, b"")])) for r in rows]
+                room, [(encode(_frame(r)), None, b"")], [r.id])) for r in rows]
         else:
             uid = int(conv[2:])
             key = self._keys.get(uid)
@@ -360,8 +444,8 @@ class ClusterHub(LocalHub):
             conv = room_conv(room)
             for prev, msg_id, f in event["items"]:
                 data = f.encode()
-                self.seq.offer(conv, prev, msg_id,
-                               lambda data=data: self._room_deliver(room, [(data, None, b"")]))
+                self.seq.offer(conv, prev, msg_id, lambda data=data, msg_id=msg_id:
+                               self._room_deliver(room, [(data, None, b"")], [msg_id]))
         elif kind == "d":
             c = DirectChain(*event["c"])
             self._direct(event["to"], event["from"], event["f"].encode(), None, b"", c, False)
@@ -476,23 +560,28 @@ class ClusterHub(LocalHub):
         """This node's users and their rooms, for its Redis hash."""
         return {key: (u.name, sorted(u.rooms)) for key, u in self._users.items()}
 
-    def reconcile_rooms(self, truth: dict[str, set[str]], newest: dict[str, int]) -> None:
-        """After Redis came back: the rooms of this node's users as the database says;
-        membership events lost meanwhile are applied now (without presence). A room this
-        node did not follow is followed from `newest` (its newest id when the rooms were
-        read: anything later that went by meanwhile is a gap, filled). A user whose rooms
-        changed is published online again with them: this node's Redis hash and the other
-        nodes' replica had the ones it republished after the reconnect, before this."""
-        for key, rooms in truth.items():
+    def reconcile_rooms(self, truth: dict[str, dict[str, int]], newest: dict[str, int]
+                        ) -> None:
+        """After Redis came back: the rooms of this node's users as the database says
+        (user key -> room -> the membership's since_msg_id, where its join began the
+        user's reading); membership events lost meanwhile are applied now (without
+        presence). A room this node did not follow is followed from `newest` (its newest
+        id when the rooms were read: anything later that went by meanwhile is a gap,
+        filled); in one it follows, the joiner's sessions get nothing up to the join. A
+        user whose rooms changed is published online again with them: this node's Redis
+        hash and the other nodes' replica had the ones it republished after the
+        reconnect, before this."""
+        for key, joins in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
                 continue
+            rooms = set(joins)
             if rooms != user.rooms:
                 self.publish({"t": "o", "k": key, "name": user.name, "on": True,
                               "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
-                self._joined_here(user, room, newest.get(room, 0))
+                self._joined_here(user, room, newest.get(room, 0), joins[room])
                 self._pending.get(room, {}).pop(key, None)
             for room in user.rooms - rooms:
                 user.rooms.discard(room)

@@ -229,20 +229,20 @@ class Filler:
     def _rooms(self, keys: list[str]) -> None:
         if not keys:
             return
-        truth: dict[str, set[str]] = {k: set() for k in keys}
+        truth: dict[str, dict[str, int]] = {k: {} for k in keys}
         with self.engine.connect() as db:
             rows = db.execute(
-                select(users_t.c.username_key, members_t.c.room)
+                select(users_t.c.username_key, members_t.c.room, members_t.c.since_msg_id)
                 .join(members_t, members_t.c.user_id == users_t.c.id)
                 .where(users_t.c.username_key.in_(bindparam("keys", expanding=True))),
                 {"keys": keys})
-            for key, room in rows:
-                truth[key].add(room)
+            for key, room, since in rows:
+                truth[key][room] = since
             disabled = set(db.execute(
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),
                     users_t.c.disabled_ms.is_not(None)), {"keys": keys}).scalars())
-            newest = newest_in_rooms(db, set().union(*truth.values()))
+            newest = newest_in_rooms(db, {r for joins in truth.values() for r in joins})
 
         def apply() -> None:
             self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled},

@@ -181,13 +181,17 @@ def login(conn: Connection, req: m.Login) -> None:
                      else server.store.rooms_of(db, rec.id))
             waiting, first_waiting = server.store.undelivered(db, rec.id)
             backlog, more = server.store.take_undelivered(db, rec.id, budget)
+            # Over a cluster: where this node starts following the session's
+            # conversations, if it did not yet, and where their live messages begin for
+            # the session (chat.cluster).
+            cursors = server.store.follow(db, rooms, rec.id)
             # Everything stored after this reaches the session live (the writer attaches
             # it before any later fan-out), so a client catching up after a reconnect
             # asks for what is newer than the larger of this and the last id it got.
+            # Read after the cursors: another node may commit a message between the two
+            # reads, which must not be above this and yet at or below its room's cursor
+            # (it would reach the session neither live nor in the client's catching up).
             last_msg_id = server.store.newest(db)
-            # Over a cluster: where this node starts following the session's
-            # conversations, if it did not yet (chat.cluster).
-            cursors = server.store.follow(db, rooms, rec.id)
             if backlog:
                 session.dm_floor = backlog[-1]["msg_id"]
 

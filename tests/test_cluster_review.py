@@ -1018,8 +1018,6 @@ def room_event(prev: int, msg_id: int, room: str) -> dict[str, Any]:
     return {"t": "m", "room": room, "items": [[prev, msg_id, data]]}
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: a session is handed what "
-                   "its node still had to deliver of a room when it joined")
 def test_a_member_joining_while_its_node_lags_gets_nothing_sent_before_its_join() -> None:
     """Node A follows den (bob is in it) and lags: message 11 has not arrived, 12 waits
     behind it. alice joins den here; the join read den's newest id under its lock, 12,
@@ -1039,6 +1037,135 @@ def test_a_member_joining_while_its_node_lags_gets_nothing_sent_before_its_join(
     hub.filled("r:den", 10, 11, [room_row(11, "den")])
     assert bob.out.messages() == [11, 12]  # type: ignore[attr-defined]
     assert alice.out.messages() == [], "alice got den's messages from before her join"  # type: ignore[attr-defined]
+
+
+def lagging_den() -> tuple[Any, Session, Session]:
+    """Node a follows den (bob in it) from 10 and lags: 12 waits behind 11; alice is
+    online here, not in den."""
+    from chat.cluster import ClusterHub
+
+    hub = ClusterHub("a", clock=Clock())
+    bob, alice = fake_session(1, "bob"), fake_session(2, "alice")
+    assert hub.attach(bob, ["den"], [], {"r:den": 10, "u:1": 0})
+    assert hub.attach(alice, [], [], {"u:2": 0})
+    hub.apply("b", room_event(11, 12, "den"))
+    return hub, bob, alice
+
+
+def test_a_member_joining_on_another_node_while_this_one_lags_gets_nothing_from_before() -> None:
+    """As above, with alice's join decided on node b (its `j` says den's newest then):
+    her session here gets nothing up to it, and everything after it."""
+    hub, bob, alice = lagging_den()
+    hub.apply("b", {"t": "j", "k": "alice", "room": "den", "n": 12}, {("alice", "den")})
+    hub.filled("r:den", 10, 11, [room_row(11, "den")])
+    hub.apply("b", room_event(12, 13, "den"))
+    assert bob.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+    assert alice.out.messages() == [13]  # type: ignore[attr-defined]
+    assert hub._floors == {}, "a floor the node has passed is kept"
+
+
+def test_a_floor_cuts_a_run_and_each_member_still_gets_one_write() -> None:
+    """A run of messages is one write per member; a member whose floor falls inside the
+    run gets the part above it, in one write too."""
+    from chat.protocol import encode
+    from chat.store import message_frame
+
+    hub, bob, alice = lagging_den()
+    alice.user.rooms.add("den")  # type: ignore[union-attr]
+    hub.joined(alice.user, "den", 12)  # type: ignore[arg-type]
+    bob.out.frames.clear()  # type: ignore[attr-defined]
+    alice.out.frames.clear()  # type: ignore[attr-defined]
+    run = [(encode(message_frame(room_row(i, "den"))), None, b"") for i in (11, 12, 13)]
+    hub._room_deliver("den", run, [11, 12, 13])
+    assert bob.out.frames == [b"".join(d for d, _o, _e in run)]  # type: ignore[attr-defined]
+    assert alice.out.frames == [run[2][0]]  # type: ignore[attr-defined]
+    assert hub._floors == {}
+    # No floor pending: one blob, the same for every member.
+    hub._room_deliver("den", run, [14, 15, 16])
+    assert bob.out.frames[-1] is alice.out.frames[-1]  # type: ignore[attr-defined]
+
+
+def test_a_floor_goes_with_the_sessions_leave_or_close() -> None:
+    """A floor the node never passes (nothing more is sent, or the repair is slow) is
+    not kept for a session that left the room, or closed."""
+    hub, _bob, alice = lagging_den()
+    user = alice.user
+    assert user is not None
+    user.rooms.add("den")
+    hub.joined(user, "den", 12)
+    assert hub._floors == {"den": {alice: 12}}
+    user.rooms.discard("den")
+    hub.left(user, "den")
+    assert hub._floors == {}
+    user.rooms.add("den")
+    hub.joined(user, "den", 12)
+    hub.detach(alice)
+    assert hub._floors == {}
+
+
+def test_a_session_logging_in_while_its_node_lags_gets_nothing_from_before_its_login() -> None:
+    """carol, a member of den, logs in on node a while it lags there: her login read
+    den's newest id, 12 (her `last_msg_id` is no older), and on one node nothing stored
+    up to it would reach her session live; it may even be from before her join, made
+    on another node a moment ago, in a `joined` room."""
+    hub, bob, _alice = lagging_den()
+    carol = fake_session(3, "carol")
+    assert hub.attach(carol, ["den"], [], {"r:den": 12, "u:3": 0})
+    hub.filled("r:den", 10, 11, [room_row(11, "den")])
+    hub.apply("b", room_event(12, 13, "den"))
+    assert bob.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+    assert carol.out.messages() == [13]  # type: ignore[attr-defined]
+    assert hub._floors == {}
+
+
+def test_a_join_repaired_while_its_node_lags_gets_what_followed_the_join_only() -> None:
+    """alice joined den on another node when 11 was its newest message, and the `j`
+    was lost with Redis; the reconcile after the reconnect finds the membership (its
+    since_msg_id, 11) while node a still lags in den: 11 is not hers, 12 is."""
+    hub, bob, alice = lagging_den()
+    hub.reconcile_rooms({"bob": {"den": 0}, "alice": {"den": 11}}, {"den": 12})
+    hub.filled("r:den", 10, 11, [room_row(11, "den")])
+    hub.apply("b", room_event(12, 13, "den"))
+    assert bob.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+    assert alice.out.messages() == [12, 13]  # type: ignore[attr-defined]
+    assert hub._floors == {}
+
+
+def test_a_login_while_its_node_has_not_heard_of_a_message_does_not_get_it_live(
+        cluster: Any) -> None:
+    """carol sends to den on node 2 (a `joined` room), whose publisher is slow; alice
+    then joins den there, and logs in on node 1, where bob is in den and node 1 has not
+    heard of carol's message yet. alice's welcome says it was stored before her session
+    began, and it was sent before her join: it must not reach her, on node 1 either."""
+    c = cluster(2, cluster_reconcile_interval=3600.0)  # only Pub/Sub tells node 1
+    n1, n2 = c.nodes
+    bob = n1.user("bob")
+    carol = n2.user("carol")
+    alice2 = n2.user("alice")
+    alice1 = n1.client()
+    released = threading.Event()
+    try:
+        assert carol.request({"type": "create", "room": "den", "visibility": "public",
+                              "history": "joined"})["type"] == "ok"
+        assert bob.request({"type": "join", "room": "den"})["type"] == "ok"
+        barrier(carol)
+        hold_publishing(n2, lambda e: e.startswith(b'{"t":"m"') and b'"den"' in e, released)
+        try:
+            before = carol.request({"type": "send", "room": "den", "message": "before"})
+            assert alice2.request({"type": "join", "room": "den"})["type"] == "ok"
+            welcome = alice1.login("alice")
+            assert welcome["type"] == "welcome" and "den" in welcome["rooms"], welcome
+            assert welcome["last_msg_id"] >= before["msg_id"], welcome
+        finally:
+            released.set()
+        assert bob.recv_until("message", room="den")["msg_id"] == before["msg_id"]
+        after = carol.request({"type": "send", "room": "den", "message": "after"})
+        assert bob.recv_until("message", room="den")["msg_id"] == after["msg_id"]
+        got = alice1.recv_until("message", room="den")
+        assert got["msg_id"] == after["msg_id"], f"alice got {got} before {after}"
+    finally:
+        for client in (bob, carol, alice2, alice1):
+            client.close()
 
 
 def test_what_waits_behind_a_gap_is_bounded_and_still_delivered_once_in_order() -> None:
