@@ -530,6 +530,7 @@ class Store:
 
     def _attempt(self, batch: list[Job | MessageJob], afters: list[After]) -> None:
         logging_in: set[str] = set()
+        read: _Read | None = None  # one node reads nothing ahead (its facts are cached)
         conn = self._writer_conn()
         with conn.begin():
             if self.ordered:
