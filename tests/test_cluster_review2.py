@@ -7,13 +7,43 @@ fixture of test_cluster); the writer's batches are made deterministic by holding
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 import test_cluster
+from conftest import TIMEOUT
+from test_cluster import wait_for
+from test_cluster_review import Submitted
 from writer_gate import WriterGate, reply_to
 
+from chat.store import Job, MessageJob
+
 cluster = test_cluster.cluster  # the fixture: cluster(n, **settings)
+
+
+class Hold:
+    """A job that holds the node's writer inside its batch's transaction (after what was
+    queued before it, before COMMIT) until released."""
+
+    def __init__(self, node: Any) -> None:
+        self.started, self._release = threading.Event(), threading.Event()
+
+        def run(db: Any) -> None:
+            self.started.set()
+            self._release.wait(TIMEOUT)
+
+        node.server.store.submit(Job(run, lambda exc: None))
+
+    def wait(self) -> None:
+        assert self.started.wait(TIMEOUT), "the held job never ran"
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def is_dm_to(name: str) -> Any:
+    return lambda job: isinstance(job, MessageJob) and job.to == name
 
 
 # --- 1. one node: a batch that begins with a message -----------------------------------
@@ -32,3 +62,53 @@ def test_a_single_nodes_batch_of_messages_is_stored_and_echoed(chat_server: Any)
             assert reply["type"] == "message" and reply["message"] == text, reply
     finally:
         alice.close()
+
+
+# --- 2. a direct message to a user registered after the batch took its locks --------------
+@pytest.mark.redis
+def test_a_direct_message_to_a_user_registered_mid_batch_takes_the_users_lock(
+        cluster: Any) -> None:
+    """The writer locks its batch's conversations at the start; a run of messages after
+    another job reads again, and a recipient unknown then but registered since (on
+    another node) was read and written without its lock: its `prev` could be one that
+    another node's uncommitted message also had, and the node that got the later one
+    first dropped the earlier as a duplicate."""
+    c = cluster(3)
+    n1, n2, n3 = c.nodes
+    alice = n1.user("alice")
+    carol = n2.user("carol")
+    bob = None
+    try:
+        gate1, seen1 = WriterGate(n1.server), Submitted(n1)
+        held1 = Hold(n1)  # the batch's first job: its locks are taken before bob exists
+        alice.send({"type": "send", "to": "bob", "message": "from alice", "id": 1})
+        seen1.wait_for(is_dm_to("bob"), "alice's direct message")
+        seen1.close()
+        gate1.open()
+        held1.wait()
+        bob = n3.user("bob")  # follows u:bob on node 3 from 0
+        gate2, seen2 = WriterGate(n2.server), Submitted(n2)
+        carol.send({"type": "send", "to": "bob", "message": "from carol", "id": 1})
+        seen2.wait_for(is_dm_to("bob"), "carol's direct message")
+        seen2.close()
+        held2 = Hold(n2)  # carol's message inserted under u:bob's lock, not committed
+        gate2.open()
+        held2.wait()
+        held1.release()
+        # Node 1 either stores its message at once (without bob's lock) or waits for it.
+        wait_for(lambda: n1.query(
+            "SELECT count(*) FROM messages WHERE sender_name = 'alice'")[0][0]
+            or n1.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND NOT granted")[0][0], "node 1 to store or wait for the lock")
+        held2.release()
+        from_alice, from_carol = reply_to(alice, 1), reply_to(carol, 1)
+        assert from_alice["type"] == from_carol["type"] == "message"
+        last = alice.request({"type": "send", "to": "bob", "message": "last"})
+        got = []
+        while not got or got[-1] != last["msg_id"]:
+            got.append(bob.recv_until("message", to="bob")["msg_id"])
+        assert got == sorted({from_alice["msg_id"], from_carol["msg_id"], last["msg_id"]})
+    finally:
+        for client in (alice, carol, bob):
+            if client is not None:
+                client.close()
