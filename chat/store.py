@@ -530,6 +530,7 @@ class Store:
 
     def _attempt(self, batch: list[Job | MessageJob], afters: list[After]) -> None:
         logging_in: set[str] = set()
+        read: _Read | None = None  # one node reads nothing ahead (its facts are cached)
         conn = self._writer_conn()
         read: _Read | None = None
         with conn.begin():
@@ -597,7 +598,11 @@ class Store:
                 rec = self.user(conn, (job.to or "").lower())
                 if rec is not None:
                     users.add(rec.id)
-        return locked_reads(conn, convs, rooms, senders, users)
+        # Every conversation read is locked, held ones again (at once): a recipient
+        # registered on another node since the batch took its locks has a conversation
+        # that another node may be writing to right now.
+        locks = {*convs, *map(room_conv, rooms), *map(user_conv, users)}
+        return locked_reads(conn, locks, rooms, senders, users)
 
     # --- several nodes (chat.cluster) ------------------------------------------------
     def lock(self, conn: Connection, convs: list[str]) -> None:
@@ -703,7 +708,9 @@ class Store:
                     afters[i] = _failing(job.fail, Forbidden("this session is ending"))
                     continue
                 rec = self.user(conn, job.to.lower())
-                if rec is None:
+                if rec is None or (read is not None and rec.id not in read[1]):
+                    # (Over a cluster, one registered since the run's locks were taken is
+                    # unknown to it: its conversation was neither locked nor read.)
                     afters[i] = _failing(job.fail, NoSuchUser(f"no user named {job.to[:40]!r}"))
                     continue
                 if self.rooms.blocked(conn, sess.user_id, rec.id):
