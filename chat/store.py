@@ -532,7 +532,6 @@ class Store:
         logging_in: set[str] = set()
         read: _Read | None = None  # one node reads nothing ahead (its facts are cached)
         conn = self._writer_conn()
-        read: _Read | None = None
         with conn.begin():
             if self.ordered:
                 # Other nodes write too: nothing read before this batch may be trusted.
