@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from chat import messages as m
 from chat.accounts import consume_token, token_usable
 from chat.auth import check_new_password
+from chat.conversations import user_conv
 from chat.errors import (
     AccountDisabled,
     AlreadyAuthenticated,
@@ -198,6 +199,11 @@ def login(conn: Connection, req: m.Login) -> None:
             def after() -> None:
                 welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,
                            "session": session.session_id, "last_msg_id": last_msg_id}
+                if cursors:
+                    # Over a cluster ids commit in order only within a conversation, so
+                    # one number cannot say where the session stands: each conversation's
+                    # newest id when it began (docs/protocol.md, "Here: several nodes").
+                    welcome["positions"] = positions(cursors, rec.id)
                 if waiting:
                     # The stored direct messages that follow, in pages: a client whose
                     # connection drops before it has them all catches up from `first`.
@@ -220,6 +226,14 @@ def login(conn: Connection, req: m.Login) -> None:
                  clear_pending=True),
         on_busy=lambda: (settle(server.throttle.release), conn.clear_pending()),
     )
+
+
+def positions(cursors: dict[str, int], user_id: int) -> dict[str, Any]:
+    """The welcome's `positions`: from the cursors a login read over a cluster (keyed by
+    conversation, chat.conversations), each room's and the direct messages' newest id."""
+    direct = user_conv(user_id)
+    return {"rooms": {c[2:]: n for c, n in sorted(cursors.items()) if c != direct},
+            "direct": cursors.get(direct, 0)}
 
 
 def passwd(conn: Connection, req: m.Passwd) -> None:

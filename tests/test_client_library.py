@@ -832,3 +832,26 @@ def test_real_a_client_certificate_from_another_ca_is_refused_and_the_right_one_
     context = client_context(server.cafile, certfile=cert, keyfile=key)
     with ChatClient.connect(server.host, server.port, ssl_context=context, timeout=WAIT) as c:
         assert c.hello["type"] == "hello"
+
+
+def test_positions_follow_each_conversation_when_the_welcome_gives_them(pki: Pki) -> None:
+    """Several nodes: the welcome's `positions`, each raised only by its own conversation's
+    live messages (chat.client.positions); one node's welcome has none."""
+    def script(peer: Peer) -> None:
+        login = peer.recv()
+        peer.send({"type": "welcome", "username": "alice", "rooms": ["den", "general"],
+                   "session": "s", "last_msg_id": 40, "re": login["id"],
+                   "positions": {"rooms": {"den": 30, "general": 40}, "direct": 20}})
+        peer.send(message(50))  # general
+        peer.send(message(45, to="alice", room=None))
+        peer.send({"type": "history", "room": "den", "messages": [message(99)]})
+        peer.wait_closed()
+
+    with FakeServer(pki, script) as server, connect(pki, server) as client:
+        client.login("alice", PASSWORD, WAIT)
+        assert len(list(itertools.islice(client.events(), 3))) == 3
+        positions = client.positions
+        assert positions is not None
+        assert (positions.room("general"), positions.room("den"), positions.direct) == \
+            (50, 30, 45)
+        assert positions.room("joined-since") == 40

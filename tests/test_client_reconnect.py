@@ -80,6 +80,40 @@ def test_with_a_position_every_room_and_the_direct_messages_are_caught_up_from_i
     ]
 
 
+def test_over_several_nodes_each_conversation_is_caught_up_from_its_own_position() -> None:
+    """Ids commit in order only within a conversation there: den's 95 may be stored after
+    general's 100 was received. The welcome's `positions` and what came in each
+    conversation say where each stands; a room joined since, the welcome's last_msg_id."""
+    from chat.client.positions import Positions
+
+    positions = Positions.from_welcome({"rooms": {"General": 90, "den": 80}, "direct": 70},
+                                       last_msg_id=92)
+    assert positions is not None
+    for frame in (message(100, "general"), message(99, "ops"),
+                  message(93, None, "carol", to="alice"), {"type": "message", "msg_id": True}):
+        positions.note(frame)
+    assert positions.room("general") == 100 and positions.room("den") == 80
+    assert positions.room("ops") == 99 and positions.room("new") == 92
+    assert positions.direct == 93
+    assert Seen("alice").catch_up_requests({"general", "den", "new"}, 100,
+                                           positions=positions) == [
+        {"type": "history", "room": "den", "after": 80},
+        {"type": "history", "room": "general", "after": 100},
+        {"type": "history", "room": "new", "after": 92},
+        {"type": "history", "direct": True, "after": 93},
+    ]
+    # A backlog cut short still starts the direct messages before its first.
+    assert Seen("alice").catch_up_requests({"den"}, 100, 9, positions)[-1] == \
+        {"type": "history", "direct": True, "after": 9}
+
+
+@pytest.mark.parametrize("said", [None, "x", {"rooms": []}, {"rooms": {}, "direct": "1"}])
+def test_a_welcome_without_positions_leaves_the_one_node_rule(said: Any) -> None:
+    from chat.client.positions import Positions
+
+    assert Positions.from_welcome(said, 5) is None
+
+
 def test_seen_forgets_old_ids_beyond_its_capacity() -> None:
     seen = Seen(capacity=2)
     for msg_id in (1, 2, 3):

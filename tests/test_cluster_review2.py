@@ -116,26 +116,24 @@ def test_a_direct_message_to_a_user_registered_mid_batch_takes_the_users_lock(
 
 # --- 3. catching up after a reconnect from one position ----------------------------------
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason=(
-    "review finding, not fixed: over a cluster one msg_id cannot say where a session "
-    "stands (conversations commit out of id order); the protocol and the client need a "
-    "position per conversation"))
 def test_catching_up_as_the_protocol_says_misses_nothing_over_a_cluster(
         cluster: Any) -> None:
-    """docs/protocol.md: a client that loses its connection stands "at the larger of
-    `last_msg_id` and the last `msg_id` it received", asks each room for `history ...
-    after` that id, and (under "Here: several nodes") "misses nothing that was stored".
-    But ids come from one sequence and commit in order only within a conversation: den's
+    """Ids come from one sequence and commit in order only within a conversation: den's
     message took its id first and committed after general's, which carol had received
-    when her connection went. Asked for den after general's id, history skips it; it
-    reached no session of hers (chat.client.reconnect does exactly this)."""
+    when her connection went. "After the last id received anywhere" would skip it
+    (docs/protocol.md once said so); each conversation's own position does not: den's,
+    a room joined after the welcome, is the welcome's last_msg_id."""
     c = cluster(2)
     n1, n2 = c.nodes
     alice = n1.user("alice")
     bob = n2.user("bob")
-    carol = n1.user("carol")
+    n1.register("carol")
+    carol = n1.client()
     again = None
     try:
+        welcome = carol.login("carol")
+        assert welcome["type"] == "welcome" and "positions" in welcome, welcome
+        assert welcome["positions"]["rooms"].keys() == set(welcome["rooms"]), welcome
         for who in (bob, carol):
             assert who.request({"type": "join", "room": "den"})["type"] == "ok"
         gate, seen = WriterGate(n2.server), Submitted(n2)
@@ -149,15 +147,14 @@ def test_catching_up_as_the_protocol_says_misses_nothing_over_a_cluster(
         fast = alice.request({"type": "send", "room": "general", "message": "fast"})
         got = carol.recv_until("message", room="general")
         assert got["msg_id"] == fast["msg_id"]
-        position = got["msg_id"]  # what carol received last; her welcome's was older
         carol.close()  # the connection is lost
         held.release()
         slow = reply_to(bob, 1)
-        assert slow["type"] == "message" and slow["msg_id"] < position
+        assert slow["type"] == "message" and slow["msg_id"] < got["msg_id"]
+        den_position = welcome["positions"]["rooms"].get("den", welcome["last_msg_id"])
         again = n1.client()
-        welcome = again.login("carol")
-        assert welcome["type"] == "welcome" and "den" in welcome["rooms"], welcome
-        caught = again.request({"type": "history", "room": "den", "after": position})
+        assert again.login("carol")["type"] == "welcome"
+        caught = again.request({"type": "history", "room": "den", "after": den_position})
         assert slow["msg_id"] in [m["msg_id"] for m in caught["messages"]], caught
     finally:
         for client in (alice, bob, carol, again):

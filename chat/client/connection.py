@@ -71,6 +71,7 @@ from chat.client.errors import (
     certificate_refusal,
 )
 from chat.client.limits import SendPacer, ServerLimits, split_message
+from chat.client.positions import Positions
 from chat.client.transport import Transport, open_tls, remaining, where
 from chat.errors import ProtocolError
 from chat.protocol import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecoder, encode
@@ -156,6 +157,11 @@ class ChatClient:
         # raised by each message received. None before login, or from a server that does
         # not say. Where a catch-up after a lost connection starts (chat.client.reconnect).
         self.last_msg_id: int | None = None
+        # Over several nodes ids commit in order only within a conversation, and the
+        # welcome says where each stands (`positions`): then the catch-up starts from
+        # each room's and the direct messages' own, raised by what came in each. None
+        # from a server that does not say (one node: `last_msg_id` is every one's).
+        self.positions: Positions | None = None
         # The stored direct messages the welcome announced (`backlog`): the id before the
         # first, how many, and how many of them came (direct messages at or below the
         # welcome's last_msg_id: later ones are live). Written by the I/O thread only, read
@@ -583,6 +589,8 @@ class ChatClient:
         elif kind == "message":
             self._note_backlog(frame)
             self._note_msg_id(frame.get("msg_id"))
+            if self.positions is not None:
+                self.positions.note(frame)
         waiter = None
         re_id = frame.get("re")
         if type(re_id) is int:  # not bool, which would match id 1
@@ -604,6 +612,8 @@ class ChatClient:
     def _note_welcome(self, frame: Frame) -> None:
         last, backlog = frame.get("last_msg_id"), frame.get("backlog")
         self._note_msg_id(last)
+        if type(last) is int:
+            self.positions = Positions.from_welcome(frame.get("positions"), last)
         if type(last) is not int or not isinstance(backlog, dict):
             return
         count, first = backlog.get("count"), backlog.get("first_msg_id")

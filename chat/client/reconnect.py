@@ -8,8 +8,11 @@ nothing at or below that id was missed on that connection). That, not what happe
 shown, is where the catch-up starts: each room the user is in, and the direct messages,
 are asked for `history ... after` it, page by page, until a page comes back empty (a page
 may stop short of its `limit` to keep under the server's byte limit, so a short page does
-not mean the end). A server too old to say `last_msg_id` gets the old way: each room and
-each peer from the last message shown there.
+not mean the end). A server on several nodes commits ids in order only within a
+conversation, and says so with `positions` in its `welcome`: then each room, and the
+direct messages, start from their own position (chat.client.positions). A server too old
+to say `last_msg_id` gets the old way: each room and each peer from the last message
+shown there.
 
 `Seen` follows the `message` frames shown (its `fresh` is called only by the thread that
 prints events): a bounded set of recent ids, so that a message that comes twice (in a
@@ -56,6 +59,7 @@ from typing import Any, Protocol
 
 from chat.client.commands import ChatState
 from chat.client.errors import ClientError, Frame
+from chat.client.positions import Positions
 
 BASE_DELAY = 1.0  # seconds before the first attempt
 MAX_DELAY = 60.0  # the delay doubles up to this: a restarting server is back within a minute
@@ -126,7 +130,8 @@ class Seen:
         return (peer.lower() if isinstance(peer, str) else None), self.peers
 
     def catch_up_requests(
-        self, rooms: set[str], position: int | None, direct: int | None = None
+        self, rooms: set[str], position: int | None, direct: int | None = None,
+        positions: Positions | None = None,
     ) -> list[Frame]:
         """The history requests to catch up on `rooms` and the direct messages.
 
@@ -137,7 +142,15 @@ class Seen:
         shown: a room with no message shown uses the highest id shown anywhere (msg_id
         grows across all rooms, and a session sees messages in msg_id order); with none
         shown at all there is nothing to catch up from, and the room is left to /history.
+        With `positions` (the server runs on several nodes), each room from its own
+        position and the direct messages from theirs (chat.client.positions).
         """
+        if positions is not None:
+            requests = [{"type": "history", "room": room, "after": positions.room(room)}
+                        for room in sorted(rooms)]
+            after = positions.direct if direct is None else min(direct, positions.direct)
+            requests.append({"type": "history", "direct": True, "after": after})
+            return requests
         if position is not None:
             requests: list[Frame] = [
                 {"type": "history", "room": room, "after": position} for room in sorted(rooms)
@@ -173,11 +186,12 @@ class Client(Protocol):
 def catch_up(
     client: Client, seen: Seen, rooms: set[str], timeout: float, *,
     position: int | None = None, direct: int | None = None,
+    positions: Positions | None = None,
     notify: Callable[[str], None] = lambda text: None,
 ) -> list[Frame]:
     """Every message missed in `rooms` and the direct messages, oldest first per request."""
     missed: list[Frame] = []
-    requests = seen.catch_up_requests(rooms, position, direct)
+    requests = seen.catch_up_requests(rooms, position, direct, positions)
     while requests:
         request = requests.pop(0)
         for _ in range(MAX_CATCH_UP_PAGES):
@@ -216,6 +230,7 @@ def reconnect(
     timeout: float,
     position: int | None = None,
     direct: int | None = None,
+    positions: Positions | None = None,
     sleep: Callable[[float], None] = time.sleep,
     delays: Iterator[float] | None = None,
     max_attempts: int | None = None,
@@ -224,7 +239,8 @@ def reconnect(
     missed messages).
 
     `position` is the lost connection's `last_msg_id` (None: the server did not say);
-    `direct`, if earlier, where its direct messages stand (see `Seen.catch_up_requests`).
+    `direct`, if earlier, where its direct messages stand (see `Seen.catch_up_requests`);
+    `positions`, where each of its conversations stands, if the server said (several nodes).
     """
     attempts = 0
     failed: str | None = None  # why the last attempt failed: said with the next wait
@@ -263,7 +279,7 @@ def reconnect(
                 listed, list) else None
             missed = catch_up(
                 client, seen, state.rooms if rooms is None else rooms, timeout,
-                position=position, direct=direct, notify=notify,
+                position=position, direct=direct, positions=positions, notify=notify,
             )
         except ClientError as exc:
             client.close()
@@ -388,6 +404,7 @@ class Link:
                 self.seen, notify=tell, timeout=self._timeout, sleep=self._sleep,
                 delays=self._delays(), position=getattr(old, "last_msg_id", None),
                 direct=getattr(old, "direct_position", None),
+                positions=getattr(old, "positions", None),
             )
         except GaveUp as exc:
             tell(str(exc))
