@@ -524,7 +524,9 @@ class Server:
             # Before the migrations: a running server's schema is not changed under it.
             self.db_lock = DatabaseLock(engine)
             if s.redis:
-                if engine.dialect.name != "postgresql":
+                # psycopg 3 itself: the writer pipelines its locks and reads through it
+                # (chat.conversations.locked_reads).
+                if (engine.dialect.name, engine.dialect.driver) != ("postgresql", "psycopg"):
                     engine.dispose()
                     raise SettingError(("redis", "db"), "the nodes of a cluster (redis) "
                                        "share one PostgreSQL database: set db to a "

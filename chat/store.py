@@ -285,7 +285,10 @@ class Store:
             raise UsernameTaken() from None
         general = self.rooms.get(conn, DEFAULT_ROOM)
         assert general is not None  # made by the migrations
-        self.rooms.add_member(conn, general, uid, name, acl.MEMBER, self.last_msg_id, ms)
+        # Over a cluster, general's newest id as the database says under its lock (taken
+        # by `rooms.get`): this node's own last id may be behind the other nodes'.
+        self.rooms.add_member(conn, general, uid, name, acl.MEMBER,
+                              self.newest(conn, room=DEFAULT_ROOM), ms)
         rec = UserRecord(uid, name.lower(), name, password_hash)
         self._users[rec.key] = rec
         return rec

@@ -663,3 +663,37 @@ def test_a_node_whose_database_lock_is_lost_takes_it_again_or_stops_serving(
     assert back.login("alice")["type"] == "welcome"
     back.close()
     alice.close()
+
+
+def test_a_cluster_node_needs_postgresql(
+        tmp_path: Path, cert_dir: certs.CertPaths, redis_server: redistest.RedisServer
+) -> None:
+    """The nodes order their messages with PostgreSQL's locks, through psycopg 3 itself
+    (chat.conversations.locked_reads; no other driver is installed here to show it)."""
+    from chat.config import SettingError
+
+    settings = make_settings(tmp_path, cert_dir, db=f"sqlite:///{tmp_path}/chat.db",
+                             redis=redis_server.url)
+    with pytest.raises(SettingError, match="postgresql\\+psycopg://"):
+        Server(settings).start()
+
+
+def test_a_user_registered_on_a_node_behind_joins_general_at_its_newest_message(
+        cluster: Any) -> None:
+    """A registration puts the user in general from its newest message on (what a
+    `joined` history would count from): general's, as the database says under its lock,
+    not the registering node's own last id, which lags behind the other nodes'."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    alice = n1.user("alice")
+    try:
+        for text in ("one", "two"):
+            sent = alice.request({"type": "send", "room": "general", "message": text})
+            assert sent["type"] == "message", sent
+        n2.register("newbie")
+        rows = n2.query("SELECT m.since_msg_id FROM memberships m JOIN users u "
+                        "ON u.id = m.user_id WHERE u.username_key = 'newbie' "
+                        "AND m.room = 'general'")
+        assert rows == [(sent["msg_id"],)], rows
+    finally:
+        alice.close()

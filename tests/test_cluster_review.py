@@ -822,8 +822,9 @@ def test_members_see_a_user_kicked_from_another_node_leave(cluster: Any) -> None
     """Alone, a kick tells the room's members `presence leave` (cause room). Over a
     cluster, the node that decided it tells presence only for the target's sessions it
     has (`removed` marks it); the others apply the `x` without presence (the origin
-    tells). When the target has no session on the kicker's node (`removed_offline`),
-    nobody tells anyone."""
+    tells). When the target has no session on the kicker's node (`removed_offline`), the
+    review found that nobody told anyone; the kicker's node now marks the room change
+    from its replica of who is online where, and tells it."""
     c = cluster(3)
     n1, n2, n3 = c.nodes
     owner = n1.user("owner")
