@@ -37,6 +37,12 @@ MAX_UNPUBLISHED = 100_000
 # of cluster_node_ttl fences itself: before the registration lapses (at the whole ttl),
 # when the other nodes' barriers stop waiting for it.
 FENCE_AFTER = 0.6
+# While Redis is unreachable, the subscriber tries again at most this share of
+# cluster_node_ttl apart, and the heartbeat this share after a failed beat: a node must
+# be subscribed and registered again soon after Redis is back, or an outage shorter than
+# FENCE_AFTER of the ttl still fences it (with a 2 s cap, one of 1.5 s did).
+RETRY_SHARE = 0.1
+BEAT_RETRY_SHARE = 0.05
 
 
 class Bus:
@@ -66,6 +72,7 @@ class Bus:
         self.node_channel = f"{prefix}:node:{self.node}"
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._beat = threading.Event()  # wakes the heartbeat: stopping, or subscribed again
         self._syncs: dict[str, _Sync] = {}
         self._syncs_lock = threading.Lock()
         self.connected = threading.Event()  # the subscriber is subscribed
@@ -88,7 +95,7 @@ class Bus:
     def start(self, wait: float) -> bool:
         """Start the threads; True once subscribed (within `wait` seconds) and registered.
 
-        Registered here, not at the heartbeat's first beat (a third of the ttl later):
+        Registered here, not at the heartbeat's first beat (a fifth of the ttl later):
         from now on the node may serve sessions, and every barrier must wait for it."""
         for thread in self._threads:
             thread.start()
@@ -106,6 +113,7 @@ class Bus:
 
     def stop(self) -> None:
         self._stop.set()
+        self._beat.set()
         self._out.put(None)
         client = self._sub_client
         if client is not None:
@@ -301,6 +309,7 @@ class Bus:
                 # `reachable` agree.
                 self.hub.reachable = True
                 self.connected.set()
+                self._beat.set()  # registered again now, not at the next beat
                 backoff = 0.1
                 self._listen(pubsub)
             except Exception as exc:
@@ -314,7 +323,7 @@ class Bus:
                 self.hub.reachable = False
                 self.connected.clear()
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 2.0, RETRY_SHARE * self.ttl)
 
     def _reconnected(self, client: Any, first: bool) -> None:
         snapshot: dict[str, dict[str, tuple[str, list[str]]]] = {}
@@ -416,13 +425,19 @@ class Bus:
         lapsed, and lets barriers go on when the nodes they wait for have."""
         client = None
         known: set[str] = set()
-        interval = self.ttl / 3
-        first = True
-        # The first beat at once: a node's sessions must not begin before the others
-        # count it among the nodes a barrier waits for.
-        while first or not self._stop.wait(min(interval, 0.2) if self._syncs else interval):
-            first = False
+        # A fifth of the ttl: the older the last beat when Redis goes, the shorter the
+        # outage that fences the node (FENCE_AFTER of the ttl after that beat).
+        interval = self.ttl / 5
+        wait = 0.0  # the first beat at once: a node's sessions must not begin before the
+        # others count it among the nodes a barrier waits for
+        while True:
+            self._beat.wait(min(wait, 0.2) if self._syncs else wait)
+            self._beat.clear()
+            if self._stop.is_set():
+                return
             now = time.monotonic()
+            # Until a beat registers the node, the next comes soon (Redis may be back).
+            wait = BEAT_RETRY_SHARE * self.ttl
             try:
                 if client is None:
                     client = self._client()
@@ -439,6 +454,7 @@ class Bus:
                                     "telling the others who is online here again")
                         self.filler._submit(self._republish_online)
                     self._last_good = now
+                    wait = interval
                 live = self._live_nodes(client)
                 self._last_beat = now
             except self._redis.RedisError:

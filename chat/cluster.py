@@ -43,8 +43,10 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   that moment, or until a silent node's registration has lapsed (`cluster_node_ttl`),
   since a node cut off from Redis that long has closed its clients (below).
 
-* **Liveness.** Each node refreshes `<prefix>:nodes:<id>` every third of
-  `cluster_node_ttl` while it is subscribed (and is in the set `<prefix>:nodes`, which is
+* **Liveness.** Each node refreshes `<prefix>:nodes:<id>` every fifth of
+  `cluster_node_ttl` while it is subscribed (and at once when it is subscribed again
+  after Redis was away, which it retries at most a tenth of the ttl apart, so that a
+  short outage does not fence it) (and is in the set `<prefix>:nodes`, which is
   what is read to find the live ones: never a scan of the keyspace). A node that has
   been neither registered nor subscribed for `FENCE_AFTER` of the ttl (before its
   registration can lapse) is *fenced*: it ends every session (`bye shutdown`; clients

@@ -326,6 +326,9 @@ def test_register_then_register_again(chat_server: Any) -> None:
     first = run_cli("register", *server_args(chat_server, name))
     assert first.returncode == 0, first.stderr
     assert f"registered {name}" in first.stdout
+    # The login line it suggests works as printed: the same server and CA.
+    assert f"--server {chat_server.address}" in first.stdout
+    assert f"--cafile {chat_server.cafile}" in first.stdout
     again = run_cli("register", *server_args(chat_server, name))
     assert again.returncode == 1
     assert "username_taken" in again.stderr

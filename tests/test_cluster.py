@@ -697,3 +697,40 @@ def test_a_user_registered_on_a_node_behind_joins_general_at_its_newest_message(
         assert rows == [(sent["msg_id"],)], rows
     finally:
         alice.close()
+
+
+def test_a_redis_outage_shorter_than_the_fence_does_not_close_anyones_session(
+        cluster: Any) -> None:
+    """Once Redis is back the node subscribes and registers again at once, well before
+    FENCE_AFTER of the ttl since its last good beat: a blip must not cut every client
+    off (a new user's walkthrough saw a 1.5 s outage fence every node: the subscriber's
+    retries were 2 s apart, the heartbeat's a third of the ttl)."""
+    c = cluster(1, cluster_node_ttl=20.0)  # the fence only after 12 s: far from the blip
+    node = c.nodes[0]
+    bus = node.server.bus
+    alice = node.user("alice")
+    fenced: list[bool] = []
+    on_fence = bus.on_fence
+    bus.on_fence = lambda cut: (fenced.append(cut), on_fence(cut))
+    beat_failed = threading.Event()
+    client = bus._client
+
+    def watched() -> Any:
+        if threading.current_thread().name == "cluster-heartbeat" and not bus.connected.is_set():
+            beat_failed.set()  # a beat while Redis is away
+        return client()
+
+    bus._client = watched
+    try:
+        c.redis.stop()
+        wait_for(lambda: not bus.connected.is_set(), "the node to notice Redis is gone")
+        assert beat_failed.wait(TIMEOUT), "no beat while Redis was away"
+        c.redis.start()
+        back = time.monotonic()
+        wait_for(lambda: bus.connected.is_set() and bus._last_good > back,
+                 "subscribed and registered again")
+        assert fenced == [] and not bus.fenced
+        sent = alice.request({"type": "send", "room": "general", "message": "still here"})
+        assert sent["type"] == "message", sent
+    finally:
+        alice.close()

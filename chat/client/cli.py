@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import shlex
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -505,7 +506,10 @@ def _register(
         return code
     name = sanitize(str(reply.get("username", args.username)), multiline=False)
     default = args.server == parse_server(DEFAULT_SERVER)
-    more = "" if default else f" --server {where(*args.server)} ..."
+    # The flags the login needs as well: a newcomer copies the line as it is.
+    more = "" if default else f" --server {where(*args.server)}"
+    if getattr(args, "cafile", None) is not None:
+        more += f" --cafile {shlex.quote(str(args.cafile))}"
     print(f"registered {name}; now log in with: {PROG} login --username {name}{more}",
           flush=True)
     client.quit(args.timeout)
