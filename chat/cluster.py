@@ -36,6 +36,16 @@ Each node is a whole server (its own writer, hub, connections). What they share:
   a delivery in the room reaches it, or with the session's leave or close. Checking is
   one dict lookup per delivered run of a room: runs stay one write per member.
 
+* **A session gets everything of a room from when it entered**, as on one node. Events of
+  different nodes keep no order between them, so a node may apply a join (its `j`, or
+  the reconcile after a reconnect) after it delivered messages stored after the join to
+  the room's other sessions. The joiner's sessions here new to the room then *catch up*:
+  they get nothing of the room live (a floor above every id) while the filler reads
+  what lies between the join and the node's cursor, a page at a time, and the writer
+  hands it to them, their own sends' replies in place; once a read reaches the node's
+  cursor they take the room live. A leave or close drops them from it (the replies to
+  their sends still go out); a failed read is asked again after `cluster_gap_wait`.
+
 * **Changes other nodes must apply before the actor hears `ok`** (a kick, a ban, a
   disable or logout) are followed by a `sync` barrier: every live node answers it on
   the actor's node channel after its writer has applied everything published before it
@@ -73,6 +83,7 @@ Each node is a whole server (its own writer, hub, connections). What they share:
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,6 +96,10 @@ from chat.sequencer import Sequencer
 if TYPE_CHECKING:
     from chat.store import Store
 
+# A floor no message id reaches: the session's room messages come from its catch-up.
+_CATCHING_UP = 1 << 63
+
+
 @dataclass(frozen=True, slots=True)
 class DirectChain:
     """Where a direct message sits in each side's stream of direct messages."""
@@ -94,6 +109,21 @@ class DirectChain:
     prev_recipient: int
     sender_id: int
     prev_sender: int
+
+
+@dataclass(eq=False, slots=True)
+class CatchUp:
+    """Sessions new to `room` here whose reading of it began (their user's join) at an id
+    this node had delivered past already. They have had the room up to `had`; the rest,
+    up to where the node is, is read from the database for them before they get any of
+    the room live. The writer's, as the hub is; the filler reads only `room`."""
+
+    room: str
+    had: int
+    sessions: set[Session]
+    # Their own messages sent meanwhile: the copy with `re` (the reply to the send), given
+    # in place of the stored one when the catch-up reaches it, or at once if they leave.
+    echoes: dict[int, tuple[Session, bytes]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -115,6 +145,7 @@ class ClusterHub(LocalHub):
         self.publish: Callable[[dict[str, Any]], None] = lambda event: None
         self.ask_fill: Callable[[str, int, int], None] = lambda conv, after, upto: None
         self.ask_reconcile: Callable[[dict[str, int]], None] = lambda cursors: None
+        self.ask_catch_up: Callable[[CatchUp, int, int], None] = lambda c, after, upto: None
         self.sync_then: Callable[[Callable[[], None]], None] = lambda then: then()
         self.store: Store | None = None
         self.reachable = True  # the bus is up (set by the Bus's thread; a plain flag)
@@ -124,20 +155,29 @@ class ClusterHub(LocalHub):
         self._keys: dict[int, str] = {}  # user id -> key, of users with sessions here
         # room -> session -> the newest id of the room when the session's reading of it
         # began (its login, its user's join), where this node had not delivered that far:
-        # what it still delivers up to there is not the session's (see _floor).
+        # what it still delivers up to there is not the session's (see _floor); or, where
+        # the node had delivered past it, _CATCHING_UP (see _catch_up).
         self._floors: dict[str, dict[Session, int]] = {}
+        self._catch_ups: dict[str, list[CatchUp]] = {}  # room -> those in flight
+        self._retries: deque[tuple[float, CatchUp]] = deque()  # failed reads, by when again
         self._remote: dict[str, _Remote] = {}  # users online on other nodes
 
     # --- timers ---------------------------------------------------------------------
     def due(self) -> float | None:
         waits = [w for w in (self.presence_due(), self.seq.due(),
                              max(0.0, self._next_reconcile - self._clock())) if w is not None]
+        if self._retries:
+            waits.append(max(0.0, self._retries[0][0] - self._clock()))
         return min(waits)
 
     def tick(self) -> None:
         if self.presence_due() == 0.0:
             self.flush_presence()
         self.seq.tick()
+        while self._retries and self._retries[0][0] <= self._clock():
+            _when, catch = self._retries.popleft()
+            if catch.sessions:
+                self._catch_up_next(catch)
         if self._clock() >= self._next_reconcile:
             self._next_reconcile = self._clock() + self.reconcile_interval
             self.ask_reconcile({c: s.cursor for c, s in self.seq.convs.items()})
@@ -197,10 +237,13 @@ class ClusterHub(LocalHub):
         """`newest`: the room's newest id when the join was decided, or read since, where
         this node starts following the room if it does not yet; `since`: where the join
         began the user's reading (`newest` if not told)."""
+        new = [s for s in user.sessions if room not in s.rooms_in]
         super().joined(user, room)
         if room in self._rooms and newest is not None:
-            self._floor(user.sessions, room, newest if since is None else since)
+            since = newest if since is None else since
             self.seq.track(room_conv(room), newest)
+            self._floor(user.sessions, room, since)
+            self._catch_up(new, room, since)
 
     def _floor(self, sessions: list[Session], room: str, newest: int) -> None:
         """These sessions' reading of `room` begins after `newest`. On one node nothing
@@ -216,13 +259,80 @@ class ClusterHub(LocalHub):
             if floors.get(session, 0) < newest:
                 floors[session] = newest
 
+    def _catch_up(self, sessions: list[Session], room: str, since: int) -> None:
+        """These sessions, new to `room`, read it from after `since`, and this node has
+        delivered past that already: a message stored after the join came here before the
+        join's event (events of different nodes keep no order between them), or the join
+        is repaired after a reconnect. On one node they would have had every message
+        since; so they get those from the database first, in order, and then the room
+        live (the floor above every id keeps it from them meanwhile)."""
+        cursor = self.seq.cursor(room_conv(room))
+        if not sessions or cursor is None or cursor <= since:
+            return
+        catch = CatchUp(room, since, set(sessions))
+        floors = self._floors.setdefault(room, {})
+        for session in sessions:
+            floors[session] = _CATCHING_UP
+        self._catch_ups.setdefault(room, []).append(catch)
+        self.ask_catch_up(catch, since, cursor)
+
+    def _catch_up_next(self, catch: CatchUp) -> None:
+        """Read on from where the catch-up is to where the node is now; when there, the
+        sessions take the room live from the next message the node delivers."""
+        cursor = self.seq.cursor(room_conv(catch.room))
+        if cursor is not None and cursor > catch.had:
+            self.ask_catch_up(catch, catch.had, cursor)
+            return
+        self._drop_floors(catch.room, list(catch.sessions))
+
+    def caught_up(self, catch: CatchUp, end: int, rows: list[Any]) -> None:
+        """Writer thread: a catch-up's read, `rows` being every message of its room in
+        (catch.had, end]."""
+        if not catch.sessions:
+            return  # all left or closed meanwhile
+        frames = [(row.id, encode(_frame(row))) for row in rows]
+        blob = b"".join(data for _id, data in frames)
+        for session in catch.sessions:
+            own = {i: echo for i, (origin, echo) in catch.echoes.items() if origin is session}
+            if own:
+                session.out.deliver(b"".join(own.get(i, data) for i, data in frames))
+            elif blob:
+                session.out.deliver(blob)
+        for msg_id in [i for i in catch.echoes if i <= end]:
+            del catch.echoes[msg_id]
+        catch.had = end
+        self._catch_up_next(catch)
+
+    def catch_up_failed(self, catch: CatchUp) -> None:
+        """Writer thread: the read failed (the database); asked again as a gap's is."""
+        if catch.sessions:
+            self._retries.append((self._clock() + self.seq.gap_wait, catch))
+
     def _drop_floors(self, room: str, sessions: list[Session]) -> None:
+        """The sessions left the room or closed, or caught up: they have no floor in it."""
         floors = self._floors.get(room)
         if floors is not None:
             for session in sessions:
                 floors.pop(session, None)
             if not floors:
                 del self._floors[room]
+        catches = self._catch_ups.get(room)
+        if catches is None:
+            return
+        for catch in catches:
+            for session in catch.sessions.intersection(sessions):
+                catch.sessions.discard(session)
+                # Replies to its sends (on one node it had them at once), nothing else.
+                own = [echo for _i, (origin, echo) in sorted(catch.echoes.items())
+                       if origin is session]
+                if own and not session.closed:
+                    session.out.deliver(b"".join(own))
+            if catch.echoes:
+                catch.echoes = {i: e for i, e in catch.echoes.items()
+                                if e[0] in catch.sessions}
+        catches[:] = [c for c in catches if c.sessions]
+        if not catches:
+            del self._catch_ups[room]
 
     def left(self, user: UserState, room: str) -> None:
         self._left_here(user, room)
@@ -362,13 +472,18 @@ class ClusterHub(LocalHub):
                               ids: list[int], floors: dict[Session, int]) -> None:
         """As LocalHub.publish_room_many, but a session with a floor gets only what is
         above it. This node delivers the room in id order: a floor this run reaches is
-        done with, so each costs this slower path until the node caught up."""
+        done with, so each costs this slower path until the node caught up (or, for a
+        session catching up, until it did)."""
         blob = b"".join(data for data, _origin, _echo in items)
         origins = {origin for _data, origin, _echo in items}
         for session in self._rooms.get(room, ()):
             floor = floors.get(session)
             if floor is None or floor < ids[0]:
                 mine = items
+            elif floor == _CATCHING_UP:
+                if session in origins:
+                    self._keep_echoes(room, session, items, ids)
+                continue
             else:
                 mine = [item for item, msg_id in zip(items, ids, strict=True)
                         if msg_id > floor]
@@ -384,6 +499,15 @@ class ClusterHub(LocalHub):
             del floors[session]
         if not floors:
             del self._floors[room]
+
+    def _keep_echoes(self, room: str, session: Session,
+                     items: list[tuple[bytes, Session | None, bytes]], ids: list[int]) -> None:
+        """A catching-up session sent some of these: its replies wait for their turn."""
+        for catch in self._catch_ups.get(room, ()):
+            if session in catch.sessions:
+                for (_data, origin, echo), msg_id in zip(items, ids, strict=True):
+                    if origin is session:
+                        catch.echoes[msg_id] = (session, echo)
 
     def publish_direct(self, to: str, sender: str, data: bytes, origin: Session | None,
                        echo: bytes, chain: DirectChain | None = None) -> bool:
@@ -569,7 +693,8 @@ class ClusterHub(LocalHub):
         user's reading); membership events lost meanwhile are applied now (without
         presence). A room this node did not follow is followed from `newest` (its newest
         id when the rooms were read: anything later that went by meanwhile is a gap,
-        filled); in one it follows, the joiner's sessions get nothing up to the join. A
+        filled). The joiner's sessions get nothing up to the join, and everything after
+        it: what the node delivered before this, from the database (_catch_up). A
         user whose rooms changed is published online again with them: this node's Redis
         hash and the other nodes' replica had the ones it republished after the
         reconnect, before this."""

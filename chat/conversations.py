@@ -4,7 +4,8 @@ A conversation is a room (`r:<room>`) or one user's direct messages (`u:<user id
 side of a direct message being in two). Its lock is a PostgreSQL advisory transaction
 lock, held by a node's writer from the start of a batch that stores messages to it until
 COMMIT, so that its ids are taken and committed in one order (chat.cluster explains why).
-`Filler` reads what Redis did not bring, on its own thread, for the writer to deliver.
+`Filler` reads what Redis did not bring, and what a joiner's sessions must catch up on, on
+its own thread, for the writer to deliver.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from chat.hub import LocalHub
 from chat.models import Membership, Message, User
 
 if TYPE_CHECKING:
-    from chat.cluster import ClusterHub
+    from chat.cluster import CatchUp, ClusterHub
     from chat.store import Store
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,9 @@ class Filler:
     def rooms(self, keys: list[str]) -> None:
         self._queue.put(("rooms", keys))
 
+    def catch_up(self, catch: CatchUp, after: int, upto: int) -> None:
+        self._queue.put(("catch_up", catch, after, upto))
+
     def _run(self) -> None:
         while True:
             task = self._queue.get()
@@ -177,6 +181,8 @@ class Filler:
                     self._fill(*task[1:])
                 elif task[0] == "reconcile":
                     self._reconcile(task[1])
+                elif task[0] == "catch_up":
+                    self._catch_up(*task[1:])
                 else:
                     self._rooms(task[1])
             except Exception:
@@ -184,6 +190,8 @@ class Filler:
                 self.metrics.db_errors.inc()
                 if task[0] == "fill":
                     self._submit(lambda conv=task[1]: self.hub.seq.retry(conv))
+                elif task[0] == "catch_up":
+                    self._submit(lambda catch=task[1]: self.hub.catch_up_failed(catch))
 
     def _submit(self, after: Callable[[], None]) -> None:
         """`after` on the writer thread; run even if its batch fails to commit (it reads
@@ -215,6 +223,13 @@ class Filler:
         self._submit(lambda: self.hub.filled(conv, after, end, rows))
         if end < upto:
             self._queue.put(("fill", conv, end, upto))
+
+    def _catch_up(self, catch: CatchUp, after: int, upto: int) -> None:
+        """One page: the hub asks for the next from where it ends (the node may have
+        moved on meanwhile)."""
+        rows = self._read(room_conv(catch.room), after, upto)
+        end = rows[-1].id if len(rows) == FILL_PAGE else upto
+        self._submit(lambda: self.hub.caught_up(catch, end, rows))
 
     def _reconcile(self, cursors: dict[str, int]) -> None:
         rooms = [c[2:] for c in cursors if c.startswith("r:")]

@@ -355,6 +355,7 @@ class Server:
         hub.publish = self.bus.publish
         hub.ask_fill = self.filler.fill
         hub.ask_reconcile = self.filler.reconcile
+        hub.ask_catch_up = self.filler.catch_up
         hub.sync_then = self.bus.sync
         self.store.start()
         self.filler.start()

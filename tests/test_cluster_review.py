@@ -1220,10 +1220,6 @@ def test_draining_what_waited_costs_no_more_than_n_log_n() -> None:
     assert compared < 40 * n, f"{compared} comparisons to deliver {n} held messages"
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: a join's sessions on "
-                   "another node, which follows the room already, miss what that node "
-                   "delivered before the join's event came (its mark went in 2947ee4 while "
-                   "hold_publishing held nothing)")
 def test_a_joiners_session_on_another_node_gets_every_message_after_the_join(
         cluster: Any) -> None:
     """erin joins den on node 2; she also has a session on node 3, where watcher is in
@@ -1258,6 +1254,135 @@ def test_a_joiners_session_on_another_node_gets_every_message_after_the_join(
     finally:
         for client in (owner, erin2, erin3, watcher):
             client.close()
+
+
+def ahead_in_den() -> tuple[Any, Session, Session, list[tuple[Any, int, int]]]:
+    """Node c follows den (watcher in it) from 10; erin is online here, not in den. She
+    joined den on node b when 10 was its newest; 11, stored after that, came here before
+    her `j` and went to watcher. The catch-up reads the hub asks for are in the list."""
+    from chat.cluster import ClusterHub
+
+    hub = ClusterHub("c", clock=Clock())
+    asked: list[tuple[Any, int, int]] = []
+    hub.ask_catch_up = lambda catch, after, upto: asked.append((catch, after, upto))
+    watcher, erin = fake_session(1, "watcher"), fake_session(2, "erin")
+    assert hub.attach(watcher, ["den"], [], {"r:den": 10, "u:1": 0})
+    assert hub.attach(erin, [], [], {"u:2": 0})
+    hub.apply("a", room_event(10, 11, "den"))
+    return hub, watcher, erin, asked
+
+
+def joins_den(n: int) -> dict[str, Any]:
+    return {"t": "j", "k": "erin", "room": "den", "n": n}
+
+
+def test_a_joiner_whose_join_comes_after_what_followed_it_catches_up_in_order() -> None:
+    """erin's `j` comes after 11: her session here reads 11 from the database, gets
+    nothing live meanwhile (12 comes), reads on to where the node is then (12), and
+    takes den live after (13); each once, in order. `who` has her in den at once."""
+    hub, watcher, erin, asked = ahead_in_den()
+    hub.apply("b", joins_den(10), {("erin", "den")})
+    assert hub.who("den") == ["erin", "watcher"]
+    [(catch, after, upto)] = asked
+    assert (after, upto) == (10, 11)
+    hub.apply("a", room_event(11, 12, "den"))
+    assert erin.out.messages() == []  # type: ignore[attr-defined]
+    hub.caught_up(catch, 11, [room_row(11, "den")])
+    assert erin.out.messages() == [11]  # type: ignore[attr-defined]
+    assert asked[1:] == [(catch, 11, 12)]
+    hub.caught_up(catch, 12, [room_row(12, "den")])
+    assert len(asked) == 2
+    assert hub._floors == {} and hub._catch_ups == {}
+    hub.apply("a", room_event(12, 13, "den"))
+    assert watcher.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+    assert erin.out.messages() == [11, 12, 13]  # type: ignore[attr-defined]
+
+
+def test_a_catch_up_stops_at_a_leave_and_a_join_after_it_starts_afresh() -> None:
+    """erin leaves den while her catch-up's read is out: what it brings back is not hers,
+    nor is den's live traffic. She joins again after 11: the old read, back only now,
+    must not give her 11 either; 12 is hers."""
+    hub, _watcher, erin, asked = ahead_in_den()
+    hub.apply("b", joins_den(10), {("erin", "den")})
+    [(catch, _after, _upto)] = asked
+    hub.apply("b", {"t": "l", "k": "erin", "room": "den"}, set())
+    assert hub._floors == {} and hub._catch_ups == {}
+    hub.apply("b", joins_den(11), {("erin", "den")})
+    assert len(asked) == 1, "a join after where the node is needs no catch-up"
+    hub.caught_up(catch, 11, [room_row(11, "den")])
+    assert len(asked) == 1
+    hub.apply("a", room_event(11, 12, "den"))
+    assert erin.out.messages() == [12]  # type: ignore[attr-defined]
+
+
+def test_a_catch_up_stops_at_a_close() -> None:
+    hub, _watcher, erin, asked = ahead_in_den()
+    hub.apply("b", joins_den(10), {("erin", "den")})
+    [(catch, _after, _upto)] = asked
+    hub.detach(erin)
+    assert hub._floors == {} and hub._catch_ups == {}
+    hub.caught_up(catch, 11, [room_row(11, "den")])
+    assert erin.out.messages() == [] and len(asked) == 1  # type: ignore[attr-defined]
+
+
+def test_a_failed_catch_up_read_is_asked_again_from_where_it_was() -> None:
+    hub, _watcher, erin, asked = ahead_in_den()
+    clock = hub._clock
+    hub.apply("b", joins_den(10), {("erin", "den")})
+    [(catch, _after, _upto)] = asked
+    hub.catch_up_failed(catch)
+    hub.apply("a", room_event(11, 12, "den"))
+    hub.flush_presence()  # not due for a while, nor is the reconcile
+    assert 0.0 < hub.due() <= hub.seq.gap_wait
+    hub.tick()
+    assert len(asked) == 1, "asked again before the gap's wait"
+    clock.now += hub.seq.gap_wait
+    assert hub.due() == 0.0
+    hub.tick()
+    assert asked[1:] == [(catch, 10, 12)]
+    hub.caught_up(catch, 12, [room_row(11, "den"), room_row(12, "den")])
+    assert erin.out.messages() == [11, 12]  # type: ignore[attr-defined]
+    assert hub._floors == {} and hub._catch_ups == {}
+
+
+def test_a_catching_up_session_gets_its_own_sends_reply_in_its_place() -> None:
+    """erin sends to den here while catching up: the copy with `re` (the reply to her
+    send) comes in order, in place of the stored one; had she left first, at once."""
+    from chat.hub import with_re
+    from chat.protocol import encode
+    from chat.store import message_frame
+
+    hub, watcher, erin, asked = ahead_in_den()
+    hub.apply("b", joins_den(10), {("erin", "den")})
+    [(catch, _after, _upto)] = asked
+    data = encode(message_frame(room_row(12, "den", "hi")))
+    echo = with_re(data, 7)
+    hub.publish_room_many("den", [(data, erin, echo)], [(11, 12)])
+    assert watcher.out.frames[-1] == data  # type: ignore[attr-defined]
+    assert erin.out.frames == []  # type: ignore[attr-defined]
+    hub.caught_up(catch, 11, [room_row(11, "den")])
+    hub.caught_up(catch, 12, [room_row(12, "den", "hi")])
+    assert erin.out.messages() == [11, 12]  # type: ignore[attr-defined]
+    assert erin.out.frames[-1] == echo  # type: ignore[attr-defined]
+    assert hub._floors == {} and hub._catch_ups == {}
+
+    hub, _watcher, erin, asked = ahead_in_den()
+    hub.apply("b", joins_den(10), {("erin", "den")})
+    hub.publish_room_many("den", [(data, erin, echo)], [(11, 12)])
+    hub.apply("b", {"t": "l", "k": "erin", "room": "den"}, set())
+    assert erin.out.frames == [echo]  # type: ignore[attr-defined]
+
+
+def test_a_join_repaired_after_the_node_went_past_it_catches_up() -> None:
+    """The same with the join repaired after a reconnect (its `j` was lost): erin's
+    reading of den began after 10, and the node is at 11."""
+    hub, _watcher, erin, asked = ahead_in_den()
+    hub.reconcile_rooms({"watcher": {"den": 0}, "erin": {"den": 10}}, {"den": 11})
+    [(catch, after, upto)] = asked
+    assert (after, upto) == (10, 11)
+    hub.caught_up(catch, 11, [room_row(11, "den")])
+    hub.apply("a", room_event(11, 12, "den"))
+    assert erin.out.messages() == [11, 12]  # type: ignore[attr-defined]
 
 
 # --- 15. the Bus's count of what waits to be published --------------------------------------
