@@ -547,13 +547,22 @@ class ClusterHub(LocalHub):
                 self._offline_on(node, key, remote)
 
     def reset_remote(self, snapshot: dict[str, dict[str, tuple[str, list[str]]]]) -> None:
-        """Who is online on the other nodes, as their Redis hashes say (start, reconnect)."""
-        self._remote.clear()
+        """Who is online on the other nodes, as their Redis hashes say (start, reconnect).
+        After a reconnect, the `o` of whoever came online or went offline meanwhile went
+        by unheard, and this node's sessions, kept, would show them as they were for good:
+        they are told now. (An `o` still on its way, published after it was subscribed
+        again, finds the replica saying so already: no news twice.) A join or leave of a
+        user online before and after is not told: its `pr` may still come."""
+        fresh: dict[str, _Remote] = {}
         for node, users in snapshot.items():
             if node == self.node:
                 continue
             for key, (name, rooms) in users.items():
-                self._remote.setdefault(key, _Remote(name)).rooms[node] = set(rooms)
+                fresh.setdefault(key, _Remote(name)).rooms[node] = set(rooms)
+        for key in self._remote.keys() ^ fresh.keys():
+            remote = self._remote.get(key) or fresh[key]
+            self._connection_news(key, remote.name, set().union(*remote.rooms.values()))
+        self._remote = fresh
         self._who.clear()
 
     def online_here(self) -> dict[str, tuple[str, list[str]]]:
