@@ -6,8 +6,15 @@ the test's own, not the machine's.
 
 from __future__ import annotations
 
+import json
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import test_cluster
-from test_cluster_review import Clock, connection_news, fake_session
+from conftest import TIMEOUT
+from test_cluster_review import Clock, FakeMetrics, FakeStore, connection_news, fake_session
 
 cluster = test_cluster.cluster  # the fixture: cluster(n, **settings)
 
@@ -33,3 +40,93 @@ def test_a_reconnect_tells_who_came_and_went_while_the_node_heard_nothing() -> N
     assert sorted(connection_news(alice)) == [("bob", "join"), ("bob", "leave"),
                                               ("carol", "join")]
     assert hub.who("general") == ["alice", "carol"]
+
+
+# --- 2. a node that lapses while the replica is being read again ------------------------
+class SteppedRedis:
+    """A Redis client for one Bus: the heartbeat's look at the live nodes waits for the
+    test to say what it finds (`beat`); anyone else's finds `live` at once."""
+
+    def __init__(self, hashes: dict[str, dict[bytes, bytes]]) -> None:
+        self.live = [b"a", b"me"]
+        self.hashes = hashes
+        self.on_hgetall: Callable[[], None] = lambda: None
+        self._answers: queue.Queue[list[bytes]] = queue.Queue()
+        self._asking = threading.Semaphore(0)
+        self.heartbeat: threading.Thread | None = None
+
+    def eval(self, *args: Any) -> list[bytes]:
+        if threading.current_thread() is not self.heartbeat:
+            return self.live
+        self._asking.release()
+        return self._answers.get(timeout=TIMEOUT)
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        self.on_hgetall()
+        return self.hashes.get(key.rpartition(":")[2], {})
+
+    def close(self) -> None:
+        pass
+
+    def beat(self, live: list[bytes]) -> None:
+        """Wait for the heartbeat's next look, answer it `live`, and wait until the beat
+        is over (it asks again)."""
+        assert self._asking.acquire(timeout=TIMEOUT), "the heartbeat never looked"
+        self._answers.put(live)
+        assert self._asking.acquire(timeout=TIMEOUT), "the heartbeat's beat never ended"
+        self._asking.release()  # the next beat's wait, for the next call
+
+
+class WriterJobs:
+    """The Filler's side of a Bus: what it submits to the writer, in order."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Callable[[], None]] = []
+
+    def _submit(self, after: Callable[[], None]) -> None:
+        self.jobs.append(after)
+
+    def rooms(self, keys: list[str]) -> None:
+        pass
+
+
+def test_a_node_lapsing_while_the_replica_is_read_again_is_not_online_for_good() -> None:
+    """Node me reads who is online on each live node again (a reconnect): a, bob's,
+    among them. Node a lapses (it died) while the hashes are being read, and the
+    heartbeat's next look finds it gone: its node_gone reaches the writer before the
+    reset, which puts a's users back, and no later look finds a gone again (it was gone
+    already). bob is online in the replica for good."""
+    from chat.bus import Bus
+    from chat.cluster import ClusterHub
+
+    hub = ClusterHub("me", clock=Clock())
+    alice = fake_session(1, "alice")
+    assert hub.attach(alice, ["general"], [], {"r:general": 0, "u:1": 0})
+    hub.apply("a", {"t": "o", "k": "bob", "name": "bob", "on": True, "rooms": ["general"]})
+    redis = SteppedRedis({"a": {b"bob": json.dumps(["bob", ["general"]]).encode()}})
+    filler = WriterJobs()
+    bus = Bus("redis://127.0.0.1:1/0", "p", hub, FakeStore(), filler,  # type: ignore[arg-type]
+              0.03, FakeMetrics(), lambda fenced: None)
+    bus._client = lambda: redis  # type: ignore[method-assign]
+    redis.heartbeat = threading.Thread(target=bus._heartbeat, daemon=True)
+    redis.heartbeat.start()
+    try:
+        redis.beat([b"a", b"me"])
+
+        def a_lapses() -> None:  # between the replica's look at the nodes and a's hash
+            redis.on_hgetall = lambda: None
+            redis.beat([b"me"])
+
+        redis.on_hgetall = a_lapses
+        bus._reconnected(redis, first=False)
+        redis.beat([b"me"])
+        redis.beat([b"me"])
+    finally:
+        bus._stop.set()
+        redis._answers.put([b"me"])
+        redis.heartbeat.join(TIMEOUT)
+    for job in filler.jobs:
+        job()
+    hub.flush_presence()
+    assert not hub.is_online("bob"), "bob, whose node is gone, is online for good"
+    assert hub.who("general") == ["alice"]
