@@ -192,9 +192,9 @@ class ClusterHub(LocalHub):
 
     def _joined_here(self, user: UserState, room: str, newest: int | None,
                      since: int | None = None) -> None:
-        """`newest`: the room's newest id when the join was decided, or read since, where
-        this node starts following the room if it does not yet; `since`: where the join
-        began the user's reading (`newest` if not told)."""
+        """`newest`: where this node starts following the room if it does not yet (the
+        room's newest id when the join was decided; a repaired one's, its earliest join
+        here); `since`: where the join began the user's reading (`newest` if not told)."""
         super().joined(user, room)
         if room in self._rooms and newest is not None:
             self._floor(user.sessions, room, newest if since is None else since)
@@ -569,17 +569,22 @@ class ClusterHub(LocalHub):
         """This node's users and their rooms, for its Redis hash."""
         return {key: (u.name, sorted(u.rooms)) for key, u in self._users.items()}
 
-    def reconcile_rooms(self, truth: dict[str, dict[str, int]], newest: dict[str, int]
-                        ) -> None:
+    def reconcile_rooms(self, truth: dict[str, dict[str, int]]) -> None:
         """After Redis came back: the rooms of this node's users as the database says
         (user key -> room -> the membership's since_msg_id, where its join began the
         user's reading); membership events lost meanwhile are applied now (without
-        presence). A room this node did not follow is followed from `newest` (its newest
-        id when the rooms were read: anything later that went by meanwhile is a gap,
-        filled); in one it follows, the joiner's sessions get nothing up to the join. A
-        user whose rooms changed is published online again with them: this node's Redis
-        hash and the other nodes' replica had the ones it republished after the
-        reconnect, before this."""
+        presence). A room this node did not follow is followed from the earliest of those
+        joins here: what was sent after it is the joiner's, as on one node, where it came
+        live (nobody else here is in the room, and the gap is filled); in one it follows,
+        the joiner's sessions get nothing up to the join. A user whose rooms changed is
+        published online again with them: this node's Redis hash and the other nodes'
+        replica had the ones it republished after the reconnect, before this."""
+        starts: dict[str, int] = {}
+        for key, joins in truth.items():
+            user = self._users.get(key)
+            if user is not None and not user.ended:
+                for room in joins.keys() - user.rooms:
+                    starts[room] = min(starts.get(room, joins[room]), joins[room])
         for key, joins in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
@@ -590,7 +595,7 @@ class ClusterHub(LocalHub):
                               "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
-                self._joined_here(user, room, newest.get(room, 0), joins[room])
+                self._joined_here(user, room, starts[room], joins[room])
                 self._pending.get(room, {}).pop(key, None)
             for room in user.rooms - rooms:
                 user.rooms.discard(room)

@@ -14,7 +14,15 @@ from typing import Any
 
 import test_cluster
 from conftest import TIMEOUT
-from test_cluster_review import Clock, FakeMetrics, FakeStore, connection_news, fake_session
+from test_cluster_review import (
+    Clock,
+    FakeMetrics,
+    FakeStore,
+    connection_news,
+    fake_session,
+    room_event,
+    room_row,
+)
 
 cluster = test_cluster.cluster  # the fixture: cluster(n, **settings)
 
@@ -130,3 +138,28 @@ def test_a_node_lapsing_while_the_replica_is_read_again_is_not_online_for_good()
     hub.flush_presence()
     assert not hub.is_online("bob"), "bob, whose node is gone, is online for good"
     assert hub.who("general") == ["alice"]
+
+
+# --- 3. a join repaired after a reconnect, in a room this node did not follow -------------
+def test_a_join_repaired_in_a_room_not_followed_gets_what_was_sent_after_the_join() -> None:
+    """alice (online here, on node a) joined den on node b when its newest message was
+    11; the `j` was lost with Redis, and 12 and 13 were sent to den meanwhile (nobody
+    here is in den: node a does not follow it). The reconcile after the reconnect finds
+    the membership (since_msg_id 11): 12 and 13 are hers, as on one node, where she
+    would have had them live. Followed from den's newest at the reconcile (13), node a
+    never delivers them, and no catch-up of her client asks for them: it lost nothing."""
+    from chat.cluster import ClusterHub
+
+    clock = Clock()
+    hub = ClusterHub("a", reconcile_interval=2.0, clock=clock)
+    asked: list[dict[str, int]] = []
+    hub.ask_reconcile = asked.append
+    alice = fake_session(2, "alice")
+    assert hub.attach(alice, [], [], {"u:2": 0})
+    hub.reconcile_rooms({"alice": {"den": 11}})
+    clock.now += 2.0
+    hub.tick()  # the reconcile: the filler reads what each followed conversation lacks
+    cursor = asked[-1]["r:den"]
+    hub.filled("r:den", cursor, 13, [room_row(i, "den") for i in (12, 13) if i > cursor])
+    hub.apply("b", room_event(13, 14, "den"))
+    assert alice.out.messages() == [12, 13, 14]  # type: ignore[attr-defined]
