@@ -241,6 +241,16 @@ class ClusterHub(LocalHub):
         self._remote_member(user.key, room, False)
         self.publish({"t": "x", "k": user.key, "room": room, "f": data.decode(), **_mine(user)})
 
+    def joined_offline(self, key: str, room: str, newest: int) -> None:
+        """A join of a user with no session here (the operator's): other nodes may have
+        some, and apply it as one made there, without presence (the origin tells, from
+        its replica, at its next flush)."""
+        remote = self._remote.get(key)
+        if remote is not None and not self._shown(room, key):
+            self._mark_key(room, key, remote.name, ROOM)
+        self._remote_member(key, room, True)
+        self.publish({"t": "j", "k": key, "room": room, "n": newest})
+
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
         """A kick or ban of a user with no session here: other nodes may have some. They
         apply it without presence (the origin tells): with no session here to mark, the

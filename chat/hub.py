@@ -304,6 +304,10 @@ class LocalHub:
         """The operator removed user `key`'s `device`; its sessions here were unbound in
         the job that did it (over a cluster, every other node unbinds its own)."""
 
+    def joined_offline(self, key: str, room: str, newest: int) -> None:
+        """The operator put user `key`, with no session here, in `room` (`newest`: its
+        newest id then). Over a cluster, other nodes may have some."""
+
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
         """A kick or ban of a user with no session here (over a cluster, other nodes may
         have some)."""

@@ -12,12 +12,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import test_cluster
 from conftest import TIMEOUT
 from test_cluster_review import (
     Clock,
     FakeMetrics,
     FakeStore,
+    Operator,
     connection_news,
     fake_session,
     room_event,
@@ -163,3 +165,25 @@ def test_a_join_repaired_in_a_room_not_followed_gets_what_was_sent_after_the_joi
     hub.filled("r:den", cursor, 13, [room_row(i, "den") for i in (12, 13) if i > cursor])
     hub.apply("b", room_event(13, 14, "den"))
     assert alice.out.messages() == [12, 13, 14]  # type: ignore[attr-defined]
+
+
+# --- 4. the operator makes an owner of a user online on another node only -------------------
+@pytest.mark.redis
+def test_an_owner_made_by_the_operator_gets_the_rooms_messages_on_every_node(
+        cluster: Any) -> None:
+    """`room_set_owner` adds alice to den on node 1, where she has no session: it told
+    the hub of the join only if she was online there, and nothing told the other nodes.
+    Her session on node 2 never entered den's fan-out (until some reconnect repaired
+    it): den's messages, hers to read, never reached it, nor did her client catch up."""
+    c = cluster(2)
+    n1, n2 = c.nodes
+    bob = n1.user("bob")
+    alice = n2.user("alice")
+    try:
+        assert bob.request({"type": "join", "room": "den"})["type"] == "ok"
+        Operator(n1, "room_set_owner", {"name": "den", "username": "alice"}).result()
+        sent = bob.request({"type": "send", "room": "den", "message": "hello owner"})
+        assert alice.recv_until("message", room="den")["msg_id"] == sent["msg_id"]
+    finally:
+        bob.close()
+        alice.close()
