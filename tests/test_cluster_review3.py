@@ -187,3 +187,29 @@ def test_an_owner_made_by_the_operator_gets_the_rooms_messages_on_every_node(
     finally:
         bob.close()
         alice.close()
+
+
+# --- 5. one's own message echoed before the room's earlier ones --------------------------
+def test_an_echo_that_overtakes_the_rooms_earlier_messages_does_not_move_the_catch_up() -> None:
+    """alice joined den from her session on node c (den's newest: 10); her session here,
+    on node b, sends to den before b applied that join (the database let her in): the
+    echo of her 12 goes to her at once, while carol's 11, sent on node a after the join,
+    reaches her only once b follows den. If her connection goes between the two, her
+    client catches den up after 12, raised by the echo: 11 is lost."""
+    from chat.client.positions import Positions
+    from chat.cluster import ClusterHub
+    from chat.hub import with_re
+    from chat.protocol import encode
+    from chat.store import message_frame
+
+    hub = ClusterHub("b", clock=Clock())
+    alice = fake_session(2, "alice")
+    assert hub.attach(alice, [], [], {"u:2": 0})
+    data = encode(message_frame(room_row(12, "den")))
+    hub.publish_room_many("den", [(data, alice, with_re(data, 7))], [(11, 12)])
+    positions = Positions.from_welcome({"rooms": {"general": 5}, "direct": 0}, 5)
+    assert positions is not None
+    for blob in alice.out.frames:  # type: ignore[attr-defined]
+        for line in blob.splitlines():
+            positions.note(json.loads(line))
+    assert positions.room("den") < 11, "den is caught up from after carol's 11"
