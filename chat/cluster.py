@@ -419,7 +419,7 @@ class ClusterHub(LocalHub):
         took = False
         for session in user.sessions if user is not None else ():
             if session.dm_floor >= msg_id:
-                continue  # had it in its login's backlog
+                continue  # stored before its login: in its backlog, or history
             took = session.out.deliver(echo if session is origin else data) or took
         if origin is not None and origin.key == key and (user is None
                                                          or origin not in user.sessions):

@@ -85,8 +85,9 @@ class Session:
     # Users whose keys this session asked for (query_keys), oldest first: it is told of
     # their device changes. chat.keys bounds it (max_key_watch).
     watching: dict[str, None] = field(default_factory=dict, repr=False)
-    # The newest direct message its login's backlog held: over a cluster, a copy of one
-    # of those arriving live from another node is not given again.
+    # Over a cluster, the newest direct message stored when its login began (its backlog
+    # held, or the user's other sessions had): one of those arriving live from another
+    # node is not given to it.
     dm_floor: int = 0
 
 
