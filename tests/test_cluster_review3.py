@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import test_client_library
 import test_cluster
 from conftest import TIMEOUT
 from test_cluster_review import (
@@ -29,6 +30,7 @@ from test_cluster_review import (
 from chat.hub import Session
 
 cluster = test_cluster.cluster  # the fixture: cluster(n, **settings)
+pki = test_client_library.pki  # the fixture: a scripted server's certificates
 
 
 # --- 1. presence missed while this node was not subscribed -----------------------------
@@ -339,3 +341,31 @@ def test_a_user_joining_on_one_node_and_moving_to_another_is_shown_in_the_room()
     wire.flush()
     told = {name: presence_in(session, "bob") for name, session in watchers.items()}
     assert told == {"a": ["join"], "b": ["join"], "c": ["join"]}, told
+
+
+# --- 8. the backlog counted up to last_msg_id, read after the direct messages' position ------
+def test_a_backlog_cut_short_is_caught_up_though_a_live_message_is_older_than_the_welcome(
+        pki: Any) -> None:
+    """A login reads its direct messages' position (15) and then last_msg_id (20): bob's
+    direct message 17, committed by another node between the two reads, comes live (it
+    is after his position). The client counted the announced backlog (2, from 10) as the
+    direct messages up to last_msg_id: 10 and 17. The connection went before 12, the
+    backlog's second (handed to this session only): it looked whole, the direct messages
+    were caught up from after 15, and 12 was lost. Over several nodes the backlog is
+    what lies up to `positions.direct`."""
+    from test_client_library import PASSWORD, WAIT, FakeServer, connect, message
+
+    def script(peer: Any) -> None:
+        login = peer.recv()
+        peer.send({"type": "welcome", "username": "bob", "rooms": ["general"],
+                   "session": "s", "last_msg_id": 20, "re": login["id"],
+                   "positions": {"rooms": {"general": 20}, "direct": 15},
+                   "backlog": {"count": 2, "first_msg_id": 10}})
+        peer.send(message(10, to="bob", room=None, username="carol"))
+        peer.send(message(17, to="bob", room=None, username="carol"))
+
+    with FakeServer(pki, script) as server, connect(pki, server) as client:
+        client.login("bob", PASSWORD, WAIT)
+        for _frame in client.events():
+            pass  # until the connection has ended
+        assert client.direct_position == 9, "a backlog cut short looked whole"
