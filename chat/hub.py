@@ -263,14 +263,12 @@ class LocalHub:
             members.add(session)
             session.rooms_in.add(room)
 
-    def left(self, user: UserState, room: str, *, mark: bool = True) -> None:
-        """The user's sessions leave the room's fan-out; with `mark`, its members hear it
-        (a cluster's other nodes apply a leave quietly: the deciding node tells)."""
+    def left(self, user: UserState, room: str) -> None:
+        """The user's sessions leave the room's fan-out; its members hear it."""
         members = self._rooms.get(room)
         if members is None:
             return
-        if mark:
-            self._mark(room, user, ROOM)
+        self._mark(room, user, ROOM)
         for session in user.sessions:
             members.discard(session)
             session.rooms_in.discard(room)

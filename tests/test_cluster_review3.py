@@ -304,21 +304,15 @@ def presence_in(session: Session, name: str) -> list[str]:
     return told
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "presence over several nodes mixes two rules for one (room, user) pair: a join or "
-    "leave is told by the deciding node (its `pr`, sent only if its net change's latest "
-    "cause is the room), coming and going by every node from its replica; a node applying "
-    "another's join forgets its own pending change of the pair, and one changes its "
-    "replica (`_remote_member`) without marking it. Every change of what `_shown` says "
-    "must be marked on the node that shows it (then each node could tell all of it from "
-    "its own replica, with no `pr`): a redesign, not a local fix."))
 def test_a_user_joining_on_one_node_and_moving_to_another_is_shown_in_the_room() -> None:
     """bob, online on node c only, joins den there; his session on node a begins (its
     login read den among his rooms) and his one on c ends, all before the nodes heard
     of each other's events. He is online, in den: every node's members of den must be
-    told so. Node a dropped its own pending "came online" on applying c's join ("the
-    origin tells"); c's change of the pair became "went offline" and is no `pr`; node b
-    changed its replica on c's `j` and marked nothing. Only c's members are told."""
+    told so. A join or leave was told by the deciding node (its `pr`, sent only if its
+    net change's latest cause was the room), coming and going by every node from its
+    replica: node a dropped its own pending "came online" on applying c's join ("the
+    origin tells"); c's change of the pair became "went offline" and was no `pr`; node
+    b changed its replica on c's `j` and marked nothing. Only c's members were told."""
     wire = Wire("a", "b", "c")
     a, c = wire.hubs["a"], wire.hubs["c"]
     watchers = {}
