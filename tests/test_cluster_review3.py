@@ -363,3 +363,30 @@ def test_a_backlog_cut_short_is_caught_up_though_a_live_message_is_older_than_th
         for _frame in client.events():
             pass  # until the connection has ended
         assert client.direct_position == 9, "a backlog cut short looked whole"
+
+
+def test_a_join_and_a_last_session_gone_within_a_flush_are_no_news_anywhere() -> None:
+    """bob, online on node a in no room, joins den and his session ends before a
+    flushes: a's net change is none, and so is everyone's. The other nodes put den in
+    their replica on his `j` unmarked ("the origin tells"), and his going offline was
+    then news of den there: a `leave` with no `join` before it."""
+    wire = Wire("a", "b", "c")
+    a = wire.hubs["a"]
+    watchers = {}
+    for i, (name, hub) in enumerate(wire.hubs.items()):
+        watchers[name] = fake_session(10 + i, "watcher-" + name)
+        assert hub.attach(watchers[name], ["den"], [], {"r:den": 0, f"u:{10 + i}": 0})
+    wire.flush()
+    bob = fake_session(2, "bob")
+    assert a.attach(bob, [], [], {"r:den": 0, "u:2": 0})
+    wire.drain(origin="a", target="c")
+    user = a.user_state("bob")
+    assert user is not None
+    user.rooms.add("den")
+    wire.members.add(("bob", "den"))
+    a.joined(user, "den", 0)
+    a.detach(bob)
+    wire.drain()
+    wire.flush()
+    told = {name: presence_in(session, "bob") for name, session in watchers.items()}
+    assert told == {"a": [], "b": [], "c": []}, told
