@@ -256,6 +256,9 @@ def room_set_owner(ops: Ops, name: str, username: str, reason: str = "") -> dict
             state.rooms.add(room.name)
             ops.store.on_rollback(lambda: state.rooms.discard(room.name))
             ops.later.append(lambda: ops.hub.joined(state, room.name, newest))
+        else:
+            # Over a cluster, the user may be online on another node.
+            ops.later.append(lambda: ops.hub.joined_offline(rec.key, room.name, newest))
     audit(ops.db, ms, OPERATOR, "set_owner", target=rec.name, room=room.name, reason=reason)
     data = encode({"type": "role", "room": room.name, "username": rec.name, "role": acl.OWNER,
                    "by": OPERATOR})

@@ -79,6 +79,11 @@ class Bus:
         self.fenced = False
         self._last_good = time.monotonic()  # registered and subscribed, last seen so
         self._last_beat = 0.0  # the heartbeat's last look at the live nodes
+        # The nodes the heartbeat last found live, and those a replica was read from since:
+        # a node of these that it finds gone, it tells the hub of (node_gone), after the
+        # replica (the lock keeps the two submissions in the order they were decided).
+        self._known: set[str] = set()
+        self._known_lock = threading.Lock()
         self._threads = [threading.Thread(target=fn, name=f"cluster-{name}", daemon=True)
                          for name, fn in (("publish", self._publisher),
                                           ("subscribe", self._subscriber),
@@ -339,7 +344,12 @@ class Bus:
                 self._republish_online()
                 self.hub.pull_every_device()  # a `td` may have been lost meanwhile
 
-        self.filler._submit(apply)
+        with self._known_lock:
+            self.filler._submit(apply)
+            # A node read here may lapse before the heartbeat's next look, which may have
+            # found it gone already (its node_gone then came before this replica, which
+            # puts its users back): the next look that does not find it says it is gone.
+            self._known |= set(snapshot)
 
     def _republish_online(self) -> None:
         """Writer thread: our hash may have been lost with Redis' memory."""
@@ -424,7 +434,6 @@ class Bus:
         """Refreshes this node's registration while it is subscribed, notices nodes that
         lapsed, and lets barriers go on when the nodes they wait for have."""
         client = None
-        known: set[str] = set()
         # A fifth of the ttl: the older the last beat when Redis goes, the shorter the
         # outage that fences the node (FENCE_AFTER of the ttl after that beat).
         interval = self.ttl / 5
@@ -462,10 +471,11 @@ class Bus:
                 client = None
                 self._finish_syncs(now=now)
                 continue
-            gone = known - live - {self.node}
-            known = live
-            for node in gone:
-                self.filler._submit(lambda node=node: self.hub.node_gone(node))
+            with self._known_lock:
+                gone = self._known - live - {self.node}
+                self._known = live
+                for node in gone:
+                    self.filler._submit(lambda node=node: self.hub.node_gone(node))
             self._finish_syncs(live=live, now=now)
 
     def _watchdog(self) -> None:

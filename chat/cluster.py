@@ -71,20 +71,23 @@ Each node is a whole server (its own writer, hub, connections). What they share:
 * **Presence** is coalesced per node as on one node (chat.hub). A node publishes which
   of its users came online or went offline (an `o` event), and every node keeps a
   replica of who is online where (for `who`, for "online elsewhere"), rebuilt from
-  Redis hashes at start and dropped for a node whose heartbeat lapsed. Coming online
-  and going offline each node tells its own sessions, from that replica: when a user's
-  first session on any node begins or its last ends, once. No node could tell it for
-  the others: two nodes whose last sessions of a user close at once each still see the
-  other's at their flush (every node learns of both closes). Joins and leaves of rooms
-  are told by the node that decided them: it publishes its flush's frames of those, and
-  the others deliver them to their sessions.
+  Redis hashes at start and dropped for a node whose heartbeat lapsed. Each node tells
+  its own sessions all of it, from its own view (its sessions and that replica): coming
+  online when a user's first session on any node begins, going offline when the last
+  ends, joins and leaves of rooms wherever decided. No node could tell it for the
+  others: two nodes whose last sessions of a user close at once each still see the
+  other's at their flush (every node learns of both closes); and a join told by the
+  node that decided it, beside coming and going told by each, doubled or lost frames
+  of one (room, user) pair. So every change of what a node shows is marked there first
+  (its sessions' own, or `_set_replica`), and its flush's net change per pair keeps
+  join and leave alternating.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -234,9 +237,9 @@ class ClusterHub(LocalHub):
 
     def _joined_here(self, user: UserState, room: str, newest: int | None,
                      since: int | None = None) -> None:
-        """`newest`: the room's newest id when the join was decided, or read since, where
-        this node starts following the room if it does not yet; `since`: where the join
-        began the user's reading (`newest` if not told)."""
+        """`newest`: where this node starts following the room if it does not yet (the
+        room's newest id when the join was decided; a repaired one's, its earliest join
+        here); `since`: where the join began the user's reading (`newest` if not told)."""
         new = [s for s in user.sessions if room not in s.rooms_in]
         super().joined(user, room)
         if room in self._rooms and newest is not None:
@@ -339,8 +342,8 @@ class ClusterHub(LocalHub):
         self._remote_member(user.key, room, False)
         self.publish({"t": "l", "k": user.key, "room": room, **_mine(user)})
 
-    def _left_here(self, user: UserState, room: str, mark: bool = True) -> None:
-        LocalHub.left(self, user, room, mark=mark)
+    def _left_here(self, user: UserState, room: str) -> None:
+        LocalHub.left(self, user, room)
         self._drop_floors(room, user.sessions)
         if room not in self._rooms:
             self.seq.untrack(room_conv(room))
@@ -353,13 +356,14 @@ class ClusterHub(LocalHub):
         self._remote_member(user.key, room, False)
         self.publish({"t": "x", "k": user.key, "room": room, "f": data.decode(), **_mine(user)})
 
+    def joined_offline(self, key: str, room: str, newest: int) -> None:
+        """A join of a user with no session here (the operator's): other nodes may have
+        some, and apply it as one made there."""
+        self._remote_member(key, room, True)
+        self.publish({"t": "j", "k": key, "room": room, "n": newest})
+
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
-        """A kick or ban of a user with no session here: other nodes may have some. They
-        apply it without presence (the origin tells): with no session here to mark, the
-        change is marked from the replica, and told at this node's next flush."""
-        remote = self._remote.get(key)
-        if remote is not None and self._shown(room, key):
-            self._mark_key(room, key, remote.name, ROOM)
+        """A kick or ban of a user with no session here: other nodes may have some."""
         self._remote_member(key, room, False)
         self.publish({"t": "x", "k": key, "room": room, "f": data.decode()})
 
@@ -368,9 +372,9 @@ class ClusterHub(LocalHub):
         replica keeps their rooms per node, all the same rooms: the user's)."""
         remote = self._remote.get(key)
         if remote is not None:
-            for rooms in remote.rooms.values():
-                (rooms.add if member else rooms.discard)(room)
-            self._who.pop(room, None)
+            self._set_replica(key, remote.name, {
+                node: rooms | {room} if member else rooms - {room}
+                for node, rooms in remote.rooms.items()})
 
     def publish_room(self, room: str, data: bytes) -> None:
         super().publish_room(room, data)
@@ -535,7 +539,7 @@ class ClusterHub(LocalHub):
         took = False
         for session in user.sessions if user is not None else ():
             if session.dm_floor >= msg_id:
-                continue  # had it in its login's backlog
+                continue  # stored before its login: in its backlog, or history
             took = session.out.deliver(echo if session is origin else data) or took
         if origin is not None and origin.key == key and (user is None
                                                          or origin not in user.sessions):
@@ -589,8 +593,6 @@ class ClusterHub(LocalHub):
             super().end_sessions(event["k"], event["reason"])
         elif kind == "dv":
             super().devices_changed(event["k"], event["rooms"], event["f"].encode())
-        elif kind == "pr":
-            self._apply_presence(event["c"])
         elif kind == "o":
             self._apply_online(node, event)
         elif kind == "td":
@@ -616,14 +618,13 @@ class ClusterHub(LocalHub):
         if kind == "j":
             user.rooms.add(room)
             self._joined_here(user, room, event.get("n"))
-            self._pending.get(room, {}).pop(key, None)  # the origin tells presence
         else:
             user.rooms.discard(room)
             if kind == "x":
                 for session in user.sessions:
                     if room in session.rooms_in:
                         session.out.deliver(event["f"].encode())
-            self._left_here(user, room, mark=False)
+            self._left_here(user, room)
         if node != self.node:
             # Our user's rooms changed elsewhere: our Redis hash and the others' replica.
             self.publish({"t": "o", "k": key, "name": user.name, "on": True,
@@ -632,39 +633,42 @@ class ClusterHub(LocalHub):
     def _apply_online(self, node: str, event: dict[str, Any]) -> None:
         key = event["k"]
         remote = self._remote.get(key)
-        if not event["on"]:
-            if remote is not None and node in remote.rooms:
-                self._offline_on(node, key, remote)
+        rooms = dict(remote.rooms) if remote is not None else {}
+        if event["on"]:
+            rooms[node] = set(event.get("rooms", ()))
+        elif rooms.pop(node, None) is None:
             return
-        rooms = set(event.get("rooms", ()))
-        if remote is None:
-            self._connection_news(key, event["name"], rooms)
-            remote = self._remote[key] = _Remote(event["name"])
-        before = remote.rooms.get(node, set())
-        remote.rooms[node] = rooms
-        for room in before | rooms:  # left ones too
-            self._who.pop(room, None)
+        self._set_replica(key, event.get("name") or (remote.name if remote else key), rooms)
 
     def _offline_on(self, node: str, key: str, remote: _Remote) -> None:
         """The user has no session on `node` any more (its `o` said so, or it is gone)."""
-        if len(remote.rooms) == 1:
-            self._connection_news(key, remote.name, remote.rooms[node])
-        for room in remote.rooms.pop(node):
-            self._who.pop(room, None)
-        if not remote.rooms:
-            del self._remote[key]
+        self._set_replica(key, remote.name, {n: r for n, r in remote.rooms.items()
+                                             if n != node})
 
-    def _connection_news(self, key: str, name: str, rooms: Iterable[str]) -> None:
-        """Before the replica changes: the user comes online on another node while online
-        on none, or goes offline on the last. Every node tells its own sessions so, from
-        its replica, and no node tells another's: two nodes whose last sessions of a user
-        close at once each still see the other's session at their flush, but every node
-        learns of both closes. A user online here is no news here (attach and detach mark
-        its own coming and going, with the replica in view)."""
-        if key not in self._users:
-            for room in rooms:
-                if room in self._rooms:  # else nobody here to tell
-                    self._mark_key(room, key, name, CONNECTION)
+    def _set_replica(self, key: str, name: str, rooms: dict[str, set[str]]) -> None:
+        """The user's rooms on each other node where it is online are now `rooms`. Every
+        change of what a node shows goes through here or through its own sessions' marks:
+        each node tells its sessions all of it, from its own view, and a flush's net
+        change per (room, user) then keeps join and leave alternating. Each room here
+        whose showing of the user this changes is marked first: as coming online or going
+        offline if the user was online on no node before, or is on none now; else as a
+        join or leave of the room (another node's, or a repair's)."""
+        remote = self._remote.get(key)
+        before = remote.rooms if remote is not None else {}
+        changed = set().union(*before.values()) ^ set().union(*rooms.values())
+        if changed:
+            user = self._users.get(key)
+            cause = ROOM if user is not None or bool(before) == bool(rooms) else CONNECTION
+            for room in changed:
+                if room in self._rooms and (user is None or not self._visible(room, user)):
+                    self._mark_key(room, key, name, cause)
+                self._who.pop(room, None)
+        if not rooms:
+            self._remote.pop(key, None)
+        elif remote is None:
+            self._remote[key] = _Remote(name, rooms)
+        else:
+            remote.rooms = rooms
 
     def node_gone(self, node: str) -> None:
         """A node's heartbeat lapsed: its users went offline there."""
@@ -673,31 +677,43 @@ class ClusterHub(LocalHub):
                 self._offline_on(node, key, remote)
 
     def reset_remote(self, snapshot: dict[str, dict[str, tuple[str, list[str]]]]) -> None:
-        """Who is online on the other nodes, as their Redis hashes say (start, reconnect)."""
-        self._remote.clear()
+        """Who is online on the other nodes, as their Redis hashes say (start, reconnect).
+        After a reconnect, the `o` of whoever came online or went offline meanwhile went
+        by unheard, and this node's sessions, kept, would show them as they were for good:
+        they are told now. (An `o` still on its way, published after it was subscribed
+        again, finds the replica saying so already: no news twice.)"""
+        fresh: dict[str, _Remote] = {}
         for node, users in snapshot.items():
             if node == self.node:
                 continue
             for key, (name, rooms) in users.items():
-                self._remote.setdefault(key, _Remote(name)).rooms[node] = set(rooms)
+                fresh.setdefault(key, _Remote(name)).rooms[node] = set(rooms)
+        for key in self._remote.keys() | fresh.keys():
+            remote = fresh.get(key) or self._remote[key]
+            self._set_replica(key, remote.name, fresh[key].rooms if key in fresh else {})
         self._who.clear()
 
     def online_here(self) -> dict[str, tuple[str, list[str]]]:
         """This node's users and their rooms, for its Redis hash."""
         return {key: (u.name, sorted(u.rooms)) for key, u in self._users.items()}
 
-    def reconcile_rooms(self, truth: dict[str, dict[str, int]], newest: dict[str, int]
-                        ) -> None:
+    def reconcile_rooms(self, truth: dict[str, dict[str, int]]) -> None:
         """After Redis came back: the rooms of this node's users as the database says
         (user key -> room -> the membership's since_msg_id, where its join began the
-        user's reading); membership events lost meanwhile are applied now (without
-        presence). A room this node did not follow is followed from `newest` (its newest
-        id when the rooms were read: anything later that went by meanwhile is a gap,
-        filled). The joiner's sessions get nothing up to the join, and everything after
-        it: what the node delivered before this, from the database (_catch_up). A
-        user whose rooms changed is published online again with them: this node's Redis
-        hash and the other nodes' replica had the ones it republished after the
-        reconnect, before this."""
+        user's reading); membership events lost meanwhile are applied now. A room this
+        node did not follow is followed from the earliest of those joins here: what was
+        sent after it is the joiner's, as on one node, where it came live (nobody else
+        here is in the room, and the gap is filled); in one it follows, the joiner's
+        sessions get nothing up to the join, and what the node delivered after it from
+        the database (_catch_up). A user whose rooms changed is published
+        online again with them: this node's Redis hash and the other nodes' replica had
+        the ones it republished after the reconnect, before this."""
+        starts: dict[str, int] = {}
+        for key, joins in truth.items():
+            user = self._users.get(key)
+            if user is not None and not user.ended:
+                for room in joins.keys() - user.rooms:
+                    starts[room] = min(starts.get(room, joins[room]), joins[room])
         for key, joins in truth.items():
             user = self._users.get(key)
             if user is None or user.ended:
@@ -708,32 +724,16 @@ class ClusterHub(LocalHub):
                               "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
-                self._joined_here(user, room, newest.get(room, 0), joins[room])
-                self._pending.get(room, {}).pop(key, None)
+                self._joined_here(user, room, starts[room], joins[room])
             for room in user.rooms - rooms:
                 user.rooms.discard(room)
-                self._left_here(user, room, mark=False)
+                self._left_here(user, room)
 
     # --- presence ---------------------------------------------------------------------
     def _shown(self, room: str, key: str) -> bool:
         remote = self._remote.get(key)
         return super()._shown(room, key) or (
             remote is not None and any(room in rooms for rooms in remote.rooms.values()))
-
-    def flush_presence(self) -> None:
-        changes = self._presence_changes()
-        self._deliver_presence(changes)
-        # A join or leave of a room is told everywhere by the node that decided it; coming
-        # online and going offline, by every node to its own sessions (_connection_news).
-        rooms = [c for c in changes if c[2] == ROOM]
-        if rooms:
-            self.publish({"t": "pr", "c": [[room, key, cause, there, data.decode()]
-                                           for room, key, cause, there, data in rooms]})
-
-    def _apply_presence(self, changes: list[list[Any]]) -> None:
-        """Joins and leaves of rooms, told by the node that decided them."""
-        self._deliver_presence([(room, key, cause, there, data.encode())
-                                for room, key, cause, there, data in changes])
 
     def who(self, room: str) -> list[str]:
         users = self._who.get(room)

@@ -257,11 +257,9 @@ class Filler:
                 select(users_t.c.username_key).where(
                     users_t.c.username_key.in_(bindparam("keys", expanding=True)),
                     users_t.c.disabled_ms.is_not(None)), {"keys": keys}).scalars())
-            newest = newest_in_rooms(db, {r for joins in truth.values() for r in joins})
 
         def apply() -> None:
-            self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled},
-                                     newest)
+            self.hub.reconcile_rooms({k: v for k, v in truth.items() if k not in disabled})
             for key in disabled:
                 LocalHub.ending(self.hub, key)
                 LocalHub.end_sessions(self.hub, key, "account_disabled")

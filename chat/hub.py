@@ -85,8 +85,9 @@ class Session:
     # Users whose keys this session asked for (query_keys), oldest first: it is told of
     # their device changes. chat.keys bounds it (max_key_watch).
     watching: dict[str, None] = field(default_factory=dict, repr=False)
-    # The newest direct message its login's backlog held: over a cluster, a copy of one
-    # of those arriving live from another node is not given again.
+    # Over a cluster, the newest direct message stored when its login began (its backlog
+    # held, or the user's other sessions had): one of those arriving live from another
+    # node is not given to it.
     dm_floor: int = 0
 
 
@@ -262,14 +263,12 @@ class LocalHub:
             members.add(session)
             session.rooms_in.add(room)
 
-    def left(self, user: UserState, room: str, *, mark: bool = True) -> None:
-        """The user's sessions leave the room's fan-out; with `mark`, its members hear it
-        (a cluster's other nodes apply a leave quietly: the deciding node tells)."""
+    def left(self, user: UserState, room: str) -> None:
+        """The user's sessions leave the room's fan-out; its members hear it."""
         members = self._rooms.get(room)
         if members is None:
             return
-        if mark:
-            self._mark(room, user, ROOM)
+        self._mark(room, user, ROOM)
         for session in user.sessions:
             members.discard(session)
             session.rooms_in.discard(room)
@@ -303,6 +302,10 @@ class LocalHub:
     def device_removed(self, key: str, device: str) -> None:
         """The operator removed user `key`'s `device`; its sessions here were unbound in
         the job that did it (over a cluster, every other node unbinds its own)."""
+
+    def joined_offline(self, key: str, room: str, newest: int) -> None:
+        """The operator put user `key`, with no session here, in `room` (`newest`: its
+        newest id then). Over a cluster, other nodes may have some."""
 
     def removed_offline(self, key: str, room: str, data: bytes) -> None:
         """A kick or ban of a user with no session here (over a cluster, other nodes may

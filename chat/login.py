@@ -193,8 +193,12 @@ def login(conn: Connection, req: m.Login) -> None:
             # reads, which must not be above this and yet at or below its room's cursor
             # (it would reach the session neither live nor in the client's catching up).
             last_msg_id = server.store.newest(db)
-            if backlog:
-                session.dm_floor = backlog[-1]["msg_id"]
+            # No direct message stored before the session began reaches it live, as on
+            # one node: over a cluster a node may still be delivering one to the user's
+            # other sessions. The backlog's came with it, the others are history; and a
+            # client counts its backlog as the direct messages up to last_msg_id.
+            session.dm_floor = max(backlog[-1]["msg_id"] if backlog else 0,
+                                   cursors.get(user_conv(rec.id), 0))
 
             def after() -> None:
                 welcome = {"type": "welcome", "username": rec.name, "rooms": rooms,

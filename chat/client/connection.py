@@ -163,13 +163,14 @@ class ChatClient:
         # from a server that does not say (one node: `last_msg_id` is every one's).
         self.positions: Positions | None = None
         # The stored direct messages the welcome announced (`backlog`): the id before the
-        # first, how many, and how many of them came (direct messages at or below the
-        # welcome's last_msg_id: later ones are live). Written by the I/O thread only, read
-        # (direct_position) once the connection has ended.
+        # first, how many, and how many of them came (direct messages at or below
+        # `_backlog_upto`, the welcome's last_msg_id or, over several nodes, its direct
+        # position, read before it: later ones are live). Written by the I/O thread only,
+        # read (direct_position) once the connection has ended.
         self._backlog_before: int | None = None
         self._backlog_count = 0
         self._backlog_received = 0
-        self._welcome_msg_id: int | None = None
+        self._backlog_upto: int | None = None
         self.bye_reason: str | None = None
         self.bad_frames = 0  # undecodable lines from the server, dropped (a server bug)
         # Called (frame, seconds) in the requesting thread before a refused request is
@@ -618,14 +619,14 @@ class ChatClient:
             return
         count, first = backlog.get("count"), backlog.get("first_msg_id")
         if type(count) is int and type(first) is int and count > 0:
-            self._welcome_msg_id = last
+            self._backlog_upto = last if self.positions is None else self.positions.direct
             self._backlog_count = count
             self._backlog_before = first - 1
 
     def _note_backlog(self, frame: Frame) -> None:
         msg_id = frame.get("msg_id")
-        if (self._welcome_msg_id is not None and "to" in frame and type(msg_id) is int
-                and msg_id <= self._welcome_msg_id):
+        if (self._backlog_upto is not None and "to" in frame and type(msg_id) is int
+                and msg_id <= self._backlog_upto):
             self._backlog_received += 1
 
     def _note_msg_id(self, msg_id: object) -> None:

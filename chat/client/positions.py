@@ -39,9 +39,12 @@ class Positions:
 
     def note(self, frame: dict[str, Any]) -> None:
         """A message received live: its conversation stands at least there now (a session
-        gets each conversation's messages in msg_id order)."""
+        gets each conversation's messages in msg_id order). Not the echo of one's own
+        (`re`): it goes to the sender at once, also from a node that has not yet applied
+        the sender's join, made on another, and still has the room's earlier messages to
+        deliver to it."""
         msg_id = frame.get("msg_id")
-        if type(msg_id) is not int:
+        if type(msg_id) is not int or "re" in frame:
             return
         room = frame.get("room")
         if isinstance(room, str):
