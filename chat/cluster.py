@@ -134,6 +134,9 @@ class _Remote:
     name: str
     rooms: dict[str, set[str]] = field(default_factory=dict)  # node -> rooms
 
+    def in_room(self, room: str) -> bool:
+        return any(room in rooms for rooms in self.rooms.values())
+
 
 class ClusterHub(LocalHub):
     """`LocalHub` plus: every fan-out is also published, and what other nodes publish is
@@ -392,9 +395,6 @@ class ClusterHub(LocalHub):
     def end_sessions(self, key: str, reason: str, keep: Session | None = None) -> None:
         super().end_sessions(key, reason, keep)
         self.publish({"t": "e", "k": key, "reason": reason})
-
-    def ending(self, key: str) -> None:
-        super().ending(key)
 
     def devices_changed(self, key: str, rooms: list[str], data: bytes) -> None:
         super().devices_changed(key, rooms, data)
@@ -708,19 +708,16 @@ class ClusterHub(LocalHub):
         the database (_catch_up). A user whose rooms changed is published
         online again with them: this node's Redis hash and the other nodes' replica had
         the ones it republished after the reconnect, before this."""
+        here = [(user, joins) for key, joins in truth.items()
+                if (user := self._users.get(key)) is not None and not user.ended]
         starts: dict[str, int] = {}
-        for key, joins in truth.items():
-            user = self._users.get(key)
-            if user is not None and not user.ended:
-                for room in joins.keys() - user.rooms:
-                    starts[room] = min(starts.get(room, joins[room]), joins[room])
-        for key, joins in truth.items():
-            user = self._users.get(key)
-            if user is None or user.ended:
-                continue
+        for user, joins in here:
+            for room in joins.keys() - user.rooms:
+                starts[room] = min(starts.get(room, joins[room]), joins[room])
+        for user, joins in here:
             rooms = set(joins)
             if rooms != user.rooms:
-                self.publish({"t": "o", "k": key, "name": user.name, "on": True,
+                self.publish({"t": "o", "k": user.key, "name": user.name, "on": True,
                               "rooms": sorted(rooms)})
             for room in rooms - user.rooms:
                 user.rooms.add(room)
@@ -732,15 +729,14 @@ class ClusterHub(LocalHub):
     # --- presence ---------------------------------------------------------------------
     def _shown(self, room: str, key: str) -> bool:
         remote = self._remote.get(key)
-        return super()._shown(room, key) or (
-            remote is not None and any(room in rooms for rooms in remote.rooms.values()))
+        return super()._shown(room, key) or (remote is not None and remote.in_room(room))
 
     def who(self, room: str) -> list[str]:
         users = self._who.get(room)
         if users is None:
             names = {s.key: s.name for s in self._rooms.get(room, ())}
             for key, remote in self._remote.items():
-                if any(room in rooms for rooms in remote.rooms.values()):
+                if remote.in_room(room):
                     names.setdefault(key, remote.name)
             users = self._who[room] = [names[k] for k in sorted(names)]
         return users

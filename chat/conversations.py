@@ -93,6 +93,8 @@ def locked_reads(db: Connection, convs: Iterable[str] = (), rooms: Iterable[str]
     keys = sorted({lock_key(c) for c in convs})
     names = sorted(set(rooms))
     ids = sorted(set(users))
+    if not (keys or names or ids):
+        return {}, {}  # no pipeline: its sync alone would be a round trip
     pg: Any = db.connection.driver_connection
     with pg.pipeline():
         if keys:
@@ -106,6 +108,7 @@ def locked_reads(db: Connection, convs: Iterable[str] = (), rooms: Iterable[str]
 
 
 def lock_conversations(db: Connection, convs: Iterable[str]) -> None:
+    """Take these conversations' locks until the transaction ends (`locked_reads`)."""
     locked_reads(db, convs)
 
 

@@ -270,15 +270,12 @@ def passwd(conn: Connection, req: m.Passwd) -> None:
             user = session.user
             if user is None or user.ended or server.store.disabled(db, rec.id):
                 raise AccountDisabled("this session is ending")
-            if req.logout_others and not getattr(server.hub, "reachable", True):
-                raise ServerBusy("the nodes cannot reach each other (Redis) just now: "
-                                 "your other sessions would stay; try again shortly")
-            if not server.store.password_hash_is(db, rec.id, rec.password_hash):
-                raise InvalidCredentials()  # changed by another session meanwhile
             if req.logout_others:
                 # Over a cluster, refused (before anything changed) while the other nodes
                 # cannot be told: their sessions would stay.
                 reachable(server.hub)
+            if not server.store.password_hash_is(db, rec.id, rec.password_hash):
+                raise InvalidCredentials()  # changed by another session meanwhile
             server.store.set_password_hash(db, rec.id, password_hash)
             log.info("%s: %s changed their password", conn.peer, rec.name)
             ok = {"type": "ok", "op": "passwd"}

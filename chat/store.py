@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -564,32 +564,31 @@ class Store:
         cycle, which PostgreSQL breaks by failing a batch (then run again). In the same
         round trip, what the messages before the batch's first other job need to know
         (`_read`; often the whole batch)."""
-        convs = set()
-        for job in batch:
-            if isinstance(job, MessageJob):
-                if job.room is not None:
-                    convs.add(room_conv(job.room))
-                else:
-                    convs.add(user_conv(job.session.user_id))
-                    rec = self.user(conn, (job.to or "").lower())
-                    if rec is not None:
-                        convs.add(user_conv(rec.id))
-        if not isinstance(batch[0], MessageJob):
-            lock_conversations(conn, convs)
-            return None
-        leading = []
-        for job in batch:
-            if not isinstance(job, MessageJob):
-                break
-            leading.append(job)
-        return self._read(conn, leading, convs)
+        messages = [job for job in batch if isinstance(job, MessageJob)]
+        leading = messages[:next((i for i, job in enumerate(batch)
+                                  if not isinstance(job, MessageJob)), len(batch))]
+        read = self._read(conn, leading, also_lock=messages)
+        return read if leading else None
 
-    def _read(self, conn: Connection, jobs: list[MessageJob], convs: Iterable[str] = ()
-              ) -> _Read:
-        """Over a cluster, under the conversations' locks (taking `convs` first): for the
-        messages to rooms, each room's newest id, whether it is encrypted and which
-        senders are in it (another node's kick has either committed, and is seen, or
-        waits for this batch); for direct messages, each side's newest direct id."""
+    def _read(self, conn: Connection, jobs: list[MessageJob],
+              also_lock: list[MessageJob] | None = None) -> _Read:
+        """Over a cluster, under the conversations' locks: for the messages to rooms, each
+        room's newest id, whether it is encrypted and which senders are in it (another
+        node's kick has either committed, and is seen, or waits for this batch); for
+        direct messages, each side's newest direct id. Every conversation read is locked,
+        held ones again (at once): a recipient registered on another node since the
+        batch took its locks has a conversation that another node may be writing to."""
+        rooms, senders, users = self._conversations(conn, jobs)
+        locks = {*map(room_conv, rooms), *map(user_conv, users)}
+        if also_lock:
+            more_rooms, _senders, more_users = self._conversations(conn, also_lock)
+            locks.update(map(room_conv, more_rooms), map(user_conv, more_users))
+        return locked_reads(conn, locks, rooms, senders, users)
+
+    def _conversations(self, conn: Connection, jobs: list[MessageJob]
+                       ) -> tuple[set[str], set[int], set[int]]:
+        """The messages' rooms, their senders there, and the users of their direct ones
+        (both sides: a recipient that does not exist has none)."""
         rooms, senders, users = set(), set(), set()
         for job in jobs:
             if job.room is not None:
@@ -600,11 +599,7 @@ class Store:
                 rec = self.user(conn, (job.to or "").lower())
                 if rec is not None:
                     users.add(rec.id)
-        # Every conversation read is locked, held ones again (at once): a recipient
-        # registered on another node since the batch took its locks has a conversation
-        # that another node may be writing to right now.
-        locks = {*convs, *map(room_conv, rooms), *map(user_conv, users)}
-        return locked_reads(conn, locks, rooms, senders, users)
+        return rooms, senders, users
 
     # --- several nodes (chat.cluster) ------------------------------------------------
     def lock(self, conn: Connection, convs: list[str]) -> None:
