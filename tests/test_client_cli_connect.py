@@ -133,6 +133,8 @@ def test_a_server_on_this_machine_is_checked_against_the_development_ca(
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("using chat-server's development CA") == 1
     assert str(data / "chat" / "certs" / "ca.crt") in result.stderr
+    # The login it suggests finds the development CA too: no --cafile to copy.
+    assert "now log in with" in result.stdout and "--cafile" not in result.stdout
     # No development CA: the system trust store, which does not know the test CA.
     elsewhere = run_cli("login", *args, XDG_DATA_HOME=NOWHERE)
     assert elsewhere.returncode == 3 and "system trust store" in elsewhere.stderr

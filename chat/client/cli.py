@@ -508,7 +508,8 @@ def _register(
     default = args.server == parse_server(DEFAULT_SERVER)
     # The flags the login needs as well: a newcomer copies the line as it is.
     more = "" if default else f" --server {where(*args.server)}"
-    if getattr(args, "cafile", None) is not None:
+    # (Not the development CA found by itself: the login finds it too.)
+    if getattr(args, "cafile", None) is not None and not getattr(args, "dev_ca", False):
         more += f" --cafile {shlex.quote(str(args.cafile))}"
     print(f"registered {name}; now log in with: {PROG} login --username {name}{more}",
           flush=True)
